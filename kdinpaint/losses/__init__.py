@@ -1,0 +1,1 @@
+"""Losses: distillation terms (Eq. 2, 3, 9), reconstruction, style and adversarial."""

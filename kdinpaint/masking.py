@@ -1,0 +1,100 @@
+"""The one mask convention of kdinpaint, stated once.
+
+* images are float tensors in ``[-1, 1]``, shape ``(B, 3, H, W)``;
+* the mask ``M`` is a float tensor ``(B, 1, H, W)`` with ``1 = hole`` (missing) and ``0 = known``,
+  exactly the paper's ``M``;
+* at a feature level of lower resolution the mask is the max-pool of ``M``: a feature pixel is a hole
+  if any input pixel under it is (:func:`mask_at`).
+
+Adapters convert to and from their network's own convention at their boundary; everything inside the
+toolkit speaks this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "check_mask",
+    "masked",
+    "composite",
+    "masked_mean",
+    "mask_at",
+    "hole_ratio",
+]
+
+
+def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: str = "mask") -> torch.Tensor:
+    """Validate a mask against the convention and return it unchanged.
+
+    Raises ``ValueError`` naming the problem and the fix for: a wrong rank or channel count, a spatial size
+    other than the image's, a batch size other than the image's, and values other than {0, 1} (a 0/255
+    mask or a soft mask is refused, not silently thresholded, so that nothing is lost).
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 1, H, W), got {type(mask).__name__}")
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(
+            f"{name} must have shape (B, 1, H, W) with 1 = hole, got {tuple(mask.shape)}; "
+            "add the channel axis with mask[:, None] or keep one channel with mask[:, :1]"
+        )
+    if image is not None:
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(
+                f"{name} is {tuple(mask.shape[-2:])} (H, W) but the image is {tuple(image.shape[-2:])}; "
+                "resize the mask with nearest-neighbour interpolation to the image size "
+                "(torch.nn.functional.interpolate(mask, size=image.shape[-2:], mode='nearest'))"
+            )
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"{name} has batch size {mask.shape[0]} but the image has {image.shape[0]}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        hi = float(mask.max())
+        hint = (
+            "it looks like a 0/255 mask: divide it by 255" if hi > 1 else "threshold it, e.g. (mask > 0.5).float()"
+        )
+        raise ValueError(f"{name} must contain only 0 (known) and 1 (hole); found other values (max {hi:g}): {hint}")
+    return mask
+
+
+def masked(image: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """The network input: known pixels kept, holes set to ``fill``. ``image * (1 - M) + fill * M``."""
+    return image * (1 - mask) + fill * mask
+
+
+def composite(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Prediction in the hole, ground truth outside: ``pred * M + image * (1 - M)``."""
+    return pred * mask + image * (1 - mask)
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum(values * weight) / sum(weight)`` with ``weight`` broadcast to ``values``.
+
+    The denominator counts the broadcast weight (so a ``(B, 1, H, W)`` mask over ``(B, C, H, W)`` values
+    counts ``C`` elements per hole pixel). Exactly 0, never NaN, when the weight is all zero.
+    """
+    weight = weight.expand_as(values)
+    total = weight.sum()
+    # With no weight the numerator is an exact 0, so dividing by a tiny positive number keeps it 0.
+    return (values * weight).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def mask_at(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """The mask at a feature resolution: max-pool, so a feature pixel is a hole if any pixel under it is.
+
+    ``mask``: ``(B, 1, H, W)``; ``size``: the feature's ``(h, w)``. Returns ``(B, 1, h, w)``.
+    """
+    size = tuple(size)
+    if tuple(mask.shape[-2:]) == size:
+        return mask
+    H, W = mask.shape[-2:]
+    if H % size[0] == 0 and W % size[1] == 0:
+        return F.max_pool2d(mask, kernel_size=(H // size[0], W // size[1]))
+    if size[0] > H or size[1] > W:
+        return F.interpolate(mask, size=size, mode="nearest")
+    return F.adaptive_max_pool2d(mask, size)
+
+
+def hole_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of hole pixels per sample, ``(B,)``."""
+    return mask.flatten(1).mean(1)

@@ -1,0 +1,5 @@
+"""Low-level operators: adaptive convolution (Eq. 6)."""
+
+from kdinpaint.ops.adaptive_conv import adaptive_conv
+
+__all__ = ["adaptive_conv"]

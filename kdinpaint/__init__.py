@@ -1,0 +1,3 @@
+"""kdinpaint: distillation-guided image inpainting (Suin, Purohit & Rajagopalan, ICCV 2021) for any network."""
+
+__version__ = "0.1.0"

@@ -1,3 +1,26 @@
-"""kdinpaint: distillation-guided image inpainting (Suin, Purohit & Rajagopalan, ICCV 2021) for any network."""
+"""kdinpaint: distillation-guided image inpainting (Suin, Purohit & Rajagopalan, ICCV 2021) for any network.
+
+    kd = kdinpaint.attach(student, teacher, spec)
+    pred = student(masked_image, mask)
+    loss = recon(pred, gt) + 20 * kd.losses(target=gt)["total"]
+"""
+
+from kdinpaint.attach import Distiller, attach
+from kdinpaint.export import CompletedModel, load_exported, save_exported
+from kdinpaint.spec import AdapterSpec, AttentionSite, load_spec
+from kdinpaint.teacher import build_teacher, pretrain
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "AttentionSite",
+    "CompletedModel",
+    "Distiller",
+    "attach",
+    "build_teacher",
+    "load_exported",
+    "load_spec",
+    "pretrain",
+    "save_exported",
+]

@@ -1,0 +1,505 @@
+"""``attach()`` and the ``Distiller``: the paper's training-time additions, hooked into an unmodified model.
+
+    kd = kdinpaint.attach(student, teacher, spec)
+    pred = student(masked_image, mask)        # the user's own call; completion blocks act inside it
+    losses = kd.losses(target=gt)             # teacher on gt; {"cross", "self", "total", ...}
+    kd.detach()                               # the model exactly as before
+
+What the hooks do, per forward of the student:
+
+1. a pre-hook on the student's root binds the call, validates the mask (:func:`kdinpaint.masking.check_mask`)
+   and opens a capture session (every buffer reset);
+2. a forward hook on each encoder level records ``x_l``; at a completion site it first replaces the output
+   by ``x'_l + f_ada-conv(x'_l) ⊙ M`` (Eq. 5), which is what the rest of the model sees;
+3. a forward hook on the root (``always_call``) closes the session, even when the forward raised.
+
+``losses()`` runs the frozen teacher under ``no_grad`` on the ground truth (teacher hooks record ``x*_l``),
+evaluates Eq. (2) and (3) with the meta-networks, and clears every captured tensor before returning.
+
+Nothing is registered on the student: its ``state_dict`` and parameters are untouched, the added modules
+live in the Distiller. Theta (trained with the student) = completion blocks + alignment convs ``f_l``;
+Psi (trained by Algorithm 1) = gamma, rho, phi.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from kdinpaint import _modules
+from kdinpaint.blocks import CompletionBlock, build_completion_blocks
+from kdinpaint.calling import CallConvention
+from kdinpaint.losses.distillation import cross_distillation, self_distillation
+from kdinpaint.masking import check_mask
+from kdinpaint.meta import ChannelWeights, FeatureTransform
+from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
+
+__all__ = ["attach", "Distiller"]
+
+log = logging.getLogger(__name__)
+
+# models that currently carry a Distiller (to refuse a second attach and deep copies of hooked models)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Distiller]" = weakref.WeakKeyDictionary()
+
+
+def is_attached(model: nn.Module) -> bool:
+    return _modules.unwrap(model) in _ATTACHED
+
+
+@dataclass
+class _Session:
+    """What one student forward (and the teacher pass of ``losses``) captured."""
+
+    active: bool = False
+    call: tuple[tuple, dict] | None = None
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    student: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    teacher_running: bool = False
+
+    def reset(self) -> None:
+        self.active = False
+        self.call = None
+        self.image = None
+        self.mask = None
+        self.student.clear()
+        self.teacher.clear()
+        self.calls.clear()
+        self.teacher_running = False
+
+
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+@contextlib.contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for a shape probe, restoring every module's training flag afterwards."""
+    flags = _training_flags(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class Distiller(nn.Module):
+    """Owns every module and hook that :func:`attach` adds; see the module docstring.
+
+    Submodules: ``student`` (the user's model, registered so one ``accelerator.prepare(kd)`` puts all
+    trainable parameters under one DDP), ``blocks`` (completion blocks), ``align`` (``f_l``), ``gamma``,
+    ``rho``, ``phi``. The teacher is held outside the module tree: frozen, in eval, not in ``state_dict``;
+    ``kd.to(...)`` moves it along.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        spec: AdapterSpec,
+        example_inputs: tuple | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule on purpose
+        # plain references, not submodules (the student is already registered as `student`)
+        object.__setattr__(self, "_root", _modules.unwrap(student))
+        object.__setattr__(self, "_teacher_root", _modules.unwrap(teacher) if teacher is not None else None)
+        if self._root in _ATTACHED:
+            raise RuntimeError(
+                f"{type(self._root).__name__} already has a Distiller attached; call kd.detach() on it first"
+            )
+        if teacher is not None and self._teacher_root is self._root:
+            raise ValueError("the teacher must be a separate model; build one with kdinpaint.build_teacher(student)")
+        if spec.needs_teacher and teacher is None:
+            raise ValueError(
+                f"spec {spec.name!r} uses cross-distillation or attention transfer, which need a teacher; "
+                "pass one (kdinpaint.build_teacher(student) builds it from the student's architecture) or "
+                "switch them off in the spec"
+            )
+        self._call = CallConvention(self._root, spec.image_arg, spec.mask_arg)
+        self._teacher_call = (
+            CallConvention(self._teacher_root, spec.image_arg, spec.mask_arg) if teacher is not None else None
+        )
+        self.levels = _modules.resolve(self._root, spec.encoder_levels, what=f"spec {spec.name!r} encoder_levels")
+        self.sites = _modules.resolve(self._root, spec.sites, what=f"spec {spec.name!r} completion_sites") if spec.sites else []
+        self.teacher_levels: list[str] = []
+        if teacher is not None and self.levels:
+            self.teacher_levels = _modules.resolve(
+                self._teacher_root, spec.teacher_paths, what=f"spec {spec.name!r} teacher_levels"
+            )
+            if len(self.teacher_levels) != len(self.levels):
+                raise ValueError(
+                    f"spec {spec.name!r}: encoder_levels resolve to {len(self.levels)} student modules but "
+                    f"{len(self.teacher_levels)} teacher modules; give teacher_levels explicitly"
+                )
+        self._session = _Session()
+        self._handles: list[Any] = []
+        self._teacher_flags: dict[nn.Parameter, bool] = {}
+
+        shapes, teacher_shapes = self._probe(example_inputs)
+        self._build(shapes, teacher_shapes)
+        self._install()
+        _ATTACHED[self._root] = self
+        if teacher is not None:
+            self._freeze_teacher()
+
+    # ---- attach time ----------------------------------------------------------------------------
+    def _probe_inputs(self, example_inputs: tuple | None) -> tuple[tuple, dict]:
+        if example_inputs is not None:
+            if isinstance(example_inputs, dict):
+                return (), dict(example_inputs)
+            return tuple(example_inputs), {}
+        ref = next(iter(self._root.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        B, C, H, W = self.spec.probe_shape
+        image = torch.zeros(B, C, H, W, device=device, dtype=dtype)
+        mask = torch.zeros(B, 1, H, W, device=device, dtype=dtype)
+        mask[..., H // 4 : H // 2, W // 4 : W // 2] = 1
+        return self._call.build(image, mask)
+
+    def _probe(self, example_inputs: tuple | None) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+        """One forward of student and teacher with temporary taps: every tap fires once; record shapes."""
+        args, kwargs = self._probe_inputs(example_inputs)
+        image = self._call.get(args, kwargs, "image")
+        mask = check_mask(self._call.get(args, kwargs, "mask"), image)
+
+        def run(root: nn.Module, paths: list[str], a: tuple, kw: dict, who: str) -> dict[str, torch.Size]:
+            shapes: dict[str, torch.Size] = {}
+            counts: dict[str, int] = {p: 0 for p in paths}
+            handles = []
+            for path in paths:
+                def hook(module, inputs, output, path=path):
+                    counts[path] += 1
+                    if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                        raise TypeError(
+                            f"{who} module {path!r} returns {type(output).__name__}"
+                            f"{'' if not isinstance(output, torch.Tensor) else f' of shape {tuple(output.shape)}'}; "
+                            "tap a module whose output is a (B, C, H, W) feature map"
+                        )
+                    shapes[path] = output.shape
+
+                handles.append(_modules.get(root, path).register_forward_hook(hook))
+            try:
+                with _probing(root):
+                    root(*a, **kw)
+            finally:
+                for h in handles:
+                    h.remove()
+            never = [p for p, n in counts.items() if n == 0]
+            if never:
+                raise ValueError(
+                    f"{who} module(s) {never} never ran in a forward of {type(root).__name__} with "
+                    f"{tuple(image.shape)} inputs; name modules that the forward calls"
+                )
+            twice = {p: n for p, n in counts.items() if n > 1}
+            if twice:
+                raise ValueError(
+                    f"{who} module(s) {twice} ran more than once in one forward (calls per module shown); "
+                    "a tap must name a module called exactly once, e.g. a per-level block rather than a shared one"
+                )
+            return shapes
+
+        shapes = run(self._root, list(dict.fromkeys(self.levels + self.sites)), args, kwargs, "student")
+        teacher_shapes: dict[str, torch.Size] = {}
+        if self.teacher is not None and self.teacher_levels:
+            ta, tkw = self._teacher_args(args, kwargs, image, mask)
+            teacher_shapes = run(self._teacher_root, self.teacher_levels, ta, tkw, "teacher")
+            for s_path, t_path in zip(self.levels, self.teacher_levels):
+                if shapes[s_path][-2:] != teacher_shapes[t_path][-2:]:
+                    raise ValueError(
+                        f"student level {s_path!r} is {tuple(shapes[s_path][-2:])} (H, W) but teacher level "
+                        f"{t_path!r} is {tuple(teacher_shapes[t_path][-2:])}; pair levels of the same resolution"
+                    )
+        for a, b in zip(self.levels, self.levels[1:]):
+            (ha, wa), (hb, wb) = shapes[a][-2:], shapes[b][-2:]
+            if self.spec.self_distillation and (ha % hb or wa % wb or ha // hb != wa // wb):
+                raise ValueError(
+                    f"self-distillation needs each level to shrink by an integer factor: {a!r} is {(ha, wa)}, "
+                    f"{b!r} is {(hb, wb)}; order encoder_levels shallow to deep or switch self_distillation off"
+                )
+        return shapes, teacher_shapes
+
+    def _build(self, shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+        spec = self.spec
+        ref = next(iter(self._root.parameters()), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None and ref.is_floating_point() else {}
+        # theta: completion blocks (predictors shared between equal widths if asked) and f_l
+        self.blocks = build_completion_blocks(
+            [shapes[p][1] for p in self.sites], spec.completion.kernel_size, spec.completion.share_predictors
+        )
+        self.align = nn.ModuleDict()
+        self.gamma = nn.ModuleDict()
+        self.rho = nn.ModuleDict()
+        self.phi = nn.ModuleDict()
+        hidden = spec.meta.hidden
+        if spec.self_distillation:
+            for i, (a, b) in enumerate(zip(self.levels, self.levels[1:])):
+                stride = shapes[a][-2] // shapes[b][-2]
+                self.align[str(i)] = nn.Conv2d(shapes[a][1], shapes[b][1], 3, stride=stride, padding=1)
+                reader = teacher_shapes[self.teacher_levels[i + 1]][1] if teacher_shapes else shapes[b][1]
+                self.phi[str(i)] = ChannelWeights(reader, shapes[b][1], hidden)
+        if spec.cross_distillation and teacher_shapes:
+            for i, (s_path, t_path) in enumerate(zip(self.levels, self.teacher_levels)):
+                cs, ct = shapes[s_path][1], teacher_shapes[t_path][1]
+                self.gamma[str(i)] = FeatureTransform(ct, cs, spec.meta.gamma_kernel_size)
+                self.rho[str(i)] = ChannelWeights(ct, cs, hidden)
+        if factory:
+            for name in ("blocks", "align", "gamma", "rho", "phi"):
+                getattr(self, name).to(**factory)
+
+    def _install(self) -> None:
+        """Register every hook; the handles are owned here and removed by :meth:`_uninstall`."""
+        root = self._root
+        self._handles.append(root.register_forward_pre_hook(self._on_student_call, with_kwargs=True))
+        self._handles.append(root.register_forward_hook(self._on_student_return, always_call=True))
+        block_of = {path: self.blocks[str(i)] for i, path in enumerate(self.sites)}
+        for path in dict.fromkeys(self.levels + self.sites):
+            module = _modules.get(root, path)
+            hook = self._make_student_hook(path, block_of.get(path), record=path in self.levels)
+            self._handles.append(module.register_forward_hook(hook))
+        if self.teacher is not None:
+            for path in self.teacher_levels:
+                module = _modules.get(self._teacher_root, path)
+                self._handles.append(module.register_forward_hook(self._make_teacher_hook(path)))
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._session.reset()
+
+    def _freeze_teacher(self) -> None:
+        for p in self.teacher.parameters():
+            self._teacher_flags[p] = p.requires_grad
+            p.requires_grad_(False)
+        self.teacher.eval()
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _on_student_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        s = self._session
+        s.reset()
+        image = self._call.get(args, kwargs, "image")
+        s.mask = check_mask(self._call.get(args, kwargs, "mask"), image)
+        s.image = image
+        s.call = (args, kwargs)
+        s.active = True
+
+    def _on_student_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._session.active = False
+
+    def _make_student_hook(self, path: str, block: CompletionBlock | None, record: bool):
+        clone = self.spec.clone_taps
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            s = self._session
+            if not s.active:
+                if block is not None:
+                    raise RuntimeError(
+                        f"completion site {path!r} ran outside a call of the attached model, so the mask is "
+                        "unknown; call the whole model with (image, mask)"
+                    )
+                return None
+            n = s.calls.get(path, 0) + 1
+            s.calls[path] = n
+            if n > 1:
+                raise RuntimeError(
+                    f"module {path!r} ran {n} times in one forward; a tapped module must run once per forward "
+                    "(tap a per-level module instead of a shared one)"
+                )
+            if block is not None:
+                output = block(output, s.mask)
+            if record:
+                s.student[path] = output.clone() if clone else output
+            return output if block is not None else None
+
+        return hook
+
+    def _make_teacher_hook(self, path: str):
+        clone = self.spec.clone_taps
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            s = self._session
+            if s.teacher_running:
+                if path in s.teacher:
+                    raise RuntimeError(f"teacher module {path!r} ran twice in one forward; tap a module called once")
+                s.teacher[path] = output.clone() if clone else output
+
+        return hook
+
+    # ---- training-time API ----------------------------------------------------------------------
+    def _teacher_args(self, args: tuple, kwargs: dict, target: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, dict]:
+        mode = self.spec.teacher_input
+        if mode == "image_only":
+            return (target,), {}
+        call = self._teacher_call
+        args, kwargs = call.replace(args, kwargs, "image", target)
+        return call.replace(args, kwargs, "mask", torch.zeros_like(mask) if mode == "empty_mask" else mask)
+
+    def run_teacher(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the frozen teacher on the ground truth of the last student call; its level features by path."""
+        s = self._session
+        if s.call is None:
+            raise RuntimeError("call the attached model on (image, mask) before kd.losses()")
+        if target.shape != s.image.shape:
+            raise ValueError(
+                f"target has shape {tuple(target.shape)} but the student's image was {tuple(s.image.shape)}; "
+                "pass the ground truth of the same batch"
+            )
+        args, kwargs = self._teacher_args(*s.call, target, s.mask)
+        self.teacher.eval()
+        s.teacher.clear()
+        s.teacher_running = True
+        try:
+            with torch.no_grad():
+                self.teacher(*args, **kwargs)
+        finally:
+            s.teacher_running = False
+        missing = [p for p in self.teacher_levels if p not in s.teacher]
+        if missing:
+            raise RuntimeError(f"teacher module(s) {missing} did not run; check the spec's teacher_levels")
+        return dict(s.teacher)
+
+    def losses(self, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Distillation losses of the last student forward; clears every captured tensor.
+
+        Returns a dict of scalar tensors: ``cross`` (sum over levels of Eq. 2), ``self`` (sum of Eq. 3),
+        ``total`` (their sum, R_distil of Eq. 4), and per level ``cross/<path>``, ``self/<path>``.
+        ``target``: the ground truth ``(B, C, H, W)`` in [-1, 1]; needed when the spec uses the teacher.
+        """
+        s = self._session
+        try:
+            if s.call is None:
+                raise RuntimeError("call the attached model on (image, mask) before kd.losses()")
+            missing = [p for p in self.levels if p not in s.student]
+            if missing:
+                raise RuntimeError(f"encoder level(s) {missing} did not run in the last forward of the student")
+            teacher: dict[str, torch.Tensor] = {}
+            if self.teacher is not None and self.teacher_levels:
+                if target is None:
+                    raise ValueError("kd.losses(target=...) needs the ground truth: the teacher is fed with it")
+                teacher = self.run_teacher(target)
+            return self._compute(s, teacher)
+        finally:
+            s.reset()
+
+    def _compute(self, s: _Session, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        zero = s.mask.new_zeros((), dtype=torch.float32)
+        feats = [s.student[p] for p in self.levels]
+        t_feats = [teacher[p] for p in self.teacher_levels] if teacher else []
+        cross = zero
+        for i, path in enumerate(self.levels):
+            if str(i) not in self.gamma:
+                continue
+            term = cross_distillation(feats[i], self.gamma[str(i)](t_feats[i]), self.rho[str(i)](t_feats[i]), s.mask)
+            out[f"cross/{path}"] = term
+            cross = cross + term
+        self_term = zero
+        for i, path in enumerate(self.levels[:-1]):
+            if str(i) not in self.align:
+                continue
+            deeper = feats[i + 1]
+            reader = t_feats[i + 1] if t_feats else deeper.detach()
+            term = self_distillation(self.align[str(i)](feats[i]), deeper, self.phi[str(i)](reader), s.mask)
+            out[f"self/{path}"] = term
+            self_term = self_term + term
+        out["cross"] = cross
+        out["self"] = self_term
+        out["total"] = cross + self_term
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the student (hooks active). Use this when the Distiller itself is wrapped by DDP."""
+        return self.student(*args, **kwargs)
+
+    # ---- parameters -----------------------------------------------------------------------------
+    def student_parameters(self) -> Iterator[nn.Parameter]:
+        """Theta added by kdinpaint (completion blocks, f_l); optimise them with ``student.parameters()``."""
+        seen: set[int] = set()
+        for name in ("blocks", "align"):
+            for p in getattr(self, name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def meta_parameters(self) -> Iterator[nn.Parameter]:
+        """Psi: gamma, rho, phi (and t); trained by the bilevel scheme of Algorithm 1."""
+        for name in ("gamma", "rho", "phi"):
+            yield from getattr(self, name).parameters()
+
+    # ---- modes, devices, lifecycle --------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval whatever train() is called
+        return self
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn)
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and restore the teacher's flags; returns the student, exactly as before."""
+        self._uninstall()
+        for p, flag in self._teacher_flags.items():
+            p.requires_grad_(flag)
+        self._teacher_flags.clear()
+        if _ATTACHED.get(self._root) is self:
+            del _ATTACHED[self._root]
+        return self.student
+
+    def __enter__(self) -> "Distiller":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def export(self) -> nn.Module:
+        """A standalone copy: student + completion blocks, nothing training-only (:mod:`kdinpaint.export`)."""
+        from kdinpaint.export import CompletedModel
+
+        return CompletedModel.from_distiller(self)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name!r}, levels={self.levels}, sites={self.sites}, attached={self.attached}"
+
+
+def attach(
+    model: nn.Module,
+    teacher: nn.Module | None = None,
+    spec: SpecLike | None = None,
+    *,
+    example_inputs: tuple | dict | None = None,
+) -> Distiller:
+    """Attach the paper's distillation to ``model`` with forward hooks; returns the :class:`Distiller`.
+
+    Args:
+        model: the inpainting network (student), possibly wrapped by DDP or ``torch.compile``.
+        teacher: the auxiliary network fed the ground truth (frozen while attached); ``None`` only when the
+            spec uses neither cross-distillation nor attention transfer.
+        spec: an :class:`AdapterSpec`, a dict, a YAML path, or a registered adapter name ``name[:variant]``.
+        example_inputs: arguments of one call of ``model`` for the attach-time probe (a tuple of positional
+            arguments or a dict of keyword arguments); default: zeros of the spec's ``probe_shape``.
+    """
+    if spec is None:
+        raise ValueError("attach() needs a spec: an AdapterSpec, a dict like {'encoder_levels': [...]}, a YAML path or an adapter name")
+    return Distiller(model, teacher, load_spec(spec), example_inputs)

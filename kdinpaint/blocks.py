@@ -1,0 +1,86 @@
+"""Blocks the paper adds to the inpainting network (theta): adaptive convolution and the completion block.
+
+* :class:`AdaptiveConv` — Eq. (6): two convolutions predict, per pixel, ``K*K`` kernel weights (``f_ker``)
+  and ``2*K*K`` offsets (``f_off``) from the input, applied to every channel by
+  :func:`kdinpaint.ops.adaptive_conv`. Offsets start at zero, so the block first looks at the plain
+  ``K×K`` neighbourhood and learns where else to look.
+* :class:`CompletionBlock` — Eq. (5): ``x + adaptive_conv(x) ⊙ M``, updating only the holes. Its kernel
+  predictor starts at zero, so a freshly attached block is the identity and the model's output is unchanged
+  until training moves it (the zero-initialised-residual trick); this is our choice, the paper is silent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdinpaint.masking import mask_at
+from kdinpaint.ops import adaptive_conv
+
+__all__ = ["AdaptiveConv", "CompletionBlock", "build_completion_blocks"]
+
+
+class AdaptiveConv(nn.Module):
+    """Per-pixel kernels and offsets predicted from the input and shared by all channels (Eq. 6).
+
+    Args:
+        channels: input (= output) channels ``C``.
+        kernel_size: ``K`` of the adaptive kernel (odd).
+        predictor_kernel_size: kernel size of the two predictor convolutions.
+        zero_kernel: start the kernel predictor at zero (the block outputs 0 until trained).
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, predictor_kernel_size: int = 3, zero_kernel: bool = False):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        taps = kernel_size * kernel_size
+        pad = predictor_kernel_size // 2
+        self.f_ker = nn.Conv2d(channels, taps, predictor_kernel_size, padding=pad)
+        self.f_off = nn.Conv2d(channels, 2 * taps, predictor_kernel_size, padding=pad)
+        nn.init.zeros_(self.f_off.weight)
+        nn.init.zeros_(self.f_off.bias)
+        if zero_kernel:
+            nn.init.zeros_(self.f_ker.weight)
+            nn.init.zeros_(self.f_ker.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"AdaptiveConv built for {self.channels} channels got a {x.shape[1]}-channel input")
+        return adaptive_conv(x, self.f_ker(x), self.f_off(x))
+
+
+class CompletionBlock(nn.Module):
+    """Eq. (5): ``x_l = x'_l + f_ada-conv(x'_l) ⊙ M``, with ``M`` max-pooled to the feature size.
+
+    ``conv`` may be shared between blocks (the paper shares the predictors across completion blocks).
+    Shapes: ``x`` ``(B, C, h, w)``, ``mask`` ``(B, 1, H, W)`` with 1 = hole -> ``(B, C, h, w)``.
+    """
+
+    def __init__(self, conv: AdaptiveConv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask_at(mask, x.shape[-2:]).to(x.dtype)
+        return x + self.conv(x) * m
+
+
+def build_completion_blocks(channels: list[int], kernel_size: int = 3, share_predictors: bool = True) -> nn.ModuleDict:
+    """One :class:`CompletionBlock` per site (keys ``"0"``, ``"1"``, ...), widths ``channels``.
+
+    With ``share_predictors`` all blocks of one width use the same :class:`AdaptiveConv` (the paper's shared
+    kernel and offset predictors); the kernel predictors start at zero, so every block starts as the identity.
+    """
+    blocks = nn.ModuleDict()
+    shared: dict[int, AdaptiveConv] = {}
+    for i, c in enumerate(channels):
+        conv = shared.get(c) if share_predictors else None
+        if conv is None:
+            conv = shared[c] = AdaptiveConv(c, kernel_size, zero_kernel=True)
+        blocks[str(i)] = CompletionBlock(conv)
+    return blocks

@@ -1,0 +1,134 @@
+"""The deployable network: the student with its completion blocks built in, nothing training-only.
+
+:meth:`Distiller.export` returns a :class:`CompletedModel`: a deep copy of the student in which every
+completion site is wrapped by a :class:`CompletedSite` (``inner`` = the original module, ``block`` = its
+completion block). It needs no hook and no Distiller; the forward binds the mask from the call (the spec's
+``mask_arg``) and the sites read it. In eval it is bit-identical to the attached student.
+
+Saving and loading go through safetensors; the file's metadata carries the spec and the block widths, so
+``load_exported(path, fresh_student)`` rebuilds it from a fresh instance of the student's class.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from kdinpaint import _modules
+from kdinpaint.blocks import CompletionBlock, build_completion_blocks
+from kdinpaint.calling import CallConvention
+from kdinpaint.masking import check_mask
+from kdinpaint.spec import AdapterSpec
+
+__all__ = ["CompletedModel", "CompletedSite", "save_exported", "load_exported"]
+
+
+class _MaskContext:
+    """The mask of the call in progress, shared by the sites of one CompletedModel."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
+class CompletedSite(nn.Module):
+    """``inner`` followed by its completion block (Eq. 5). Attribute lookups fall through to ``inner``."""
+
+    def __init__(self, inner: nn.Module, block: CompletionBlock, context: _MaskContext):
+        super().__init__()
+        self.inner = inner
+        self.block = block
+        self._context = context
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.inner(*args, **kwargs)
+        mask = self._context.mask
+        if mask is None:
+            raise RuntimeError("a completion site ran outside a call of its CompletedModel; call the whole model with (image, mask)")
+        return self.block(out, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class CompletedModel(nn.Module):
+    """Student + completion blocks; called exactly like the student."""
+
+    def __init__(self, model: nn.Module, spec: AdapterSpec, blocks: nn.ModuleDict, sites: list[str]):
+        super().__init__()
+        if len(blocks) != len(sites):
+            raise ValueError(f"{len(sites)} completion sites but {len(blocks)} blocks")
+        self.spec = spec
+        self.sites = list(sites)
+        self.site_channels = [blocks[str(i)].conv.channels for i in range(len(sites))]
+        self._context = _MaskContext()
+        self._call = CallConvention(model, spec.image_arg, spec.mask_arg)
+        # wrap deeper paths first so a site inside another site keeps its path
+        for i, path in sorted(enumerate(sites), key=lambda t: -t[1].count(".")):
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, name, CompletedSite(getattr(parent, name), blocks[str(i)], self._context))
+        self.model = model
+
+    @classmethod
+    def from_distiller(cls, kd: "Any") -> "CompletedModel":
+        kd._uninstall()  # copy the student without the Distiller's hooks
+        try:
+            model = copy.deepcopy(kd._root)
+        finally:
+            kd._install()
+        return cls(model, kd.spec, copy.deepcopy(kd.blocks), kd.sites)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        image = self._call.get(args, kwargs, "image")
+        self._context.mask = check_mask(self._call.get(args, kwargs, "mask"), image)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._context.mask = None
+
+
+def save_exported(model: CompletedModel, path: str | Path) -> None:
+    """Write weights as safetensors, with the spec and block widths in the metadata (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {
+        "kdinpaint.spec": model.spec.to_yaml(),
+        "kdinpaint.sites": json.dumps(model.sites),
+        "kdinpaint.site_channels": json.dumps(model.site_channels),
+    }
+    save_model(model, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_exported(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> CompletedModel:
+    """Rebuild a :class:`CompletedModel` around ``model`` (a fresh instance of the student's class)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "kdinpaint.spec" not in meta:
+        raise ValueError(f"{path} was not written by kdinpaint.save_exported (no kdinpaint.spec in its metadata)")
+    spec = AdapterSpec.from_dict(yaml.safe_load(meta["kdinpaint.spec"]))
+    sites = json.loads(meta["kdinpaint.sites"])
+    channels = json.loads(meta["kdinpaint.site_channels"])
+    blocks = build_completion_blocks(channels, spec.completion.kernel_size, spec.completion.share_predictors)
+    completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites)
+    missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing keys {sorted(missing)[:5]}, "
+            f"unexpected keys {sorted(unexpected)[:5]}; pass a fresh instance of the exported model's class"
+        )
+    return completed

@@ -1,0 +1,299 @@
+"""``AdapterSpec``: what kdinpaint hooks in a model, as validated data.
+
+A spec names modules by dotted path (as in ``model.named_modules()``; shell-style globs such as
+``encoder.*.conv`` allowed) and says how the model is called. A plain dict ``{"encoder_levels": [...]}`` is
+a complete spec; every other field has a default. Specs round-trip through YAML (``yaml.safe_load`` only),
+unknown keys are rejected with the list of valid ones, and named variants (the paper's ``*``, ``#``, ``†``
+of Table 4) are overrides applied with :meth:`AdapterSpec.variant`.
+
+Example (YAML)::
+
+    name: my-unet
+    encoder_levels: [down1, down2, down3]   # the last module of each encoder level (Eq. 2, 3, 5)
+    mask_arg: mask                          # the model is called as model(image, mask=...)
+    variants:
+      no-cb: {completion_sites: []}         # distillation without completion blocks
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = ["AdapterSpec", "AttentionSite", "CompletionOptions", "MetaOptions", "load_spec"]
+
+TEACHER_INPUTS = ("empty_mask", "same_mask", "image_only")
+AFFINITY_LAYOUTS = ("queries_keys", "keys_hw")
+
+
+def _reject_unknown(cls: type, data: dict, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+
+
+def _check_type(value: Any, types: tuple, key: str, where: str, what: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise TypeError(f"{where}.{key} must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def _path_list(value: Any, key: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"{where}.{key} must be a list of dotted module paths (strings), got {value!r}")
+    return list(value)
+
+
+@dataclass
+class CompletionOptions:
+    """Completion blocks (Eq. 5-6): adaptive convolution kernel size and predictor sharing.
+
+    ``share_predictors``: one kernel/offset predictor pair for all blocks of equal width (the paper shares
+    them across blocks); blocks of another width get their own.
+    """
+
+    kernel_size: int = 3
+    share_predictors: bool = True
+
+    def __post_init__(self) -> None:
+        _check_type(self.kernel_size, (int,), "kernel_size", "completion", "an odd int >= 1")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"completion.kernel_size must be odd and >= 1, got {self.kernel_size}")
+        _check_type(self.share_predictors, (bool,), "share_predictors", "completion", "true or false")
+
+
+@dataclass
+class MetaOptions:
+    """Meta-networks (Psi): gamma's kernel size and the hidden width of rho/phi.
+
+    ``hidden``: width of the two-layer MLPs rho and phi (Eq. 2, 3); ``None`` = max(16, C // 4).
+    ``mode``: how Psi is trained (Algorithm 1): ``reverse_hg`` | ``first_order`` | ``frozen``.
+    """
+
+    gamma_kernel_size: int = 1
+    hidden: int | None = None
+    mode: str = "reverse_hg"
+    steps: int = 2
+
+    def __post_init__(self) -> None:
+        _check_type(self.gamma_kernel_size, (int,), "gamma_kernel_size", "meta", "an odd int")
+        if self.gamma_kernel_size < 1 or self.gamma_kernel_size % 2 == 0:
+            raise ValueError(f"meta.gamma_kernel_size must be odd and >= 1, got {self.gamma_kernel_size}")
+        if self.hidden is not None:
+            _check_type(self.hidden, (int,), "hidden", "meta", "a positive int or null")
+        modes = ("reverse_hg", "first_order", "frozen")
+        if self.mode not in modes:
+            raise ValueError(f"meta.mode {self.mode!r} is not one of {list(modes)}")
+        _check_type(self.steps, (int,), "steps", "meta", "a positive int (T of Algorithm 1)")
+        if self.steps < 1:
+            raise ValueError(f"meta.steps (T of Algorithm 1) must be >= 1, got {self.steps}")
+
+
+@dataclass
+class AttentionSite:
+    """A decoder attention whose affinity is transferred (Eq. 9) and/or fused with PGL (Eq. 10).
+
+    ``module``: the attention module (PGL wraps it: input D, output att(D)).
+    ``affinity``: the submodule whose forward output is the affinity (``None``: the attention module is a
+    :class:`kdinpaint.attention.PixelAttention`, which computes hole rows itself).
+    ``layout``: ``queries_keys`` (B × N_q × N_k, pixel attention) or ``keys_hw`` (B × N_k × H × W, the
+    patch-based contextual attention of DeepFill).
+    ``transfer`` / ``fusion``: use this site for attention transfer / global-local fusion.
+    """
+
+    module: str
+    affinity: str | None = None
+    layout: str = "queries_keys"
+    transfer: bool = True
+    fusion: bool = False
+
+    def __post_init__(self) -> None:
+        _check_type(self.module, (str,), "module", "attention_sites[]", "a dotted module path")
+        if self.layout not in AFFINITY_LAYOUTS:
+            raise ValueError(f"attention_sites[].layout {self.layout!r} is not one of {list(AFFINITY_LAYOUTS)}")
+
+
+@dataclass
+class AdapterSpec:
+    """Everything :func:`kdinpaint.attach` needs to know about a model.
+
+    Fields:
+        encoder_levels: the last module of each encoder level, shallow to deep (the paper's breakpoints).
+            Their outputs are ``x_l`` of Eq. 2-3.
+        teacher_levels: the matching modules of the teacher (default: the same paths).
+        completion_sites: where completion blocks (Eq. 5) go (default: the encoder levels; ``[]`` for none).
+        cross_distillation / self_distillation: switch Eq. 2 / Eq. 3 on or off (Table 3's Net1/Net2/...).
+        attention_sites: decoder attention modules (Eq. 7-10).
+        image_arg / mask_arg: where the image and the mask are in the model's call: a parameter name
+            (by position or keyword) or a position.
+        teacher_input: what the teacher is fed: ``empty_mask`` (ground truth, mask of zeros),
+            ``same_mask`` (ground truth, the student's mask; for patch attention that needs it) or
+            ``image_only`` (``teacher(ground_truth)``).
+        clone_taps: clone every tapped feature (needed when an in-place op such as ``ReLU(inplace=True)``
+            follows a tapped module and the pre-activation value is wanted; otherwise tap the activation).
+        probe_shape: ``[B, C, H, W]`` of the dummy input used at attach time when no example is given.
+        variants: named overrides, e.g. ``{"star": {"completion_sites": []}}``.
+    """
+
+    encoder_levels: list[str] = field(default_factory=list)
+    teacher_levels: list[str] | None = None
+    completion_sites: list[str] | None = None
+    cross_distillation: bool = True
+    self_distillation: bool = True
+    attention_sites: list[AttentionSite] = field(default_factory=list)
+    image_arg: Union[str, int] = 0
+    mask_arg: Union[str, int] = "mask"
+    output: Union[str, int, None] = None
+    teacher_input: str = "empty_mask"
+    clone_taps: bool = False
+    completion: CompletionOptions = field(default_factory=CompletionOptions)
+    meta: MetaOptions = field(default_factory=MetaOptions)
+    probe_shape: list[int] = field(default_factory=lambda: [1, 3, 64, 64])
+    name: str = "custom"
+    description: str = ""
+    variants: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"spec {self.name!r}"
+        self.encoder_levels = _path_list(self.encoder_levels, "encoder_levels", where)
+        if self.teacher_levels is not None:
+            self.teacher_levels = _path_list(self.teacher_levels, "teacher_levels", where)
+            if len(self.teacher_levels) != len(self.encoder_levels):
+                raise ValueError(
+                    f"{where}: teacher_levels has {len(self.teacher_levels)} entries but encoder_levels has "
+                    f"{len(self.encoder_levels)}; give one teacher module per encoder level"
+                )
+        if self.completion_sites is not None:
+            self.completion_sites = _path_list(self.completion_sites, "completion_sites", where)
+        for key in ("cross_distillation", "self_distillation", "clone_taps"):
+            _check_type(getattr(self, key), (bool,), key, where, "true or false")
+        for key in ("image_arg", "mask_arg"):
+            _check_type(getattr(self, key), (str, int), key, where, "a parameter name or a position")
+        if self.output is not None:
+            _check_type(self.output, (str, int), "output", where, "an index, a key or null")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"{where}.teacher_input {self.teacher_input!r} is not one of {list(TEACHER_INPUTS)}")
+        if isinstance(self.completion, dict):
+            _reject_unknown(CompletionOptions, self.completion, f"{where}.completion")
+            self.completion = CompletionOptions(**self.completion)
+        if isinstance(self.meta, dict):
+            _reject_unknown(MetaOptions, self.meta, f"{where}.meta")
+            self.meta = MetaOptions(**self.meta)
+        sites = []
+        for i, site in enumerate(self.attention_sites or []):
+            if isinstance(site, str):
+                site = {"module": site}
+            if isinstance(site, dict):
+                _reject_unknown(AttentionSite, site, f"{where}.attention_sites[{i}]")
+                site = AttentionSite(**site)
+            if not isinstance(site, AttentionSite):
+                raise TypeError(f"{where}.attention_sites[{i}] must be a mapping with a 'module' key, got {site!r}")
+            sites.append(site)
+        self.attention_sites = sites
+        shape = self.probe_shape
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise ValueError(f"{where}.probe_shape must be four positive ints [B, C, H, W], got {shape!r}")
+        self.probe_shape = list(shape)
+        if not isinstance(self.variants, dict):
+            raise TypeError(f"{where}.variants must be a mapping of name -> overrides, got {self.variants!r}")
+        for vname, overrides in self.variants.items():
+            if not isinstance(overrides, dict):
+                raise TypeError(f"{where}.variants[{vname!r}] must be a mapping of overrides, got {overrides!r}")
+            bad = [k for k in overrides if k not in self._field_names() or k in ("variants", "name")]
+            if bad:
+                raise ValueError(
+                    f"{where}.variants[{vname!r}] overrides unknown or fixed key(s) {bad}; "
+                    f"valid keys: {[k for k in self._field_names() if k not in ('variants', 'name')]}"
+                )
+
+    # ---- derived views -------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        """Completion-block sites (the encoder levels unless given)."""
+        return list(self.encoder_levels if self.completion_sites is None else self.completion_sites)
+
+    @property
+    def teacher_paths(self) -> list[str]:
+        return list(self.encoder_levels if self.teacher_levels is None else self.teacher_levels)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Cross-distillation and attention transfer read the teacher; self-distillation alone does not."""
+        return (bool(self.encoder_levels) and self.cross_distillation) or any(s.transfer for s in self.attention_sites)
+
+    # ---- construction and serialisation ---------------------------------------------------------
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterSpec":
+        if not isinstance(data, dict):
+            raise TypeError(f"a spec must be a mapping, got {type(data).__name__}")
+        _reject_unknown(cls, data, f"spec {data.get('name', 'custom')!r}")
+        return cls(**copy.deepcopy(data))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "AdapterSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file {str(path)!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        try:
+            return cls.from_dict(data or {})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def variant(self, name: str | None) -> "AdapterSpec":
+        """The spec with the named variant's overrides applied (``None`` or ``""``: this spec)."""
+        if not name:
+            return self
+        if name not in self.variants:
+            raise ValueError(f"spec {self.name!r} has no variant {name!r}; variants: {sorted(self.variants)}")
+        data = self.to_dict()
+        for key, value in self.variants[name].items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = copy.deepcopy(value)
+        data["name"] = f"{self.name}:{name}"
+        data["variants"] = {}
+        return AdapterSpec.from_dict(data)
+
+
+SpecLike = Union[AdapterSpec, dict, str, Path]
+
+
+def load_spec(spec: SpecLike) -> AdapterSpec:
+    """An ``AdapterSpec`` from a spec, a dict, a YAML path, or a registered adapter name ``name[:variant]``."""
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, dict):
+        return AdapterSpec.from_dict(spec)
+    if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or Path(spec).is_file())):
+        return AdapterSpec.from_yaml(spec)
+    if isinstance(spec, str):
+        from kdinpaint.plugins import get_adapter  # lazy: plugins load on first use
+
+        name, _, variant = spec.partition(":")
+        return get_adapter(name).spec.variant(variant or None)
+    raise TypeError(
+        f"spec must be an AdapterSpec, a dict, a YAML path or a registered adapter name, got {type(spec).__name__}"
+    )

@@ -1,0 +1,111 @@
+"""The auxiliary network (teacher): built from the student's own architecture, pre-trained as an L1 autoencoder.
+
+The paper's AN is the same backbone as the inpainting network, fed the ground truth, and pre-trained with a
+plain L1 loss (§4, "Loss"). :func:`build_teacher` makes a fresh copy of the student's architecture;
+:func:`pretrain` runs that pre-training: the teacher sees the ground truth (with an empty mask, or the
+call the spec's ``teacher_input`` says) and regresses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from kdinpaint import _modules
+from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
+
+__all__ = ["build_teacher", "pretrain"]
+
+log = logging.getLogger(__name__)
+
+
+def build_teacher(student: nn.Module) -> nn.Module:
+    """A copy of the student's architecture with fresh weights (every ``reset_parameters`` called).
+
+    Build it before :func:`kdinpaint.attach` (a hooked model is refused: its hooks would be copied).
+    """
+    from kdinpaint.attach import is_attached
+
+    root = _modules.unwrap(student)
+    if is_attached(root):
+        raise RuntimeError("build the teacher before kdinpaint.attach(), or call kd.detach() first")
+    teacher = copy.deepcopy(root)
+    for module in teacher.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return teacher
+
+
+def _batches(data: Iterable, steps: int) -> Iterator[torch.Tensor]:
+    done = 0
+    while done < steps:
+        any_batch = False
+        for batch in data:
+            any_batch = True
+            if isinstance(batch, dict):
+                batch = batch["image"]
+            elif isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if not any_batch:
+            raise ValueError("pretrain() got no data: the iterable of images is empty")
+
+
+def pretrain(
+    teacher: nn.Module,
+    data: Iterable,
+    *,
+    spec: SpecLike | None = None,
+    steps: int = 1000,
+    lr: float = 1e-4,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: str | torch.device | None = None,
+    log_every: int = 0,
+) -> list[float]:
+    """Pre-train the teacher as an L1 autoencoder of the ground truth; returns the loss per step.
+
+    Args:
+        teacher: the auxiliary network (e.g. from :func:`build_teacher`).
+        data: an iterable (re-iterated as needed) of image batches ``(B, 3, H, W)`` in [-1, 1], of dicts with
+            an ``"image"`` key, or of tuples whose first item is the image.
+        spec: how to call the network (``image_arg``, ``mask_arg``, ``output``, ``teacher_input``);
+            default ``teacher(image, mask=zeros)``.
+        steps, lr: optimisation steps and Adam learning rate (the paper: Adam, 1e-4).
+        optimizer: an optimiser of your own over the teacher's parameters (``lr`` is then ignored).
+        device: where to train (default: where the teacher's parameters are).
+        log_every: log the loss every this many steps (0: never).
+    """
+    spec = load_spec(spec) if spec is not None else AdapterSpec()
+    if device is None:
+        p = next(iter(teacher.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    call = CallConvention(_modules.unwrap(teacher), spec.image_arg, spec.mask_arg)
+    opt = optimizer or torch.optim.Adam(teacher.parameters(), lr=lr)
+    teacher.train()
+    history: list[float] = []
+    for step, image in enumerate(_batches(data, steps), 1):
+        image = image.to(device)
+        if spec.teacher_input == "image_only":
+            args, kwargs = (image,), {}
+        else:
+            mask = torch.zeros_like(image[:, :1])
+            args, kwargs = call.build(image, mask)
+        pred = select_output(teacher(*args, **kwargs), spec.output)
+        loss = (pred - image).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if log_every and step % log_every == 0:
+            log.info("teacher pretrain step %d: L1 %.4f", step, history[-1])
+    teacher.eval()
+    return history

@@ -1,0 +1,56 @@
+"""Tiny inpainting networks for the tests (a few thousand parameters, any size divisible by 8)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyUNet(nn.Module):
+    """A three-level encoder-decoder called as ``model(image, mask)``; levels ``down1..down3``."""
+
+    def __init__(self, width: int = 8, norm: bool = False):
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, stride, 1)]
+            if norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2))
+            return nn.Sequential(*layers)
+
+        self.stem = block(4, w)
+        self.down1 = block(w, w, 2)
+        self.down2 = block(w, 2 * w, 2)
+        self.down3 = block(2 * w, 4 * w, 2)
+        self.up3 = block(4 * w + 2 * w, 2 * w)
+        self.up2 = block(2 * w + w, w)
+        self.up1 = block(w + w, w)
+        self.head = nn.Conv2d(w, 3, 3, 1, 1)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x0 = self.stem(torch.cat([image * (1 - mask), mask], 1))
+        x1 = self.down1(x0)
+        x2 = self.down2(x1)
+        x3 = self.down3(x2)
+        y = self.up3(torch.cat([F.interpolate(x3, scale_factor=2.0), x2], 1))
+        y = self.up2(torch.cat([F.interpolate(y, scale_factor=2.0), x1], 1))
+        y = self.up1(torch.cat([F.interpolate(y, scale_factor=2.0), x0], 1))
+        return torch.tanh(self.head(y))
+
+
+LEVELS = ["down1", "down2", "down3"]
+
+
+def batch(b: int = 2, size: int = 32, seed: int = 0, hole: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images in [-1, 1] and rectangular hole masks, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, size, size)
+    if hole:
+        for i in range(b):
+            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            mask[i, :, y : y + size // 3 + i, x : x + size // 3] = 1
+    return image, mask

@@ -1,0 +1,63 @@
+"""``Adapter``: the small interface every network offers to kdinpaint (built-in or from a plugin).
+
+An adapter bundles a spec (what to hook, how to call) with constructors. Distillation code talks only to
+this interface: ``build_student()``, ``build_teacher()``, ``spec`` (with its named variants) and, for
+official weights, ``checkpoint_filter_fn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from kdinpaint.spec import AdapterSpec
+
+__all__ = ["Adapter"]
+
+
+@dataclass
+class Adapter:
+    """A registered network.
+
+    Args:
+        name: registry name (``kdinpaint adapters`` lists it; ``attach(..., spec="name:variant")`` uses it).
+        spec: its :class:`AdapterSpec`, variants included.
+        build_student: ``(**kwargs) -> nn.Module``, the inpainting network called as the spec says.
+        build_teacher: ``(**kwargs) -> nn.Module``, the auxiliary network; default: ``build_student``.
+        description: one line for listings.
+        checkpoint_filter_fn: ``(state_dict, model) -> state_dict`` remapping official weights.
+        stride: sizes must be a multiple of this (the framework pads and crops back).
+        variant_builders: per variant, keyword arguments for ``build_student`` (e.g. an edge stage dropped).
+    """
+
+    name: str
+    spec: AdapterSpec
+    build_student: Callable[..., nn.Module]
+    build_teacher: Callable[..., nn.Module] | None = None
+    description: str = ""
+    checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None
+    stride: int = 1
+    variant_builders: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or ":" in self.name:
+            raise ValueError(f"adapter name must be a non-empty string without ':', got {self.name!r}")
+        if not isinstance(self.spec, AdapterSpec):
+            self.spec = AdapterSpec.from_dict(self.spec)
+        unknown = [v for v in self.variant_builders if v not in self.spec.variants]
+        if unknown:
+            raise ValueError(f"adapter {self.name!r}: variant_builders for unknown variants {unknown}")
+
+    @property
+    def variants(self) -> list[str]:
+        return sorted(self.spec.variants)
+
+    def student(self, variant: str | None = None, **kwargs: Any) -> nn.Module:
+        """Build the student for a variant (its builder arguments merged under ``kwargs``)."""
+        return self.build_student(**{**self.variant_builders.get(variant or "", {}), **kwargs})
+
+    def teacher(self, variant: str | None = None, **kwargs: Any) -> nn.Module:
+        build = self.build_teacher or self.build_student
+        return build(**{**self.variant_builders.get(variant or "", {}), **kwargs})

@@ -125,7 +125,13 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     channels = json.loads(meta["kdinpaint.site_channels"])
     blocks = build_completion_blocks(channels, spec.completion.kernel_size, spec.completion.share_predictors)
     completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites)
-    missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
+    try:
+        missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
+    except RuntimeError as e:  # size mismatches
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__} ({str(e).splitlines()[-1].strip()}); "
+            "pass a fresh instance of the exported model's class, built with the same arguments"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit {type(model).__name__}: missing keys {sorted(missing)[:5]}, "

@@ -7,7 +7,7 @@ interpolation (zero outside the image).
 This equals ``torchvision.ops.deform_conv2d(x, offset, ones(C, 1, K, K), padding=K // 2, mask=kernel)``
 (a depthwise deformable convolution with all-one weights whose modulation mask is the kernel), which is
 the test oracle. Here all ``K*K`` taps are sampled in one batched ``grid_sample`` call and reduced with one
-multiply-sum, which is several times faster than the oracle on CPU and GPU (``kdinpaint bench-ops``).
+multiply-sum, which is several times faster than the oracle (``python recipes/bench_ops.py`` prints the ratio).
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""adaptive_conv (Eq. 6) against torchvision's deformable convolution, and the blocks built on it."""
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from kdinpaint.blocks import AdaptiveConv, CompletionBlock, build_completion_blocks
+from kdinpaint.masking import mask_at
+from kdinpaint.ops import adaptive_conv
+
+
+def _inputs(B, C, H, W, K, seed=0, spread=2.5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g)
+    kernel = torch.randn(B, K * K, H, W, generator=g)
+    # fractional offsets, large enough that some taps fall outside the image (zero padding)
+    offset = torch.randn(B, 2 * K * K, H, W, generator=g) * spread
+    return x, kernel, offset
+
+
+@pytest.mark.parametrize("B,C,H,W,K", [(2, 5, 9, 7, 3), (1, 3, 6, 11, 5), (2, 4, 8, 8, 1)])
+def test_forward_and_gradients_match_deform_conv2d(B, C, H, W, K):
+    x, kernel, offset = _inputs(B, C, H, W, K)
+    leaves = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    oracle = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    out = adaptive_conv(*leaves)
+    ref = deform_conv2d(oracle[0], oracle[2], torch.ones(C, 1, K, K), padding=K // 2, mask=oracle[1])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves, grad)
+    theirs = torch.autograd.grad(ref, oracle, grad)
+    for name, a, b in zip(("x", "kernel", "offset"), ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_zero_offsets_are_a_plain_per_pixel_filter():
+    # hand-computed case: K=3, zero offsets, kernel picks the right-hand neighbour (tap (0, +1) = index 5)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    kernel = torch.zeros(1, 9, 4, 4)
+    kernel[:, 5] = 1
+    out = adaptive_conv(x, kernel, torch.zeros(1, 18, 4, 4))
+    expected = torch.tensor([[1.0, 2, 3, 0], [5, 6, 7, 0], [9, 10, 11, 0], [13, 14, 15, 0]])
+    torch.testing.assert_close(out[0, 0], expected)
+
+
+def test_integer_offset_moves_the_tap():
+    # offset (dy, dx) = (1, 0) on the centre tap reads the pixel below
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    kernel = torch.zeros(1, 9, 4, 4)
+    kernel[:, 4] = 1
+    offset = torch.zeros(1, 18, 4, 4)
+    offset[:, 8] = 1.0  # tap 4's dy
+    out = adaptive_conv(x, kernel, offset)
+    expected = torch.cat([x[0, 0, 1:], torch.zeros(1, 4)])
+    torch.testing.assert_close(out[0, 0], expected)
+
+
+def test_bad_shapes_are_named():
+    x = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="K\\*K"):
+        adaptive_conv(x, torch.zeros(1, 8, 4, 4), torch.zeros(1, 16, 4, 4))
+    with pytest.raises(ValueError, match="offset"):
+        adaptive_conv(x, torch.zeros(1, 9, 4, 4), torch.zeros(1, 9, 4, 4))
+    with pytest.raises(ValueError, match="kernel"):
+        adaptive_conv(x, torch.zeros(1, 9, 5, 4), torch.zeros(1, 18, 4, 4))
+
+
+def test_completion_block_updates_holes_only():
+    torch.manual_seed(0)
+    conv = AdaptiveConv(6)
+    block = CompletionBlock(conv)
+    x = torch.randn(2, 6, 8, 8)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 4:12, 8:20] = 1
+    out = block(x, mask)
+    m = mask_at(mask, (8, 8))
+    expected = x + conv(x) * m  # Eq. (5), naively
+    torch.testing.assert_close(out, expected)
+    known = m.expand_as(x) == 0
+    assert torch.equal(out[known], x[known])
+    assert not torch.equal(out[~known], x[~known])
+
+
+def test_fresh_completion_block_is_identity_and_learns():
+    blocks = build_completion_blocks([4, 8, 4], share_predictors=True)
+    assert blocks["0"].conv is blocks["2"].conv and blocks["0"].conv is not blocks["1"].conv
+    unshared = build_completion_blocks([4, 4], share_predictors=False)
+    assert unshared["0"].conv is not unshared["1"].conv
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    mask = torch.ones(1, 1, 6, 6)
+    out = blocks["0"](x, mask)
+    assert torch.equal(out, x)
+    out.square().sum().backward()
+    assert blocks["0"].conv.f_ker.weight.grad.abs().sum() > 0

@@ -1,0 +1,83 @@
+"""export(): student + completion blocks, standalone, bit-identical, safetensors round trip."""
+
+import pytest
+import torch
+from tiny import LEVELS, TinyUNet, batch
+
+import kdinpaint
+
+
+def _attached():
+    torch.manual_seed(0)
+    student = TinyUNet()
+    teacher = kdinpaint.build_teacher(student)
+    kd = kdinpaint.attach(student, teacher, {"encoder_levels": LEVELS})
+    with torch.no_grad():
+        for block in kd.blocks.values():
+            block.conv.f_ker.weight.normal_(0, 0.3)
+            block.conv.f_off.weight.normal_(0, 0.3)
+    return student, kd
+
+
+def test_export_is_bit_identical_and_standalone(tmp_path):
+    student, kd = _attached()
+    image, mask = batch()
+    exported = kd.export()
+    student.eval()
+    exported.eval()
+    with torch.no_grad():
+        attached_out = student(image, mask)
+        out = exported(image, mask)
+    assert torch.equal(out, attached_out)
+    # nothing training-only, no hook anywhere
+    keys = list(exported.state_dict())
+    assert not any(k.startswith(("gamma", "rho", "phi", "align", "teacher")) for k in keys)
+    assert any(".block.conv.f_ker" in k for k in keys)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in exported.modules())
+    kd.detach()
+    with torch.no_grad():
+        assert torch.equal(exported(image, mask), attached_out)  # still the same without the Distiller
+
+    path = tmp_path / "student.safetensors"
+    kdinpaint.save_exported(exported, path)
+    reloaded = kdinpaint.load_exported(path, TinyUNet()).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(image, mask), attached_out)
+
+
+class _ReadsAttributes(TinyUNet):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, image, mask):
+        assert self.proj.out_channels == 8  # a forward that reads an attribute of a completion site
+        x = self.proj(self.stem(torch.cat([image * (1 - mask), mask], 1)))
+        return self.head(torch.nn.functional.leaky_relu(x))
+
+
+def test_export_keeps_the_original_attributes_reachable():
+    torch.manual_seed(0)
+    net = _ReadsAttributes()
+    kd = kdinpaint.attach(net, None, {"encoder_levels": ["proj"], "cross_distillation": False})
+    exported = kd.export().eval()
+    image, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(exported(image, mask), net.eval()(image, mask))
+    assert exported.model.proj.out_channels == 8 and exported.model.proj.inner.kernel_size == (1, 1)
+    kd.detach()
+
+
+def test_load_exported_refuses_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="not written by kdinpaint"):
+        kdinpaint.load_exported(path, TinyUNet())
+    student, kd = _attached()
+    good = tmp_path / "good.safetensors"
+    kdinpaint.save_exported(kd.export(), good)
+    kd.detach()
+    with pytest.raises(ValueError, match="does not fit"):
+        kdinpaint.load_exported(good, TinyUNet(width=4))

@@ -156,22 +156,26 @@ class VGGFeatures(nn.Module):
                     "Pass allow_random=True only for tests: the loss is then meaningless"
                 )
             _check_arch(arch)
-            log.warning("VGGFeatures(%s) uses RANDOM weights (allow_random=True): style/perceptual values are meaningless", arch)
-            return timm.create_model(arch, pretrained=False).features
+            log.warning(
+                "VGGFeatures(%s) uses RANDOM weights (allow_random=True): style/perceptual values are meaningless", arch
+            )
+            features = _empty_features(arch)
+            _init_random(features)
+            return features
         text = os.fspath(weights)
         if text.endswith(_FILE_SUFFIXES) or os.sep in text or Path(text).is_file():
             _check_arch(arch)
-            model = timm.create_model(arch, pretrained=False)
+            features = _empty_features(arch)
             sd = load_vgg_state_dict(text)
-            expected = {f"features.{k}" for k in model.features.state_dict()}
+            expected = {f"features.{k}" for k in features.state_dict()}
             missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
             if missing or extra:
                 raise ValueError(
                     f"{text!r} does not match timm's {arch}: missing {missing[:4]}, unexpected {extra[:4]}; "
                     "is it another VGG depth or a batch-norm variant? pass the matching arch="
                 )
-            model.features.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()})
-            return model.features
+            features.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()})
+            return features
         base = text.split(".")[0]
         _check_arch(base)
         try:
@@ -199,6 +203,28 @@ class VGGFeatures(nn.Module):
             if name in wanted:
                 out[name] = x
         return out
+
+
+def _empty_features(arch: str) -> nn.Sequential:
+    """timm's VGG ``features`` stack with uninitialised CPU storage.
+
+    The model is built on the meta device so that its 100M-parameter classifier head, which the losses
+    never use, costs neither time nor memory.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    return model.features.to_empty(device="cpu")
+
+
+def _init_random(features: nn.Sequential) -> None:
+    """timm's VGG initialisation: Kaiming-normal (fan-out) convolutions, zero biases, unit batch norms."""
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
 
 
 def _check_arch(arch: str) -> None:

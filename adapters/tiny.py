@@ -1,0 +1,117 @@
+"""``tiny-unet``: a small three-level U-Net for inpainting, the smallest complete kdinpaint adapter.
+
+It is a built-in adapter registered exactly as a third-party plugin is: this module implements the
+``register_adapters`` hook and ``pyproject.toml`` exposes it in the ``kdinpaint`` entry-point group
+(``tiny = "kdinpaint_adapters.tiny"``). It is meant for smoke tests, examples and CPU experiments, not for
+quality: a few tens of thousands of parameters, any input size divisible by 8.
+
+Network: ``(masked image, mask)`` -> stem (full resolution) -> ``enc1`` (1/2) -> ``enc2`` (1/4) ->
+``enc3`` (1/8) -> decoder with skip connections -> ``tanh`` image in [-1, 1]. The encoder levels of the
+paper (Eq. 2, 3, 5) are the outputs of ``enc1``, ``enc2``, ``enc3``.
+"""
+
+from __future__ import annotations
+
+from typing import Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdinpaint.adapter import Adapter
+from kdinpaint.hookspecs import hookimpl
+from kdinpaint.masking import masked
+
+__all__ = ["TinyInpaintUNet", "ConvAct", "tiny_unet", "ADAPTER_SPEC", "register_adapters"]
+
+LayerLike = Union[str, Type[nn.Module]]
+_ACTS: dict[str, Type[nn.Module]] = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+def _act(layer: LayerLike) -> nn.Module:
+    if isinstance(layer, str):
+        if layer not in _ACTS:
+            raise ValueError(f"unknown act_layer {layer!r}; choose one of {sorted(_ACTS)} or pass a class")
+        layer = _ACTS[layer]
+    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        raise TypeError(f"act_layer must be a name or an nn.Module class, got {layer!r}")
+    return layer()
+
+
+class ConvAct(nn.Sequential):
+    """3×3 convolution (optionally strided) followed by an activation: ``(B, C_in, H, W) -> (B, C_out, H/s, W/s)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, act_layer: LayerLike = "elu"):
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, stride, 1), _act(act_layer))
+
+
+class TinyInpaintUNet(nn.Module):
+    """A three-level U-Net called as ``model(image, mask)``.
+
+    Args:
+        width: channels of the first level (levels have ``width``, ``2 width``, ``4 width``).
+        act_layer: activation, a name (``"elu"``, ``"relu"``, ``"leaky_relu"``, ``"gelu"``) or a class.
+
+    Shapes: image ``(B, 3, H, W)`` in [-1, 1], mask ``(B, 1, H, W)`` with 1 = hole, ``H`` and ``W``
+    divisible by 8; returns the prediction ``(B, 3, H, W)`` in [-1, 1] (not composited with the input).
+    """
+
+    def __init__(self, width: int = 16, act_layer: LayerLike = "elu"):
+        super().__init__()
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        w = width
+        self.stem = ConvAct(4, w, act_layer=act_layer)
+        self.enc1 = ConvAct(w, w, 2, act_layer)
+        self.enc2 = ConvAct(w, 2 * w, 2, act_layer)
+        self.enc3 = ConvAct(2 * w, 4 * w, 2, act_layer)
+        self.dec3 = ConvAct(4 * w + 2 * w, 2 * w, act_layer=act_layer)
+        self.dec2 = ConvAct(2 * w + w, w, act_layer=act_layer)
+        self.dec1 = ConvAct(w + w, w, act_layer=act_layer)
+        self.head = nn.Conv2d(w, 3, 3, 1, 1)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] % 8 or image.shape[-2] % 8:
+            raise ValueError(f"TinyInpaintUNet needs H and W divisible by 8, got {tuple(image.shape[-2:])}; pad the input")
+        x0 = self.stem(torch.cat([masked(image, mask), mask], 1))  # (B, w, H, W)
+        x1 = self.enc1(x0)  # (B, w, H/2, W/2)
+        x2 = self.enc2(x1)  # (B, 2w, H/4, W/4)
+        x3 = self.enc3(x2)  # (B, 4w, H/8, W/8)
+        y = self.dec3(torch.cat([F.interpolate(x3, scale_factor=2.0), x2], 1))  # (B, 2w, H/4, W/4)
+        y = self.dec2(torch.cat([F.interpolate(y, scale_factor=2.0), x1], 1))  # (B, w, H/2, W/2)
+        y = self.dec1(torch.cat([F.interpolate(y, scale_factor=2.0), x0], 1))  # (B, w, H, W)
+        return torch.tanh(self.head(y))
+
+
+def tiny_unet(width: int = 16, act_layer: LayerLike = "elu") -> TinyInpaintUNet:
+    """Build the student (and, with fresh weights, the teacher) of the ``tiny-unet`` adapter."""
+    return TinyInpaintUNet(width=width, act_layer=act_layer)
+
+
+ADAPTER_SPEC = {
+    "name": "tiny-unet",
+    "description": "a small three-level U-Net (smoke tests, examples, CPU experiments)",
+    "encoder_levels": ["enc1", "enc2", "enc3"],
+    "image_arg": "image",
+    "mask_arg": "mask",
+    "probe_shape": [1, 3, 32, 32],
+    "variants": {
+        "no-cb": {"completion_sites": []},  # distillation only, no completion blocks
+        "no-self": {"self_distillation": False},  # cross-distillation (Eq. 2) only
+        "wide": {},  # same spec, a wider network (see variant_builders)
+    },
+}
+
+
+@hookimpl
+def register_adapters(register) -> None:  # noqa: ANN001 - the callback kdinpaint passes
+    register(
+        Adapter(
+            name="tiny-unet",
+            spec=ADAPTER_SPEC,
+            build_student=tiny_unet,
+            description=ADAPTER_SPEC["description"],
+            stride=8,
+            variant_builders={"wide": {"width": 32}},
+        )
+    )

@@ -1,0 +1,211 @@
+"""The plugin manager and the registries it fills: adapters, mask generators, losses.
+
+Plugins are modules exposed through the ``kdinpaint`` entry-point group; the built-in adapters use the same
+group (``pyproject.toml``). Nothing is imported until first use (:func:`load_plugins`, called by every
+registry function). Entry points load one at a time: a plugin that fails to import, fails validation, or
+whose hook raises is logged and recorded with its distribution name (:func:`plugin_failures`) and the
+others still load. Environment:
+
+- ``KDINPAINT_STRICT_PLUGINS=1`` (or ``strict=True``): any such failure raises :class:`PluginError` (CI).
+- ``KDINPAINT_LOAD_PLUGINS=dist-a,dist-b``: load only these third-party distributions (or entry-point
+  names); empty = none. The ``kdinpaint`` distribution's own entry points always load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from kdinpaint import hookspecs
+from kdinpaint.adapter import Adapter
+from kdinpaint.hookspecs import hookimpl
+
+__all__ = ["pm", "hookimpl", "PluginError", "Failure", "load_plugins", "plugin_failures", "list_adapters",
+           "get_adapter", "list_mask_generators", "get_mask_generator", "list_losses", "get_loss"]
+
+log = logging.getLogger(__name__)
+GROUP, HOME = "kdinpaint", "kdinpaint"
+LOAD_ENV, STRICT_ENV = "KDINPAINT_LOAD_PLUGINS", "KDINPAINT_STRICT_PLUGINS"
+
+pm = pluggy.PluginManager("kdinpaint")
+pm.add_hookspecs(hookspecs)
+
+
+class PluginError(RuntimeError):
+    """A plugin failed (import, validation, a hook that raised, a duplicate name) and strict mode is on."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One plugin problem: which distribution (and version) and entry point, and what went wrong."""
+
+    distribution: str
+    version: str | None
+    plugin: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} from {_who(self.distribution, self.version)}: {self.error}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    value: Any
+    distribution: str
+    version: str | None
+
+
+_providers: dict[str, tuple[str, str | None]] = {}  # pluggy plugin name -> (distribution, version)
+_failures: list[Failure] = []
+_state = {"loaded": False}
+_cache: dict[str, tuple[tuple, dict[str, list[_Entry]], list[Failure]]] = {}
+
+
+def _who(dist: str, version: str | None) -> str:
+    return f"{dist} {version}" if version else dist
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _strict(strict: bool | None) -> bool:
+    return strict if strict is not None else os.environ.get(STRICT_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Failure]:
+    """Load every ``kdinpaint`` entry point once (``reload``: unload them and load again); returns the failures."""
+    if reload:
+        for name in list(_providers):
+            if pm.has_plugin(name):
+                pm.unregister(name=name)
+        _providers.clear(), _failures.clear(), _cache.clear()
+        _state["loaded"] = False
+    if not _state["loaded"]:
+        _state["loaded"] = True
+        env = os.environ.get(LOAD_ENV)
+        wanted = None if env is None else {_norm(s.strip()) for s in env.split(",") if s.strip()}
+        for ep in metadata.entry_points(group=GROUP):
+            dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
+            version = ep.dist.version if ep.dist is not None else None
+            if wanted is not None and _norm(dist) != HOME and not {_norm(dist), _norm(ep.name)} & wanted:
+                continue
+            name = f"{dist}:{ep.name}"
+            try:
+                pm.register(ep.load(), name=name)
+                try:
+                    pm.check_pending()  # a hookimpl whose name matches no hook (a typo) is an error
+                except pluggy.PluginValidationError:
+                    pm.unregister(name=name)
+                    raise
+            except Exception as e:  # noqa: BLE001 - one broken plugin must not break the others
+                _failures.append(Failure(dist, version, ep.name, f"{type(e).__name__}: {e}"))
+                log.warning("kdinpaint %s", _failures[-1])
+                continue
+            _providers[name] = (dist, version)
+    if _failures and _strict(strict):
+        raise PluginError("; ".join(map(str, _failures)) + f" (strict mode: unset {STRICT_ENV} to continue)")
+    return list(_failures)
+
+
+def plugin_failures(*, strict: bool | None = None) -> list[Failure]:
+    """Load failures plus the failures of every registry built so far (hooks that raised, duplicates)."""
+    load_plugins(strict=strict)
+    return _failures + [f for _, _, fails in _cache.values() for f in fails]
+
+
+def _registry(hook: str, strict: bool | None) -> dict[str, list[_Entry]]:
+    """Call ``hook`` of every plugin, one at a time, with a ``register`` callback that records the provider."""
+    load_plugins(strict=strict)
+    key = tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin())
+    if hook not in _cache or _cache[hook][0] != key:
+        entries: dict[str, list[_Entry]] = {}
+        failures: list[Failure] = []
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            dist, version = _providers.get(impl.plugin_name, (impl.plugin_name, None))
+            got: list[_Entry] = []
+
+            def register(name: Any, value: Any = None, dist: str = dist, version: str | None = version, got=got) -> None:
+                if hook == "register_adapters":
+                    if not isinstance(name, Adapter):
+                        raise TypeError(f"register() takes a kdinpaint.adapter.Adapter, got {type(name).__name__}")
+                    name, value = name.name, name
+                    value.distribution, value.version = dist, version  # provenance, for listings
+                elif not isinstance(name, str) or not name or not callable(value):
+                    raise TypeError(f"register(name, fn) takes a non-empty name and a callable, got {name!r}, {value!r}")
+                got.append(_Entry(name, value, dist, version))
+
+            try:
+                impl.function(register=register)
+            except Exception as e:  # noqa: BLE001
+                failures.append(Failure(dist, version, impl.plugin_name, f"{hook} raised {type(e).__name__}: {e}"))
+                log.warning("kdinpaint %s", failures[-1])
+                continue
+            for entry in got:
+                entries.setdefault(entry.name, []).append(entry)
+        for name, found in entries.items():
+            if len(found) > 1:
+                providers = " and ".join(_who(e.distribution, e.version) for e in found)
+                failures.append(Failure(found[-1].distribution, found[-1].version, hook,
+                                        f"duplicate name {name!r} registered by {providers}"))
+        _cache[hook] = (key, entries, failures)
+    if _cache[hook][2] and _strict(strict):
+        raise PluginError("; ".join(map(str, _cache[hook][2])) + f" (strict mode: unset {STRICT_ENV} to continue)")
+    return _cache[hook][1]
+
+
+def _get(hook: str, what: str, name: str, strict: bool | None) -> _Entry:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a string, got {type(name).__name__}")
+    entries = _registry(hook, strict)
+    found = entries.get(name)
+    if not found:
+        known = sorted(entries)
+        close = difflib.get_close_matches(name, known, n=3)
+        failed = [str(f) for f in plugin_failures()]
+        raise ValueError(
+            f"unknown {what} {name!r}" + (f" (did you mean {close}?)" if close else "")
+            + f"; known {what}s: {known}" + (f"; plugins that failed to load: {failed}" if failed else "")
+        )
+    if len(found) > 1:
+        providers = " and ".join(_who(e.distribution, e.version) for e in found)
+        raise ValueError(f"{what} name {name!r} is registered twice, by {providers}; uninstall one of them")
+    return found[0]
+
+
+def list_adapters(*, strict: bool | None = None) -> list[Adapter]:
+    """Every registered adapter, sorted by name; ``adapter.distribution`` / ``.version`` name its provider."""
+    entries = _registry("register_adapters", strict)
+    return [e.value for name in sorted(entries) for e in entries[name]]
+
+
+def get_adapter(name: str, *, strict: bool | None = None) -> Adapter:
+    """The adapter registered as ``name`` (variants are chosen in the spec: ``load_spec("name:variant")``)."""
+    if isinstance(name, str) and ":" in name:
+        raise ValueError(f"get_adapter({name!r}): pass the bare name; choose a variant with load_spec({name!r})")
+    return _get("register_adapters", "adapter", name, strict).value
+
+
+def list_mask_generators(*, strict: bool | None = None) -> dict[str, Callable]:
+    """Registered mask-generator factories by name."""
+    return {n: found[0].value for n, found in sorted(_registry("register_mask_generators", strict).items())}
+
+
+def get_mask_generator(name: str, *, strict: bool | None = None) -> Callable:
+    return _get("register_mask_generators", "mask generator", name, strict).value
+
+
+def list_losses(*, strict: bool | None = None) -> dict[str, Callable]:
+    """Registered loss functions by name."""
+    return {n: found[0].value for n, found in sorted(_registry("register_losses", strict).items())}
+
+
+def get_loss(name: str, *, strict: bool | None = None) -> Callable:
+    return _get("register_losses", "loss", name, strict).value

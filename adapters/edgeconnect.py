@@ -334,7 +334,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     (``parametrizations.weight.original`` / ``.0._u`` / ``.0._v``) to the legacy ones; fills the
     discriminator's ``conv1`` / ``features`` alias from whichever is present. Raises ``ValueError`` naming the
     expected file when the weights belong to the other stage or to the other network.
+
+    For the toolkit models: :class:`EdgeConnectInpaint` takes the ``InpaintingModel_gen.pth`` contents;
+    :class:`EdgeConnect` takes ``{'edge': <EdgeModel_gen.pth contents>, 'inpaint': <InpaintingModel_gen.pth
+    contents>}``; both also take their own ``state_dict()`` (prefixes stripped). Keys come back prefixed.
     """
+    if isinstance(model, (EdgeConnect, EdgeConnectInpaint)):
+        return _filter_wrapped(state_dict, model)
     expected = _which_of(model)
     section = OFFICIAL_FILES[expected][2]
     if not isinstance(state_dict, Mapping):
@@ -373,6 +379,22 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     return out
 
 
+def _filter_wrapped(state_dict: Mapping[str, object], model: nn.Module) -> dict[str, torch.Tensor]:
+    parts = ("edge", "inpaint") if isinstance(model, EdgeConnect) else ("inpaint",)
+    if all(isinstance(state_dict.get(p), Mapping) for p in parts):  # one official checkpoint per stage
+        sub = {p: checkpoint_filter_fn(state_dict[p], getattr(model, p)) for p in parts}  # type: ignore[arg-type]
+        return {f"{p}.{k}": v for p, sd in sub.items() for k, v in sd.items()}
+    flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(p + ".") for p in parts for k in flat):  # this model's own state_dict
+        return flat
+    if parts == ("inpaint",):
+        return {f"inpaint.{k}": v for k, v in checkpoint_filter_fn(state_dict, model.inpaint).items()}
+    raise ValueError(
+        "EdgeConnect has two stages: pass {'edge': <EdgeModel_gen.pth contents>, 'inpaint': "
+        "<InpaintingModel_gen.pth contents>}, or build it with build_edgeconnect(pretrained=<checkpoints folder>)"
+    )
+
+
 def _key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -401,7 +423,9 @@ def load_official(
     """Load an official EdgeConnect file (``EdgeModel_gen.pth``, ``InpaintingModel_gen.pth``, ``*_dis.pth``).
 
     ``which``: ``'edge'``, ``'inpaint'``, ``'edge_dis'`` or ``'inpaint_dis'``; ``None`` infers it from the
-    weights. ``model``: load into this network instead of building one. Uses ``torch.load(weights_only=True)``
+    weights. ``model``: load into this network (a generator, a discriminator or an
+    :class:`EdgeConnectInpaint`) instead of building one; for :class:`EdgeConnect` load each stage into
+    ``model.edge`` / ``model.inpaint`` (or use :func:`build_edgeconnect`). Uses ``torch.load(weights_only=True)``
     (no pickled code runs). With ``strict`` every missing / unexpected key and shape mismatch is reported by
     name in a ``ValueError``; without it they are logged and the matching tensors loaded. Returns the model.
     """
@@ -416,6 +440,9 @@ def load_official(
         raise ValueError(f"{path} cannot be read as a tensors-only checkpoint (weights_only=True): {err}") from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not an EdgeConnect checkpoint dict")
+    owner = model
+    if isinstance(model, EdgeConnectInpaint):
+        model = model.inpaint
     if model is None:
         if which is None:
             inner = next((ckpt[k] for k in ("generator", "discriminator") if isinstance(ckpt.get(k), Mapping)), ckpt)
@@ -439,7 +466,7 @@ def load_official(
     state_dict = {k: v for k, v in state_dict.items() if k not in own or v.shape == own[k].shape}
     model.load_state_dict(state_dict, strict=strict)
     _logger.info("loaded %s from %s (iteration %s)", _describe(_which_of(model)), path, ckpt.get("iteration", "n/a"))
-    return model
+    return owner if owner is not None else model
 
 
 def save_official(model: nn.Module, path: str | os.PathLike[str], iteration: int = 0) -> None:

@@ -1,0 +1,328 @@
+"""Automatic draft specs: find a model's encoder levels and attention modules from one traced forward.
+
+:func:`suggest_spec` runs the model once (eval mode, no grad) with temporary hooks on every module and a
+``TorchFunctionMode`` that sees every softmax, then removes them all. From that trace:
+
+- **Encoder levels** (the paper's level boundaries, Eq. 2, 3, 5): along the order in which modules finish,
+  the feature-map size first shrinks (encoder) and then grows (decoder). For each resolution of the
+  encoder, the breakpoint is the last module at that resolution before it halves; the level is the
+  outermost module that ends there and produces only maps of that resolution (``down1``, not the
+  ``encoder`` container around all levels). Levels at the input resolution are left out by default
+  (``min_reduction=2``); global ``1×1`` maps (squeeze-excitation, pooling) are ignored. A model of several
+  encoder-decoder stages (e.g. coarse and refinement networks) gets the stage with the most levels (the
+  last one on a tie); the others are reported in the notes.
+- **Attention candidates** (Eq. 7-10): modules in whose forward a softmax runs over as many entries as a
+  feature map of the forward has spatial positions. When the softmax is an ``nn.Softmax`` submodule, the
+  spec gets an :class:`~kdinpaint.spec.AttentionSite` with that submodule as its affinity; a functional
+  softmax or a fused ``scaled_dot_product_attention`` (which never materialises the affinity) is only
+  reported in the notes, since kdinpaint cannot tap it as it is.
+
+The result is a draft to read and edit (``kdinpaint spec suggest`` prints it as YAML with the notes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from kdinpaint.spec import AdapterSpec, AttentionSite
+
+__all__ = ["suggest_spec", "analyse", "Suggestion", "SoftmaxSite"]
+
+log = logging.getLogger(__name__)
+
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
+_FUSED = {F.scaled_dot_product_attention}
+
+
+@dataclass
+class _Call:
+    """One module call: nesting interval [start, end] in the hook order, and its output's (H, W)."""
+
+    path: str
+    start: int
+    end: int = -1
+    size: tuple[int, int] | None = None
+
+
+@dataclass
+class SoftmaxSite:
+    """A softmax over spatial positions seen in the forward.
+
+    ``module``: the module whose forward ran it (the attention module); ``affinity``: the ``nn.Softmax``
+    submodule that computed it, or ``None`` (functional softmax / fused attention); ``length``: the number
+    of positions normalised over; ``layout``: ``queries_keys`` (… × N_q × N_k) or ``keys_hw`` (B × N_k × H × W).
+    """
+
+    module: str
+    affinity: str | None
+    length: int
+    layout: str
+    fused: bool = False
+
+
+@dataclass
+class Suggestion:
+    """What :func:`analyse` found: the draft spec and the evidence behind it."""
+
+    spec: AdapterSpec
+    level_sizes: list[tuple[int, int]] = field(default_factory=list)
+    attention: list[SoftmaxSite] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _SoftmaxWatch(TorchFunctionMode):
+    def __init__(self, on_softmax):  # noqa: ANN001
+        super().__init__()
+        self.on_softmax = on_softmax
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        kwargs = kwargs or {}
+        if func in _SOFTMAX or func in _FUSED:
+            self.on_softmax(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _traced(model: nn.Module) -> Iterator[tuple[list[_Call], list[tuple[Any, tuple, dict, list[_Call]]]]]:
+    """Temporary hooks on every module recording call intervals and output sizes; softmaxes with their stack."""
+    calls: list[_Call] = []
+    softmaxes: list[tuple[Any, tuple, dict, list[_Call]]] = []
+    stack: list[_Call] = []
+    clock = [0]
+
+    def pre(path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            clock[0] += 1
+            stack.append(_Call(path, clock[0]))
+            calls.append(stack[-1])
+        return hook
+
+    def post(module: nn.Module, args: tuple, output: Any) -> None:
+        clock[0] += 1
+        call = stack.pop()
+        call.end = clock[0]
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+            call.size = (int(output.shape[-2]), int(output.shape[-1]))
+
+    handles = []
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for path, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre(path)))
+            handles.append(module.register_forward_hook(post, always_call=True))
+        model.eval()
+        with torch.no_grad(), _SoftmaxWatch(lambda f, a, kw: softmaxes.append((f, a, kw, list(stack)))):
+            yield calls, softmaxes
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _stages(events: list[_Call]) -> list[list[_Call]]:
+    """Split the finishing order into encoder stages: runs where the map size does not grow."""
+    stages: list[list[_Call]] = []
+    growing, prev = True, None
+    for e in events:
+        area = e.size[0] * e.size[1]
+        if growing and prev is not None and area >= prev:
+            prev = area  # still in a decoder (or before the first encoder)
+            continue
+        if growing:
+            stages.append([])
+            growing = False
+        if stages[-1] and area > min(c.size[0] * c.size[1] for c in stages[-1]):
+            growing, prev = True, area
+            continue
+        stages[-1].append(e)
+        prev = area
+    return [s for s in stages if s]
+
+
+def _levels(stage: list[_Call], calls: list[_Call], once: set[str], input_size: tuple[int, int], min_reduction: int) -> list[_Call]:
+    sizes = list(dict.fromkeys(e.size for e in stage))
+    levels = []
+    for i, size in enumerate(sizes):
+        if input_size[0] < min_reduction * size[0] and input_size[1] < min_reduction * size[1]:
+            continue
+        smaller = [e.end for e in stage if sizes.index(e.size) > i]
+        limit = min(smaller) if smaller else float("inf")
+        b = max((e for e in stage if e.size == size and e.end < limit), key=lambda e: e.end)
+        outer = [
+            c for c in calls
+            if c.path and c.path in once and c.size == size and c.start <= b.start and c.end >= b.end
+            and all(d.size == size for d in calls if d.size and c.start <= d.start and d.end <= c.end)
+        ]
+        levels.append(min(outer, key=lambda c: c.start) if outer else b)
+    return levels
+
+
+def _bind(model: nn.Module, example_inputs: tuple | dict) -> tuple[tuple, dict, list[str]]:
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    return args, kwargs, names
+
+
+def _find_args(args: tuple, kwargs: dict, names: list[str], image_arg: Any, mask_arg: Any) -> tuple[Any, Any, torch.Tensor]:
+    """The spec's image_arg / mask_arg (parameter names where known) and the image tensor."""
+    slots: list[tuple[Any, torch.Tensor]] = [(names[i] if i < len(names) else i, a) for i, a in enumerate(args)]
+    slots += list(kwargs.items())
+    maps = [(k, v) for k, v in slots if isinstance(v, torch.Tensor) and v.dim() == 4]
+    lookup = dict(slots)
+    lookup.update({i: a for i, a in enumerate(args)})
+    if mask_arg is None:
+        found = [k for k, v in maps if v.shape[1] == 1]
+        if not found:
+            raise ValueError("no (B, 1, H, W) mask among example_inputs; pass mask_arg= (a parameter name or position)")
+        mask_arg = found[0]
+    if image_arg is None:
+        found = [k for k, v in maps if k != mask_arg]
+        if not found:
+            raise ValueError("no (B, C, H, W) image among example_inputs; pass image_arg= (a parameter name or position)")
+        image_arg = found[0]
+    for arg, what in ((image_arg, "image_arg"), (mask_arg, "mask_arg")):
+        if arg not in lookup:
+            raise ValueError(f"{what}={arg!r} is not among the example inputs ({list(dict(slots))})")
+    return image_arg, mask_arg, lookup[image_arg]
+
+
+def _output_key(output: Any, image: torch.Tensor) -> tuple[Any, str | None]:
+    if isinstance(output, torch.Tensor):
+        return None, None
+    items = list(output.items()) if isinstance(output, dict) else list(enumerate(output)) if isinstance(output, (tuple, list)) else []
+    for key, value in items:
+        if isinstance(value, torch.Tensor) and value.shape == image.shape:
+            return key, f"output: the model returns {type(output).__name__}; picked {key!r}, shaped like the image"
+    return None, f"output: could not find an image-shaped tensor in the model's {type(output).__name__}; set `output`"
+
+
+def _softmax_site(func: Any, args: tuple, kwargs: dict, stack: list[_Call], modules: dict[str, nn.Module]) -> SoftmaxSite | None:
+    frames = [c for c in stack if c.path]  # the root's own forward is not a candidate module
+    if not frames:
+        return None
+    x = args[0] if args else kwargs.get("input")
+    if func in _FUSED:
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        return SoftmaxSite(frames[-1].path, None, int(k.shape[-2]), "queries_keys", fused=True)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None:
+        dim = 0 if x.dim() in (0, 1, 3) else 1  # torch's legacy implicit dim
+    dim = dim % x.dim()
+    layout = "keys_hw" if x.dim() == 4 and dim == 1 else "queries_keys"
+    if isinstance(modules[frames[-1].path], nn.Softmax):
+        if len(frames) < 2:
+            return None
+        return SoftmaxSite(frames[-2].path, frames[-1].path, int(x.shape[dim]), layout)
+    return SoftmaxSite(frames[-1].path, None, int(x.shape[dim]), layout)
+
+
+def analyse(
+    model: nn.Module,
+    example_inputs: tuple | dict,
+    *,
+    image_arg: str | int | None = None,
+    mask_arg: str | int | None = None,
+    min_reduction: int = 2,
+    name: str = "suggested",
+) -> Suggestion:
+    """Trace one forward of ``model`` on ``example_inputs`` and draft its spec; see the module docstring.
+
+    Args:
+        model: the inpainting network (its forward must run on ``example_inputs``).
+        example_inputs: one call's arguments, a tuple (positional) or a dict (keyword), e.g.
+            ``(image, mask)`` with image ``(B, 3, H, W)`` in [-1, 1] and mask ``(B, 1, H, W)``, 1 = hole.
+        image_arg / mask_arg: where the image / mask are (parameter name or position); ``None``: the mask is
+            the first 1-channel map, the image the first other map.
+        min_reduction: keep levels at least this many times smaller than the input (1: keep full resolution).
+        name: the draft spec's name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(min_reduction, int) or min_reduction < 1:
+        raise ValueError(f"min_reduction must be a positive int, got {min_reduction!r}")
+    if not isinstance(example_inputs, (tuple, list, dict)):
+        raise TypeError("example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                        f"got {type(example_inputs).__name__}; e.g. (image, mask)")
+    args, kwargs, names = _bind(model, example_inputs)
+    image_arg, mask_arg, image = _find_args(args, kwargs, names, image_arg, mask_arg)
+    notes: list[str] = []
+    with _traced(model) as (calls, softmaxes):
+        output = model(*args, **kwargs)
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c.path] = counts.get(c.path, 0) + 1
+    once = {p for p, n in counts.items() if n == 1}
+    events = sorted((c for c in calls if c.size is not None), key=lambda c: c.end)
+    stages = _stages(events)
+    input_size = (int(image.shape[-2]), int(image.shape[-1]))
+    found = [_levels(s, calls, once, input_size, min_reduction) for s in stages]
+    best = max(range(len(found)), key=lambda i: (len(found[i]), i)) if found else None
+    levels = found[best] if best is not None else []
+    for i, other in enumerate(found):
+        if i != best and other:
+            notes.append(f"another encoder stage: {[c.path for c in other]}")
+    if not levels:
+        notes.append("no down-sampling found: encoder_levels is empty; name the last module of each level yourself")
+    for c in levels:
+        if c.path not in once:
+            notes.append(f"level {c.path!r} is called {counts[c.path]} times per forward; tap a module called once")
+
+    modules = dict(model.named_modules())
+    areas = {c.size[0] * c.size[1] for c in events}
+    sites: list[SoftmaxSite] = []
+    for func, a, kw, stack in softmaxes:
+        site = _softmax_site(func, a, kw, stack, modules)
+        if site is not None and (site.fused or site.length in areas) and site not in sites:
+            sites.append(site)
+    attention: list[AttentionSite] = []
+    for s in sites:
+        if s.affinity is not None and s.affinity in once:
+            attention.append(AttentionSite(module=s.module, affinity=s.affinity, layout=s.layout))
+        elif s.fused:
+            notes.append(f"attention {s.module!r} uses fused scaled_dot_product_attention (no affinity to tap); "
+                         "disable fusion (timm: TIMM_FUSED_ATTN=0) or expose the softmax as an nn.Softmax submodule")
+        else:
+            notes.append(f"attention {s.module!r} applies a functional softmax over {s.length} positions; expose it "
+                         "as an nn.Softmax submodule to transfer its affinity (Eq. 9)")
+    out_key, note = _output_key(output, image)
+    if note:
+        notes.append(note)
+    spec = AdapterSpec(
+        name=name,
+        description=f"draft from kdinpaint.suggest_spec ({type(model).__name__}); review before use",
+        encoder_levels=[c.path for c in levels],
+        attention_sites=attention,
+        image_arg=image_arg,
+        mask_arg=mask_arg,
+        output=out_key,
+        probe_shape=[1, *[int(s) for s in image.shape[1:]]],
+    )
+    return Suggestion(spec, [c.size for c in levels], sites, notes)
+
+
+def suggest_spec(model: nn.Module, example_inputs: tuple | dict, **kwargs: Any) -> AdapterSpec:
+    """A draft :class:`AdapterSpec` for ``model`` from one traced forward (see :func:`analyse` for arguments).
+
+    Example::
+
+        spec = kdinpaint.suggest_spec(model, (image, mask))   # image (B, 3, H, W) in [-1, 1], mask (B, 1, H, W)
+        print(spec.to_yaml())                                  # edit, then attach(model, teacher, spec)
+    """
+    result = analyse(model, example_inputs, **kwargs)
+    for note in result.notes:
+        log.info("suggest_spec: %s", note)
+    return result.spec

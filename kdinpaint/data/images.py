@@ -1,0 +1,225 @@
+"""Images from a folder tree or an EdgeConnect-style file list, as ``(3, H, W)`` tensors in [-1, 1].
+
+* Sources: a directory (searched recursively for image extensions), or a ``.flist`` / ``.txt`` file
+  with one path per line (absolute, or relative to the list's folder or to the working directory).
+* Geometry (``crop``): ``"resize"`` squeezes the whole image to the target size; ``"center"`` scales the
+  shorter side to cover the target, then crops the centre; ``"random"`` crops a random window at native
+  resolution (images smaller than the target are first scaled up to cover it). Resampling is PIL's
+  bicubic, which low-pass filters when it shrinks.
+* Pixel formats: grayscale is replicated to RGB; palette, CMYK and other modes go through PIL's RGB
+  conversion; an alpha channel is dropped (colours kept as stored); 16-bit grayscale (``I;16``, ``I``)
+  is scaled by 1/65535 and kept in float until the end (PIL's own conversion would clip it to white);
+  16-bit RGB PNGs are decoded by PIL to their high byte (8-bit precision).
+* Files that cannot be decoded never end an epoch: the item is replaced by the next readable file, the
+  path is logged once, added to :attr:`ImageFolder.skipped` (per process) and counted in the sample's
+  ``"skipped"`` field (summed by the caller across DataLoader workers). :meth:`ImageFolder.scan`
+  checks every file up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "list_images", "read_image", "fit_image", "to_tensor"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+LIST_SUFFIXES = (".flist", ".txt")
+CropMode = Literal["resize", "center", "random"]
+_CROPS = ("resize", "center", "random")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _size2(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    if len(size) != 2 or any(int(s) < 1 for s in size):
+        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The image paths of a folder tree (sorted), a ``.flist`` / ``.txt`` list, or a sequence of paths.
+
+    Raises ``ValueError`` for an empty folder, a folder with no image files, list entries that do not
+    exist (the first few are named) or are not images by extension, and ``FileNotFoundError`` for a
+    source that does not exist.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return _check_listed([os.fspath(p) for p in source], "the given paths")
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file())
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not images:
+            others = [os.path.relpath(f, path) for f in files[:3]]
+            detail = f"; it holds {len(files)} other file(s) such as {others}" if files else " (it is empty)"
+            raise ValueError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}{detail}; "
+                "point at the folder that holds the images"
+            )
+        return images
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        entries = []
+        for ln in lines:
+            if not ln or ln.startswith("#"):
+                continue
+            p = Path(ln)
+            if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+                p = path.parent / p
+            entries.append(str(p))
+        if not entries:
+            raise ValueError(f"file list {str(path)!r} is empty; write one image path per line")
+        return _check_listed(entries, f"file list {str(path)!r}")
+    if path.is_file():
+        raise ValueError(
+            f"{str(path)!r} is neither a folder nor a file list ({', '.join(LIST_SUFFIXES)}); "
+            "pass the folder of images or a .flist with one path per line"
+        )
+    raise FileNotFoundError(f"image source {str(path)!r} does not exist")
+
+
+def _check_listed(entries: list[str], where: str) -> list[str]:
+    missing = [e for e in entries if not os.path.isfile(e)]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(entries)} files in {where} do not exist, e.g. {missing[:3]}; "
+            "fix the paths (relative paths are tried against the working directory and the list's folder)"
+        )
+    not_images = [e for e in entries if not e.lower().endswith(IMAGE_EXTENSIONS)]
+    if not_images:
+        raise ValueError(
+            f"{len(not_images)} entries in {where} are not image files by extension, e.g. {not_images[:3]}; "
+            f"accepted: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return entries
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit gray scaled to [0, 1]).
+
+    Raises the decoder's error (``OSError``, ``UnidentifiedImageError``, ...) for unreadable files.
+    """
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float32) / 65535.0
+            return Image.fromarray(np.clip(arr, 0, 1), mode="F")
+        if mode == "F":
+            return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32), 0, 1), mode="F")
+        if mode == "RGB":
+            return im.copy()
+        if mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        return im.convert("RGB")  # drops alpha, replicates gray
+
+
+def fit_image(
+    img: Image.Image, size: tuple[int, int], crop: CropMode, generator: torch.Generator | None = None
+) -> Image.Image:
+    """Resize / crop a PIL image to ``size = (H, W)`` following ``crop`` (see the module docstring)."""
+    th, tw = size
+    w, h = img.size
+    if crop == "resize":
+        return img.resize((tw, th), Image.BICUBIC) if (w, h) != (tw, th) else img
+    if crop not in _CROPS:
+        raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
+    if crop == "center" or w < tw or h < th:
+        scale = max(th / h, tw / w)
+        if crop == "center" or scale > 1:
+            nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BICUBIC)
+            w, h = nw, nh
+    if crop == "center":
+        left, top = (w - tw) // 2, (h - th) // 2
+    else:
+        top = int(torch.randint(h - th + 1, (), generator=generator))
+        left = int(torch.randint(w - tw + 1, (), generator=generator))
+    return img.crop((left, top, left + tw, top + th))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL ``"RGB"`` or ``"F"`` image → float32 ``(3, H, W)`` in [-1, 1]."""
+    if img.mode == "F":
+        arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        t = torch.from_numpy(arr.copy())[None].expand(3, -1, -1).contiguous()
+    else:
+        arr = np.asarray(img, dtype=np.uint8)
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    return t * 2 - 1
+
+
+class ImageFolder(Dataset):
+    """Images of a folder tree or file list, fitted to ``size``.
+
+    ``__getitem__(i)`` returns ``{"image": (3, H, W) float32 in [-1, 1], "path": str, "index": i,
+    "skipped": int}`` where ``skipped`` counts the unreadable files passed over to produce this item.
+    Random crops draw from torch's generator, which a DataLoader seeds per worker and epoch.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        size: int | Sequence[int] = 256,
+        crop: CropMode = "center",
+    ) -> None:
+        if crop not in _CROPS:
+            raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
+        self.size = _size2(size)
+        self.crop = crop
+        self.paths = list_images(source)
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The fitted image at ``index``, ``(3, H, W)`` in [-1, 1]; raises if the file is unreadable."""
+        return to_tensor(fit_image(read_image(self.paths[index]), self.size, self.crop))
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        n = len(self.paths)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                image = self.load(i)
+            except _DECODE_ERRORS as exc:
+                path = self.paths[i]
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                    log.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
+                continue
+            return {"image": image, "path": self.paths[i], "index": index, "skipped": attempt}
+        raise RuntimeError(f"none of the {n} files is a readable image (first: {self.paths[0]!r})")
+
+    def scan(self) -> list[str]:
+        """Decode every file once, drop the unreadable ones from the dataset and return their paths."""
+        bad = []
+        for p in self.paths:
+            try:
+                read_image(p)
+            except _DECODE_ERRORS:
+                bad.append(p)
+        if bad:
+            log.warning("%d of %d files are unreadable and were dropped, e.g. %s", len(bad), len(self.paths), bad[:3])
+            self.paths = [p for p in self.paths if p not in set(bad)]
+            self.skipped.extend(b for b in bad if b not in self.skipped)
+        if not self.paths:
+            raise ValueError(f"no readable image among {len(bad)} files, e.g. {bad[:3]}")
+        return bad

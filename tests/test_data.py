@@ -1,0 +1,157 @@
+"""Image folders, file lists, pixel formats, unreadable files, bundled samples and the paired dataset."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, list_images, sample_images
+
+
+def _png16(path, arr: np.ndarray) -> None:
+    """Write a 16-bit PNG (gray or RGB) by hand: PIL cannot write 16-bit RGB."""
+    h, w = arr.shape[:2]
+    colour = 2 if arr.ndim == 3 else 0
+    raw = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a_rgb.png")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    Image.fromarray(rgb[..., 0]).save(sub / "b_gray.png")
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 7, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c_rgba.png")
+    _png16(tmp_path / "d_gray16.png", (np.linspace(0, 65535, 600).reshape(20, 30)).astype(np.uint16))
+    (tmp_path / "e_broken.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path, rgb
+
+
+def test_folder_formats_and_unreadable(folder, caplog):
+    root, rgb = folder
+    ds = ImageFolder(root, size=(20, 30), crop="resize")
+    assert [p.split("/")[-1] for p in ds.paths] == ["a_rgb.png", "c_rgba.png", "d_gray16.png", "e_broken.jpg", "b_gray.png"]
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(ds[0]["image"], expected)
+    torch.testing.assert_close(ds[1]["image"], expected)  # alpha dropped
+    gray = ds[4]["image"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], expected[0])
+    g16 = ds[2]["image"]  # 16-bit gray keeps its full ramp (PIL's own RGB conversion would clip to white)
+    ramp = torch.from_numpy(np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16).astype(np.float32) / 65535)
+    torch.testing.assert_close(g16[1], ramp * 2 - 1, atol=1e-6, rtol=0)
+    item = ds[3]  # unreadable: replaced by the next file, counted and reported
+    assert item["skipped"] == 1 and item["path"].endswith("b_gray.png")
+    assert ds.skipped[0].endswith("e_broken.jpg") and "e_broken.jpg" in caplog.text
+    fresh = ImageFolder(root, size=8)
+    assert [p.split("/")[-1] for p in fresh.scan()] == ["e_broken.jpg"] and len(fresh) == 4
+
+
+def test_16bit_rgb_png(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 65536, (6, 7, 3)).astype(np.uint16)
+    _png16(tmp_path / "rgb16.png", arr)
+    img = ImageFolder(tmp_path, size=(6, 7), crop="resize")[0]["image"]
+    ref = torch.from_numpy((arr >> 8).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(img, ref)
+
+
+def test_crops(tmp_path):
+    arr = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    centre = ImageFolder(tmp_path, size=40, crop="center")[0]["image"]
+    torch.testing.assert_close(centre, torch.from_numpy(arr[:, 10:50]).permute(2, 0, 1).float() / 127.5 - 1)
+    torch.manual_seed(0)
+    rand = ImageFolder(tmp_path, size=(16, 16), crop="random")
+    windows = {tuple(rand[0]["image"][0, 0, :2].tolist()) for _ in range(6)}
+    assert len(windows) > 1  # random positions at native resolution
+    img = rand[0]["image"]
+    ref = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
+    hits = [(i, j) for i in range(25) for j in range(45) if torch.equal(ref[:, i : i + 16, j : j + 16], img)]
+    assert len(hits) == 1
+    assert ImageFolder(tmp_path, size=(50, 90), crop="random")[0]["image"].shape == (3, 50, 90)  # upscaled
+    with pytest.raises(ValueError, match="crop must be"):
+        ImageFolder(tmp_path, crop="middle")
+
+
+def test_bad_sources(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="it is empty"):
+        ImageFolder(empty)
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match="no image files.*readme.md"):
+        ImageFolder(empty)
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    flist = tmp_path / "train.flist"
+    flist.write_text(f"{tmp_path / 'ok.png'}\n{tmp_path / 'gone1.png'}\nok.png\ngone2.jpg\n")
+    with pytest.raises(ValueError, match=r"2 of 4 files .*gone1\.png.*gone2\.jpg"):
+        ImageFolder(flist)
+    flist.write_text("ok.png\nreadme.md\n")
+    (tmp_path / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match="not image files.*readme.md"):
+        ImageFolder(flist)
+    flist.write_text("ok.png\n")
+    assert len(list_images(flist)) == 1  # relative to the list's folder
+    with pytest.raises(FileNotFoundError):
+        ImageFolder(tmp_path / "nowhere")
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    (only_broken / "x.png").write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match="none of the 1 files"):
+        ImageFolder(only_broken)[0]
+
+
+def test_sample_images_are_photos_and_cached():
+    x = sample_images(64, 12)
+    assert x.shape == (12, 3, 64, 64) and x.dtype == torch.float32
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    # natural colour photographs: the channels differ, and neighbouring pixels correlate strongly
+    assert float((x[:, 0] - x[:, 1]).abs().mean()) > 0.05
+    a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.8
+    assert len({tuple(v.flatten()[:64].tolist()) for v in x}) == 12  # all crops differ
+    y = sample_images(64, 12)
+    assert torch.equal(x, y)
+    y.zero_()
+    assert torch.equal(sample_images(64, 12), x)  # cached copy unaffected by the caller
+    with pytest.raises(ValueError, match="unknown sample photo"):
+        sample_images(64, 2, names=["lena"])
+
+
+def test_dataset_with_dataloader_workers():
+    images = sample_images(32, 6, names=["astronaut", "coffee", "chelsea"])
+    ds = InpaintingDataset(images, FreeFormMasks(), seed=3)
+    loader = DataLoader(ds, batch_size=3, num_workers=2)
+    batches = list(loader)
+    assert batches[0]["image"].shape == (3, 3, 32, 32) and batches[0]["mask"].shape == (3, 1, 32, 32)
+    masks = torch.cat([b["mask"] for b in batches])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and bool((masks.flatten(1).sum(1) > 0).all())
+    # per-index masks: identical without workers and in another order
+    again = torch.stack([ds[i]["mask"] for i in reversed(range(6))]).flip(0)
+    assert torch.equal(again, masks)
+    torch.testing.assert_close(torch.cat([b["image"] for b in batches]), images)
+    train = InpaintingDataset(images, FreeFormMasks())
+    assert not torch.equal(train[0]["mask"], train[0]["mask"])  # fresh masks each call
+
+
+def test_dataset_bad_inputs(tmp_path):
+    images = sample_images(32, 2, names=["astronaut"])
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        InpaintingDataset(images[:, :1], FreeFormMasks())
+    with pytest.raises(TypeError, match="mask source"):
+        InpaintingDataset(images, 3)
+    with pytest.raises(ValueError, match="resize masks"):
+        InpaintingDataset(images, [torch.zeros(1, 16, 16)])[0]

@@ -33,11 +33,14 @@ import torch
 from torch import nn
 
 from kdinpaint import _modules
-from kdinpaint.blocks import CompletionBlock, build_completion_blocks
+import torch.nn.functional as F
+
+from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import CallConvention
+from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
 from kdinpaint.losses.distillation import cross_distillation, self_distillation
 from kdinpaint.masking import check_mask
-from kdinpaint.meta import ChannelWeights, FeatureTransform
+from kdinpaint.meta import ChannelWeights, FeatureTransform, PixelWeights
 from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
 
 __all__ = ["attach", "Distiller"]
@@ -53,6 +56,19 @@ def is_attached(model: nn.Module) -> bool:
 
 
 @dataclass
+class _AttentionSite:
+    """A resolved attention site: ``module`` (D in, att(D) out) and ``capture``, whose output is the affinity
+    (``layout``) or, for a kdinpaint PixelAttention, the ``(q, k)`` pair (``from_qk``)."""
+
+    module: str
+    capture: str | None
+    from_qk: bool
+    layout: str
+    transfer: bool
+    fusion: bool
+
+
+@dataclass
 class _Session:
     """What one student forward (and the teacher pass of ``losses``) captured."""
 
@@ -60,8 +76,9 @@ class _Session:
     call: tuple[tuple, dict] | None = None
     image: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    student: dict[str, torch.Tensor] = field(default_factory=dict)
-    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    # level features by path; attention captures by ("att", i) and teacher attention inputs by ("d", i)
+    student: dict[Any, Any] = field(default_factory=dict)
+    teacher: dict[Any, Any] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     teacher_running: bool = False
 
@@ -144,6 +161,7 @@ class Distiller(nn.Module):
                     f"spec {spec.name!r}: encoder_levels resolve to {len(self.levels)} student modules but "
                     f"{len(self.teacher_levels)} teacher modules; give teacher_levels explicitly"
                 )
+        self.attention = self._resolve_attention()
         self._session = _Session()
         self._handles: list[Any] = []
         self._teacher_flags: dict[nn.Parameter, bool] = {}
@@ -156,6 +174,28 @@ class Distiller(nn.Module):
             self._freeze_teacher()
 
     # ---- attach time ----------------------------------------------------------------------------
+    def _resolve_attention(self) -> list[_AttentionSite]:
+        sites = []
+        for site in self.spec.attention_sites:
+            what = f"spec {self.spec.name!r} attention_sites"
+            for path in _modules.resolve(self._root, [site.module], what=what):
+                capture, from_qk = None, False
+                if site.transfer:
+                    if site.affinity is None:
+                        capture, from_qk = f"{path}.qk", True
+                        if not isinstance(getattr(_modules.get(self._root, path), "qk", None), nn.Module):
+                            raise ValueError(
+                                f"{what}: {path!r} is not a kdinpaint PixelAttention (it has no 'qk' submodule); "
+                                "set `affinity` to the submodule (relative to the attention module) whose output "
+                                "is the affinity, and its `layout`"
+                            )
+                    else:
+                        capture = _modules.resolve(self._root, [f"{path}.{site.affinity}"], what=f"{what} affinity")[0]
+                    if self.teacher is not None:
+                        _modules.resolve(self._teacher_root, [path, capture], what=f"{what} (in the teacher)")
+                sites.append(_AttentionSite(path, capture, from_qk, site.layout, site.transfer, site.fusion))
+        return sites
+
     def _probe_inputs(self, example_inputs: tuple | None) -> tuple[tuple, dict]:
         if example_inputs is not None:
             if isinstance(example_inputs, dict):
@@ -176,13 +216,17 @@ class Distiller(nn.Module):
         image = self._call.get(args, kwargs, "image")
         mask = check_mask(self._call.get(args, kwargs, "mask"), image)
 
-        def run(root: nn.Module, paths: list[str], a: tuple, kw: dict, who: str) -> dict[str, torch.Size]:
-            shapes: dict[str, torch.Size] = {}
+        def run(root: nn.Module, paths: list[str], a: tuple, kw: dict, who: str, loose: tuple[str, ...] = ()) -> dict:
+            shapes: dict[Any, Any] = {}
             counts: dict[str, int] = {p: 0 for p in paths}
             handles = []
             for path in paths:
                 def hook(module, inputs, output, path=path):
                     counts[path] += 1
+                    if path in loose:  # attention modules and captures: checked by _check_attention
+                        shapes[path] = output
+                        shapes[("in", path)] = inputs[0] if inputs else None
+                        return
                     if not isinstance(output, torch.Tensor) or output.dim() != 4:
                         raise TypeError(
                             f"{who} module {path!r} returns {type(output).__name__}"
@@ -212,11 +256,17 @@ class Distiller(nn.Module):
                 )
             return shapes
 
-        shapes = run(self._root, list(dict.fromkeys(self.levels + self.sites)), args, kwargs, "student")
-        teacher_shapes: dict[str, torch.Size] = {}
-        if self.teacher is not None and self.teacher_levels:
+        att_paths = [p for site in self.attention for p in (site.module, site.capture) if p]
+        shapes = run(
+            self._root, list(dict.fromkeys(self.levels + self.sites + att_paths)), args, kwargs, "student", tuple(att_paths)
+        )
+        teacher_shapes: dict[Any, Any] = {}
+        teacher_att = [p for site in self.attention if site.transfer for p in (site.module, site.capture)]
+        if self.teacher is not None and (self.teacher_levels or teacher_att):
             ta, tkw = self._teacher_args(args, kwargs, image, mask)
-            teacher_shapes = run(self._teacher_root, self.teacher_levels, ta, tkw, "teacher")
+            teacher_shapes = run(
+                self._teacher_root, list(dict.fromkeys(self.teacher_levels + teacher_att)), ta, tkw, "teacher", tuple(teacher_att)
+            )
             for s_path, t_path in zip(self.levels, self.teacher_levels):
                 if shapes[s_path][-2:] != teacher_shapes[t_path][-2:]:
                     raise ValueError(
@@ -230,7 +280,54 @@ class Distiller(nn.Module):
                     f"self-distillation needs each level to shrink by an integer factor: {a!r} is {(ha, wa)}, "
                     f"{b!r} is {(hb, wb)}; order encoder_levels shallow to deep or switch self_distillation off"
                 )
+        self._check_attention(shapes, teacher_shapes)
         return shapes, teacher_shapes
+
+    def _check_attention(self, shapes: dict, teacher_shapes: dict) -> None:
+        """Affinity layouts as the spec says, teacher and student alike; record each site's widths."""
+        self._att_info: list[dict[str, Any]] = []
+        for site in self.attention:
+            d, out = shapes[("in", site.module)], shapes[site.module]
+            where = f"attention site {site.module!r}"
+            if not isinstance(d, torch.Tensor) or d.dim() != 4:
+                raise ValueError(f"{where}: its first positional input must be a (B, C, H, W) feature map")
+            info: dict[str, Any] = {"channels": d.shape[1], "teacher_channels": None}
+            if site.fusion and (not isinstance(out, torch.Tensor) or out.shape != d.shape):
+                raise ValueError(
+                    f"{where}: global-local fusion needs an output of the input's shape {tuple(d.shape)}, got "
+                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+                )
+            if site.transfer:
+                cap, t_cap = shapes[site.capture], teacher_shapes[site.capture]
+                n_query = d.shape[-2] * d.shape[-1]
+                if site.from_qk:
+                    ok = isinstance(cap, tuple) and len(cap) == 2 and cap[0].dim() == 3 and cap[0].shape[1] == n_query
+                    if not ok:
+                        raise ValueError(f"{where}: {site.capture!r} must return (q, k) of shape (B, {n_query}, C)")
+                    t_ok = isinstance(t_cap, tuple) and len(t_cap) == 2 and t_cap[0].shape[:2] == cap[0].shape[:2]
+                    if not t_ok:
+                        raise ValueError(f"{where}: teacher and student queries differ in shape; feed the teacher the same size")
+                else:
+                    if not isinstance(cap, torch.Tensor):
+                        raise ValueError(f"{where}: affinity {site.capture!r} returns {type(cap).__name__}, not a tensor")
+                    if site.layout == "queries_keys" and (cap.dim() != 3 or cap.shape[1] != n_query):
+                        raise ValueError(
+                            f"{where}: affinity {site.capture!r} has shape {tuple(cap.shape)}, which is not the spec's "
+                            f"layout queries_keys (B, {n_query} queries = {tuple(d.shape[-2:])}, keys); fix `layout`"
+                        )
+                    if site.layout == "keys_hw" and cap.dim() != 4:
+                        raise ValueError(
+                            f"{where}: affinity {site.capture!r} has shape {tuple(cap.shape)}, which is not the "
+                            "spec's layout keys_hw (B, keys, H, W); fix `layout`"
+                        )
+                    if not isinstance(t_cap, torch.Tensor) or t_cap.shape != cap.shape:
+                        raise ValueError(
+                            f"{where}: teacher affinity {tuple(getattr(t_cap, 'shape', ()))} and student affinity "
+                            f"{tuple(cap.shape)} differ; the teacher must see the same size (and, for patch "
+                            "attention, the same mask: teacher_input: same_mask)"
+                        )
+                info["teacher_channels"] = teacher_shapes[("in", site.module)].shape[1]
+            self._att_info.append(info)
 
     def _build(self, shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         spec = self.spec
@@ -256,8 +353,14 @@ class Distiller(nn.Module):
                 cs, ct = shapes[s_path][1], teacher_shapes[t_path][1]
                 self.gamma[str(i)] = FeatureTransform(ct, cs, spec.meta.gamma_kernel_size)
                 self.rho[str(i)] = ChannelWeights(ct, cs, hidden)
+        fusion_sites = [i for i, site in enumerate(self.attention) if site.fusion]
+        self.fusion = build_fusions([self._att_info[i]["channels"] for i in fusion_sites], spec.completion.kernel_size)
+        self._fusion_index = {i: str(j) for j, i in enumerate(fusion_sites)}
+        self.t = nn.ModuleDict(
+            {str(i): PixelWeights(info["teacher_channels"]) for i, info in enumerate(self._att_info) if self.attention[i].transfer}
+        )
         if factory:
-            for name in ("blocks", "align", "gamma", "rho", "phi"):
+            for name in ("blocks", "align", "gamma", "rho", "phi", "fusion", "t"):
                 getattr(self, name).to(**factory)
 
     def _install(self) -> None:
@@ -270,10 +373,24 @@ class Distiller(nn.Module):
             module = _modules.get(root, path)
             hook = self._make_student_hook(path, block_of.get(path), record=path in self.levels)
             self._handles.append(module.register_forward_hook(hook))
+        for i, site in enumerate(self.attention):
+            fusion = self.fusion[self._fusion_index[i]] if site.fusion else None
+            module = _modules.get(root, site.module)
+            self._handles.append(module.register_forward_hook(self._make_attention_hook(site.module, fusion)))
+            if site.transfer:
+                capture = _modules.get(root, site.capture)
+                self._handles.append(capture.register_forward_hook(self._make_capture_hook(("att", i), student=True)))
         if self.teacher is not None:
             for path in self.teacher_levels:
                 module = _modules.get(self._teacher_root, path)
                 self._handles.append(module.register_forward_hook(self._make_teacher_hook(path)))
+            for i, site in enumerate(self.attention):
+                if site.transfer:
+                    t_root = self._teacher_root
+                    hook = self._make_capture_hook(("d", i), student=False, take_input=True)
+                    self._handles.append(_modules.get(t_root, site.module).register_forward_hook(hook))
+                    hook = self._make_capture_hook(("att", i), student=False)
+                    self._handles.append(_modules.get(t_root, site.capture).register_forward_hook(hook))
 
     def _uninstall(self) -> None:
         for h in self._handles:
@@ -327,6 +444,26 @@ class Distiller(nn.Module):
 
         return hook
 
+    def _make_attention_hook(self, path: str, fusion: GlobalLocalFusion | None):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            s = self._session
+            if s.active:
+                n = s.calls.get(path, 0) + 1
+                s.calls[path] = n
+                if n > 1:
+                    raise RuntimeError(f"attention module {path!r} ran {n} times in one forward; name a module called once")
+            return fusion(inputs[0], output) if fusion is not None else None
+
+        return hook
+
+    def _make_capture_hook(self, key: tuple, student: bool, take_input: bool = False):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            s = self._session
+            if (s.active and student) or (s.teacher_running and not student):
+                (s.student if student else s.teacher)[key] = inputs[0] if take_input else output
+
+        return hook
+
     def _make_teacher_hook(self, path: str):
         clone = self.spec.clone_taps
 
@@ -368,6 +505,7 @@ class Distiller(nn.Module):
         finally:
             s.teacher_running = False
         missing = [p for p in self.teacher_levels if p not in s.teacher]
+        missing += [self.attention[i].module for i in range(len(self.attention)) if str(i) in self.t and ("att", i) not in s.teacher]
         if missing:
             raise RuntimeError(f"teacher module(s) {missing} did not run; check the spec's teacher_levels")
         return dict(s.teacher)
@@ -386,8 +524,11 @@ class Distiller(nn.Module):
             missing = [p for p in self.levels if p not in s.student]
             if missing:
                 raise RuntimeError(f"encoder level(s) {missing} did not run in the last forward of the student")
-            teacher: dict[str, torch.Tensor] = {}
-            if self.teacher is not None and self.teacher_levels:
+            missing = [site.module for i, site in enumerate(self.attention) if site.transfer and ("att", i) not in s.student]
+            if missing:
+                raise RuntimeError(f"attention site(s) {missing} did not run in the last forward of the student")
+            teacher: dict[Any, Any] = {}
+            if self.teacher is not None and (self.teacher_levels or len(self.t)):
                 if target is None:
                     raise ValueError("kd.losses(target=...) needs the ground truth: the teacher is fed with it")
                 teacher = self.run_teacher(target)
@@ -399,7 +540,7 @@ class Distiller(nn.Module):
         out: dict[str, torch.Tensor] = {}
         zero = s.mask.new_zeros((), dtype=torch.float32)
         feats = [s.student[p] for p in self.levels]
-        t_feats = [teacher[p] for p in self.teacher_levels] if teacher else []
+        t_feats = [teacher[p] for p in self.teacher_levels] if self.teacher_levels and teacher else []
         cross = zero
         for i, path in enumerate(self.levels):
             if str(i) not in self.gamma:
@@ -416,9 +557,25 @@ class Distiller(nn.Module):
             term = self_distillation(self.align[str(i)](feats[i]), deeper, self.phi[str(i)](reader), s.mask)
             out[f"self/{path}"] = term
             self_term = self_term + term
+        att = zero
+        for i, site in enumerate(self.attention):
+            if not site.transfer:
+                continue
+            weights = self.t[str(i)](teacher[("d", i)])  # t(d^AN), (B, 1, h, w) on D's grid
+            grid = weights.shape[-2:] if site.from_qk or site.layout == "queries_keys" else s.student[("att", i)].shape[-2:]
+            if weights.shape[-2:] != grid:  # patch attention on a coarser grid than D
+                weights = F.interpolate(weights, size=grid, mode="bilinear", align_corners=False)
+            if site.from_qk:
+                (q, k), (q_t, k_t) = s.student[("att", i)], teacher[("att", i)]
+                term = attention_transfer(q, k, q_t, k_t, weights, s.mask)
+            else:
+                term = attention_transfer_from_affinity(s.student[("att", i)], teacher[("att", i)], weights, s.mask, site.layout)
+            out[f"att/{site.module}"] = term
+            att = att + term
         out["cross"] = cross
         out["self"] = self_term
-        out["total"] = cross + self_term
+        out["att"] = att
+        out["total"] = cross + self_term + att
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -427,9 +584,9 @@ class Distiller(nn.Module):
 
     # ---- parameters -----------------------------------------------------------------------------
     def student_parameters(self) -> Iterator[nn.Parameter]:
-        """Theta added by kdinpaint (completion blocks, f_l); optimise them with ``student.parameters()``."""
+        """Theta added by kdinpaint (completion blocks, f_l, PGL); optimise them with ``student.parameters()``."""
         seen: set[int] = set()
-        for name in ("blocks", "align"):
+        for name in ("blocks", "align", "fusion"):
             for p in getattr(self, name).parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -437,7 +594,7 @@ class Distiller(nn.Module):
 
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         """Psi: gamma, rho, phi (and t); trained by the bilevel scheme of Algorithm 1."""
-        for name in ("gamma", "rho", "phi"):
+        for name in ("gamma", "rho", "phi", "t"):
             yield from getattr(self, name).parameters()
 
     # ---- modes, devices, lifecycle --------------------------------------------------------------

@@ -4,6 +4,7 @@
   and ``2*K*K`` offsets (``f_off``) from the input, applied to every channel by
   :func:`kdinpaint.ops.adaptive_conv`. Offsets start at zero, so the block first looks at the plain
   ``K×K`` neighbourhood and learns where else to look.
+* :class:`GlobalLocalFusion` — Eq. (10): attention and adaptive convolution mixed per pixel (PGL).
 * :class:`CompletionBlock` — Eq. (5): ``x + adaptive_conv(x) ⊙ M``, updating only the holes. Its kernel
   predictor starts at zero, so a freshly attached block is the identity and the model's output is unchanged
   until training moves it (the zero-initialised-residual trick); this is our choice, the paper is silent.
@@ -17,7 +18,7 @@ from torch import nn
 from kdinpaint.masking import mask_at
 from kdinpaint.ops import adaptive_conv
 
-__all__ = ["AdaptiveConv", "CompletionBlock", "build_completion_blocks"]
+__all__ = ["AdaptiveConv", "CompletionBlock", "GlobalLocalFusion", "build_completion_blocks", "build_fusions"]
 
 
 class AdaptiveConv(nn.Module):
@@ -84,3 +85,34 @@ def build_completion_blocks(channels: list[int], kernel_size: int = 3, share_pre
             conv = shared[c] = AdaptiveConv(c, kernel_size, zero_kernel=True)
         blocks[str(i)] = CompletionBlock(conv)
     return blocks
+
+
+class GlobalLocalFusion(nn.Module):
+    """PGL, Eq. (10): ``O = f_att(D) ⊙ W + f_ada-conv(D) ⊙ (1 - W)``, ``W = sigmoid(f_w(D))``.
+
+    Wraps an attention module through a forward hook: ``D`` is the module's input, ``f_att(D)`` its output.
+    ``f_w`` is a single 3×3 convolution starting at zero (``W = 0.5``: an even mix); the local branch is an
+    :class:`AdaptiveConv`. Shapes: ``d``, ``att`` ``(B, C, h, w) -> (B, C, h, w)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.f_w = nn.Conv2d(channels, 1, 3, padding=1)
+        nn.init.zeros_(self.f_w.weight)
+        nn.init.zeros_(self.f_w.bias)
+        self.local = AdaptiveConv(channels, kernel_size)
+
+    def forward(self, d: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        if att.shape != d.shape:
+            raise ValueError(
+                f"global-local fusion needs the attention output to have its input's shape: input {tuple(d.shape)}, "
+                f"output {tuple(att.shape)}; wrap a module whose output matches its input"
+            )
+        w = torch.sigmoid(self.f_w(d))  # (B, 1, h, w)
+        return att * w + self.local(d) * (1 - w)
+
+
+def build_fusions(channels: list[int], kernel_size: int = 3) -> nn.ModuleDict:
+    """One :class:`GlobalLocalFusion` per fusion site (keys ``"0"``, ``"1"``, ...)."""
+    return nn.ModuleDict({str(i): GlobalLocalFusion(c, kernel_size) for i, c in enumerate(channels)})

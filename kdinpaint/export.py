@@ -1,8 +1,8 @@
-"""The deployable network: the student with its completion blocks built in, nothing training-only.
+"""The deployable network: the student with its completion blocks and PGL built in, nothing training-only.
 
 :meth:`Distiller.export` returns a :class:`CompletedModel`: a deep copy of the student in which every
 completion site is wrapped by a :class:`CompletedSite` (``inner`` = the original module, ``block`` = its
-completion block). It needs no hook and no Distiller; the forward binds the mask from the call (the spec's
+completion block) and every fusion site by a :class:`FusedSite` (``inner`` = the attention module). It needs no hook and no Distiller; the forward binds the mask from the call (the spec's
 ``mask_arg``) and the sites read it. In eval it is bit-identical to the attached student.
 
 Saving and loading go through safetensors; the file's metadata carries the spec and the block widths, so
@@ -23,12 +23,12 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from kdinpaint import _modules
-from kdinpaint.blocks import CompletionBlock, build_completion_blocks
+from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import CallConvention
 from kdinpaint.masking import check_mask
 from kdinpaint.spec import AdapterSpec
 
-__all__ = ["CompletedModel", "CompletedSite", "save_exported", "load_exported"]
+__all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported"]
 
 
 class _MaskContext:
@@ -61,23 +61,54 @@ class CompletedSite(nn.Module):
             return getattr(self._modules["inner"], name)
 
 
-class CompletedModel(nn.Module):
-    """Student + completion blocks; called exactly like the student."""
+class FusedSite(nn.Module):
+    """An attention module ``inner`` with global-local fusion (Eq. 10) around it: ``fusion(D, inner(D))``."""
 
-    def __init__(self, model: nn.Module, spec: AdapterSpec, blocks: nn.ModuleDict, sites: list[str]):
+    def __init__(self, inner: nn.Module, fusion: GlobalLocalFusion):
         super().__init__()
-        if len(blocks) != len(sites):
-            raise ValueError(f"{len(sites)} completion sites but {len(blocks)} blocks")
+        self.inner = inner
+        self.fusion = fusion
+
+    def forward(self, d: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fusion(d, self.inner(d, *args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class CompletedModel(nn.Module):
+    """Student + completion blocks + global-local fusion; called exactly like the student."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: AdapterSpec,
+        blocks: nn.ModuleDict,
+        sites: list[str],
+        fusions: nn.ModuleDict | None = None,
+        fusion_sites: list[str] = (),
+    ):
+        super().__init__()
+        fusions = fusions if fusions is not None else nn.ModuleDict()
+        if len(blocks) != len(sites) or len(fusions) != len(fusion_sites):
+            raise ValueError(f"{len(sites)} completion sites for {len(blocks)} blocks, {len(fusion_sites)} fusion sites for {len(fusions)} fusions")
         self.spec = spec
         self.sites = list(sites)
+        self.fusion_sites = list(fusion_sites)
         self.site_channels = [blocks[str(i)].conv.channels for i in range(len(sites))]
+        self.fusion_channels = [fusions[str(i)].channels for i in range(len(fusion_sites))]
         self._context = _MaskContext()
         self._call = CallConvention(model, spec.image_arg, spec.mask_arg)
+        wraps = [(p, lambda inner, i=i: CompletedSite(inner, blocks[str(i)], self._context)) for i, p in enumerate(sites)]
+        wraps += [(p, lambda inner, i=i: FusedSite(inner, fusions[str(i)])) for i, p in enumerate(fusion_sites)]
         # wrap deeper paths first so a site inside another site keeps its path
-        for i, path in sorted(enumerate(sites), key=lambda t: -t[1].count(".")):
+        for path, wrap in sorted(wraps, key=lambda t: -t[0].count(".")):
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, name, CompletedSite(getattr(parent, name), blocks[str(i)], self._context))
+            setattr(parent, name, wrap(getattr(parent, name)))
         self.model = model
 
     @classmethod
@@ -87,7 +118,8 @@ class CompletedModel(nn.Module):
             model = copy.deepcopy(kd._root)
         finally:
             kd._install()
-        return cls(model, kd.spec, copy.deepcopy(kd.blocks), kd.sites)
+        fusion_sites = [site.module for site in kd.attention if site.fusion]
+        return cls(model, kd.spec, copy.deepcopy(kd.blocks), kd.sites, copy.deepcopy(kd.fusion), fusion_sites)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         image = self._call.get(args, kwargs, "image")
@@ -106,6 +138,8 @@ def save_exported(model: CompletedModel, path: str | Path) -> None:
         "kdinpaint.spec": model.spec.to_yaml(),
         "kdinpaint.sites": json.dumps(model.sites),
         "kdinpaint.site_channels": json.dumps(model.site_channels),
+        "kdinpaint.fusion_sites": json.dumps(model.fusion_sites),
+        "kdinpaint.fusion_channels": json.dumps(model.fusion_channels),
     }
     save_model(model, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -124,7 +158,9 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     sites = json.loads(meta["kdinpaint.sites"])
     channels = json.loads(meta["kdinpaint.site_channels"])
     blocks = build_completion_blocks(channels, spec.completion.kernel_size, spec.completion.share_predictors)
-    completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites)
+    fusion_sites = json.loads(meta.get("kdinpaint.fusion_sites", "[]"))
+    fusions = build_fusions(json.loads(meta.get("kdinpaint.fusion_channels", "[]")), spec.completion.kernel_size)
+    completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites, fusions, fusion_sites)
     try:
         missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
     except RuntimeError as e:  # size mismatches

@@ -16,7 +16,7 @@ def test_yaml_round_trip(tmp_path):
         name="x",
         encoder_levels=["enc.*"],
         completion_sites=[],
-        attention_sites=[{"module": "dec.att", "affinity": "dec.att.softmax", "layout": "keys_hw"}],
+        attention_sites=[{"module": "dec.att", "affinity": "softmax", "layout": "keys_hw"}],
         variants={"star": {"completion_sites": ["enc.1"], "meta": {"mode": "frozen"}}},
     )
     path = tmp_path / "spec.yaml"

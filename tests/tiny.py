@@ -54,3 +54,23 @@ def batch(b: int = 2, size: int = 32, seed: int = 0, hole: bool = True) -> tuple
             y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
             mask[i, :, y : y + size // 3 + i, x : x + size // 3] = 1
     return image, mask
+
+
+class TinyAttentionUNet(TinyUNet):
+    """TinyUNet with pixel attention (Eq. 7-8) on the decoder feature at 1/4 resolution, ``att``."""
+
+    def __init__(self, width: int = 8, norm: bool = False):
+        super().__init__(width, norm)
+        from kdinpaint.attention import PixelAttention
+
+        self.att = PixelAttention(2 * width, qk_channels=4)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x0 = self.stem(torch.cat([image * (1 - mask), mask], 1))
+        x1 = self.down1(x0)
+        x2 = self.down2(x1)
+        x3 = self.down3(x2)
+        y = self.att(self.up3(torch.cat([F.interpolate(x3, scale_factor=2.0), x2], 1)))
+        y = self.up2(torch.cat([F.interpolate(y, scale_factor=2.0), x1], 1))
+        y = self.up1(torch.cat([F.interpolate(y, scale_factor=2.0), x0], 1))
+        return torch.tanh(self.head(y))

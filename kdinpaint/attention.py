@@ -1,0 +1,73 @@
+"""Pixel attention with inspectable affinities, Eq. (7)-(8) of the paper.
+
+``p_ij = f_Q(d_i)^T f_K(d_j)``, ``r_ij = softmax_j(p_ij)`` (the paper's Eq. 7 writes the sum over ``i``;
+Eq. 8 sums ``r_ij d_j`` over ``j``, so the softmax runs over keys ``j``: a typo we correct), and
+``a_i = sum_j r_ij d_j``: the values are the input feature itself (no value projection) and there is no
+residual, exactly Eq. (8). No ``1/sqrt(d)`` scaling either: the paper has none.
+
+Two submodules make the affinity reachable by forward hooks without changing the result:
+
+* ``qk`` (:class:`QueryKey`) returns ``(q, k)``, each ``(B, N, C_qk)``; attention transfer hooks it and
+  computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention.attention_transfer`);
+* ``affinity`` (:class:`Affinity`) returns the full ``(B, N, N)`` matrix ``r``. It only runs when something
+  hooks it; otherwise the module calls ``scaled_dot_product_attention``, which never materialises ``N×N``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["PixelAttention", "QueryKey", "Affinity"]
+
+
+class QueryKey(nn.Module):
+    """``f_Q`` and ``f_K`` of Eq. (7): 1×1 convolutions. ``(B, C, H, W) -> ((B, N, C_qk), (B, N, C_qk))``."""
+
+    def __init__(self, channels: int, qk_channels: int):
+        super().__init__()
+        self.f_q = nn.Conv2d(channels, qk_channels, 1)
+        self.f_k = nn.Conv2d(channels, qk_channels, 1)
+
+    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = rearrange(self.f_q(d), "b c h w -> b (h w) c")
+        k = rearrange(self.f_k(d), "b c h w -> b (h w) c")
+        return q, k
+
+
+class Affinity(nn.Module):
+    """Eq. (7): ``r = softmax_j(q k^T)``, ``(B, N, C) x (B, N, C) -> (B, N, N)``, rows sum to 1."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(1, 2), dim=-1)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class PixelAttention(nn.Module):
+    """Eq. (7)-(8) on a decoder feature ``d``: ``(B, C, H, W) -> (B, C, H, W)``.
+
+    Args:
+        channels: ``C`` of the input feature.
+        qk_channels: width of queries and keys (default ``max(8, C // 8)``).
+    """
+
+    def __init__(self, channels: int, qk_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.qk = QueryKey(channels, qk_channels or max(8, channels // 8))
+        self.affinity = Affinity()
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = d.shape
+        q, k = self.qk(d)  # (B, N, C_qk) each
+        v = rearrange(d, "b c h w -> b (h w) c")
+        if _hooked(self.affinity):
+            a = self.affinity(q, k) @ v  # (B, N, N) @ (B, N, C)
+        else:  # fused kernel, never materialises N×N; scale 1: the paper has no 1/sqrt(d)
+            a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
+        return rearrange(a, "b (h w) c -> b c h w", h=H, w=W)

@@ -1,0 +1,109 @@
+"""Attention transfer, Eq. (9): ``R_att = sum_{i in H} t_i * sum_j (r^AN_ij - r_ij)^2``, per hole row.
+
+Only hole query rows enter the loss, so only those rows are computed: the hole queries are gathered before
+the softmax, and memory grows with (hole pixels × N), not N². Rows are padded to the largest hole count of
+the batch and a validity mask drops the padding, so the whole batch is one batched matmul. Normalised by the
+number of hole rows; exactly 0 (never NaN) with no hole. Computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from kdinpaint.masking import mask_at
+
+__all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity", "affinity_rows"]
+
+
+def hole_rows(mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of the hole query positions at ``size``, padded per sample.
+
+    Returns ``index`` ``(B, R)`` (flat positions, padding points at position 0), ``valid`` ``(B, R)`` bool and
+    ``count`` (scalar tensor, total hole rows), with ``R`` the largest per-sample count (at least 1).
+    """
+    holes = mask_at(mask, size).flatten(1) > 0.5  # (B, N)
+    per_sample = holes.sum(1)
+    rows = max(int(per_sample.max()), 1)
+    # stable sort puts hole positions first, in raster order
+    index = torch.argsort((~holes).to(torch.uint8), dim=1, stable=True)[:, :rows]
+    valid = torch.arange(rows, device=mask.device).unsqueeze(0) < per_sample.unsqueeze(1)
+    return index, valid, per_sample.sum()
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, N, C)`` -> ``(B, R, C)`` rows at ``index`` ``(B, R)``."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _weighted(sq_rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    t = torch.gather(weights.flatten(1).float(), 1, index)  # (B, R)
+    return (sq_rows * t * valid).sum() / count.clamp_min(1).float()
+
+
+def affinity_rows(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Eq. (7) for the query rows at ``index`` only: ``softmax_j(q_i k_j)``, ``(B, R, N)``."""
+    return torch.softmax(_gather_rows(q.float(), index) @ k.float().transpose(1, 2), dim=-1)
+
+
+def attention_transfer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_teacher: torch.Tensor,
+    k_teacher: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. (9) from queries and keys (pixel attention), computing only the hole rows of both affinities.
+
+    Args:
+        q, k: the student's queries and keys, ``(B, N, C)`` with ``N = h*w``.
+        q_teacher, k_teacher: the teacher's, ``(B, N, C')``.
+        weights: ``t(d^AN)`` in (0, 1), ``(B, 1, h, w)``; its size gives the query grid.
+        mask: ``(B, 1, H, W)``, 1 = hole; max-pooled to ``(h, w)``.
+    """
+    size = weights.shape[-2:]
+    if q.shape[1] != size[0] * size[1] or q_teacher.shape[1] != q.shape[1] or k_teacher.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"attention transfer: student queries {tuple(q.shape)}, keys {tuple(k.shape)}, teacher queries "
+            f"{tuple(q_teacher.shape)}, keys {tuple(k_teacher.shape)} and a {tuple(size)} query grid do not match"
+        )
+    index, valid, count = hole_rows(mask, size)
+    r = affinity_rows(q, k, index)  # (B, R, N)
+    r_t = affinity_rows(q_teacher, k_teacher, index)
+    return _weighted((r_t - r).pow(2).sum(-1), weights, index, valid, count)
+
+
+def attention_transfer_from_affinity(
+    affinity: torch.Tensor, affinity_teacher: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, layout: str = "queries_keys"
+) -> torch.Tensor:
+    """Eq. (9) from affinities a model materialises itself (attention modules that are not ours).
+
+    Args:
+        affinity, affinity_teacher: ``(B, N_q, N_k)`` for ``layout="queries_keys"`` (rows = queries in raster
+            order of the ``weights`` grid), or ``(B, N_k, h, w)`` for ``layout="keys_hw"`` (the patch-based
+            contextual attention of DeepFill: one key distribution per query position).
+        weights: ``t(d^AN)``, ``(B, 1, h, w)``: the query grid.
+        mask: ``(B, 1, H, W)``, 1 = hole.
+    """
+    if affinity.shape != affinity_teacher.shape:
+        raise ValueError(
+            f"student affinity {tuple(affinity.shape)} and teacher affinity {tuple(affinity_teacher.shape)} differ; "
+            "the teacher must see inputs of the same size (and, for patch attention, the same mask: teacher_input: same_mask)"
+        )
+    size = tuple(weights.shape[-2:])
+    if layout == "keys_hw":
+        if affinity.dim() != 4 or tuple(affinity.shape[-2:]) != size:
+            raise ValueError(f"layout keys_hw expects (B, keys, {size[0]}, {size[1]}), got {tuple(affinity.shape)}")
+        affinity = rearrange(affinity, "b k h w -> b (h w) k")
+        affinity_teacher = rearrange(affinity_teacher, "b k h w -> b (h w) k")
+    elif layout == "queries_keys":
+        if affinity.dim() != 3 or affinity.shape[1] != size[0] * size[1]:
+            raise ValueError(
+                f"layout queries_keys expects (B, {size[0] * size[1]} queries, keys), got {tuple(affinity.shape)}"
+            )
+    else:
+        raise ValueError(f"unknown affinity layout {layout!r}; use 'queries_keys' or 'keys_hw'")
+    index, valid, count = hole_rows(mask, size)
+    diff = _gather_rows(affinity_teacher.float(), index) - _gather_rows(affinity.float(), index)
+    return _weighted(diff.pow(2).sum(-1), weights, index, valid, count)

@@ -1,0 +1,139 @@
+"""Mask folders (polarity, nearest-resize ratios, buckets), generators and deterministic evaluation masks."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdinpaint.data import EvalMasks, FreeFormMasks, MaskFolder, RectangleMasks, rng_for
+
+
+def _block_masks(root, ratios, *, white_hole=True, size=64, seed=0):
+    """Masks made of 2×2 blocks (so a nearest 2× downsample is exact) with known hole ratios."""
+    root.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k, r in enumerate(ratios):
+        cells = (size // 2) ** 2
+        hole = np.zeros(cells, bool)
+        hole[rng.permutation(cells)[: round(r * cells)]] = True
+        hole = np.kron(hole.reshape(size // 2, size // 2), np.ones((2, 2), bool))
+        white = hole if white_hole else ~hole
+        Image.fromarray(white.astype(np.uint8) * 255).save(root / f"{k:03d}.png")
+
+
+def test_polarity_autodetect_and_explicit(tmp_path):
+    ratios = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55]
+    _block_masks(tmp_path / "test", ratios, white_hole=True)
+    _block_masks(tmp_path / "train", ratios, white_hole=False)
+    white = MaskFolder(tmp_path / "test", size=32)
+    black = MaskFolder(tmp_path / "train", size=32)
+    assert (white.hole_colour, black.hole_colour) == ("white", "black")
+    for i, r in enumerate(ratios):
+        assert white[i].mean().item() == pytest.approx(r, abs=1e-3)
+        assert torch.equal(white[i], black[i])
+    assert torch.equal(MaskFolder(tmp_path / "test", size=32, hole="black")[0], 1 - white[0])
+    _block_masks(tmp_path / "mixed", [0.45, 0.5, 0.55])
+    with pytest.raises(ValueError, match="hole='white'"):
+        MaskFolder(tmp_path / "mixed")
+    with pytest.raises(ValueError, match="hole must be"):
+        MaskFolder(tmp_path / "test", hole="1")
+
+
+def test_ratio_buckets_counted_after_nearest_resize(tmp_path):
+    ratios = [0.12, 0.18, 0.22, 0.25, 0.31, 0.44, 0.47, 0.58, 0.0, 1.0]
+    _block_masks(tmp_path / "m", ratios, size=128)
+    cache = tmp_path / "ratios.json"
+    folder = MaskFolder(tmp_path / "m", size=64, hole="white", ratio=(0.2, 0.5), cache=cache)
+    assert sorted(np.round(folder.ratios, 3).tolist()) == [0.22, 0.25, 0.31, 0.44, 0.47]
+    assert len(folder.dropped) == 2  # the empty and the full mask
+    again = MaskFolder(tmp_path / "m", size=64, hole="white", ratio=(0.4, 0.5), cache=cache)
+    assert len(again) == 2 and cache.is_file()
+    allm = MaskFolder(tmp_path / "m", size=64, hole="white")
+    counts = allm.bucket_counts([(0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5)])
+    assert counts == {"0.1-0.2": 2, "0.2-0.3": 2, "0.3-0.4": 1, "0.4-0.5": 2}
+    with pytest.raises(ValueError, match="no mask has a hole ratio"):
+        MaskFolder(tmp_path / "m", size=64, hole="white", ratio=(0.7, 0.8))
+    with pytest.raises(ValueError, match="ratio must be"):
+        MaskFolder(tmp_path / "m", ratio=(0.5, 0.4))
+
+
+def test_bilinear_then_threshold_inflates_but_nearest_does_not(tmp_path):
+    # Two-pixel-wide strokes at 128: bilinear downsampling then "> 0" fattens them; nearest keeps the ratio.
+    hole = np.zeros((128, 128), bool)
+    for k in (0, 1):
+        hole[k::8, :] = True
+        hole[:, k::8] = True
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "grid.png")
+    nearest = MaskFolder(tmp_path, size=64, hole="white")[0].mean().item()
+    bilinear = np.asarray(Image.fromarray(hole.astype(np.uint8) * 255).resize((64, 64), Image.BILINEAR)) > 0
+    assert nearest == pytest.approx(hole.mean(), abs=0.01)
+    assert bilinear.mean() > hole.mean() + 0.1
+
+
+def test_folder_sampling_skips_empty_masks(tmp_path):
+    _block_masks(tmp_path / "m", [0.0, 0.3, 0.0])
+    folder = MaskFolder(tmp_path / "m", size=32, hole="white")
+    for s in range(5):
+        assert folder.sample(np.random.default_rng(s), (32, 32)).mean() == pytest.approx(0.3, abs=0.01)
+    _block_masks(tmp_path / "e", [0.0, 0.0])
+    with pytest.raises(ValueError, match="empty or full"):
+        MaskFolder(tmp_path / "e", size=32, hole="white").sample(np.random.default_rng(0), (8, 8))
+
+
+def test_rectangle_hand_computed():
+    m = RectangleMasks(side=(0.5, 0.5), count=(1, 2)).sample(np.random.default_rng(0), (8, 8))
+    rows, cols = np.nonzero(m)
+    assert m.sum() == 16 and np.ptp(rows) == 3 and np.ptp(cols) == 3
+    margin = RectangleMasks(side=(0.25, 0.25), margin=0.25)
+    for s in range(10):
+        m = margin.sample(np.random.default_rng(s), (16, 16))
+        assert m.sum() == 16 and not m[:4].any() and not m[12:].any() and not m[:, :4].any()
+    with pytest.raises(ValueError, match="side must be"):
+        RectangleMasks(side=(0.5, 1.5))
+
+
+@pytest.mark.parametrize("bucket", [(0.1, 0.2), (0.4, 0.5)])
+def test_ratio_buckets_are_honoured(bucket):
+    for source in (FreeFormMasks(ratio=bucket), RectangleMasks(side=(0.1, 0.3), count=(1, 2), ratio=bucket)):
+        ratios = [source.sample(np.random.default_rng(s), (64, 64)).mean() for s in range(15)]
+        assert all(bucket[0] <= r < bucket[1] for r in ratios)
+    with pytest.raises(RuntimeError, match="found no mask"):
+        RectangleMasks(side=(0.9, 0.95), ratio=(0.1, 0.2), max_tries=3).sample(np.random.default_rng(0), (32, 32))
+
+
+def test_free_form_strokes_look_like_deepfill():
+    ff = FreeFormMasks()
+    masks = [ff.sample(np.random.default_rng(s), (256, 256)) for s in range(30)]
+    ratios = np.array([m.mean() for m in masks])
+    assert 0.05 < ratios.mean() < 0.35 and ratios.min() > 0  # 1-3 thick strokes
+    assert torch.equal(torch.from_numpy(masks[3]), torch.from_numpy(ff.sample(np.random.default_rng(3), (256, 256))))
+    boxed = FreeFormMasks(box=True).sample(np.random.default_rng(0), (256, 256))
+    assert boxed.mean() > 0.15  # at least the ~96-128 px box
+
+
+SNIPPET = (
+    "from kdinpaint.data import EvalMasks, FreeFormMasks, RectangleMasks;"
+    "print(EvalMasks(FreeFormMasks(ratio=(0.2, 0.3)), 6, size=48, seed=7).fingerprint(),"
+    "EvalMasks(RectangleMasks(), 6, size=48, seed=7).fingerprint())"
+)
+
+
+@pytest.mark.slow  # starts a second interpreter
+def test_eval_masks_deterministic_across_runs_and_order():
+    ev = EvalMasks(FreeFormMasks(ratio=(0.2, 0.3)), 6, size=48, seed=7)
+    forward = [ev[i] for i in range(6)]
+    backward = [ev[i] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    other = subprocess.run([sys.executable, "-c", SNIPPET], capture_output=True, text=True, check=True).stdout.split()
+    assert other == [ev.fingerprint(), EvalMasks(RectangleMasks(), 6, size=48, seed=7).fingerprint()]
+    assert EvalMasks(FreeFormMasks(ratio=(0.2, 0.3)), 6, size=48, seed=8).fingerprint() != ev.fingerprint()
+    assert not torch.equal(forward[0], forward[1])
+    with pytest.raises(IndexError):
+        ev[6]
+    with pytest.raises(ValueError, match="non-negative"):
+        rng_for(-1, 0)
+    with pytest.raises(TypeError, match="sample"):
+        EvalMasks(object(), 3)

@@ -1,0 +1,684 @@
+"""StructureFlow: Image Inpainting via Structure-aware Appearance Flow.
+
+Ren, Yu, Zhang, Li, Liu, Li, ICCV 2019 (arXiv:1908.03852); official code RenYurui/StructureFlow. Two
+generators: the **structure reconstructor** ``s_gen`` completes an edge-preserving smoothing (RTV) of the
+image; the **texture generator** ``f_gen`` paints the image from the corrupted input and that structure,
+with a *flow column* predicting an appearance flow at 1/4 resolution and a *conv column* whose 1/4-resolution
+features are warped by the flow with Gaussian sampling (:mod:`kdinpaint.ops.gaussian_resample`, K=16/sigma=4
+and K=4/sigma=2, pure PyTorch here instead of the official CUDA op).
+
+The module trees reproduce the official ones index for index, so the released ``latest_net_s_gen.pth`` and
+``latest_net_f_gen.pth`` (plain state_dicts) load with ``strict=True``; the structure reconstructor's
+spectral norm is the legacy ``torch.nn.utils.spectral_norm`` (keys ``weight_orig``, ``weight_u``,
+``weight_v``). The texture generator's conv column normalises with a per-sample layer norm over (C, H, W)
+whose affine parameters have shape ``(C, 1, 1)``, kept for the keys. Deliberate differences, outputs
+unchanged: activations and the residual sum are not in-place (a forward hook that keeps a module's output is
+not overwritten later), and the resampler has a CPU implementation.
+
+Toolkit entry points (images in ``[-1, 1]``, mask 1 = hole; conventions in :mod:`.structureflow_io`):
+:class:`StructureFlow` (both stages, SF) and :class:`StructureFlowTexture` (the texture generator alone,
+SF#). Both keep the texture generator under the submodule ``texture``, so its encoder levels have the same
+paths in both: ``texture.conv_column.down_sample.0.2`` (64 ch, 1/2), ``texture.conv_column.down_sample.0``
+(128 ch, 1/4, the features the flow warps), ``texture.conv_column.down_sample.1`` (512 ch, 1/8); the flow
+column's ``texture.flow_column.down_sample_flow.{0,1,2,3}`` (64/128/256/512 ch at 1/2 ... 1/16); the flow is the
+output of ``texture.flow_column.location`` and the warped features those of
+``texture.conv_column.resample16`` / ``.resample4``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdinpaint.masking import masked
+from kdinpaint.ops.gaussian_resample import GaussianResample2d
+
+from .structureflow_io import SF_SIZE_MULTIPLE, check_inputs, crop_to, pad_to_multiple, rtv_structure
+
+__all__ = [
+    "StructureReconstructor",
+    "TextureGenerator",
+    "MultiScaleDiscriminator",
+    "StructureFlow",
+    "StructureFlowTexture",
+    "StructureFlowOutput",
+    "OFFICIAL_FILES",
+    "identify_state_dict",
+    "checkpoint_filter_fn",
+    "load_official",
+    "build_structureflow",
+    "build_structureflow_texture",
+    "init_weights",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: which -> (network, official file name)
+OFFICIAL_FILES: dict[str, tuple[str, str]] = {
+    "structure": ("structure reconstructor s_gen", "latest_net_s_gen.pth"),
+    "texture": ("texture (flow) generator f_gen", "latest_net_f_gen.pth"),
+    "discriminator": ("discriminator s_dis / f_dis", "latest_net_f_dis.pth"),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ColumnLayerNorm(nn.Module):
+    """Layer norm of each sample over (C, H, W) with per-channel affine ``weight``/``bias`` of shape (C, 1, 1).
+
+    Equal to ``GroupNorm(1, C)``; kept as its own module for the official parameter shapes.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, 1, self.weight.flatten(), self.bias.flatten(), self.eps)
+
+
+_NORMS = {"in": lambda c: nn.InstanceNorm2d(c), "ln": ColumnLayerNorm, "none": None}
+_ACTS = {"relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh, "none": None}
+
+
+def _make(table: dict, name: str | type[nn.Module], kind: str, *args: int) -> nn.Module | None:
+    if isinstance(name, type) and issubclass(name, nn.Module):
+        return name(*args)
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)} or pass an nn.Module class")
+    factory = table[name]
+    return None if factory is None else factory(*args)
+
+
+class ConvBlock(nn.Module):
+    """Reflection pad -> conv (optionally spectral-normed) -> norm -> activation; attributes as the official
+    ``Conv2dBlock`` (``pad``, ``conv``, ``norm``, ``activation``). ``(B, cin, H, W) -> (B, cout, H/stride, W/stride)``."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        norm: str | type[nn.Module] = "none",
+        act_layer: str | type[nn.Module] = "relu",
+        use_sn: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        # registration order as the official block, so state_dict keys come out in the official order
+        self.pad = nn.ReflectionPad2d(padding)
+        self.norm = _make(_NORMS, norm, "norm", cout)
+        self.activation = _make(_ACTS, act_layer, "activation")
+        conv = nn.Conv2d(cin, cout, kernel_size, stride, bias=bias)
+        self.conv = nn.utils.spectral_norm(conv) if use_sn else conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.pad(x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
+class TransConvBlock(nn.Module):
+    """Transposed conv 6x6 stride 2 (doubles H, W) -> norm -> activation (official ``TransConv2dBlock``)."""
+
+    def __init__(self, cin: int, cout: int, norm: str | type[nn.Module] = "in", act_layer: str = "relu") -> None:
+        super().__init__()
+        self.transConv = nn.ConvTranspose2d(cin, cout, 6, 2, 2)
+        self.norm = _make(_NORMS, norm, "norm", cout)
+        self.activation = _make(_ACTS, act_layer, "activation")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transConv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
+class ResBlock(nn.Module):
+    """``x + conv3x3(relu(conv3x3(x)))``, both convs normed, no spectral norm (attribute ``model``)."""
+
+    def __init__(self, dim: int, norm: str | type[nn.Module] = "in") -> None:
+        super().__init__()
+        self.model = nn.Sequential(ConvBlock(dim, dim, 3, 1, 1, norm), ConvBlock(dim, dim, 3, 1, 1, norm, "none"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.model(x)
+
+
+class ResBlocks(nn.Module):
+    """``n`` :class:`ResBlock` in a Sequential named ``model`` (official ``ResBlocks``)."""
+
+    def __init__(self, n: int, dim: int, norm: str | type[nn.Module] = "in") -> None:
+        super().__init__()
+        self.model = nn.Sequential(*[ResBlock(dim, norm) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class ImageHead(nn.Module):
+    """3x3 conv to RGB with tanh (official ``Get_image``): ``(B, C, H, W) -> (B, 3, H, W)`` in [-1, 1]."""
+
+    def __init__(self, cin: int, cout: int = 3) -> None:
+        super().__init__()
+        self.conv = ConvBlock(cin, cout, 3, 1, 1, "none", "tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _up() -> nn.Module:
+    return nn.Upsample(scale_factor=2, mode="nearest")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StructureReconstructor(nn.Module):
+    """The structure reconstructor ``s_gen``: a U-shaped encoder-decoder with additive skips.
+
+    ``forward(x)``: ``x`` ``(B, 7, H, W)`` = [corrupted image (holes 0), masked structure, mask], images in
+    [-1, 1], H and W multiples of 8 (16 in the full pipeline). Returns the completed structure
+    ``(B, 3, H, W)`` in [-1, 1]. Encoder levels: ``input_layer`` (dim, 1/1), ``down_sample.0`` (2 dim, 1/2),
+    ``down_sample.1`` (4 dim, 1/4), ``down_sample.2`` (8 dim, 1/8). Official: dim 64, 4 residual blocks per
+    decoder level, instance norm, spectral norm on every conv outside the residual blocks and the skips.
+    """
+
+    def __init__(self, dim: int = 64, n_res: int = 4, use_sn: bool = True) -> None:
+        super().__init__()
+        d, sn = dim, use_sn
+        self.down_sample = nn.ModuleList()  # registered first, as in the official class (key order)
+        self.up_sample = nn.ModuleList()
+        self.content_param = nn.ModuleList()
+        self.input_layer = ConvBlock(7, d, 7, 1, 3, "in", use_sn=sn)
+        self.down_sample.extend([
+            nn.Sequential(ConvBlock(d, 2 * d, 4, 2, 1, "in", use_sn=sn), ConvBlock(2 * d, 2 * d, 5, 1, 2, "in", use_sn=sn)),
+            nn.Sequential(ConvBlock(2 * d, 4 * d, 4, 2, 1, "in", use_sn=sn), ConvBlock(4 * d, 4 * d, 5, 1, 2, "in", use_sn=sn)),
+            nn.Sequential(ConvBlock(4 * d, 8 * d, 4, 2, 1, "in", use_sn=sn)),
+        ])
+        self.up_sample.extend(
+            nn.Sequential(ResBlocks(n_res, c, "in"), _up(), ConvBlock(c, c // 2, 5, 1, 2, "in", use_sn=sn))
+            for c in (8 * d, 4 * d, 2 * d)
+        )
+        self.content_param.extend(ConvBlock(c, c, 5, 1, 2, "in") for c in (4 * d, 2 * d, d))
+        self.image_net = ImageHead(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.input_layer(x)
+        x1 = self.down_sample[0](x0)
+        x2 = self.down_sample[1](x1)
+        x3 = self.down_sample[2](x2)
+        u = self.up_sample[0](x3) + self.content_param[0](x2)
+        u = self.up_sample[1](u) + self.content_param[1](x1)
+        u = self.up_sample[2](u) + self.content_param[2](x0)
+        return self.image_net(u)
+
+
+class FlowColumn(nn.Module):
+    """Predicts the appearance flow ``(B, 2, H/4, W/4)`` in pixels of the 1/4 grid (channel 0 = x) from the
+    7-channel input; instance norm. Encoder levels ``down_sample_flow.{0..3}`` at 1/2, 1/4, 1/8, 1/16."""
+
+    def __init__(self, dim: int = 64, n_res: int = 2) -> None:
+        super().__init__()
+        d = dim
+        self.down_sample_flow = nn.ModuleList([
+            nn.Sequential(ConvBlock(7, d // 2, 7, 1, 3, "in"), ConvBlock(d // 2, d, 4, 2, 1, "in"), ConvBlock(d, d, 5, 1, 2, "in")),
+            nn.Sequential(ConvBlock(d, 2 * d, 4, 2, 1, "in"), ConvBlock(2 * d, 2 * d, 5, 1, 2, "in")),
+            nn.Sequential(ConvBlock(2 * d, 4 * d, 4, 2, 1, "in"), ConvBlock(4 * d, 4 * d, 5, 1, 2, "in")),
+            nn.Sequential(ConvBlock(4 * d, 8 * d, 4, 2, 1, "in"), ConvBlock(8 * d, 8 * d, 5, 1, 2, "in")),
+        ])
+        self.up_sample_flow = nn.ModuleList([
+            nn.Sequential(ResBlocks(n_res, 8 * d, "in"), TransConvBlock(8 * d, 4 * d)),
+            nn.Sequential(ConvBlock(8 * d, 4 * d, 5, 1, 2, "in"), ResBlocks(n_res, 4 * d, "in"), TransConvBlock(4 * d, 2 * d)),
+        ])
+        self.location = nn.Sequential(
+            ConvBlock(4 * d, d, 5, 1, 2, "in"), ConvBlock(d, 2, 3, 1, 1, "none", "none", bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f1 = self.down_sample_flow[0](x)
+        f2 = self.down_sample_flow[1](f1)
+        f3 = self.down_sample_flow[2](f2)
+        f4 = self.down_sample_flow[3](f3)
+        u = torch.cat((self.up_sample_flow[0](f4), f3), 1)  # (B, 8d, H/8, W/8)
+        u = torch.cat((self.up_sample_flow[1](u), f2), 1)  # (B, 4d, H/4, W/4)
+        return self.location(u)
+
+
+class ConvColumn(nn.Module):
+    """Encodes the input to 1/4 and 1/8, warps the 1/4 features by the flow (Gaussian sampling, K=16 and K=4),
+    decodes to the image; layer norm. ``forward(x (B, 7, H, W), flow (B, 2, H/4, W/4)) -> (B, 3, H, W)``."""
+
+    def __init__(self, dim: int = 64, n_res: int = 2, input_grad: Literal["exact", "cuda"] = "exact") -> None:
+        super().__init__()
+        d = dim
+        self.down_sample = nn.ModuleList([
+            nn.Sequential(
+                ConvBlock(7, d // 2, 7, 1, 3, "ln"), ConvBlock(d // 2, d, 4, 2, 1, "ln"), ConvBlock(d, d, 5, 1, 2, "ln"),
+                ConvBlock(d, 2 * d, 4, 2, 1, "ln"), ConvBlock(2 * d, 2 * d, 5, 1, 2, "ln"),
+            ),
+            nn.Sequential(ConvBlock(2 * d, 4 * d, 5, 1, 2, "ln"), ConvBlock(4 * d, 8 * d, 4, 2, 1, "ln")),
+        ])
+        self.up_sample = nn.ModuleList([
+            nn.Sequential(ResBlocks(n_res, 8 * d, "ln"), _up(), ConvBlock(8 * d, 4 * d, 5, 1, 2, "ln")),
+            nn.Sequential(
+                ConvBlock(8 * d, 4 * d, 5, 1, 2, "ln"), ResBlocks(n_res, 4 * d, "ln"), _up(),
+                ConvBlock(4 * d, 2 * d, 5, 1, 2, "ln"), ResBlocks(n_res, 2 * d, "ln"), _up(),
+                ConvBlock(2 * d, d, 5, 1, 2, "ln"), ImageHead(d),
+            ),
+        ])
+        self.resample16 = GaussianResample2d(16, 4.0, input_grad=input_grad)
+        self.resample4 = GaussianResample2d(4, 2.0, input_grad=input_grad)
+
+    def forward(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        x1 = self.down_sample[0](x)
+        x2 = self.down_sample[1](x1)
+        warped = torch.cat((self.resample16(x1, flow), self.resample4(x1, flow)), 1)  # (B, 4d, H/4, W/4)
+        return self.up_sample[1](torch.cat((self.up_sample[0](x2), warped), 1))
+
+
+class TextureGenerator(nn.Module):
+    """The texture generator ``f_gen`` (official ``FlowGen``): flow column + conv column.
+
+    ``forward(x)``: ``x`` ``(B, 7, H, W)`` = [corrupted image (holes 0), structure, mask], [-1, 1], H and W
+    multiples of 16. Returns ``(image (B, 3, H, W) in [-1, 1], flow (B, 2, H/4, W/4))``. Official: dim 64,
+    2 residual blocks, no spectral norm. ``input_grad`` is passed to the resamplers.
+    """
+
+    def __init__(self, dim: int = 64, n_res: int = 2, input_grad: Literal["exact", "cuda"] = "exact") -> None:
+        super().__init__()
+        self.flow_column = FlowColumn(dim, n_res)
+        self.conv_column = ConvColumn(dim, n_res, input_grad)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flow = self.flow_column(x)
+        return self.conv_column(x, flow), flow
+
+
+class _DownsampleResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv_1 = nn.Sequential(
+            ConvBlock(cin, cin, 3, 1, 1, act_layer="lrelu", use_sn=True),
+            ConvBlock(cin, cout, 3, 1, 1, act_layer="lrelu", use_sn=True),
+            nn.AvgPool2d(2, 2),
+        )
+        self.conv_2 = nn.Sequential(nn.AvgPool2d(2, 2), ConvBlock(cin, cout, 1, 1, 0, act_layer="lrelu", use_sn=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_1(x) + self.conv_2(x)
+
+
+class _PatchDiscriminator(nn.Module):
+    def __init__(self, cin: int = 3, dim: int = 64) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            ConvBlock(cin, dim, 4, 2, 1, act_layer="lrelu", use_sn=True),
+            _DownsampleResBlock(dim, 2 * dim),
+            _DownsampleResBlock(2 * dim, 4 * dim),
+            ConvBlock(4 * dim, 1, 1, 1, 0, act_layer="none", use_sn=True, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """The official two-scale discriminator (``s_dis`` / ``f_dis``, same architecture), spectral norm on
+    every conv. ``forward(x (B, 3, H, W) in [-1, 1]) -> [logits at 1/8, logits at 1/16]`` (LSGAN targets)."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.model_1 = _PatchDiscriminator(3, dim)
+        self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.model_2 = _PatchDiscriminator(3, dim)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.model_1(x), self.model_2(self.down(x))]
+
+
+def init_weights(module: nn.Module) -> None:
+    """The official initialisation (``INIT_TYPE: xavier``): Xavier-normal with gain sqrt(2) for plain conv
+    weights, zero biases. Spectral-normed convs keep PyTorch's default ``weight_orig``: the official
+    initialiser writes the derived ``weight`` tensor, which the next forward recomputes."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            if not hasattr(m, "weight_orig"):
+                nn.init.xavier_normal_(m.weight, gain=math.sqrt(2))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Toolkit-facing models
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StructureFlowOutput(NamedTuple):
+    """Everything one SF pass computes (``return_all=True``), all cropped to the input size.
+
+    ``image``: texture generator output ``(B, 3, H, W)`` in [-1, 1], not composited. ``structure``: the
+    structure fed to the texture generator ``(B, 3, H, W)`` in [-1, 1] (the reconstructor's raw output for SF;
+    the stand-in for SF#). ``structure_target``: the smoothed ground truth ``(B, 3, H, W)`` (the reconstructor's
+    L1 target; ``None`` for SF#). ``flow``: ``(B, 2, ceil(H/4), ceil(W/4))`` in pixels of the 1/4 grid.
+    """
+
+    image: torch.Tensor
+    structure: torch.Tensor
+    structure_target: torch.Tensor | None
+    flow: torch.Tensor
+
+
+_STRUCTURE_FROM = ("ground_truth", "masked")
+_SHARP_FILL = ("input", "zeros")
+
+
+class StructureFlow(nn.Module):
+    """SF, both stages, called with toolkit ``(image, mask)``.
+
+    ``forward(image, mask, structure=None)``: ``image`` ``(B, 3, H, W)`` in [-1, 1] (the ground truth; the
+    hole is removed here), ``mask`` ``(B, 1, H, W)`` with 1 = hole, any H, W >= 16 (padded at the bottom/right
+    to a multiple of 16 by reflection and cropped back). ``structure``: the RTV smoothing of the ground truth in
+    [-1, 1] when precomputed (the official data pipeline reads it from disk); ``None`` computes it with
+    :func:`.structureflow_io.rtv_structure` under ``no_grad`` — of the full ground truth
+    (``structure_from="ground_truth"``, the official protocol; the hole is zeroed afterwards, but smoothing
+    carries a little hole content across its border), or mask-aware of the corrupted image
+    (``"masked"``, what the authors recommend for real use). Steps as the official ``sample()``:
+    ``s = s_gen([x*(1-m), S*(1-m), m])``, ``(out, flow) = f_gen([x*(1-m), s, m])`` with the raw ``s``.
+    ``detach_structure=True`` stops gradients from the texture stage into the reconstructor (the official
+    stage 3 trains ``f_gen`` alone). Returns ``out`` ``(B, 3, H, W)`` in [-1, 1], not composited, or a
+    :class:`StructureFlowOutput` with ``return_all=True``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        structure_from: Literal["ground_truth", "masked"] = "ground_truth",
+        detach_structure: bool = False,
+        input_grad: Literal["exact", "cuda"] = "exact",
+        rtv_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if structure_from not in _STRUCTURE_FROM:
+            raise ValueError(f"structure_from must be one of {_STRUCTURE_FROM}, got {structure_from!r}")
+        self.structure = StructureReconstructor(dim)
+        self.texture = TextureGenerator(dim, input_grad=input_grad)
+        self.structure_from = structure_from
+        self.detach_structure = detach_structure
+        self.rtv_kwargs = dict(rtv_kwargs or {})
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        structure: torch.Tensor | None = None,
+        *,
+        return_all: bool = False,
+    ) -> torch.Tensor | StructureFlowOutput:
+        mask = check_inputs(image, mask, structure)
+        size = image.shape[-2:]
+        if structure is None:
+            with torch.no_grad():
+                if self.structure_from == "ground_truth":
+                    structure = rtv_structure(image, **self.rtv_kwargs)
+                else:
+                    structure = rtv_structure(masked(image, mask), mask, **self.rtv_kwargs)
+        x, s_gt, m = (pad_to_multiple(t, SF_SIZE_MULTIPLE) for t in (masked(image, mask), structure, mask))
+        s_gt_in = masked(s_gt, m)
+        s_out = self.structure(torch.cat((x, s_gt_in, m), 1))  # (B, 3, H', W')
+        s_feed = s_out.detach() if self.detach_structure else s_out
+        out, flow = self.texture(torch.cat((x, s_feed, m), 1))
+        out = crop_to(out, size)
+        if not return_all:
+            return out
+        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
+        return StructureFlowOutput(out, crop_to(s_out, size), structure, flow)
+
+
+class StructureFlowTexture(nn.Module):
+    """SF#: the texture generator alone; the structure stage is removed.
+
+    Its structure channels are kept (so released ``latest_net_f_gen.pth`` weights load) and fed, in place of
+    a reconstructed structure, the corrupted image itself (``structure_fill="input"``: known pixels, holes 0 —
+    the closest thing to a structure image that needs no extra stage) or zeros (``"zeros"``).
+    ``forward(image, mask)``: ``(B, 3, H, W)`` in [-1, 1] and ``(B, 1, H, W)`` (1 = hole), H, W >= 16 ->
+    the raw output ``(B, 3, H, W)`` in [-1, 1], not composited (a :class:`StructureFlowOutput` with
+    ``return_all=True``). With an all-zero mask it is the autoencoder teacher fed the ground truth.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        structure_fill: Literal["input", "zeros"] = "input",
+        input_grad: Literal["exact", "cuda"] = "exact",
+    ) -> None:
+        super().__init__()
+        if structure_fill not in _SHARP_FILL:
+            raise ValueError(f"structure_fill must be one of {_SHARP_FILL}, got {structure_fill!r}")
+        self.texture = TextureGenerator(dim, input_grad=input_grad)
+        self.structure_fill = structure_fill
+
+    def forward(
+        self, image: torch.Tensor, mask: torch.Tensor, *, return_all: bool = False
+    ) -> torch.Tensor | StructureFlowOutput:
+        mask = check_inputs(image, mask)
+        size = image.shape[-2:]
+        x, m = pad_to_multiple(masked(image, mask), SF_SIZE_MULTIPLE), pad_to_multiple(mask, SF_SIZE_MULTIPLE)
+        s = x if self.structure_fill == "input" else torch.zeros_like(x)
+        out, flow = self.texture(torch.cat((x, s, m), 1))
+        out = crop_to(out, size)
+        if not return_all:
+            return out
+        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
+        return StructureFlowOutput(out, crop_to(s, size), None, flow)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+_SIGNATURE = {  # the first module names of each official network's state_dict
+    "structure": ("input_layer.", "content_param.", "image_net."),
+    "texture": ("flow_column.", "conv_column."),
+    "discriminator": ("model_1.", "model_2."),
+}
+
+
+def _which_of(model: nn.Module) -> str:
+    for which, cls in (("structure", StructureReconstructor), ("texture", TextureGenerator),
+                       ("discriminator", MultiScaleDiscriminator)):
+        if isinstance(model, cls):
+            return which
+    raise TypeError(
+        "StructureFlow checkpoints load into StructureReconstructor, TextureGenerator or MultiScaleDiscriminator, "
+        f"got {type(model).__name__}; for StructureFlow / StructureFlowTexture load into .structure / .texture"
+    )
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def identify_state_dict(state_dict: Mapping[str, object]) -> str | None:
+    """Which official network a prefix-free state_dict belongs to: ``'structure'`` (s_gen), ``'texture'``
+    (f_gen), ``'discriminator'`` (s_dis / f_dis) or ``None``."""
+    keys = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)]
+    scores = {w: sum(k.startswith(sig) for k in keys for sig in sigs) for w, sigs in _SIGNATURE.items()}
+    best = max(scores, key=scores.get)  # type: ignore[arg-type]
+    return best if scores[best] > 0 else None
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn official StructureFlow weights into a state_dict ``model`` loads strictly.
+
+    The official files are plain state_dicts. Strips ``module.`` (DataParallel) and ``_orig_mod.``
+    (torch.compile) prefixes and maps new-style spectral-norm keys (``parametrizations.weight.original`` /
+    ``.0._u`` / ``.0._v``) to the legacy ones. Raises ``ValueError`` naming the right file when the weights
+    belong to the other stage. For the toolkit models: :class:`StructureFlowTexture` takes the
+    ``latest_net_f_gen.pth`` contents; :class:`StructureFlow` takes ``{'structure': <s_gen contents>,
+    'texture': <f_gen contents>}``; both also take their own ``state_dict()``. Keys come back prefixed.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
+    if isinstance(model, (StructureFlow, StructureFlowTexture)):
+        parts = ("structure", "texture") if isinstance(model, StructureFlow) else ("texture",)
+        if all(isinstance(state_dict.get(p), Mapping) for p in parts):
+            return {f"{p}.{k}": v for p in parts
+                    for k, v in checkpoint_filter_fn(state_dict[p], getattr(model, p)).items()}  # type: ignore[arg-type]
+        flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        if any(k.startswith(p + ".") for p in parts for k in flat):  # the model's own state_dict
+            return flat
+        if parts == ("texture",):
+            return {f"texture.{k}": v for k, v in checkpoint_filter_fn(state_dict, model.texture).items()}
+        raise ValueError(
+            "StructureFlow has two stages: pass {'structure': <latest_net_s_gen.pth contents>, 'texture': "
+            "<latest_net_f_gen.pth contents>}, or build it with build_structureflow(pretrained=<checkpoints folder>)"
+        )
+    expected = _which_of(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            key = _strip(key).replace(".parametrizations.weight.original", ".weight_orig")
+            key = key.replace(".parametrizations.weight.0._u", ".weight_u").replace(".parametrizations.weight.0._v", ".weight_v")
+            out[key] = value
+    found = identify_state_dict(out)
+    if found is None:
+        shown = ", ".join(list(out)[:5]) or "no tensors"
+        raise ValueError(
+            f"these weights are not a StructureFlow {OFFICIAL_FILES[expected][0]}: their keys start with {shown}; "
+            f"expected keys such as {next(iter(model.state_dict()))!r} ({OFFICIAL_FILES[expected][1]})"
+        )
+    if found != expected:
+        raise ValueError(
+            f"these weights are the {OFFICIAL_FILES[found][0]} ({OFFICIAL_FILES[found][1]}), but the model is the "
+            f"{OFFICIAL_FILES[expected][0]}; pass the {OFFICIAL_FILES[expected][1]} file "
+            f"(or load these with which={found!r})"
+        )
+    return out
+
+
+def _key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if names:
+            more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
+            problems.append(f"{label} ({len(names)}): " + ", ".join(names[:10]) + more)
+    return problems
+
+
+def load_official(
+    path: str | os.PathLike[str],
+    which: Literal["structure", "texture", "discriminator"] | None = None,
+    *,
+    model: nn.Module | None = None,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load an official StructureFlow file (``latest_net_s_gen.pth``, ``latest_net_f_gen.pth``, ``*_dis.pth``).
+
+    ``which``: ``'structure'``, ``'texture'`` or ``'discriminator'``; ``None`` infers it from the keys.
+    ``model``: load into this network (a :class:`StructureReconstructor`, :class:`TextureGenerator`,
+    :class:`MultiScaleDiscriminator`, or the texture of a :class:`StructureFlowTexture`) instead of building
+    one at the official width. ``torch.load(weights_only=True)``: no pickled code runs. With ``strict`` every
+    missing / unexpected key and shape mismatch is named in a ``ValueError``; without, they are logged and the
+    matching tensors loaded. A file of the other stage raises ``ValueError`` naming the right file. Returns
+    the model.
+    """
+    if which is not None and which not in OFFICIAL_FILES:
+        raise ValueError(f"which must be one of {sorted(OFFICIAL_FILES)} or None, got {which!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no StructureFlow checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name and the reason
+        raise ValueError(f"{path} cannot be read as a tensors-only checkpoint (weights_only=True): {err}") from err
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a StructureFlow state_dict")
+    owner = model
+    if isinstance(model, StructureFlowTexture):
+        model = model.texture
+    elif isinstance(model, StructureFlow):
+        if which is None:
+            raise ValueError("loading one file into StructureFlow needs which='structure' or which='texture'")
+        model = getattr(model, which)
+    if model is None:
+        if which is None:
+            which = identify_state_dict({_strip(k): v for k, v in ckpt.items()})  # type: ignore[assignment]
+            if which is None:
+                files = ", ".join(f for _, f in OFFICIAL_FILES.values())
+                raise ValueError(f"{path} is not a StructureFlow checkpoint; expected one of {files}")
+        model = {"structure": StructureReconstructor, "texture": TextureGenerator,
+                 "discriminator": MultiScaleDiscriminator}[which]()
+    elif which is not None and _which_of(model) != which:
+        raise ValueError(f"which={which!r} but the model given is the {OFFICIAL_FILES[_which_of(model)][0]}")
+    try:
+        state_dict = checkpoint_filter_fn(ckpt, model)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    problems = _key_report(state_dict, model)
+    if problems and strict:
+        raise ValueError(f"{path} does not match the {OFFICIAL_FILES[_which_of(model)][0]}: " + "; ".join(problems))
+    for p in problems:
+        _logger.warning("%s: %s", path, p)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=strict)
+    _logger.info("loaded %s from %s", OFFICIAL_FILES[_which_of(model)][0], path)
+    return owner if owner is not None else model
+
+
+def _resolve(pretrained: str | os.PathLike[str], which: str) -> Path:
+    p = Path(pretrained)
+    return p / OFFICIAL_FILES[which][1] if p.is_dir() else p
+
+
+def build_structureflow(pretrained: str | os.PathLike[str] | None = None, **kwargs: object) -> StructureFlow:
+    """SF, both stages. ``pretrained``: the official checkpoints folder holding ``latest_net_s_gen.pth`` and
+    ``latest_net_f_gen.pth``. ``kwargs`` go to :class:`StructureFlow`. Without weights, the official init."""
+    model = StructureFlow(**kwargs)  # type: ignore[arg-type]
+    init_weights(model)
+    if pretrained is not None:
+        if not Path(pretrained).is_dir():
+            raise ValueError(
+                "build_structureflow(pretrained=...) takes the folder holding latest_net_s_gen.pth and "
+                f"latest_net_f_gen.pth, got {pretrained}"
+            )
+        load_official(_resolve(pretrained, "structure"), "structure", model=model.structure)
+        load_official(_resolve(pretrained, "texture"), "texture", model=model.texture)
+    return model
+
+
+def build_structureflow_texture(
+    pretrained: str | os.PathLike[str] | None = None, **kwargs: object
+) -> StructureFlowTexture:
+    """SF#, the texture generator alone. ``pretrained``: ``latest_net_f_gen.pth`` or its folder."""
+    model = StructureFlowTexture(**kwargs)  # type: ignore[arg-type]
+    init_weights(model)
+    if pretrained is not None:
+        load_official(_resolve(pretrained, "texture"), "texture", model=model.texture)
+    return model

@@ -1,0 +1,122 @@
+"""Weight-free inpainting baselines: a floor for every table that needs no training.
+
+Each baseline has the signature of a model in toolkit conventions::
+
+    inpaint(image: (B, 3, H, W) in [-1, 1], mask: (B, 1, H, W), 1 = hole) -> (B, 3, H, W) in [-1, 1]
+
+The known pixels of the output equal the input's exactly (the result is composited), so they can
+stand in wherever a model is called with ``(image, mask)``: evaluation, the inpaint CLI.
+
+* ``biharmonic``: ``skimage.restoration.inpaint_biharmonic`` (smooth fill solving the biharmonic
+  equation per connected hole region; channels independently). Slow on large holes: seconds per
+  256² image.
+* ``telea`` and ``ns``: OpenCV's ``cv2.inpaint`` with ``INPAINT_TELEA`` (fast marching, Telea 2004)
+  or ``INPAINT_NS`` (Navier-Stokes, Bertalmio et al. 2001) on the 8-bit image, radius 3 by default.
+  They need the optional extra ``pip install "kdinpaint[cv]"`` (opencv-python-headless).
+* ``mean``: every hole pixel gets the per-channel mean of the known pixels (a trivial floor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kdinpaint.masking import check_mask, composite
+
+__all__ = ["BASELINES", "get_baseline", "biharmonic", "opencv_inpaint", "telea", "navier_stokes", "mean_fill"]
+
+Inpainter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be a (B, 3, H, W) tensor in [-1, 1], got {getattr(image, 'shape', type(image))}")
+    check_mask(mask, image)
+    if mask.shape[0] != image.shape[0]:
+        mask = mask.expand(image.shape[0], -1, -1, -1)
+    full = (mask.flatten(1).min(1).values == 1).nonzero().flatten().tolist()
+    if full:
+        raise ValueError(
+            f"mask of image(s) {full[:5]} is all hole: there is nothing to fill from; "
+            "check the mask polarity (1 = hole)"
+        )
+    return mask
+
+
+def _to_numpy(image: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    img = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    hole = mask.detach().cpu()[:, 0].numpy() > 0.5  # (B, H, W)
+    return img, hole
+
+
+def _from_numpy(out: np.ndarray, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pred = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).permute(0, 3, 1, 2)
+    pred = (pred.clamp(0, 1) * 2 - 1).to(device=image.device, dtype=image.dtype)
+    return composite(pred, image, mask.to(image.dtype))
+
+
+def biharmonic(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Biharmonic inpainting (``skimage.restoration.inpaint_biharmonic``); shapes in the module docstring."""
+    from skimage.restoration import inpaint_biharmonic
+
+    mask = _check(image, mask)
+    img, hole = _to_numpy(image, mask)
+    out = np.stack(
+        [inpaint_biharmonic(i, h, channel_axis=-1) if h.any() else i for i, h in zip(img, hole)]
+    )
+    return _from_numpy(out, image, mask)
+
+
+def opencv_inpaint(image: torch.Tensor, mask: torch.Tensor, method: str = "telea", radius: float = 3.0) -> torch.Tensor:
+    """OpenCV inpainting, ``method`` ``"telea"`` or ``"ns"``, on the image rounded to 8 bits."""
+    try:
+        import cv2  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ImportError(
+            "the telea/ns baselines need OpenCV: pip install 'kdinpaint[cv]' (opencv-python-headless)"
+        ) from exc
+    flags = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
+    if method not in flags:
+        raise ValueError(f"method must be 'telea' or 'ns', got {method!r}")
+    mask = _check(image, mask)
+    img, hole = _to_numpy(image, mask)
+    outs = []
+    for i, h in zip(img, hole):
+        u8 = np.round(i * 255).astype(np.uint8)
+        outs.append(cv2.inpaint(u8, h.astype(np.uint8) * 255, radius, flags[method]).astype(np.float32) / 255)
+    return _from_numpy(np.stack(outs), image, mask)
+
+
+def telea(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OpenCV fast-marching inpainting (Telea 2004), radius 3."""
+    return opencv_inpaint(image, mask, "telea")
+
+
+def navier_stokes(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OpenCV Navier-Stokes inpainting (Bertalmio et al. 2001), radius 3."""
+    return opencv_inpaint(image, mask, "ns")
+
+
+def mean_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hole pixels set to the per-image, per-channel mean of the known pixels."""
+    mask = _check(image, mask).to(image.dtype)
+    known = 1 - mask
+    mean = (image * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True)  # (B, 3, 1, 1)
+    return composite(mean.expand_as(image), image, mask)
+
+
+BASELINES: dict[str, Inpainter] = {
+    "biharmonic": biharmonic,
+    "telea": telea,
+    "ns": navier_stokes,
+    "mean": mean_fill,
+}
+
+
+def get_baseline(name: str) -> Inpainter:
+    """The baseline called ``name``; ``ValueError`` listing the known names otherwise."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
+    return BASELINES[name]

@@ -1,0 +1,208 @@
+"""Contextual attention (Yu et al., CVPR 2018), batched, with per-sample patch validity.
+
+The attention branch of DeepFill v2's refinement network matches every foreground position against
+``3 x 3`` patches of the background features, both downsampled by ``rate``, and pastes the matching
+full-resolution ``2*rate x 2*rate`` background patches back with a transposed convolution.
+
+Numerics follow the official TensorFlow graph (JiahuiYu/generative_inpainting ``contextual_attention``,
+called with ``ksize=3, stride=1, rate=2`` and the defaults ``fuse_k=3, softmax_scale=10, fuse=True``):
+
+* TF ``"SAME"`` zero padding for every patch extraction (:func:`tf_same_pad`);
+* nearest downsampling with TF ``align_corners=True`` (:func:`resize_nearest_tf`);
+* background patches L2-normalised (norm clamped at ``1e-4``), foreground patches not;
+* ``fuse=True``: the score volume, seen as a ``(keys, queries)`` image, is convolved with a
+  ``fuse_k x fuse_k`` identity kernel along its diagonal, once in row-major and once in column-major
+  flattening (favours coherent neighbouring matches). ``fuse=False`` skips this, as the PyTorch port
+  nipponjo/deepfillv2-pytorch does;
+* ``attention = softmax(scale * scores * valid) * valid``: invalid background patches get a logit of
+  0 (not ``-inf``) and are zeroed after the softmax, so a row sums to exactly 1 only where every key
+  is valid, and to less than 1 otherwise;
+* pasting divides by 4, the number of overlapping ``2r x 2r`` patches at stride ``r``.
+
+**Deviation from the official code (deliberate).** The official op computes the patch validity from
+the mask of batch element 0 only and applies it to every sample (the maintainer confirmed that masks
+are shared within a minibatch, generative_inpainting #233, #379). Here each sample uses its own mask,
+which a distillation recipe with per-sample masks needs. With one mask shared by the whole batch the
+two agree exactly.
+
+**Affinity for attention transfer.** The softmax over background patches is the submodule
+``softmax`` (``nn.Softmax(dim=1)``) and the masked probabilities pass through the submodule
+``affinity`` (``nn.Identity``). A forward hook on ``affinity`` sees the attention actually used,
+shape ``(B, L, h, w)`` = batch x keys x query rows x query columns with ``L = h_b * w_b`` background
+patches in row-major order. Neither submodule adds ``state_dict`` entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ContextualAttention", "tf_same_pad", "resize_nearest_tf"]
+
+
+def tf_same_pad(x: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1) -> torch.Tensor:
+    """Zero-pad ``x`` (``(B, C, H, W)``) as TensorFlow's ``padding="SAME"`` would before a convolution.
+
+    The output of the following unpadded convolution has ``ceil(H / stride)`` rows. When the total
+    padding is odd the extra row/column goes after (bottom/right), e.g. ``0`` before and ``1`` after for
+    a ``3 x 3`` stride-2 convolution on an even size.
+    """
+    pads: list[int] = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+        out = -(-size // stride)
+        effective = (kernel_size - 1) * dilation + 1
+        total = max((out - 1) * stride + effective - size, 0)
+        pads += [total // 2, total - total // 2]
+    if not any(pads):
+        return x
+    return F.pad(x, pads)
+
+
+def _align_corners_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """Source indices of TF1 ``resize_nearest_neighbor(align_corners=True)``: ``round(i*(n_in-1)/(n_out-1))``.
+
+    Computed in integers with halves rounded up (TF's ``roundf`` on non-negative values).
+    """
+    i = torch.arange(n_out, device=device)
+    if n_out == 1:
+        return torch.zeros_like(i)
+    idx = torch.div(2 * i * (n_in - 1) + (n_out - 1), 2 * (n_out - 1), rounding_mode="floor")
+    return idx.clamp_max(n_in - 1)
+
+
+def resize_nearest_tf(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of ``(B, C, H, W)`` to ``size = (h, w)`` with TF ``align_corners=True``.
+
+    This is how the official graph resizes features and masks (neuralgym ``resize``). For an exact
+    x2 upsampling it equals PyTorch's ``nearest`` mode; for downsampling it does not.
+    """
+    h, w = int(size[0]), int(size[1])
+    rows = _align_corners_index(x.shape[-2], h, x.device)
+    cols = _align_corners_index(x.shape[-1], w, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+class ContextualAttention(nn.Module):
+    """Contextual attention with per-sample patch-validity masks.
+
+    Args:
+        ksize: size of the matching patches (official 3; odd).
+        rate: downsampling factor for matching; pasted patches are ``2*rate`` wide (official 2).
+        fuse_k: size of the identity kernel of the fusion step (official 3; odd).
+        softmax_scale: temperature multiplier of the scores before the softmax (official 10).
+        fuse: apply the fusion step (``True`` = official TF graph, ``False`` = nipponjo's port).
+        eps: lower bound of the background patch norms (official ``1e-4``).
+    """
+
+    def __init__(
+        self,
+        ksize: int = 3,
+        rate: int = 2,
+        fuse_k: int = 3,
+        softmax_scale: float = 10.0,
+        fuse: bool = True,
+        eps: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if ksize < 1 or ksize % 2 == 0:
+            raise ValueError(f"ksize must be a positive odd integer, got {ksize}")
+        if fuse_k < 1 or fuse_k % 2 == 0:
+            raise ValueError(f"fuse_k must be a positive odd integer, got {fuse_k}")
+        if rate < 1:
+            raise ValueError(f"rate must be >= 1, got {rate}")
+        self.ksize = ksize
+        self.rate = rate
+        self.fuse_k = fuse_k
+        self.softmax_scale = float(softmax_scale)
+        self.fuse = bool(fuse)
+        self.eps = float(eps)
+        self.softmax = nn.Softmax(dim=1)  # over background patches (keys)
+        self.affinity = nn.Identity()  # hook here: the masked attention, (B, L, h, w)
+
+    def extra_repr(self) -> str:
+        return (
+            f"ksize={self.ksize}, rate={self.rate}, fuse_k={self.fuse_k}, "
+            f"softmax_scale={self.softmax_scale:g}, fuse={self.fuse}"
+        )
+
+    def patch_validity(self, mask: torch.Tensor | None, size: tuple[int, int], batch: int) -> torch.Tensor:
+        """Per-sample validity of the background patches, ``(B, L, 1, 1)`` with 1 = usable.
+
+        ``mask``: ``(B or 1, 1, H_b, W_b)``, 1 = hole, at the background's resolution (or ``None``: all
+        valid). It is resized to the matching resolution ``size`` with TF nearest ``align_corners``; a
+        ``ksize x ksize`` patch (zero padded at the border) is valid iff it contains no hole.
+        """
+        L = size[0] * size[1]
+        if mask is None:
+            return torch.ones(batch, L, 1, 1)
+        m = resize_nearest_tf(mask, size)
+        patches = F.unfold(tf_same_pad(m, self.ksize), self.ksize)  # (B, k*k, L)
+        valid = (patches == 0).all(dim=1).to(mask.dtype)  # (B, L)
+        return valid.expand(batch, L).reshape(batch, L, 1, 1)
+
+    def _fuse(self, scores: torch.Tensor, key_hw: tuple[int, int], query_hw: tuple[int, int]) -> torch.Tensor:
+        """Diagonal identity-kernel convolution of ``(B, L, P)`` scores, row- then column-major."""
+        B = scores.shape[0]
+        (hb, wb), (hf, wf) = key_hw, query_hw
+        k = self.fuse_k
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device).view(1, 1, k, k)
+        y = F.conv2d(scores.reshape(B, 1, hb * wb, hf * wf), eye, padding=k // 2)  # (B, 1, L, P)
+        # re-flatten keys and queries column-major: (B, hb, wb, hf, wf) -> (B, wb, hb, wf, hf)
+        y = y.view(B, hb, wb, hf, wf).permute(0, 2, 1, 4, 3).reshape(B, 1, wb * hb, wf * hf)
+        y = F.conv2d(y, eye, padding=k // 2)
+        return y.view(B, wb, hb, wf, hf).permute(0, 2, 1, 4, 3).reshape(B, hb * wb, hf * wf)
+
+    def forward(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct ``f`` from patches of ``b``.
+
+        Args:
+            f: foreground features ``(B, C, H_f, W_f)``, any range.
+            b: background features ``(B, C, H_b, W_b)``; ``H_b`` and ``W_b`` divisible by ``rate``.
+            mask: ``(B or 1, 1, H_b, W_b)``, 1 = hole: background patches touching a hole are not used.
+                Each sample uses its own mask (see the module docstring).
+
+        Returns:
+            ``(B, C, rate * (H_f // rate), rate * (W_f // rate))``: the attended background patches.
+        """
+        if f.dim() != 4 or b.dim() != 4 or f.shape[:2] != b.shape[:2]:
+            raise ValueError(
+                f"f and b must be (B, C, H, W) with the same B and C, got {tuple(f.shape)} and {tuple(b.shape)}"
+            )
+        B, C, Hb, Wb = b.shape
+        r = self.rate
+        if Hb % r or Wb % r or f.shape[-2] % r or f.shape[-1] % r:
+            raise ValueError(
+                f"feature sizes must be divisible by rate={r}, got f {tuple(f.shape[-2:])} and b {(Hb, Wb)}; "
+                "pad the network input to a multiple of 8"
+            )
+        if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (Hb, Wb)):
+            raise ValueError(f"mask must be (B, 1, {Hb}, {Wb}) at the background's size, got {tuple(mask.shape)}")
+        if mask is not None and mask.shape[0] not in (1, B):
+            raise ValueError(f"mask has batch size {mask.shape[0]} but the features have {B}")
+
+        # Full-resolution background patches, pasted back at the end: (B, C*2r*2r, L).
+        raw = F.unfold(tf_same_pad(b, 2 * r, r), 2 * r, stride=r)
+        fs = resize_nearest_tf(f, (f.shape[-2] // r, f.shape[-1] // r))
+        bs = resize_nearest_tf(b, (Hb // r, Wb // r))
+        hf, wf = fs.shape[-2:]
+        hb, wb = bs.shape[-2:]
+        L = hb * wb
+
+        keys = F.unfold(tf_same_pad(bs, self.ksize), self.ksize)  # (B, C*k*k, L)
+        keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        queries = F.unfold(tf_same_pad(fs, self.ksize), self.ksize)  # (B, C*k*k, hf*wf)
+        scores = torch.bmm(keys.transpose(1, 2), queries)  # (B, L, hf*wf)
+        if self.fuse:
+            scores = self._fuse(scores, (hb, wb), (hf, wf))
+        scores = scores.view(B, L, hf, wf)
+
+        valid = self.patch_validity(mask, (hb, wb), B).to(device=scores.device, dtype=scores.dtype)
+        attention = self.softmax(scores * valid * self.softmax_scale) * valid
+        attention = self.affinity(attention)  # (B, L, hf, wf)
+
+        # Transposed convolution with the raw patches as filters = matmul, then fold (overlap-add).
+        cols = torch.bmm(raw, attention.reshape(B, L, hf * wf))  # (B, C*2r*2r, hf*wf)
+        y = F.fold(cols, output_size=((hf + 1) * r, (wf + 1) * r), kernel_size=2 * r, stride=r)
+        top = r // 2  # TF "SAME" transposed convolution crops r//2 before, r - r//2 after
+        return y[..., top : top + hf * r, top : top + wf * r] / 4.0

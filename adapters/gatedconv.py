@@ -1,0 +1,546 @@
+"""DeepFill v2: Free-Form Image Inpainting with Gated Convolution (Yu et al., ICCV 2019).
+
+The two-stage generator (coarse network; refinement network with a dilated gated-convolution branch
+and a contextual-attention branch) and the SN-PatchGAN discriminator, with the module tree of the
+converted official weights: nipponjo/deepfillv2-pytorch's ``model/networks_tf.py``, whose
+``states_tf_places2.pth`` / ``states_tf_celebahq.pth`` hold the official TensorFlow weights (generator
+under ``'G'``). ``GatedConvInpaint().load_state_dict(ckpt['G'], strict=True)`` works; use
+:func:`load_official` for a checked load with named missing/unexpected keys.
+
+Numerics follow the official TF graph (JiahuiYu/generative_inpainting v2.0.0): TF ``"SAME"`` padding
+(asymmetric for stride 2), TF ``align_corners`` nearest resizing of the mask and inside contextual
+attention, and contextual attention with ``fuse=True`` (``fuse=False`` gives nipponjo's port). One
+deliberate deviation: contextual attention uses each sample's own mask for patch validity, where the
+official code uses the mask of batch element 0 for the whole batch (see
+:mod:`kdinpaint_adapters.contextual_attention`).
+
+Conventions (toolkit <-> network), applied in :meth:`GatedConvInpaint.forward`:
+
+* toolkit: image ``(B, 3, H, W)`` RGB in ``[-1, 1]``, mask ``(B, 1, H, W)`` with 1 = hole
+  (:mod:`kdinpaint.masking`);
+* network: ``x = cat[image * (1 - M), ones, ones * M]`` (5 channels, holes filled with 0), image in
+  ``channel_order``, ``H`` and ``W`` multiples of 8 (the adapter pads bottom/right by reflection, with
+  mask 0 in the padding, and crops the output back).
+
+Channel order. Evidence that the official weights expect **BGR**:
+
+* training: neuralgym ``DataFromFNames.read_img`` reads images with ``cv2.imread`` (BGR) and applies
+  no conversion; neuralgym's ``images_summary`` defaults to ``color_format='BGR'`` and reverses the
+  channels for display, so the authors treated the network's tensors as BGR;
+* inference: ``test.py`` and ``batch_test.py`` feed ``cv2.imread`` output and reverse the network
+  output (``tf.reverse``) before ``cv2.imwrite(..., result[0][:, :, ::-1])``;
+* conversion: the keys and shapes of ``states_tf_*.pth`` map one to one onto the TF variables, and
+  nipponjo's repository documents no channel permutation of ``conv1`` / ``xconv1`` / ``pmconv1`` inputs
+  or ``conv17`` / ``allconv17`` outputs (no conversion script is published);
+* against: nipponjo's ``test.py``, app and trainer feed RGB (PIL) without any flip, and its example
+  outputs look plausible. That is weak evidence, since an inpainter that mostly copies colours from
+  the context looks plausible in either order.
+
+Hence ``channel_order="bgr"`` is the default. The empirical check, running the converted weights on
+real photographs under a mask in both orders and keeping the one that reconstructs better, is still
+to be done: the weights could not be obtained when this adapter was written.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from os import PathLike
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdinpaint.masking import check_mask
+
+from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
+
+__all__ = [
+    "GatedConv2d",
+    "GatedUpConv2d",
+    "GatedConvInpaint",
+    "SNConv2d",
+    "SNPatchGANDiscriminator",
+    "to_network_input",
+    "from_network_output",
+    "checkpoint_filter_fn",
+    "load_official",
+]
+
+_logger = logging.getLogger(__name__)
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"elu": nn.ELU, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+_CHANNEL_ORDERS = ("rgb", "bgr")
+GRID = 8  # the generator downsamples by 4 and contextual attention by 2 more
+
+
+def _make_act(act_layer: str | type[nn.Module] | None) -> nn.Module:
+    if act_layer is None:
+        return nn.Identity()
+    if isinstance(act_layer, str):
+        if act_layer not in _ACTIVATIONS:
+            raise ValueError(f"unknown act_layer {act_layer!r}; choose one of {sorted(_ACTIVATIONS)} or pass a class")
+        return _ACTIVATIONS[act_layer]()
+    if isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
+        return act_layer()
+    raise TypeError(f"act_layer must be a name, an nn.Module class or None, got {act_layer!r}")
+
+
+class GatedConv2d(nn.Module):
+    """Gated convolution with TF "SAME" padding: ``act(features) * sigmoid(gates)``.
+
+    One convolution produces ``2 * out_channels`` channels, the first half features and the second
+    half gates (the split order of the official weights). With ``gated=False`` it is a plain
+    convolution to ``out_channels`` followed by ``act_layer`` (the official output layers use
+    ``act_layer=None``). Input ``(B, in_channels, H, W)``, output ``(B, out_channels, ceil(H/s), ceil(W/s))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        act_layer: str | type[nn.Module] | None = "elu",
+        gated: bool = True,
+    ) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.gated = gated
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        conv_out = 2 * out_channels if gated else out_channels
+        self.conv = nn.Conv2d(in_channels, conv_out, kernel_size, stride=stride, dilation=dilation)
+        self.act = _make_act(act_layer)
+        nn.init.kaiming_uniform_(self.conv.weight, nonlinearity="relu", mode="fan_out")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(tf_same_pad(x, self.kernel_size, self.stride, self.dilation))
+        if not self.gated:
+            return self.act(x)
+        features, gates = x.split(self.out_channels, dim=1)
+        return self.act(features) * torch.sigmoid(gates)
+
+
+class GatedUpConv2d(nn.Module):
+    """x2 nearest upsampling then a 3x3 gated convolution (official ``gen_deconv``).
+
+    TF's ``align_corners`` nearest x2 upsampling picks source row ``floor(i / 2)``, exactly PyTorch's
+    ``nearest`` mode. Keys: ``<name>.conv.conv.weight``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, act_layer: str | type[nn.Module] | None = "elu") -> None:
+        super().__init__()
+        self.conv = GatedConv2d(in_channels, out_channels, 3, act_layer=act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _flip_channels(x: torch.Tensor, channel_order: str) -> torch.Tensor:
+    return x.flip(1) if channel_order == "bgr" else x
+
+
+def to_network_input(
+    image: torch.Tensor, mask: torch.Tensor, channel_order: str = "bgr"
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Toolkit ``(image, mask)`` -> the generator's 5-channel input.
+
+    Args:
+        image: ``(B, 3, H, W)`` RGB in ``[-1, 1]``.
+        mask: ``(B or 1, 1, H, W)``, 1 = hole (checked with :func:`kdinpaint.masking.check_mask`).
+        channel_order: ``"rgb"`` or ``"bgr"``, the order the network expects.
+
+    Returns:
+        ``x`` ``(B, 5, H8, W8)`` = ``[image * (1 - M), ones, M]`` in ``channel_order``; the padded mask
+        ``(B, 1, H8, W8)``; and ``(H, W)`` to crop back. ``H8``/``W8`` are the next multiples of 8; the
+        image is reflect-padded at the bottom/right (replicate when too small to reflect), the mask
+        with 0 (the padding is known context).
+    """
+    if channel_order not in _CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(
+            f"image must be (B, 3, H, W) RGB in [-1, 1], got {shape}; "
+            "repeat a grayscale channel three times or drop an alpha channel first"
+        )
+    check_mask(mask, image)
+    mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
+    H, W = image.shape[-2:]
+    ph, pw = -H % GRID, -W % GRID
+    if ph or pw:
+        mode = "reflect" if ph < H and pw < W else "replicate"
+        image = F.pad(image, (0, pw, 0, ph), mode=mode)
+        mask = F.pad(mask, (0, pw, 0, ph))
+    image = _flip_channels(image, channel_order)
+    ones = torch.ones_like(mask)
+    x = torch.cat([image * (1 - mask), ones, ones * mask], dim=1)  # (B, 5, H8, W8)
+    return x, mask, (int(H), int(W))
+
+
+def from_network_output(y: torch.Tensor, size: tuple[int, int], channel_order: str = "bgr") -> torch.Tensor:
+    """Network output ``(B, 3, H8, W8)`` in ``channel_order`` -> toolkit RGB ``(B, 3, H, W)``, cropped."""
+    if channel_order not in _CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
+    return _flip_channels(y[..., : size[0], : size[1]], channel_order)
+
+
+class GatedConvInpaint(nn.Module):
+    """The DeepFill v2 two-stage generator; ``state_dict`` keys equal the converted official ones.
+
+    Args:
+        cnum: base width (official 48; must be divisible by 4). The converted weights need 48.
+        channel_order: image channel order the weights expect, ``"bgr"`` (default, see the module
+            docstring for the evidence) or ``"rgb"``. Toolkit images are always RGB.
+        fuse: contextual attention's fusion step (``True`` = official graph, ``False`` = nipponjo's port).
+        act_layer: activation of the gated convolutions (official ``"elu"``).
+
+    Module paths for hooks: coarse encoder ``conv1`` (H, cnum/2 ch), ``conv2_downsample`` / ``conv3``
+    (H/2, cnum ch), ``conv4_downsample`` ... ``conv12`` (H/4, 2*cnum ch); refinement branches ``xconv*``
+    and ``pmconv*``; contextual attention ``contextual_attention`` with its affinity at
+    ``contextual_attention.affinity`` (``(B, L, H/8, W/8)``, ``L = H/8 * W/8``).
+    """
+
+    def __init__(
+        self,
+        cnum: int = 48,
+        *,
+        channel_order: str = "bgr",
+        fuse: bool = True,
+        act_layer: str | type[nn.Module] = "elu",
+    ) -> None:
+        super().__init__()
+        if cnum < 4 or cnum % 4:
+            raise ValueError(f"cnum must be a positive multiple of 4, got {cnum}")
+        if channel_order not in _CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
+        self.cnum = cnum
+        self.channel_order = channel_order
+        c, a = cnum, act_layer
+
+        def g(cin: int, cout: int, k: int = 3, s: int = 1, d: int = 1, act=a) -> GatedConv2d:
+            return GatedConv2d(cin, cout, k, stride=s, dilation=d, act_layer=act)
+
+        # Stage 1 (coarse). Registration order = the official key order.
+        self.conv1 = g(5, c // 2, 5)
+        self.conv2_downsample = g(c // 2, c, s=2)
+        self.conv3 = g(c, c)
+        self.conv4_downsample = g(c, 2 * c, s=2)
+        self.conv5 = g(2 * c, 2 * c)
+        self.conv6 = g(2 * c, 2 * c)
+        self.conv7_atrous = g(2 * c, 2 * c, d=2)
+        self.conv8_atrous = g(2 * c, 2 * c, d=4)
+        self.conv9_atrous = g(2 * c, 2 * c, d=8)
+        self.conv10_atrous = g(2 * c, 2 * c, d=16)
+        self.conv11 = g(2 * c, 2 * c)
+        self.conv12 = g(2 * c, 2 * c)
+        self.conv13_upsample = GatedUpConv2d(2 * c, c, act_layer=a)
+        self.conv14 = g(c, c)
+        self.conv15_upsample = GatedUpConv2d(c, c // 2, act_layer=a)
+        self.conv16 = g(c // 2, c // 4)
+        self.conv17 = GatedConv2d(c // 4, 3, 3, act_layer=None, gated=False)
+        # Stage 2, dilated ("hallucination") branch.
+        self.xconv1 = g(3, c // 2, 5)
+        self.xconv2_downsample = g(c // 2, c // 2, s=2)
+        self.xconv3 = g(c // 2, c)
+        self.xconv4_downsample = g(c, c, s=2)
+        self.xconv5 = g(c, 2 * c)
+        self.xconv6 = g(2 * c, 2 * c)
+        self.xconv7_atrous = g(2 * c, 2 * c, d=2)
+        self.xconv8_atrous = g(2 * c, 2 * c, d=4)
+        self.xconv9_atrous = g(2 * c, 2 * c, d=8)
+        self.xconv10_atrous = g(2 * c, 2 * c, d=16)
+        # Stage 2, attention branch.
+        self.pmconv1 = g(3, c // 2, 5)
+        self.pmconv2_downsample = g(c // 2, c // 2, s=2)
+        self.pmconv3 = g(c // 2, c)
+        self.pmconv4_downsample = g(c, 2 * c, s=2)
+        self.pmconv5 = g(2 * c, 2 * c)
+        self.pmconv6 = g(2 * c, 2 * c, act="relu")
+        self.contextual_attention = ContextualAttention(ksize=3, rate=2, fuse_k=3, softmax_scale=10.0, fuse=fuse)
+        self.pmconv9 = g(2 * c, 2 * c)
+        self.pmconv10 = g(2 * c, 2 * c)
+        # Stage 2, merged decoder.
+        self.allconv11 = g(4 * c, 2 * c)
+        self.allconv12 = g(2 * c, 2 * c)
+        self.allconv13_upsample = GatedUpConv2d(2 * c, c, act_layer=a)
+        self.allconv14 = g(c, c)
+        self.allconv15_upsample = GatedUpConv2d(c, c // 2, act_layer=a)
+        self.allconv16 = g(c // 2, c // 4)
+        self.allconv17 = GatedConv2d(c // 4, 3, 3, act_layer=None, gated=False)
+
+    def forward_network(
+        self, x: torch.Tensor, mask: torch.Tensor, validity_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official two-stage graph in the network's own conventions.
+
+        Args:
+            x: ``(B, 5, H, W)`` = ``[image * (1 - M), ones, M]``, image in ``channel_order`` and ``[-1, 1]``,
+                ``H`` and ``W`` multiples of 8.
+            mask: ``(B or 1, 1, H, W)``, 1 = hole; pastes the coarse result into the holes.
+            validity_mask: mask deciding which background patches contextual attention may use
+                (default ``mask``). A teacher fed the ground truth with an empty ``mask`` can pass the
+                student's mask here so that both attend over the same valid patches.
+
+        Returns:
+            ``(x_stage1, x_stage2)``, each ``(B, 3, H, W)`` in ``[-1, 1]`` (tanh), channel_order.
+        """
+        if x.dim() != 4 or x.shape[1] != 5 or x.shape[-2] % GRID or x.shape[-1] % GRID:
+            raise ValueError(
+                f"x must be (B, 5, H, W) with H and W multiples of {GRID}, got {tuple(x.shape)}; "
+                "use forward(image, mask), which builds the input and pads"
+            )
+        xin = x
+        x = self.conv2_downsample(self.conv1(x))
+        x = self.conv4_downsample(self.conv3(x))
+        x = self.conv6(self.conv5(x))
+        x = self.conv10_atrous(self.conv9_atrous(self.conv8_atrous(self.conv7_atrous(x))))
+        x = self.conv12(self.conv11(x))
+        x = self.conv14(self.conv13_upsample(x))
+        x = self.conv16(self.conv15_upsample(x))
+        x_stage1 = torch.tanh(self.conv17(x))
+
+        xnow = x_stage1 * mask + xin[:, :3] * (1 - mask)  # paste the coarse result into the holes
+        x = self.xconv2_downsample(self.xconv1(xnow))
+        x = self.xconv4_downsample(self.xconv3(x))
+        x = self.xconv6(self.xconv5(x))
+        x_hallu = self.xconv10_atrous(self.xconv9_atrous(self.xconv8_atrous(self.xconv7_atrous(x))))
+
+        x = self.pmconv2_downsample(self.pmconv1(xnow))
+        x = self.pmconv4_downsample(self.pmconv3(x))
+        x = self.pmconv6(self.pmconv5(x))
+        # The official graph resizes the mask to the H/4 features here (TF nearest, align_corners).
+        vmask = mask if validity_mask is None else validity_mask
+        mask_s = resize_nearest_tf(vmask, x.shape[-2:])
+        x = self.contextual_attention(x, x, mask_s)
+        pm = self.pmconv10(self.pmconv9(x))
+
+        x = torch.cat([x_hallu, pm], dim=1)  # (B, 4*cnum, H/4, W/4)
+        x = self.allconv12(self.allconv11(x))
+        x = self.allconv14(self.allconv13_upsample(x))
+        x = self.allconv16(self.allconv15_upsample(x))
+        x_stage2 = torch.tanh(self.allconv17(x))
+        return x_stage1, x_stage2
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        return_coarse: bool = False,
+        validity_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Inpaint in toolkit conventions.
+
+        Args:
+            image: ``(B, 3, H, W)`` RGB in ``[-1, 1]``; pixels under the mask are ignored.
+            mask: ``(B or 1, 1, H, W)``, 1 = hole.
+            return_coarse: also return the coarse (stage 1) prediction.
+            validity_mask: see :meth:`forward_network` (toolkit convention, same size as ``mask``).
+
+        Returns:
+            The refined prediction ``(B, 3, H, W)`` RGB in ``[-1, 1]`` over the whole image (not
+            composited: ``kdinpaint.masking.composite(pred, image, mask)`` keeps the known pixels), or
+            ``(refined, coarse)`` with ``return_coarse=True``.
+        """
+        x, mask_p, size = to_network_input(image, mask, self.channel_order)
+        vmask = None
+        if validity_mask is not None:
+            vmask = to_network_input(image, validity_mask, self.channel_order)[1]
+        coarse, refined = self.forward_network(x, mask_p, vmask)
+        refined = from_network_output(refined, size, self.channel_order)
+        if not return_coarse:
+            return refined
+        return refined, from_network_output(coarse, size, self.channel_order)
+
+
+class SNConv2d(nn.Conv2d):
+    """Convolution with spectral normalisation; keys ``weight``, ``bias`` and the buffer ``weight_u`` (O, 1).
+
+    ``sigma`` comes from one power iteration started at ``weight_u`` (neuralgym ``kernel_spectral_norm``);
+    ``weight_u`` is updated in training mode only and the power iteration is not differentiated
+    (``torch.nn.utils.spectral_norm`` semantics; TF also back-propagates through it). The stored
+    ``weight`` is never modified: the normalised weight is computed for each call.
+    """
+
+    def __init__(self, *args, eps: float = 1e-12, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+        self.register_buffer("weight_u", F.normalize(torch.randn(self.out_channels, 1), dim=0, eps=eps))
+
+    def normalized_weight(self) -> torch.Tensor:
+        w = self.weight.view(self.out_channels, -1)  # (O, I*k*k)
+        with torch.no_grad():
+            v = F.normalize(w.t() @ self.weight_u, dim=0, eps=self.eps)  # (I*k*k, 1)
+            u = F.normalize(w @ v, dim=0, eps=self.eps)  # (O, 1)
+            if self.training:
+                self.weight_u.copy_(u)
+        sigma = (u.t() @ w @ v).squeeze()
+        return self.weight / sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.normalized_weight(), self.bias)
+
+
+class _DisConv(nn.Module):
+    """5x5 stride-2 SN convolution, TF "SAME" padding, LeakyReLU(0.2). Keys ``conv_sn.*``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+        self.conv_sn = SNConv2d(in_channels, out_channels, kernel_size, stride=stride)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv_sn(tf_same_pad(x, self.kernel_size, self.stride)))
+
+
+class SNPatchGANDiscriminator(nn.Module):
+    """SN-PatchGAN: six 5x5 stride-2 SN convolutions (cnum, 2, 4, 4, 4, 4 x cnum), flattened output.
+
+    Args:
+        in_channels: 4 = image and mask (official ``gan_with_mask``), or 3 for the image only.
+        cnum: base width (official 64).
+        channel_order: the order the weights expect (as for the generator); toolkit images are RGB.
+    """
+
+    def __init__(self, in_channels: int = 4, cnum: int = 64, *, channel_order: str = "bgr") -> None:
+        super().__init__()
+        if in_channels not in (3, 4):
+            raise ValueError(f"in_channels must be 4 (image + mask) or 3 (image), got {in_channels}")
+        if channel_order not in _CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
+        self.in_channels, self.channel_order = in_channels, channel_order
+        widths = [in_channels, cnum, 2 * cnum, 4 * cnum, 4 * cnum, 4 * cnum, 4 * cnum]
+        for i in range(6):
+            self.add_module(f"conv{i + 1}", _DisConv(widths[i], widths[i + 1]))
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``(B, N)`` for toolkit images ``(B, 3, H, W)`` RGB in ``[-1, 1]`` and mask ``(B or 1, 1, H, W)``.
+
+        ``N = 4*cnum * ceil(H/64) * ceil(W/64)``; real images should score high (hinge loss).
+        """
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+        x = _flip_channels(image, self.channel_order)
+        if self.in_channels == 4:
+            if mask is None:
+                raise ValueError("this discriminator was built with in_channels=4: pass the mask as well")
+            check_mask(mask, image)
+            x = torch.cat([x, mask.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
+        for i in range(6):
+            x = getattr(self, f"conv{i + 1}")(x)
+        return x.flatten(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Official weights
+
+
+def _tf_to_torch_name(name: str) -> str | None:
+    """``inpaint_net/<layer>/kernel`` -> ``<layer>.conv.weight``; up-convs gain ``.conv.conv``."""
+    parts = name.split("/")
+    if len(parts) < 3 or parts[0] != "inpaint_net" or parts[-1] not in ("kernel", "bias"):
+        return None
+    param = "weight" if parts[-1] == "kernel" else "bias"
+    if len(parts) == 3:
+        return f"{parts[1]}.conv.{param}"
+    if len(parts) == 4 and parts[2] == f"{parts[1]}_conv":
+        return f"{parts[1]}.conv.conv.{param}"
+    return None
+
+
+def checkpoint_filter_fn(checkpoint: Mapping, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Turn an official checkpoint into a :class:`GatedConvInpaint` ``state_dict``.
+
+    Accepts nipponjo's converted file (``{'G': ..., 'D': ...}``), a bare generator state_dict (with
+    ``module.`` / ``_orig_mod.`` prefixes stripped), or TF variables already read into tensors
+    (``inpaint_net/conv1/kernel`` in HWIO layout, permuted to OIHW). ``model`` is unused (timm's
+    signature). Raises ``ValueError`` for anything else, e.g. nipponjo's ``states_pt_*.pth``, whose
+    ``stage1.*`` layout belongs to a port with different numerics.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+    state = checkpoint["G"] if "G" in checkpoint else checkpoint
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        top = sorted(map(str, checkpoint))[:8]
+        raise ValueError(
+            f"not a DeepFill v2 generator checkpoint: expected the converted official weights with the "
+            f"generator under 'G' (states_tf_places2.pth / states_tf_celebahq.pth), found keys {top}"
+        )
+    tf_names = any(str(k).startswith("inpaint_net/") for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        if tf_names:
+            name = _tf_to_torch_name(key)
+            if name is None:
+                continue  # discriminator, optimizer slots, global step: not generator weights
+            key, value = name, (value.permute(3, 2, 0, 1) if value.dim() == 4 else value)
+        out[key] = value
+    if any(k.startswith(("stage1.", "stage2.")) for k in out):
+        raise ValueError(
+            "this checkpoint has nipponjo's networks.py layout (states_pt_*.pth: stage1.* / stage2.*, PyTorch "
+            "padding, fine-tuned for it); this adapter reproduces the official graph and loads "
+            "states_tf_places2.pth / states_tf_celebahq.pth"
+        )
+    return out
+
+
+def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+        raise ValueError(
+            f"{what} weights do not match {type(module).__name__}: missing keys [{few(missing)}]; "
+            f"unexpected keys [{few(unexpected)}]; shape mismatches [{few(wrong)}]"
+            + ("; the converted official weights need cnum=48" if wrong else "")
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def load_official(
+    path: str | PathLike,
+    model: GatedConvInpaint | None = None,
+    *,
+    discriminator: SNPatchGANDiscriminator | None = None,
+    map_location: str | torch.device = "cpu",
+) -> GatedConvInpaint:
+    """Load ``states_tf_places2.pth`` / ``states_tf_celebahq.pth`` (generator under ``'G'``) strictly.
+
+    The file is read with ``torch.load(weights_only=True)`` (no pickled code runs). ``model`` defaults
+    to a new ``GatedConvInpaint()``; a ``discriminator`` is filled from ``'D'`` when the file has one.
+    Raises ``ValueError`` naming the problem (unreadable file, no generator, missing/unexpected keys).
+    """
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint readable with torch.load(weights_only=True): {err}. "
+            "Expected nipponjo's converted official weights states_tf_places2.pth / states_tf_celebahq.pth"
+        ) from err
+    model = GatedConvInpaint() if model is None else model
+    _load_checked(model, checkpoint_filter_fn(checkpoint), "generator")
+    if discriminator is not None:
+        if not isinstance(checkpoint, Mapping) or "D" not in checkpoint:
+            raise ValueError(f"{path} has no discriminator weights under 'D'; load the generator alone")
+        _load_checked(discriminator, checkpoint["D"], "discriminator")
+    _logger.info("loaded DeepFill v2 weights from %s", path)
+    return model

@@ -201,7 +201,8 @@ class EvalMasks:
     def __init__(self, source: object, count: int, *, size: int | Sequence[int] = 256, seed: int = 0) -> None:
         if not hasattr(source, "sample"):
             raise TypeError(
-                f"source must have sample(rng, size) (FreeFormMasks, RectangleMasks, MaskFolder), got {type(source).__name__}"
+                "source must have sample(rng, size) (FreeFormMasks, RectangleMasks, MaskFolder), "
+                f"got {type(source).__name__}"
             )
         if count < 1:
             raise ValueError(f"count must be positive, got {count}")

@@ -198,8 +198,11 @@ class MaskFolder:
                 return hole
             if self.paths[i] not in self.dropped:
                 self.dropped.append(self.paths[i])
-                log.warning("skipping mask %s: it has %s", self.paths[i], "no hole" if not hole.any() else "no known pixel")
-        raise ValueError(f"every mask under the source is empty or full (hole colour {self.hole_colour!r}); check hole=")
+                why = "no hole" if not hole.any() else "no known pixel"
+                log.warning("skipping mask %s: it has %s", self.paths[i], why)
+        raise ValueError(
+            f"every mask of the source is empty or full (hole colour {self.hole_colour!r}); check hole="
+        )
 
     def __repr__(self) -> str:
         return f"MaskFolder({len(self)} masks, size={self.size}, hole={self.hole_colour!r})"

@@ -122,7 +122,11 @@ def generator_adv_loss(fake_logits: torch.Tensor, loss: GanLoss = "nsgan") -> to
 
 
 def discriminator_optimizer(
-    discriminator: nn.Module, generator_lr: float, *, lr_ratio: float = D_LR_RATIO, betas: tuple[float, float] = ADAM_BETAS
+    discriminator: nn.Module,
+    generator_lr: float,
+    *,
+    lr_ratio: float = D_LR_RATIO,
+    betas: tuple[float, float] = ADAM_BETAS,
 ) -> torch.optim.Adam:
     """Adam for the discriminator at ``lr_ratio × generator_lr`` with RN's betas."""
     if generator_lr <= 0:

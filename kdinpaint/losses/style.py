@@ -83,7 +83,10 @@ def perceptual_loss(
     return sum(w * F.l1_loss(p, t) for w, (p, t) in zip(layer_weights, pairs))  # type: ignore[return-value]
 
 
-def _pairs(a: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], b: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
+Features = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+
+
+def _pairs(a: Features, b: Features) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(a, Mapping) != isinstance(b, Mapping):
         raise TypeError("pred and target features must both be dicts or both be sequences")
     if isinstance(a, Mapping):

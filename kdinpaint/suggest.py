@@ -204,9 +204,9 @@ def _output_key(output: Any, image: torch.Tensor) -> tuple[Any, str | None]:
     if isinstance(output, torch.Tensor):
         return None, None
     items = list(output.items()) if isinstance(output, dict) else list(enumerate(output)) if isinstance(output, (tuple, list)) else []
-    for key, value in items:
+    for key, value in reversed(items):  # the last image-shaped output: the refined one of multi-stage nets
         if isinstance(value, torch.Tensor) and value.shape == image.shape:
-            return key, f"output: the model returns {type(output).__name__}; picked {key!r}, shaped like the image"
+            return key, f"output: the model returns {type(output).__name__}; picked {key!r}, the last one shaped like the image"
     return None, f"output: could not find an image-shaped tensor in the model's {type(output).__name__}; set `output`"
 
 

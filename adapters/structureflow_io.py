@@ -119,10 +119,13 @@ def _gaussian_blur_zero(x: torch.Tensor, sigma: float) -> torch.Tensor:
     g = torch.exp(-(t * t) / (2 * sigma * sigma))
     g = torch.where(g < torch.finfo(torch.float64).eps * g.max(), torch.zeros_like(g), g)
     g = g / g.sum()
-    C = x.shape[1]
     r = size // 2
-    x = F.conv2d(x, g.view(1, 1, 1, size).expand(C, 1, 1, size), padding=(0, r), groups=C)
-    return F.conv2d(x, g.view(1, 1, size, 1).expand(C, 1, size, 1), padding=(r, 0), groups=C)
+    H, W = x.shape[-2:]
+    # a sum of shifted copies: float64 depthwise conv2d is a slow path on CPU
+    xp = F.pad(x, (r, r))
+    x = sum(g[k] * xp[..., k : k + W] for k in range(size))
+    xp = F.pad(x, (0, 0, r, r))
+    return sum(g[k] * xp[..., k : k + H, :] for k in range(size))
 
 
 def _rtv_weights(x: torch.Tensor, mask: torch.Tensor | None, sigma: float, sharpness: float):

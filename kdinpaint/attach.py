@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import CallConvention
+from kdinpaint.losses._target import target as as_target
 from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
 from kdinpaint.losses.distillation import cross_distillation, self_distillation
 from kdinpaint.masking import check_mask
@@ -495,6 +496,10 @@ class Distiller(nn.Module):
                 f"target has shape {tuple(target.shape)} but the student's image was {tuple(s.image.shape)}; "
                 "pass the ground truth of the same batch"
             )
+        cache = getattr(self, "_teacher_cache", None)
+        key = (id(target), id(s.mask))
+        if cache is not None and key in cache:
+            return dict(cache[key][2])
         args, kwargs = self._teacher_args(*s.call, target, s.mask)
         self.teacher.eval()
         s.teacher.clear()
@@ -508,6 +513,8 @@ class Distiller(nn.Module):
         missing += [self.attention[i].module for i in range(len(self.attention)) if str(i) in self.t and ("att", i) not in s.teacher]
         if missing:
             raise RuntimeError(f"teacher module(s) {missing} did not run; check the spec's teacher_levels")
+        if cache is not None:  # the tensors are kept in the entry, so their ids cannot be reused meanwhile
+            cache[key] = (target, s.mask, dict(s.teacher))
         return dict(s.teacher)
 
     def losses(self, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -538,7 +545,7 @@ class Distiller(nn.Module):
 
     def _compute(self, s: _Session, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        zero = s.mask.new_zeros((), dtype=torch.float32)
+        zero = s.mask.new_zeros((), dtype=torch.promote_types(s.mask.dtype, torch.float32))
         feats = [s.student[p] for p in self.levels]
         t_feats = [teacher[p] for p in self.teacher_levels] if self.teacher_levels and teacher else []
         cross = zero
@@ -553,7 +560,7 @@ class Distiller(nn.Module):
             if str(i) not in self.align:
                 continue
             deeper = feats[i + 1]
-            reader = t_feats[i + 1] if t_feats else deeper.detach()
+            reader = t_feats[i + 1] if t_feats else as_target(deeper)
             term = self_distillation(self.align[str(i)](feats[i]), deeper, self.phi[str(i)](reader), s.mask)
             out[f"self/{path}"] = term
             self_term = self_term + term
@@ -578,9 +585,30 @@ class Distiller(nn.Module):
         out["total"] = cross + self_term + att
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Calls the student (hooks active). Use this when the Distiller itself is wrapped by DDP."""
-        return self.student(*args, **kwargs)
+    def forward(self, *args: Any, kd_target: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Calls the student (hooks active); with ``kd_target`` returns ``(output, kd.losses(kd_target))``.
+
+        Use it when the Distiller itself is wrapped (DDP, ``torch.func.functional_call``): the losses are then
+        computed inside the wrapped call, with the wrapped parameters.
+        """
+        out = self.student(*args, **kwargs)
+        return out if kd_target is None else (out, self.losses(kd_target))
+
+    @contextlib.contextmanager
+    def reusing_teacher(self) -> Iterator[None]:
+        """Within this block, run the teacher once per ground-truth tensor and reuse its features.
+
+        Valid while the batch and the mask stay the same (the T steps of Algorithm 1 on one batch); the
+        teacher is frozen, so its features do not change.
+        """
+        if getattr(self, "_teacher_cache", None) is not None:  # already inside such a block
+            yield
+            return
+        self._teacher_cache = {}
+        try:
+            yield
+        finally:
+            self._teacher_cache = None
 
     # ---- parameters -----------------------------------------------------------------------------
     def student_parameters(self) -> Iterator[nn.Parameter]:

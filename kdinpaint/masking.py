@@ -22,6 +22,7 @@ __all__ = [
     "masked_mean",
     "mask_at",
     "hole_ratio",
+    "at_least_fp32",
 ]
 
 
@@ -93,6 +94,11 @@ def mask_at(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Ten
     if size[0] > H or size[1] > W:
         return F.interpolate(mask, size=size, mode="nearest")
     return F.adaptive_max_pool2d(mask, size)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is a lower-precision float (fp16/bf16 under autocast); float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
 
 
 def hole_ratio(mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Only hole query rows enter the loss, so only those rows are computed: the hole queries are gathered before
 the softmax, and memory grows with (hole pixels × N), not N². Rows are padded to the largest hole count of
 the batch and a validity mask drops the padding, so the whole batch is one batched matmul. Normalised by the
-number of hole rows; exactly 0 (never NaN) with no hole. Computed in float32.
+number of hole rows; exactly 0 (never NaN) with no hole. Computed in at least float32.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from kdinpaint.masking import mask_at
+from kdinpaint.masking import at_least_fp32, mask_at
 
 __all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity", "affinity_rows"]
 
@@ -37,13 +37,13 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted(sq_rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    t = torch.gather(weights.flatten(1).float(), 1, index)  # (B, R)
-    return (sq_rows * t * valid).sum() / count.clamp_min(1).float()
+    t = torch.gather(at_least_fp32(weights.flatten(1)), 1, index)  # (B, R)
+    return (sq_rows * t * valid).sum() / count.clamp_min(1).to(sq_rows.dtype)
 
 
 def affinity_rows(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Eq. (7) for the query rows at ``index`` only: ``softmax_j(q_i k_j)``, ``(B, R, N)``."""
-    return torch.softmax(_gather_rows(q.float(), index) @ k.float().transpose(1, 2), dim=-1)
+    return torch.softmax(_gather_rows(at_least_fp32(q), index) @ at_least_fp32(k).transpose(1, 2), dim=-1)
 
 
 def attention_transfer(
@@ -105,5 +105,5 @@ def attention_transfer_from_affinity(
     else:
         raise ValueError(f"unknown affinity layout {layout!r}; use 'queries_keys' or 'keys_hw'")
     index, valid, count = hole_rows(mask, size)
-    diff = _gather_rows(affinity_teacher.float(), index) - _gather_rows(affinity.float(), index)
+    diff = _gather_rows(at_least_fp32(affinity_teacher), index) - _gather_rows(at_least_fp32(affinity), index)
     return _weighted(diff.pow(2).sum(-1), weights, index, valid, count)

@@ -2,24 +2,26 @@
 
 Both are normalised by the number of hole positions they sum over (batch × hole pixels at the level), so
 the weight ``lambda_d`` does not depend on image size, and both are exactly 0 (never NaN) when the batch has
-no hole. They are computed in float32 whatever the features' dtype.
+no hole. They are computed in at least float32 whatever the features' dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kdinpaint.masking import mask_at
+from kdinpaint.losses._target import target as as_target
+from kdinpaint.masking import at_least_fp32, mask_at
 
 __all__ = ["cross_distillation", "self_distillation"]
 
 
 def _weighted_hole_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask_at(mask, pred.shape[-2:]).float()  # (B, 1, h, w)
-    sq = (pred.float() - target.float()).pow(2) * m  # (B, C, h, w); M is binary, so (x ⊙ M)^2 = x^2 ⊙ M
+    pred, target = at_least_fp32(pred), at_least_fp32(target)
+    m = mask_at(mask, pred.shape[-2:]).to(pred.dtype)  # (B, 1, h, w)
+    sq = (pred - target).pow(2) * m  # (B, C, h, w); M is binary, so (x ⊙ M)^2 = x^2 ⊙ M
     per_channel = sq.sum(dim=(2, 3))  # (B, C)
     # m.sum() counts hole positions; with none the numerator is an exact 0
-    return (per_channel * weights.float()).sum() / m.sum().clamp_min(1.0)
+    return (per_channel * at_least_fp32(weights)).sum() / m.sum().clamp_min(1.0)
 
 
 def cross_distillation(
@@ -41,7 +43,8 @@ def self_distillation(
 ) -> torch.Tensor:
     """Eq. (3): ``sum_c phi_c * ||(f_l(x_l) - x_{l+1})_c ⊙ M||^2``, per hole position.
 
-    The deeper feature ``x_{l+1}`` is the target: it is detached here and gets no gradient from this term.
+    The deeper feature ``x_{l+1}`` is the target and gets no gradient from this term (it is detached for
+    ordinary backward passes; see :mod:`kdinpaint.losses._target` for why not with ``.detach()``).
 
     Args:
         aligned: ``f_l(x_l)``, the shallower feature mapped to the deeper one's shape, ``(B, C, h, w)``.
@@ -49,4 +52,4 @@ def self_distillation(
         weights: ``phi(...)``, ``(B, C)``, non-negative, summing to 1 over channels.
         mask: ``(B, 1, H, W)``, 1 = hole; max-pooled to ``(h, w)``.
     """
-    return _weighted_hole_error(aligned, deeper.detach(), weights, mask)
+    return _weighted_hole_error(aligned, as_target(deeper), weights, mask)

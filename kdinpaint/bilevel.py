@@ -1,0 +1,169 @@
+"""Algorithm 1: theta steps on the total loss, then a step on the meta-networks Psi by Reverse-HG.
+
+Per batch: ``T`` ordinary optimiser steps of theta (the student, completion blocks, f_l, PGL) on
+``L_tot = L_inp + lambda_d * (R_distil + R_att)``; then one step of Psi (gamma, rho, phi, t) along
+``d L_inp(theta_T) / d Psi``, where ``theta_T`` is the result of ``T`` differentiable SGD steps of size
+``alpha`` from the theta the batch started with, on the same batch:
+
+    theta_{t+1} = theta_t - alpha * grad_theta L_tot(theta_t, Psi)
+
+Psi reaches ``L_inp`` only through these steps (``L_inp`` itself does not read the meta-networks), so the
+hypergradient is the second-order signal of Reverse-HG (Franceschi et al., 2017). It is computed by running
+the unrolled steps through :func:`torch.func.functional_call` on the Distiller, hooks active, with
+``create_graph=True``, and back-propagating ``L_inp(theta_T)`` to Psi. Modes:
+
+* ``reverse_hg`` — exact: the full unrolled graph, curvature of theta included;
+* ``first_order`` — drops the theta-theta curvature: every step's mixed term is taken with the final
+  gradient ``grad_theta L_inp(theta_T)`` (one Hessian-free pass per step, cheaper);
+* ``frozen`` — Psi is never touched.
+
+Unrolled passes run on copies of the buffers (BatchNorm statistics move only in the ordinary steps), and
+the teacher runs once per batch (:meth:`Distiller.reusing_teacher`). Under ``torch.distributed`` the
+hypergradient is averaged over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+
+from kdinpaint.attach import Distiller
+from kdinpaint.calling import select_output
+from kdinpaint.losses._target import differentiate_targets
+
+__all__ = ["MetaLearner", "META_MODES"]
+
+META_MODES = ("reverse_hg", "first_order", "frozen")
+
+InpaintLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MetaLearner:
+    """Runs Algorithm 1 on a :class:`Distiller`.
+
+    Args:
+        kd: the Distiller (unwrapped; under DDP pass ``accelerator.unwrap_model(kd)``).
+        theta_optimizer: the optimiser of theta (must not hold the meta-parameters).
+        inpaint_loss: ``(pred, target, mask) -> scalar``, the plain inpainting loss ``L_inp`` (e.g.
+            reconstruction + style + adversarial terms).
+        meta_optimizer: the optimiser of Psi (default: Adam on ``kd.meta_parameters()``, lr ``meta_lr``).
+        mode: ``reverse_hg`` | ``first_order`` | ``frozen`` (default: the spec's ``meta.mode``).
+        steps: T (default: the spec's ``meta.steps``, 2 as the paper).
+        inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate).
+        lambda_d: weight of the distillation terms in ``L_tot`` (the paper: 20).
+        meta_lr: learning rate of the default meta optimiser.
+    """
+
+    def __init__(
+        self,
+        kd: Distiller,
+        theta_optimizer: torch.optim.Optimizer,
+        inpaint_loss: InpaintLoss,
+        meta_optimizer: torch.optim.Optimizer | None = None,
+        *,
+        mode: str | None = None,
+        steps: int | None = None,
+        inner_lr: float | None = None,
+        lambda_d: float = 20.0,
+        meta_lr: float = 1e-4,
+    ):
+        mode = kd.spec.meta.mode if mode is None else mode
+        if mode not in META_MODES:
+            raise ValueError(f"meta mode {mode!r} is not one of {list(META_MODES)}")
+        self.kd, self.mode, self.inpaint_loss, self.lambda_d = kd, mode, inpaint_loss, lambda_d
+        self.steps = kd.spec.meta.steps if steps is None else int(steps)
+        if self.steps < 1:
+            raise ValueError(f"steps (T of Algorithm 1) must be >= 1, got {self.steps}")
+        self.theta_optimizer = theta_optimizer
+        psi_ids = {id(p) for p in kd.meta_parameters()}
+        held = [p for group in theta_optimizer.param_groups for p in group["params"] if id(p) in psi_ids]
+        if held:
+            raise ValueError(
+                f"the theta optimiser holds {len(held)} meta-parameter(s); build it over "
+                "student.parameters() + kd.student_parameters() only (Psi is trained by MetaLearner)"
+            )
+        self.inner_lr = float(theta_optimizer.param_groups[0]["lr"] if inner_lr is None else inner_lr)
+        self.meta_optimizer = meta_optimizer
+        if self.meta_optimizer is None and mode != "frozen" and psi_ids:
+            self.meta_optimizer = torch.optim.Adam(kd.meta_parameters(), lr=meta_lr)
+        # names for functional_call, relative to the Distiller
+        self._psi_names = [n for n, p in kd.named_parameters() if id(p) in psi_ids]
+        theta_ids = {id(p) for group in theta_optimizer.param_groups for p in group["params"]}
+        self._theta_names = [n for n, p in kd.named_parameters() if id(p) in theta_ids and p.requires_grad]
+
+    # ---- one batch ------------------------------------------------------------------------------
+    def step(self, inputs: tuple | dict, target: torch.Tensor) -> dict[str, float]:
+        """Algorithm 1 on one batch: T theta steps, then one Psi step. Returns the logged losses.
+
+        ``inputs``: the student's call, a tuple of positional arguments (e.g. ``(masked_image, mask)``) or
+        a dict of keyword arguments. ``target``: the ground truth ``(B, 3, H, W)`` in [-1, 1].
+        """
+        args, kwargs = (tuple(inputs), {}) if not isinstance(inputs, dict) else ((), dict(inputs))
+        kd = self.kd
+        params = dict(kd.named_parameters())
+        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self.mode != "frozen" else {}
+        logs: dict[str, float] = {}
+        with kd.reusing_teacher():
+            for t in range(self.steps):
+                out, kd_losses = kd(*args, kd_target=target, **kwargs)
+                mask = kd._call.get(args, kwargs, "mask")
+                l_inp = self.inpaint_loss(select_output(out, kd.spec.output), target, mask)
+                l_tot = l_inp + self.lambda_d * kd_losses["total"]
+                self.theta_optimizer.zero_grad(set_to_none=True)
+                l_tot.backward()
+                for n in self._psi_names:  # Psi is not trained by the theta step
+                    params[n].grad = None
+                self.theta_optimizer.step()
+                if t == 0:
+                    logs.update({"loss_inp": l_inp.item(), "loss_total": l_tot.item()})
+                    logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
+            if self.mode != "frozen" and self._psi_names:
+                grads = self.hypergradient(theta0, args, kwargs, target)
+                for n, g in grads.items():
+                    params[n].grad = g
+                self.meta_optimizer.step()
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                logs["hypergrad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
+        return logs
+
+    def hypergradient(self, theta0: dict[str, torch.Tensor], args: tuple, kwargs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name)."""
+        kd, alpha = self.kd, self.inner_lr
+        params = dict(kd.named_parameters())
+        psi = {n: params[n] for n in self._psi_names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in psi and n not in theta0}
+        buffers = {n: b.clone() for n, b in kd.named_buffers()}  # the unroll must not move BN statistics
+        theta = {n: v.detach().requires_grad_() for n, v in theta0.items()}
+        if self.mode == "first_order":
+            correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
+        with kd.reusing_teacher():
+            for _ in range(self.steps):
+                out, kd_losses = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, {**kwargs, "kd_target": target})
+                mask = kd._call.get(args, kwargs, "mask")
+                l_tot = self.inpaint_loss(select_output(out, kd.spec.output), target, mask) + self.lambda_d * kd_losses["total"]
+                grads = torch.autograd.grad(l_tot, list(theta.values()), create_graph=True, allow_unused=True)
+                step = {n: (g if g is not None else torch.zeros_like(v)) for (n, v), g in zip(theta.items(), grads)}
+                if self.mode == "reverse_hg":
+                    theta = {n: v - alpha * step[n] for n, v in theta.items()}
+                else:  # first order: values follow SGD, gradients flow only through each step's Psi-dependence
+                    correction = {n: correction[n] - alpha * (step[n] - step[n].detach()) for n in theta}
+                    theta = {n: (v - alpha * step[n]).detach().requires_grad_() for n, v in theta.items()}
+            if self.mode == "first_order":
+                theta = {n: v + correction[n] for n, v in theta.items()}
+            out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)
+            mask = kd._call.get(args, kwargs, "mask")
+            l_inp = self.inpaint_loss(select_output(out, kd.spec.output), target, mask)
+            kd._session.reset()  # the final call computed no distillation losses: drop its captures
+            with differentiate_targets():  # the steps depend on the self-distillation targets' values too
+                hyper = torch.autograd.grad(l_inp, list(psi.values()), allow_unused=True)
+        grads = {n: (g if g is not None else torch.zeros_like(psi[n])).detach() for n, g in zip(psi, hyper)}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for g in grads.values():
+                dist.all_reduce(g)
+                g.div_(dist.get_world_size())
+        return grads
+

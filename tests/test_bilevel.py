@@ -1,0 +1,142 @@
+"""Algorithm 1: the Reverse-HG hypergradient against central finite differences, and the three modes."""
+
+import pytest
+import torch
+from tiny import LEVELS, TinyAttentionUNet, batch
+
+import kdinpaint
+from kdinpaint.bilevel import MetaLearner
+
+SPEC = {"encoder_levels": LEVELS, "attention_sites": [{"module": "att", "fusion": True}]}
+
+
+def _mse(pred, target, mask):
+    return (pred - target).pow(2).mean()
+
+
+def _setup(dtype=torch.float64, size=16):
+    torch.manual_seed(0)
+    student = TinyAttentionUNet(width=4).to(dtype)
+    teacher = kdinpaint.build_teacher(student)
+    image, mask = batch(2, size)
+    image, mask = image.to(dtype), mask.to(dtype)
+    kd = kdinpaint.attach(student, teacher, SPEC, example_inputs=(image, mask))
+    with torch.no_grad():  # generic values everywhere (several meta-networks start at zero)
+        for p in kd.meta_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for block in kd.blocks.values():
+            block.conv.f_ker.weight.normal_(0, 0.2)
+    return student, kd, image * (1 - mask), mask, image
+
+
+def _unrolled_inpaint_loss(student, kd, theta, inputs, target, alpha, steps):
+    """f(Psi) = L_inp(theta_T): T plain SGD steps on L_tot from `theta`, written out independently."""
+    params = [p for p in theta]
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+    try:
+        for _ in range(steps):
+            out = student(*inputs)
+            total = _mse(out, target, None) + 20.0 * kd.losses(target=target)["total"]
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p -= alpha * g
+        with torch.no_grad():
+            out = student(*inputs)
+            kd._session.reset()
+            return _mse(out, target, None).item()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [1, 2])
+def test_reverse_hg_equals_central_finite_differences(steps):
+    student, kd, masked, mask, gt = _setup()
+    theta = [*student.parameters(), *kd.student_parameters()]
+    opt = torch.optim.SGD(theta, lr=0.01)
+    learner = MetaLearner(kd, opt, _mse, mode="reverse_hg", steps=steps)
+    theta0 = {n: p.detach().clone() for n, p in kd.named_parameters() if n in learner._theta_names}
+    hyper = learner.hypergradient(theta0, (masked, mask), {}, gt)
+    assert set(hyper) == set(learner._psi_names) and any(n.startswith("t.") for n in hyper)
+
+    psi = dict(kd.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(psi[n].shape, generator=g, dtype=torch.float64) for n in hyper}
+    eps = 1e-5
+
+    def f(sign):
+        with torch.no_grad():
+            for n, u in direction.items():
+                psi[n].add_(sign * eps * u)
+        try:
+            return _unrolled_inpaint_loss(student, kd, theta, (masked, mask), gt, 0.01, steps)
+        finally:
+            with torch.no_grad():
+                for n, u in direction.items():
+                    psi[n].sub_(sign * eps * u)
+
+    fd = (f(+1) - f(-1)) / (2 * eps)
+    analytic = sum((hyper[n] * u).sum() for n, u in direction.items()).item()
+    assert abs(fd) > 1e-8  # the meta-networks do move L_inp
+    assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-10)
+    if steps == 1:
+        kd.detach()
+        return
+    # per meta-network too (gamma, rho, phi, t each)
+    for prefix in ("gamma.", "rho.", "phi.", "t."):
+        sub = {n: u for n, u in direction.items() if n.startswith(prefix)}
+        keep = direction
+        direction = sub
+        fd_sub = (f(+1) - f(-1)) / (2 * eps)
+        direction = keep
+        an_sub = sum((hyper[n] * u).sum() for n, u in sub.items()).item()
+        assert an_sub == pytest.approx(fd_sub, rel=1e-4, abs=1e-9), prefix
+    kd.detach()
+
+
+def test_first_order_equals_reverse_hg_for_one_step_and_differs_for_two():
+    student, kd, masked, mask, gt = _setup()
+    theta = [*student.parameters(), *kd.student_parameters()]
+    theta0 = {n: p.detach().clone() for n, p in kd.named_parameters()}
+    results = {}
+    for mode in ("reverse_hg", "first_order"):
+        for steps in (1, 2):
+            learner = MetaLearner(kd, torch.optim.SGD(theta, lr=0.01), _mse, mode=mode, steps=steps)
+            t0 = {n: theta0[n] for n in learner._theta_names}
+            results[mode, steps] = learner.hypergradient(t0, (masked, mask), {}, gt)
+    for n in results["reverse_hg", 1]:
+        torch.testing.assert_close(results["first_order", 1][n], results["reverse_hg", 1][n])
+    diff = sum((results["first_order", 2][n] - results["reverse_hg", 2][n]).abs().sum() for n in results["reverse_hg", 2])
+    assert diff > 0
+    kd.detach()
+
+
+def test_step_modes():
+    student, kd, masked, mask, gt = _setup(torch.float32, 16)
+    theta = [*student.parameters(), *kd.student_parameters()]
+    before_psi = [p.detach().clone() for p in kd.meta_parameters()]
+    before_theta = [p.detach().clone() for p in theta]
+    frozen = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-3), _mse, mode="frozen")
+    logs = frozen.step((masked, mask), gt)
+    assert all(torch.equal(a, b) for a, b in zip(before_psi, kd.meta_parameters()))  # Psi bit-identical
+    assert any(not torch.equal(a, b) for a, b in zip(before_theta, theta))
+    assert {"loss_inp", "loss_total", "kd/total"} <= set(logs)
+    learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-3), _mse, mode="reverse_hg", meta_lr=1e-2)
+    logs = learner.step((masked, mask), gt)
+    assert logs["hypergrad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before_psi, kd.meta_parameters()))
+    kd.detach()
+
+
+def test_bad_configuration_is_named():
+    student, kd, masked, mask, gt = _setup(torch.float32)
+    with pytest.raises(ValueError, match="not one of"):
+        MetaLearner(kd, torch.optim.SGD(student.parameters(), lr=0.1), _mse, mode="reversehg")
+    with pytest.raises(ValueError, match="holds .* meta-parameter"):
+        MetaLearner(kd, torch.optim.SGD([*student.parameters(), *kd.meta_parameters()], lr=0.1), _mse)
+    kd.detach()

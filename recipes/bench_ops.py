@@ -12,6 +12,11 @@ attention_memory: peak memory of the attention-transfer loss (Eq. 9) forward+bac
 feature with 64 channels (queries/keys of 8 channels), 30 % holes. Each variant runs in its own fresh process;
 on CPU the figure is the rise of the peak resident set size over the resident size just before the
 computation, on CUDA ``torch.cuda.max_memory_allocated`` over the allocation before it. Target: ratio <= 0.45.
+
+meta_step: amortised time per theta-step of Algorithm 1 (:class:`kdinpaint.bilevel.MetaLearner`) with
+``reverse_hg`` and ``first_order`` over ``frozen``, T=2, on the built-in ``tiny-unet`` (width 16) with
+cross/self-distillation and completion blocks, batch 4 at 64×64, L1 inpainting loss. Target (reverse_hg):
+ratio <= 2.0.
 """
 
 from __future__ import annotations
@@ -123,7 +128,37 @@ def bench_attention_memory(device: torch.device, repeats: int) -> dict:
     return {"hole_rows_MiB": hole / 2**20, "naive_MiB": naive / 2**20, "ratio": hole / naive}
 
 
-BENCHES = {"adaptive_conv": bench_adaptive_conv, "attention_memory": bench_attention_memory}
+def bench_meta_step(device: torch.device, repeats: int) -> dict:
+    import kdinpaint
+    from kdinpaint.bilevel import MetaLearner
+    from kdinpaint_adapters.tiny import TinyInpaintUNet
+
+    torch.manual_seed(0)
+    student = TinyInpaintUNet(width=16).to(device)
+    teacher = kdinpaint.build_teacher(student)
+    kd = kdinpaint.attach(student, teacher, {"encoder_levels": ["enc1", "enc2", "enc3"]})
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(4, 3, 64, 64, generator=g) * 2 - 1).to(device)
+    mask = torch.zeros(4, 1, 64, 64, device=device)
+    mask[:, :, 16:40, 20:48] = 1
+
+    def l1(pred, target, m):
+        return (pred - target).abs().mean()
+
+    result = {}
+    for mode in ("frozen", "first_order", "reverse_hg"):
+        theta = [*student.parameters(), *kd.student_parameters()]
+        learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), l1, mode=mode, steps=2)
+        seconds = _time(lambda: learner.step((gt * (1 - mask), mask), gt), device, repeats)
+        result[f"{mode}_ms_per_theta_step"] = 1e3 * seconds / learner.steps
+    frozen = result["frozen_ms_per_theta_step"]
+    result["first_order_ratio"] = result["first_order_ms_per_theta_step"] / frozen
+    result["reverse_hg_ratio"] = result["reverse_hg_ms_per_theta_step"] / frozen
+    kd.detach()
+    return result
+
+
+BENCHES = {"adaptive_conv": bench_adaptive_conv, "attention_memory": bench_attention_memory, "meta_step": bench_meta_step}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,22 +5,33 @@
     loss = recon(pred, gt) + 20 * kd.losses(target=gt)["total"]
 """
 
+from kdinpaint.adapter import Adapter
 from kdinpaint.attach import Distiller, attach
+from kdinpaint.attention import PixelAttention
+from kdinpaint.bilevel import MetaLearner
 from kdinpaint.export import CompletedModel, load_exported, save_exported
+from kdinpaint.plugins import get_adapter, list_adapters
 from kdinpaint.spec import AdapterSpec, AttentionSite, load_spec
+from kdinpaint.suggest import suggest_spec
 from kdinpaint.teacher import build_teacher, pretrain
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AdapterSpec",
     "AttentionSite",
     "CompletedModel",
     "Distiller",
+    "MetaLearner",
+    "PixelAttention",
     "attach",
     "build_teacher",
+    "get_adapter",
+    "list_adapters",
     "load_exported",
     "load_spec",
     "pretrain",
     "save_exported",
+    "suggest_spec",
 ]

@@ -12,7 +12,7 @@ paper (Eq. 2, 3, 5) are the outputs of ``enc1``, ``enc2``, ``enc3``.
 
 from __future__ import annotations
 
-from typing import Type, Union
+from typing import Callable, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ ADAPTER_SPEC = {
 
 
 @hookimpl
-def register_adapters(register) -> None:  # noqa: ANN001 - the callback kdinpaint passes
+def register_adapters(register: Callable[[Adapter], None]) -> None:
     register(
         Adapter(
             name="tiny-unet",

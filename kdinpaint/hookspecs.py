@@ -44,8 +44,9 @@ def register_adapters(register: Callable) -> None:
 def register_mask_generators(register: Callable) -> None:
     """Register mask generators: call ``register(name, factory)``.
 
-    ``factory(**kwargs)`` returns a callable ``(batch, height, width, generator=None) -> mask`` giving a
-    float ``(B, 1, H, W)`` tensor with 1 = hole (the convention of :mod:`kdinpaint.masking`).
+    ``factory(**kwargs)`` returns a mask source as in :mod:`kdinpaint.data.generators`: an object with
+    ``sample(rng: numpy.random.Generator, size: (H, W)) -> bool array (H, W)``, ``True`` = hole, whose
+    randomness comes only from ``rng`` (e.g. ``register("free-form", FreeFormMasks)``).
     """
 
 

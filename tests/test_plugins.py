@@ -11,6 +11,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,16 +270,22 @@ def test_unknown_and_bad_names():
 
 
 def test_hook_register_mask_generators(temporary_plugin):
-    def boxes(**kwargs):
-        def draw(batch, height, width, generator=None):
-            mask = torch.zeros(batch, 1, height, width)
-            mask[..., : height // 2, : width // 2] = 1
-            return mask
-        return draw
+    class Quarter:
+        """A mask source (kdinpaint.data.generators' contract): the top-left quarter, shifted by rng."""
 
-    temporary_plugin("masks-test", register_mask_generators=lambda register: register("quarter", boxes))
-    assert plugins.get_mask_generator("quarter") is boxes
-    assert plugins.get_mask_generator("quarter")()(2, 8, 8).sum() == 2 * 16
+        def __init__(self, shift: int = 0):
+            self.shift = shift
+
+        def sample(self, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+            hole = np.zeros(size, dtype=bool)
+            hole[self.shift : size[0] // 2 + self.shift, : size[1] // 2] = True
+            return hole
+
+    temporary_plugin("masks-test", register_mask_generators=lambda register: register("quarter", Quarter))
+    assert plugins.get_mask_generator("quarter") is Quarter
+    assert plugins.list_mask_generators()["quarter"] is Quarter
+    source = plugins.get_mask_generator("quarter")(shift=1)
+    assert source.sample(np.random.default_rng(0), (8, 8)).sum() == 16 and source.sample(None, (8, 8))[0].sum() == 0
     plugins.pm.unregister(name="masks-test")
     with pytest.raises(ValueError, match="unknown mask generator 'quarter'"):
         plugins.get_mask_generator("quarter")

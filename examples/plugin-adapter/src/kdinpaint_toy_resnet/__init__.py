@@ -9,6 +9,8 @@ its encoder levels, how to build its teacher, and how to read an "official" chec
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -72,7 +74,7 @@ SPEC = {
 
 
 @hookimpl
-def register_adapters(register) -> None:  # noqa: ANN001 - the callback kdinpaint passes
+def register_adapters(register: Callable[[Adapter], None]) -> None:
     register(
         Adapter(
             name="toy-resnet",

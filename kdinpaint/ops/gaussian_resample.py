@@ -110,7 +110,9 @@ def _setup(features: torch.Tensor, flow: torch.Tensor, kernel_size: int, sigma: 
 
 def _channels_last_rows(features: torch.Tensor) -> torch.Tensor:
     B, C, Hi, Wi = features.shape
-    return features.permute(0, 2, 3, 1).reshape(B * Hi * Wi, C)  # (B*Hi*Wi, C)
+    # contiguous rows: for B = 1 the reshape alone would be a view with channel stride Hi*Wi, and gathering
+    # strided rows is ten times slower
+    return features.permute(0, 2, 3, 1).contiguous().view(B * Hi * Wi, C)  # (B*Hi*Wi, C)
 
 
 def _to_grid(rows: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
@@ -175,18 +177,21 @@ class _GaussianResample(torch.autograd.Function):
 
         if ctx.needs_input_grad[1]:
             # d out / d s = sum_taps w * (tap - s) / sigma^2 * (F_tap - out) / sum(w), per axis
+            # sum_taps w * offset * <g, F_tap> = <g, sum_taps (w * offset) F_tap>: accumulate the weighted taps
             rows = _channels_last_rows(features)
-            dots_x = torch.zeros_like(total.squeeze(-1))  # sum_taps w * offset_x * <g, F_tap>, (P,)
-            dots_y = torch.zeros_like(dots_x)
+            acc_x = torch.zeros_like(g)  # (P, C)
+            acc_y = torch.zeros_like(g)
             for ky, kx in _taps(K):
                 tap = rows.index_select(0, rowbase[ky] + col[kx])  # (P, C)
-                wdot = wy[ky] * wx[kx] * (tap * g).sum(-1)  # (P,): w * <g, F_tap>
+                w = wy[ky] * wx[kx]
                 if inplace:
-                    dots_x.addcmul_(wdot, ox[kx])
-                    dots_y.addcmul_(wdot, oy[ky])
+                    acc_x.addcmul_(tap, (w * ox[kx]).unsqueeze(-1))
+                    acc_y.addcmul_(tap, (w * oy[ky]).unsqueeze(-1))
                 else:
-                    dots_x = dots_x + wdot * ox[kx]
-                    dots_y = dots_y + wdot * oy[ky]
+                    acc_x = acc_x + tap * (w * ox[kx]).unsqueeze(-1)
+                    acc_y = acc_y + tap * (w * oy[ky]).unsqueeze(-1)
+            dots_x = (g * acc_x).sum(-1)  # (P,)
+            dots_y = (g * acc_y).sum(-1)
             g_out = (g * _channels_last_rows(out)).sum(-1)  # (P,): <g, out>
             mom_x = wy.sum(0) * (wx * ox).sum(0)  # sum_taps w * offset_x
             mom_y = wx.sum(0) * (wy * oy).sum(0)

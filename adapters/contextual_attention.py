@@ -141,16 +141,29 @@ class ContextualAttention(nn.Module):
         valid = (patches == 0).all(dim=1).to(mask.dtype)  # (B, L)
         return valid.expand(batch, L).reshape(batch, L, 1, 1)
 
+    def _diagonal_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, P)`` convolved with a ``fuse_k x fuse_k`` identity kernel, zero padded ("SAME").
+
+        ``out[l, p] = sum_d x[l + d, p + d]`` for ``|d| <= fuse_k // 2``: shifted slices instead of a
+        one-channel convolution over an ``L x P`` image, which is many times slower on CPU.
+        """
+        r = self.fuse_k // 2
+        L, P = x.shape[-2:]
+        padded = F.pad(x, (r, r, r, r))
+        out = x.clone()
+        for d in range(-r, r + 1):
+            if d:
+                out = out + padded[:, r + d : r + d + L, r + d : r + d + P]
+        return out
+
     def _fuse(self, scores: torch.Tensor, key_hw: tuple[int, int], query_hw: tuple[int, int]) -> torch.Tensor:
-        """Diagonal identity-kernel convolution of ``(B, L, P)`` scores, row- then column-major."""
+        """Diagonal identity-kernel fusion of ``(B, L, P)`` scores, row-major then column-major."""
         B = scores.shape[0]
         (hb, wb), (hf, wf) = key_hw, query_hw
-        k = self.fuse_k
-        eye = torch.eye(k, dtype=scores.dtype, device=scores.device).view(1, 1, k, k)
-        y = F.conv2d(scores.reshape(B, 1, hb * wb, hf * wf), eye, padding=k // 2)  # (B, 1, L, P)
+        y = self._diagonal_sum(scores)
         # re-flatten keys and queries column-major: (B, hb, wb, hf, wf) -> (B, wb, hb, wf, hf)
-        y = y.view(B, hb, wb, hf, wf).permute(0, 2, 1, 4, 3).reshape(B, 1, wb * hb, wf * hf)
-        y = F.conv2d(y, eye, padding=k // 2)
+        y = y.view(B, hb, wb, hf, wf).permute(0, 2, 1, 4, 3).reshape(B, wb * hb, wf * hf)
+        y = self._diagonal_sum(y)
         return y.view(B, wb, hb, wf, hf).permute(0, 2, 1, 4, 3).reshape(B, hb * wb, hf * wf)
 
     def forward(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,10 +202,14 @@ class ContextualAttention(nn.Module):
         hb, wb = bs.shape[-2:]
         L = hb * wb
 
-        keys = F.unfold(tf_same_pad(bs, self.ksize), self.ksize)  # (B, C*k*k, L)
+        # Matching: each sample's normalised background patches are the filters of a convolution over
+        # its own foreground; groups=B runs the whole batch as one convolution.
+        k = self.ksize
+        keys = F.unfold(tf_same_pad(bs, k), k)  # (B, C*k*k, L)
         keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(self.eps)
-        queries = F.unfold(tf_same_pad(fs, self.ksize), self.ksize)  # (B, C*k*k, hf*wf)
-        scores = torch.bmm(keys.transpose(1, 2), queries)  # (B, L, hf*wf)
+        keys = keys.transpose(1, 2).reshape(B * L, C, k, k)
+        queries = tf_same_pad(fs, k).reshape(1, B * C, hf + k - 1, wf + k - 1)
+        scores = F.conv2d(queries, keys, groups=B).view(B, L, hf * wf)
         if self.fuse:
             scores = self._fuse(scores, (hb, wb), (hf, wf))
         scores = scores.view(B, L, hf, wf)
@@ -201,8 +218,9 @@ class ContextualAttention(nn.Module):
         attention = self.softmax(scores * valid * self.softmax_scale) * valid
         attention = self.affinity(attention)  # (B, L, hf, wf)
 
-        # Transposed convolution with the raw patches as filters = matmul, then fold (overlap-add).
-        cols = torch.bmm(raw, attention.reshape(B, L, hf * wf))  # (B, C*2r*2r, hf*wf)
-        y = F.fold(cols, output_size=((hf + 1) * r, (wf + 1) * r), kernel_size=2 * r, stride=r)
+        # Pasting: transposed convolution with the raw patches as filters, again grouped by sample.
+        raw = raw.view(B, C, 2 * r, 2 * r, L).permute(0, 4, 1, 2, 3).reshape(B * L, C, 2 * r, 2 * r)
+        y = F.conv_transpose2d(attention.reshape(1, B * L, hf, wf), raw, stride=r, groups=B)
+        y = y.view(B, C, (hf + 1) * r, (wf + 1) * r)
         top = r // 2  # TF "SAME" transposed convolution crops r//2 before, r - r//2 after
         return y[..., top : top + hf * r, top : top + wf * r] / 4.0

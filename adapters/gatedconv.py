@@ -111,13 +111,17 @@ class GatedConv2d(nn.Module):
         self.gated = gated
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         conv_out = 2 * out_channels if gated else out_channels
-        self.conv = nn.Conv2d(in_channels, conv_out, kernel_size, stride=stride, dilation=dilation)
+        # Stride 1 with an odd kernel: TF "SAME" is symmetric, so the convolution pads by itself (no copy).
+        self._self_pad = stride == 1 and kernel_size % 2 == 1
+        padding = dilation * (kernel_size - 1) // 2 if self._self_pad else 0
+        self.conv = nn.Conv2d(in_channels, conv_out, kernel_size, stride=stride, padding=padding, dilation=dilation)
         self.act = _make_act(act_layer)
-        nn.init.kaiming_uniform_(self.conv.weight, nonlinearity="relu", mode="fan_out")
+        # TF defaults of the official tf.layers.conv2d: Glorot-uniform kernel, zero bias.
+        nn.init.xavier_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(tf_same_pad(x, self.kernel_size, self.stride, self.dilation))
+        x = self.conv(x if self._self_pad else tf_same_pad(x, self.kernel_size, self.stride, self.dilation))
         if not self.gated:
             return self.act(x)
         features, gates = x.split(self.out_channels, dim=1)
@@ -167,18 +171,30 @@ def to_network_input(
             f"image must be (B, 3, H, W) RGB in [-1, 1], got {shape}; "
             "repeat a grayscale channel three times or drop an alpha channel first"
         )
-    check_mask(mask, image)
-    mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
+    lo, hi = (float(v) for v in image.detach().aminmax())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(
+            f"image values must lie in [-1, 1], found [{lo:g}, {hi:g}]; map [0, 1] images with x * 2 - 1 "
+            "and [0, 255] images with x / 127.5 - 1"
+        )
+    mask = _pad_mask(mask, image)
     H, W = image.shape[-2:]
     ph, pw = -H % GRID, -W % GRID
     if ph or pw:
         mode = "reflect" if ph < H and pw < W else "replicate"
         image = F.pad(image, (0, pw, 0, ph), mode=mode)
-        mask = F.pad(mask, (0, pw, 0, ph))
     image = _flip_channels(image, channel_order)
     ones = torch.ones_like(mask)
     x = torch.cat([image * (1 - mask), ones, ones * mask], dim=1)  # (B, 5, H8, W8)
     return x, mask, (int(H), int(W))
+
+
+def _pad_mask(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Check ``mask`` against ``image``, broadcast it over the batch, zero-pad it to multiples of 8."""
+    check_mask(mask, image)
+    mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
+    H, W = image.shape[-2:]
+    return F.pad(mask, (0, -W % GRID, 0, -H % GRID))
 
 
 def from_network_output(y: torch.Tensor, size: tuple[int, int], channel_order: str = "bgr") -> torch.Tensor:
@@ -347,9 +363,7 @@ class GatedConvInpaint(nn.Module):
             ``(refined, coarse)`` with ``return_coarse=True``.
         """
         x, mask_p, size = to_network_input(image, mask, self.channel_order)
-        vmask = None
-        if validity_mask is not None:
-            vmask = to_network_input(image, validity_mask, self.channel_order)[1]
+        vmask = None if validity_mask is None else _pad_mask(validity_mask, image)
         coarse, refined = self.forward_network(x, mask_p, vmask)
         refined = from_network_output(refined, size, self.channel_order)
         if not return_coarse:
@@ -366,8 +380,10 @@ class SNConv2d(nn.Conv2d):
     ``weight`` is never modified: the normalised weight is computed for each call.
     """
 
-    def __init__(self, *args, eps: float = 1e-12, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *, eps: float = 1e-12
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
         self.eps = eps
         self.register_buffer("weight_u", F.normalize(torch.randn(self.out_channels, 1), dim=0, eps=eps))
 

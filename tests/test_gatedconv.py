@@ -310,6 +310,10 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, 16, 16))
     with pytest.raises(ValueError, match="0/255"):
         model(image, torch.full((1, 1, 16, 16), 255.0))
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*x / 127.5 - 1"):
+        model(torch.full((1, 3, 16, 16), 200.0), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="is \\(8, 16\\)"):
+        model(image, torch.zeros(1, 1, 16, 16), validity_mask=torch.zeros(1, 1, 8, 16))
     with pytest.raises(ValueError, match="multiples of 8"):
         model.forward_network(torch.zeros(1, 5, 20, 16), torch.zeros(1, 1, 20, 16))
     with pytest.raises(ValueError, match="channel_order"):

@@ -12,7 +12,7 @@ paper (Eq. 2, 3, 5) are the outputs of ``enc1``, ``enc2``, ``enc3``.
 
 from __future__ import annotations
 
-from typing import Callable, Type, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,30 +20,10 @@ from torch import nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
 
-__all__ = ["TinyInpaintUNet", "ConvAct", "tiny_unet", "ADAPTER_SPEC", "register_adapters"]
-
-LayerLike = Union[str, Type[nn.Module]]
-_ACTS: dict[str, Type[nn.Module]] = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU}
-
-
-def _act(layer: LayerLike) -> nn.Module:
-    if isinstance(layer, str):
-        if layer not in _ACTS:
-            raise ValueError(f"unknown act_layer {layer!r}; choose one of {sorted(_ACTS)} or pass a class")
-        layer = _ACTS[layer]
-    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
-        raise TypeError(f"act_layer must be a name or an nn.Module class, got {layer!r}")
-    return layer()
-
-
-class ConvAct(nn.Sequential):
-    """3×3 convolution (optionally strided) followed by an activation: ``(B, C_in, H, W) -> (B, C_out, H/s, W/s)``."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, act_layer: LayerLike = "elu"):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 3, stride, 1), _act(act_layer))
-
+__all__ = ["TinyInpaintUNet", "tiny_unet", "ADAPTER_SPEC", "register_adapters"]
 
 class TinyInpaintUNet(nn.Module):
     """A three-level U-Net called as ``model(image, mask)``.

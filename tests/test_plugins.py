@@ -211,14 +211,15 @@ def test_strict_mode_makes_failures_fatal(dists, monkeypatch):
 
 
 def test_load_restriction_env_var(dists, monkeypatch):
+    reload(monkeypatch, **{plugins.LOAD_ENV: ""})  # no third-party plugin; the built-ins still load
+    builtins = {a.name for a in plugins.list_adapters()}
+    assert "tiny-unet" in builtins and all(a.distribution == "kdinpaint" for a in plugins.list_adapters())
+    assert plugins.plugin_failures() == []
     reload(monkeypatch, **{plugins.LOAD_ENV: "kdinpaint-toy-resnet"})
-    assert {a.name for a in plugins.list_adapters()} == {"tiny-unet", "toy-resnet"}
+    assert {a.name for a in plugins.list_adapters()} == builtins | {"toy-resnet"}
     assert plugins.plugin_failures() == []
     reload(monkeypatch, **{plugins.LOAD_ENV: "typo_hook, kdinpaint_toy_resnet"})  # entry-point names, _ or -
     assert {f.distribution for f in plugins.plugin_failures()} == {"kdinpaint-typo-hook"}
-    reload(monkeypatch, **{plugins.LOAD_ENV: ""})  # no third-party plugin; the built-ins still load
-    assert {a.name for a in plugins.list_adapters()} == {"tiny-unet"}
-    assert plugins.plugin_failures() == []
 
 
 def test_duplicate_name_names_both_providers(dists, temporary_plugin, tmp_path, monkeypatch):

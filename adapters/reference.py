@@ -1,0 +1,186 @@
+"""``reference``: the paper's own network (Fig. 2) and its Table 3 ablation variants.
+
+Suin, Purohit & Rajagopalan, "Distillation-guided Image Inpainting", ICCV 2021. The layer-wise description is
+in the paper's supplementary material, which is not public; this backbone follows the main text: a
+three-level encoder-decoder whose encoder levels end in completion blocks (added by :func:`kdinpaint.attach`)
+and whose decoder levels end in pixel attention fused with adaptive convolution by PGL (the fusion is added
+by ``attach`` around the attention modules). At the default width (64) it has about 13 M parameters with
+everything attached, the size of Table 2.
+
+Network (``image``, ``mask`` -> image in [-1, 1]; H, W divisible by 8)::
+
+    stem   5×5 conv on (masked image, mask)                  w      H
+    enc1   3×3 s2, 3×3                                       2w     H/2   <- completion block, x_1
+    enc2   3×3 s2, 3×3                                       4w     H/4   <- completion block, x_2
+    enc3   3×3 s2, 3×3 dilated 2                             8w     H/8   <- completion block, x_3
+    dec3   3×3, 3×3                      -> att3 (+ PGL)     8w     H/8
+    dec2   up, concat enc2, 3×3, 3×3     -> att2 (+ PGL)     4w     H/4
+    dec1   up, concat enc1, 3×3, 3×3     -> att1 (+ PGL)     2w     H/2
+    head   up, concat stem, 3×3, 3×3 -> tanh                 3      H
+
+The auxiliary network (teacher) is the same backbone, fed the ground truth with an empty mask; it gets no
+completion blocks or PGL (attach adds those to the student only).
+
+Table 3 variants (``reference:<variant>``; the default is Net8):
+
+=========  ==================================================================================
+baseline   backbone without attention, trained with reconstruction + style only; parameter-matched to
+           Net8 by residual 1×1 bottlenecks (``comp*``) at every level, as the paper says
+net1       + cross-distillation (Eq. 2)
+net2       + self-distillation (Eq. 3)
+net3       + both
+net4       net3 + completion blocks (Eq. 5-6)
+net5       baseline + completion blocks, no distillation
+net6       net4 + attention in the decoder (Eq. 7-8)
+net7       net6 + attention transfer (Eq. 9)
+net8       net7 + PGL (Eq. 10): the paper's final model
+=========  ==================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdinpaint.adapter import Adapter
+from kdinpaint.attention import PixelAttention
+from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
+from kdinpaint.hookspecs import hookimpl
+from kdinpaint.layers import ConvAct, LayerLike
+from kdinpaint.masking import masked
+
+__all__ = ["ReferenceNet", "Compensation", "reference_net", "ADAPTER_SPEC", "VARIANT_BUILDERS", "register_adapters"]
+
+
+class Compensation(nn.Module):
+    """Residual 1×1 bottleneck ``x + W2 act(W1 x)``: extra parameters for the parameter-matched baseline."""
+
+    def __init__(self, channels: int, hidden: int, act_layer: LayerLike = "elu"):
+        super().__init__()
+        self.body = nn.Sequential(ConvAct(channels, hidden, act_layer=act_layer, kernel_size=1), nn.Conv2d(hidden, channels, 1))
+        nn.init.zeros_(self.body[1].weight)
+        nn.init.zeros_(self.body[1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _matching_hidden(channels: int, extra: int) -> int:
+    """Hidden width of a :class:`Compensation` with about ``extra`` parameters (``r (2C + 1) + C``)."""
+    return max(1, round((extra - channels) / (2 * channels + 1)))
+
+
+class ReferenceNet(nn.Module):
+    """The paper's backbone, called as ``model(image, mask)``.
+
+    Args:
+        width: channels of the stem; the levels have 2, 4, 8 times as many.
+        attention: pixel attention at the end of each decoder level (Net6-Net8); else identities.
+        compensate: add residual 1×1 bottlenecks matching the parameters Net8 adds (the Baseline).
+        act_layer: activation, a name or a class.
+        completion_kernel_size: kernel size of the completion blocks / PGL that ``compensate`` matches.
+
+    Shapes: image ``(B, 3, H, W)`` in [-1, 1], mask ``(B, 1, H, W)`` with 1 = hole, ``H, W`` divisible by 8;
+    returns the prediction ``(B, 3, H, W)`` in [-1, 1] (not composited with the input).
+    """
+
+    stride = 8
+
+    def __init__(
+        self,
+        width: int = 64,
+        attention: bool = True,
+        compensate: bool = False,
+        act_layer: LayerLike = "elu",
+        completion_kernel_size: int = 3,
+    ):
+        super().__init__()
+        w = width
+        enc = [2 * w, 4 * w, 8 * w]
+        self.stem = ConvAct(4, w, act_layer=act_layer, kernel_size=5)
+        self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
+        self.enc2 = nn.Sequential(ConvAct(enc[0], enc[1], 2, act_layer), ConvAct(enc[1], enc[1], act_layer=act_layer))
+        self.enc3 = nn.Sequential(ConvAct(enc[1], enc[2], 2, act_layer), ConvAct(enc[2], enc[2], act_layer=act_layer, dilation=2))
+        self.dec3 = nn.Sequential(ConvAct(enc[2], enc[2], act_layer=act_layer), ConvAct(enc[2], enc[2], act_layer=act_layer))
+        self.dec2 = nn.Sequential(ConvAct(enc[2] + enc[1], enc[1], act_layer=act_layer), ConvAct(enc[1], enc[1], act_layer=act_layer))
+        self.dec1 = nn.Sequential(ConvAct(enc[1] + enc[0], enc[0], act_layer=act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
+        self.head = nn.Sequential(ConvAct(enc[0] + w, w, act_layer=act_layer), nn.Conv2d(w, 3, 3, 1, 1))
+        dec = [enc[2], enc[1], enc[0]]  # att3, att2, att1
+        make_att = (lambda c: PixelAttention(c)) if attention else (lambda c: nn.Identity())
+        self.att3, self.att2, self.att1 = (make_att(c) for c in dec)
+        self.compensate = compensate
+        if compensate:  # what completion blocks, attention and PGL add to Net8, level by level
+            k = completion_kernel_size
+            cb = [sum(p.numel() for p in AdaptiveConv(c, k).parameters()) for c in enc]
+            att = [sum(p.numel() for p in (*PixelAttention(c).parameters(), *GlobalLocalFusion(c, k).parameters())) for c in dec]
+            self.comp_enc = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(enc, cb))
+            self.comp_dec = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(dec, att))
+
+    def _comp(self, which: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, which)[i](x) if self.compensate else x
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] % 8 or image.shape[-2] % 8:
+            raise ValueError(f"ReferenceNet needs H and W divisible by 8, got {tuple(image.shape[-2:])}; pad the input")
+        up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
+        x0 = self.stem(torch.cat([masked(image, mask), mask], 1))  # (B, w, H, W)
+        x1 = self._comp("comp_enc", 0, self.enc1(x0))  # (B, 2w, H/2, W/2)
+        x2 = self._comp("comp_enc", 1, self.enc2(x1))  # (B, 4w, H/4, W/4)
+        x3 = self._comp("comp_enc", 2, self.enc3(x2))  # (B, 8w, H/8, W/8)
+        y = self._comp("comp_dec", 0, self.att3(self.dec3(x3)))  # (B, 8w, H/8, W/8)
+        y = self._comp("comp_dec", 1, self.att2(self.dec2(torch.cat([up(y), x2], 1))))  # (B, 4w, H/4, W/4)
+        y = self._comp("comp_dec", 2, self.att1(self.dec1(torch.cat([up(y), x1], 1))))  # (B, 2w, H/2, W/2)
+        return torch.tanh(self.head(torch.cat([up(y), x0], 1)))  # (B, 3, H, W)
+
+
+def reference_net(width: int = 64, attention: bool = True, compensate: bool = False, act_layer: LayerLike = "elu") -> ReferenceNet:
+    """Build the student (and, with fresh weights, the teacher) of the ``reference`` adapter."""
+    return ReferenceNet(width=width, attention=attention, compensate=compensate, act_layer=act_layer)
+
+
+_LEVELS = ["enc1", "enc2", "enc3"]
+_ATTENTION = [{"module": m, "fusion": True} for m in ("att3", "att2", "att1")]
+_NO_ATTENTION = {"attention_sites": []}
+
+ADAPTER_SPEC = {
+    "name": "reference",
+    "description": "the paper's own network (Fig. 2), Net8 of Table 3 by default; variants baseline, net1..net8",
+    "encoder_levels": _LEVELS,
+    "attention_sites": _ATTENTION,
+    "image_arg": "image",
+    "mask_arg": "mask",
+    "probe_shape": [1, 3, 64, 64],
+    "variants": {
+        "baseline": {"encoder_levels": [], "completion_sites": [], **_NO_ATTENTION},
+        "net1": {"self_distillation": False, "completion_sites": [], **_NO_ATTENTION},
+        "net2": {"cross_distillation": False, "completion_sites": [], **_NO_ATTENTION},
+        "net3": {"completion_sites": [], **_NO_ATTENTION},
+        "net4": dict(_NO_ATTENTION),
+        "net5": {"encoder_levels": [], "completion_sites": _LEVELS, **_NO_ATTENTION},
+        "net6": {"attention_sites": [{"module": m, "transfer": False} for m in ("att3", "att2", "att1")]},
+        "net7": {"attention_sites": [{"module": m} for m in ("att3", "att2", "att1")]},
+        "net8": {},
+    },
+}
+
+VARIANT_BUILDERS = {
+    "baseline": {"attention": False, "compensate": True},
+    **{v: {"attention": False} for v in ("net1", "net2", "net3", "net4", "net5")},
+}
+
+
+@hookimpl
+def register_adapters(register: Callable[[Adapter], None]) -> None:
+    register(
+        Adapter(
+            name="reference",
+            spec=ADAPTER_SPEC,
+            build_student=reference_net,
+            description=ADAPTER_SPEC["description"],
+            stride=8,
+            variant_builders=VARIANT_BUILDERS,
+        )
+    )

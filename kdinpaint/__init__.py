@@ -9,7 +9,8 @@ from kdinpaint.adapter import Adapter
 from kdinpaint.attach import Distiller, attach
 from kdinpaint.attention import PixelAttention
 from kdinpaint.bilevel import MetaLearner
-from kdinpaint.export import CompletedModel, load_exported, save_exported
+from kdinpaint.export import CompletedModel, load_checkpoint, load_exported, save_exported
+from kdinpaint.hookspecs import hookimpl
 from kdinpaint.plugins import get_adapter, list_adapters
 from kdinpaint.spec import AdapterSpec, AttentionSite, load_spec
 from kdinpaint.suggest import suggest_spec
@@ -28,7 +29,9 @@ __all__ = [
     "attach",
     "build_teacher",
     "get_adapter",
+    "hookimpl",
     "list_adapters",
+    "load_checkpoint",
     "load_exported",
     "load_spec",
     "pretrain",

@@ -28,7 +28,7 @@ from kdinpaint.calling import CallConvention
 from kdinpaint.masking import check_mask
 from kdinpaint.spec import AdapterSpec
 
-__all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported"]
+__all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint"]
 
 
 class _MaskContext:
@@ -130,8 +130,14 @@ class CompletedModel(nn.Module):
             self._context.mask = None
 
 
-def save_exported(model: CompletedModel, path: str | Path) -> None:
-    """Write weights as safetensors, with the spec and block widths in the metadata (atomic)."""
+def save_exported(
+    model: CompletedModel, path: str | Path, *, adapter: str | None = None, builder_kwargs: dict | None = None
+) -> None:
+    """Write weights as safetensors, with the spec and block widths in the metadata (atomic).
+
+    ``adapter`` (``"name:variant"``) and ``builder_kwargs`` record how to build a fresh student, so that
+    :func:`load_checkpoint` can rebuild the model from the file alone.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     meta = {
@@ -141,19 +147,49 @@ def save_exported(model: CompletedModel, path: str | Path) -> None:
         "kdinpaint.fusion_sites": json.dumps(model.fusion_sites),
         "kdinpaint.fusion_channels": json.dumps(model.fusion_channels),
     }
+    if adapter is not None:
+        meta["kdinpaint.adapter"] = adapter
+        meta["kdinpaint.builder_kwargs"] = json.dumps(builder_kwargs or {})
     save_model(model, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
-def load_exported(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> CompletedModel:
-    """Rebuild a :class:`CompletedModel` around ``model`` (a fresh instance of the student's class)."""
-    path = Path(path)
+def _metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "kdinpaint.spec" not in meta:
         raise ValueError(f"{path} was not written by kdinpaint.save_exported (no kdinpaint.spec in its metadata)")
+    return meta
+
+
+def load_checkpoint(path: str | Path, expected: str | None = None, device: str | torch.device = "cpu") -> tuple[CompletedModel, str]:
+    """Rebuild an exported model from its file alone (written with ``adapter=``); returns it and ``name:variant``.
+
+    ``expected`` (``"name"`` or ``"name:variant"``) refuses a checkpoint of another adapter or variant.
+    """
+    from kdinpaint.plugins import get_adapter
+
+    path = Path(path)
+    meta = _metadata(path)
+    which = meta.get("kdinpaint.adapter")
+    if which is None:
+        raise ValueError(f"{path} does not say which adapter it belongs to; use load_exported(path, fresh_model)")
+    if expected is not None:
+        e_name, _, e_variant = expected.partition(":")
+        name, _, variant = which.partition(":")
+        if e_name != name or (e_variant and e_variant != variant):
+            raise ValueError(f"{path} is a checkpoint of {which!r}, but {expected!r} was expected")
+    name, _, variant = which.partition(":")
+    model = get_adapter(name).student(variant or None, **json.loads(meta.get("kdinpaint.builder_kwargs", "{}")))
+    return load_exported(path, model, device), which
+
+
+def load_exported(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> CompletedModel:
+    """Rebuild a :class:`CompletedModel` around ``model`` (a fresh instance of the student's class)."""
+    path = Path(path)
+    meta = _metadata(path)
     spec = AdapterSpec.from_dict(yaml.safe_load(meta["kdinpaint.spec"]))
     sites = json.loads(meta["kdinpaint.sites"])
     channels = json.loads(meta["kdinpaint.site_channels"])

@@ -81,3 +81,22 @@ def test_load_exported_refuses_other_files(tmp_path):
     kd.detach()
     with pytest.raises(ValueError, match="does not fit"):
         kdinpaint.load_exported(good, TinyUNet(width=4))
+
+
+def test_checkpoint_rebuilds_from_the_file_alone(tmp_path):
+    adapter = kdinpaint.get_adapter("tiny-unet")
+    torch.manual_seed(0)
+    student = adapter.student("no-cb", width=8)
+    kd = kdinpaint.attach(student, adapter.teacher("no-cb", width=8), adapter.spec.variant("no-cb"))
+    path = tmp_path / "ckpt.safetensors"
+    kdinpaint.save_exported(kd.export(), path, adapter="tiny-unet:no-cb", builder_kwargs={"width": 8})
+    kd.detach()
+    model, which = kdinpaint.load_checkpoint(path, expected="tiny-unet")
+    assert which == "tiny-unet:no-cb"
+    image, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(image, mask), student.eval()(image, mask))
+    with pytest.raises(ValueError, match="checkpoint of 'tiny-unet:no-cb', but 'reference' was expected"):
+        kdinpaint.load_checkpoint(path, expected="reference")
+    with pytest.raises(ValueError, match="but 'tiny-unet:wide' was expected"):
+        kdinpaint.load_checkpoint(path, expected="tiny-unet:wide")

@@ -288,3 +288,30 @@ def test_rtv_matches_reference(solver, with_mask):
     ref = _tsmooth_reference(((image[0].permute(1, 2, 0) + 1) / 2).numpy(), mask=None if m is None else mask[0, 0].numpy())
     np.testing.assert_allclose(ours[0].permute(1, 2, 0).numpy(), np.clip(ref, 0, 1) * 2 - 1, atol=1e-9)
     assert float((ours - image).abs().mean()) > 0.1  # it does smooth
+
+
+def test_build_from_official_folder_and_init(tmp_path):
+    from kdinpaint_adapters.structureflow import build_structureflow, build_structureflow_texture, init_weights
+
+    st, tex = _randomised(StructureReconstructor(dim=8), 3), _randomised(TextureGenerator(dim=8), 4)
+    torch.save(st.state_dict(), tmp_path / "latest_net_s_gen.pth")
+    torch.save(tex.state_dict(), tmp_path / "latest_net_f_gen.pth")
+    full = build_structureflow(tmp_path, dim=8)
+    _assert_same_state(full.structure, st)
+    _assert_same_state(full.texture, tex)
+    _assert_same_state(build_structureflow_texture(tmp_path, dim=8).texture, tex)
+    with pytest.raises(ValueError, match="folder"):
+        build_structureflow(tmp_path / "latest_net_s_gen.pth", dim=8)
+
+    # official init: xavier-normal (gain sqrt 2) on plain convs, zero biases, spectral-normed weight_orig untouched
+    torch.manual_seed(0)
+    net = StructureReconstructor(dim=8)
+    before = net.input_layer.conv.weight_orig.clone()
+    init_weights(net)
+    assert torch.equal(net.input_layer.conv.weight_orig, before)
+    assert all(not m.bias.detach().any() for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    owner = TextureGenerator(dim=8)
+    init_weights(owner)
+    w = owner.conv_column.up_sample[0][2].conv.weight  # 5x5, 64 -> 32
+    fan_in, fan_out = w.shape[1] * 25, w.shape[0] * 25
+    assert float(w.detach().std()) == pytest.approx(math.sqrt(2) * math.sqrt(2 / (fan_in + fan_out)), rel=0.1)

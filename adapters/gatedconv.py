@@ -44,9 +44,10 @@ to be done: the weights could not be obtained when this adapter was written.
 from __future__ import annotations
 
 import logging
-import pickle
+import os
 from collections.abc import Mapping
 from os import PathLike
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,9 @@ __all__ = [
     "from_network_output",
     "checkpoint_filter_fn",
     "load_official",
+    "save_official",
+    "build_gatedconv",
+    "build_gatedconv_discriminator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -189,9 +193,9 @@ def to_network_input(
     return x, mask, (int(H), int(W))
 
 
-def _pad_mask(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def _pad_mask(mask: torch.Tensor, image: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """Check ``mask`` against ``image``, broadcast it over the batch, zero-pad it to multiples of 8."""
-    check_mask(mask, image)
+    check_mask(mask, image, name=name)
     mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
     H, W = image.shape[-2:]
     return F.pad(mask, (0, -W % GRID, 0, -H % GRID))
@@ -363,7 +367,7 @@ class GatedConvInpaint(nn.Module):
             ``(refined, coarse)`` with ``return_coarse=True``.
         """
         x, mask_p, size = to_network_input(image, mask, self.channel_order)
-        vmask = None if validity_mask is None else _pad_mask(validity_mask, image)
+        vmask = None if validity_mask is None else _pad_mask(validity_mask, image, "validity_mask")
         coarse, refined = self.forward_network(x, mask_p, vmask)
         refined = from_network_output(refined, size, self.channel_order)
         if not return_coarse:
@@ -532,31 +536,80 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: st
 
 def load_official(
     path: str | PathLike,
-    model: GatedConvInpaint | None = None,
     *,
+    model: GatedConvInpaint | None = None,
     discriminator: SNPatchGANDiscriminator | None = None,
     map_location: str | torch.device = "cpu",
 ) -> GatedConvInpaint:
     """Load ``states_tf_places2.pth`` / ``states_tf_celebahq.pth`` (generator under ``'G'``) strictly.
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs). ``model`` defaults
-    to a new ``GatedConvInpaint()``; a ``discriminator`` is filled from ``'D'`` when the file has one.
-    Raises ``ValueError`` naming the problem (unreadable file, no generator, missing/unexpected keys).
+    to a new ``GatedConvInpaint()``; a ``discriminator`` is filled from ``'D'`` (the file must have one).
+    Raises ``ValueError`` naming the problem (unreadable file, no generator, missing/unexpected keys,
+    shape mismatches). Returns the generator.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no DeepFill v2 checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name and the expected content
         raise ValueError(
             f"{path} is not a PyTorch checkpoint readable with torch.load(weights_only=True): {err}. "
             "Expected nipponjo's converted official weights states_tf_places2.pth / states_tf_celebahq.pth"
         ) from err
     model = GatedConvInpaint() if model is None else model
-    _load_checked(model, checkpoint_filter_fn(checkpoint), "generator")
-    if discriminator is not None:
-        if not isinstance(checkpoint, Mapping) or "D" not in checkpoint:
-            raise ValueError(f"{path} has no discriminator weights under 'D'; load the generator alone")
-        _load_checked(discriminator, checkpoint["D"], "discriminator")
+    try:
+        _load_checked(model, checkpoint_filter_fn(checkpoint), "generator")
+        if discriminator is not None:
+            if not isinstance(checkpoint, Mapping) or "D" not in checkpoint:
+                raise ValueError("no discriminator weights under 'D'; load the generator alone")
+            _load_checked(discriminator, checkpoint["D"], "discriminator")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     _logger.info("loaded DeepFill v2 weights from %s", path)
+    return model
+
+
+def save_official(
+    model: GatedConvInpaint, path: str | PathLike, *, discriminator: SNPatchGANDiscriminator | None = None
+) -> None:
+    """Write ``{'G': generator, 'D': discriminator}`` in the layout of the converted official files,
+    readable by :func:`load_official` and by nipponjo's ``networks_tf``. Atomic (temporary file + rename)."""
+    payload: dict[str, object] = {"G": model.state_dict()}
+    if discriminator is not None:
+        payload["D"] = discriminator.state_dict()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Constructors
+
+
+def build_gatedconv(pretrained: str | PathLike | None = None, **kwargs: object) -> GatedConvInpaint:
+    """GC, the DeepFill v2 generator. ``pretrained``: a converted official file (``states_tf_*.pth``);
+    ``kwargs`` go to :class:`GatedConvInpaint` (e.g. ``channel_order``, ``fuse``)."""
+    model = GatedConvInpaint(**kwargs)  # type: ignore[arg-type]
+    if pretrained is not None:
+        load_official(pretrained, model=model)
+    return model
+
+
+def build_gatedconv_discriminator(
+    pretrained: str | PathLike | None = None, **kwargs: object
+) -> SNPatchGANDiscriminator:
+    """The SN-PatchGAN discriminator; ``pretrained``: a file with ``'D'`` (as written by a trainer)."""
+    model = SNPatchGANDiscriminator(**kwargs)  # type: ignore[arg-type]
+    if pretrained is not None:
+        path = Path(pretrained)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{path} is not readable with torch.load(weights_only=True): {err}") from err
+        if not isinstance(state, Mapping) or "D" not in state:
+            raise ValueError(f"{path} has no discriminator weights under 'D'")
+        _load_checked(model, state["D"], "discriminator")
     return model

@@ -18,9 +18,12 @@ from kdinpaint_adapters.gatedconv import (
     GatedConvInpaint,
     SNConv2d,
     SNPatchGANDiscriminator,
+    build_gatedconv,
+    build_gatedconv_discriminator,
     checkpoint_filter_fn,
     from_network_output,
     load_official,
+    save_official,
     to_network_input,
 )
 
@@ -63,7 +66,7 @@ def test_official_layout_round_trip(tmp_path):
     path = tmp_path / "states_tf_places2.pth"
     torch.save(ckpt, path)
     g2, d2 = GatedConvInpaint(), SNPatchGANDiscriminator()
-    out = load_official(path, g2.eval(), discriminator=d2.eval())
+    out = load_official(path, model=g2.eval(), discriminator=d2.eval())
     assert out is g2
     for a, b in ((g, g2), (d, d2)):
         sa, sb = a.state_dict(), b.state_dict()
@@ -71,6 +74,13 @@ def test_official_layout_round_trip(tmp_path):
     image, mask = torch.rand(1, 3, 32, 32) * 2 - 1, _box_masks(1, 32, [(8, 8, 12, 12)])
     with torch.no_grad():
         assert torch.equal(g(image, mask), g2(image, mask))
+    # save_official writes the same layout; the constructors read it back.
+    save_official(g2, tmp_path / "ours.pth", discriminator=d2)
+    assert set(torch.load(tmp_path / "ours.pth", weights_only=True)) == {"G", "D"}
+    g3 = build_gatedconv(tmp_path / "ours.pth").eval()
+    d3 = build_gatedconv_discriminator(tmp_path / "ours.pth")
+    assert all(torch.equal(a, b) for a, b in zip(g3.state_dict().values(), g.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(d3.state_dict().values(), d.state_dict().values()))
 
 
 def test_tensorflow_variable_names_are_remapped():
@@ -105,7 +115,7 @@ def test_wrong_files_give_clear_errors(tmp_path):
     full["extra.weight"] = torch.zeros(1)
     torch.save({"G": full}, ckpt)
     with pytest.raises(ValueError, match=r"missing keys \[allconv17.conv.bias\]; unexpected keys \[extra.weight\]"):
-        load_official(ckpt, GatedConvInpaint(cnum=8))
+        load_official(ckpt, model=GatedConvInpaint(cnum=8))
 
     torch.save({"G": {"stage1.conv1.conv.weight": torch.zeros(1)}}, ckpt)
     with pytest.raises(ValueError, match="networks.py"):
@@ -117,7 +127,9 @@ def test_wrong_files_give_clear_errors(tmp_path):
 
     torch.save({"G": GatedConvInpaint(cnum=8).state_dict()}, ckpt)
     with pytest.raises(ValueError, match="no discriminator"):
-        load_official(ckpt, GatedConvInpaint(cnum=8), discriminator=SNPatchGANDiscriminator())
+        load_official(ckpt, model=GatedConvInpaint(cnum=8), discriminator=SNPatchGANDiscriminator())
+    with pytest.raises(FileNotFoundError, match="no DeepFill v2 checkpoint"):
+        load_official(tmp_path / "missing.pth")
 
 
 # ------------------------------------------------------------------ TF numerics helpers
@@ -194,8 +206,9 @@ def _reference_attention(f, b, mask, fuse, ksize=3, rate=2, scale=10.0):
         v = valid.view(L, 1, 1)
         a = torch.softmax(s * v * scale, dim=0) * v
         raw = F.pad(bi, (1, 1, 1, 1))
+        k2 = 2 * rate
         raw_filters = torch.stack(
-            [raw[0, :, y * rate : y * rate + 2 * rate, x * rate : x * rate + 2 * rate] for y in range(h) for x in range(w)]
+            [raw[0, :, y * rate : y * rate + k2, x * rate : x * rate + k2] for y in range(h) for x in range(w)]
         )
         outs.append(F.conv_transpose2d(a[None], raw_filters, stride=rate, padding=1) / 4.0)
         atts.append(a)
@@ -312,7 +325,7 @@ def test_bad_inputs_are_refused():
         model(image, torch.full((1, 1, 16, 16), 255.0))
     with pytest.raises(ValueError, match=r"\[-1, 1\].*x / 127.5 - 1"):
         model(torch.full((1, 3, 16, 16), 200.0), torch.zeros(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="is \\(8, 16\\)"):
+    with pytest.raises(ValueError, match="validity_mask is \\(8, 16\\)"):
         model(image, torch.zeros(1, 1, 16, 16), validity_mask=torch.zeros(1, 1, 8, 16))
     with pytest.raises(ValueError, match="multiples of 8"):
         model.forward_network(torch.zeros(1, 5, 20, 16), torch.zeros(1, 1, 20, 16))

@@ -387,15 +387,15 @@ class StructureFlowOutput(NamedTuple):
 
 
 _STRUCTURE_FROM = ("ground_truth", "masked")
-_SHARP_FILL = ("input", "zeros")
+_STRUCTURE_FILL = ("input", "zeros")
 
 
 class StructureFlow(nn.Module):
     """SF, both stages, called with toolkit ``(image, mask)``.
 
     ``forward(image, mask, structure=None)``: ``image`` ``(B, 3, H, W)`` in [-1, 1] (the ground truth; the
-    hole is removed here), ``mask`` ``(B, 1, H, W)`` with 1 = hole, any H, W >= 16 (padded at the bottom/right
-    to a multiple of 16 by reflection and cropped back). ``structure``: the RTV smoothing of the ground truth in
+    hole is removed here), ``mask`` ``(B, 1, H, W)`` with 1 = hole, any H, W (padded at the bottom/right by
+    reflection to a multiple of 16 and at least 48, and cropped back). ``structure``: the RTV smoothing of the ground truth in
     [-1, 1] when precomputed (the official data pipeline reads it from disk); ``None`` computes it with
     :func:`.structureflow_io.rtv_structure` under ``no_grad`` — of the full ground truth
     (``structure_from="ground_truth"``, the official protocol; the hole is zeroed afterwards, but smoothing
@@ -458,7 +458,7 @@ class StructureFlowTexture(nn.Module):
     Its structure channels are kept (so released ``latest_net_f_gen.pth`` weights load) and fed, in place of
     a reconstructed structure, the corrupted image itself (``structure_fill="input"``: known pixels, holes 0 —
     the closest thing to a structure image that needs no extra stage) or zeros (``"zeros"``).
-    ``forward(image, mask)``: ``(B, 3, H, W)`` in [-1, 1] and ``(B, 1, H, W)`` (1 = hole), H, W >= 16 ->
+    ``forward(image, mask)``: ``(B, 3, H, W)`` in [-1, 1] and ``(B, 1, H, W)`` (1 = hole), any H, W ->
     the raw output ``(B, 3, H, W)`` in [-1, 1], not composited (a :class:`StructureFlowOutput` with
     ``return_all=True``). With an all-zero mask it is the autoencoder teacher fed the ground truth.
     """
@@ -470,8 +470,8 @@ class StructureFlowTexture(nn.Module):
         input_grad: Literal["exact", "cuda"] = "exact",
     ) -> None:
         super().__init__()
-        if structure_fill not in _SHARP_FILL:
-            raise ValueError(f"structure_fill must be one of {_SHARP_FILL}, got {structure_fill!r}")
+        if structure_fill not in _STRUCTURE_FILL:
+            raise ValueError(f"structure_fill must be one of {_STRUCTURE_FILL}, got {structure_fill!r}")
         self.texture = TextureGenerator(dim, input_grad=input_grad)
         self.structure_fill = structure_fill
 

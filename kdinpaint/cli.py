@@ -4,6 +4,14 @@
     kdinpaint spec show NAME[:VARIANT]          an adapter's spec as YAML
     kdinpaint spec suggest NAME[:VARIANT]       a draft spec traced from a registered adapter's student
     kdinpaint spec suggest --model pkg.mod:fn   ... or from any model built by ``fn()``
+    kdinpaint evaluate MODEL [--images SRC] [--masks DIR | --mask-generator freeform|rect]
+                                                the paper's Table 1 layout (PSNR / SSIM / mean L1 per hole-ratio bucket)
+    kdinpaint inpaint MODEL INPUT MASK OUTPUT   one image, or a folder (masks by file stem, or one mask for all)
+    kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters)
+
+MODEL is ``--checkpoint PATH`` (``--adapter NAME[:VARIANT]`` then checks what it is), ``--adapter`` alone
+(random weights, for smoke tests), or ``--baseline biharmonic|telea|ns|mean``. Running, padding and
+compositing go through :class:`kdinpaint.inference.Inpainter`.
 
 Other subcommands plug in with :func:`add_command` (``name``, help, a function adding arguments, a function
 ``(args) -> exit code``). A plugin that fails to load is reported by ``adapters`` and never stops the CLI;
@@ -16,8 +24,10 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -170,6 +180,340 @@ def cmd_spec_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- shared by evaluate / inpaint / bench ----------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr (tqdm ships with accelerate's dependencies); a plain counter without it."""
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False)
+    except ImportError:
+        return _Counter(total, desc, enabled)
+
+
+class _Counter:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled:
+            print(f"\r{self.desc}: {self.done}/{self.total}", end="" if self.done < self.total else "\n", file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
+    g = p.add_argument_group("model (a checkpoint, an adapter, or a weight-free baseline)")
+    g.add_argument("--checkpoint", help="a file written by kdinpaint.save_exported(..., adapter='name:variant')")
+    g.add_argument("--adapter", help="NAME[:VARIANT]: with --checkpoint, the adapter it must belong to; "
+                                     "alone, that adapter with RANDOM weights (smoke tests only)")
+    if baseline:
+        from kdinpaint.baselines import BASELINES
+
+        g.add_argument("--baseline", choices=sorted(BASELINES), help="a weight-free baseline (telea/ns need kdinpaint[cv])")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available of cuda, mps, cpu)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (lower it when memory runs out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _inpainter(args: argparse.Namespace) -> Any:
+    from kdinpaint.inference import Inpainter
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    baseline = getattr(args, "baseline", None)
+    if baseline and (args.checkpoint or args.adapter):
+        raise ValueError("--baseline takes no --checkpoint or --adapter: choose one model")
+    if baseline:
+        return Inpainter.from_baseline(baseline, batch_size=args.batch_size)
+    if args.checkpoint:
+        return Inpainter.from_checkpoint(args.checkpoint, args.adapter, device=args.device, batch_size=args.batch_size)
+    if args.adapter:
+        print(f"WARNING: --adapter {args.adapter} without --checkpoint runs RANDOM WEIGHTS: the output is noise and "
+              "any metric says nothing about the method. Pass --checkpoint PATH for a trained model.", file=sys.stderr)
+        return Inpainter.from_adapter(args.adapter, device=args.device, batch_size=args.batch_size)
+    raise ValueError("choose a model: --checkpoint PATH, --adapter NAME[:VARIANT] or --baseline NAME")
+
+
+# ---- kdinpaint evaluate -------------------------------------------------------------------------
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from kdinpaint.metrics import CONVENTIONS
+
+    _model_arguments(p)
+    p.add_argument("--images", help="a folder of images or a .flist/.txt file list (default: the bundled sample photos)")
+    p.add_argument("--count", type=int, default=None, help="number of images (default: 10 sample crops, or the whole folder)")
+    p.add_argument("--size", type=int, default=256, help="images are centre-cropped and resized to SIZE x SIZE")
+    p.add_argument("--masks", help="a folder of mask images (NVIDIA irregular masks or similar); mask i for image i, cycling")
+    p.add_argument("--mask-hole", choices=("auto", "white", "black"), default="auto", help="which colour marks holes in --masks")
+    p.add_argument("--mask-generator", choices=("freeform", "rect"), default=None,
+                   help="generated masks instead (default freeform): mask i in Table 1 bucket i mod 4, seeded")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
+    p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.metrics)")
+    p.add_argument("--json", dest="json_path", help="also write the summary and per-image rows as JSON here")
+    p.add_argument("--csv", dest="csv_path", help="also write the summary as CSV here")
+
+
+def _evaluation_images(args: argparse.Namespace) -> tuple[Sequence[torch.Tensor], list[str], str]:
+    from kdinpaint.data import ImageFolder, sample_images
+
+    if args.size < 16:
+        raise ValueError(f"--size must be at least 16 (SSIM's 11x11 window), got {args.size}")
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be positive, got {args.count}")
+    if args.images is None:
+        count = args.count or 10
+        return list(sample_images(args.size, count)), [f"sample{i}" for i in range(count)], f"{count} sample crops"
+    folder = ImageFolder(args.images, size=args.size, crop="center")
+    bad = folder.scan()
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[:3]}", file=sys.stderr)
+    paths = folder.paths[: args.count] if args.count else folder.paths
+
+    class _Lazy(Sequence):  # loads image i on demand: a 12,000-image folder never sits in memory
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+            return folder.load(i)
+
+    names = [os.path.relpath(p, args.images) if os.path.isdir(args.images) else p for p in paths]
+    return _Lazy(), names, f"{len(paths)} images from {args.images}"
+
+
+def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Any, str]:
+    from kdinpaint.inference import generated_masks
+
+    if args.masks and args.mask_generator:
+        raise ValueError("give --masks DIR or --mask-generator, not both")
+    if not args.masks:
+        kind = args.mask_generator or "freeform"
+        return generated_masks(kind, count, args.size, args.seed), f"{kind} masks (seed {args.seed}, bucket i mod 4)"
+    from kdinpaint.data import MaskFolder
+    from kdinpaint.data.masks import mask_to_tensor
+
+    if not os.path.exists(args.masks):
+        raise FileNotFoundError(f"--masks {args.masks!r} does not exist")
+    folder = MaskFolder(args.masks, size=args.size, hole=args.mask_hole)
+    chosen: list[torch.Tensor] = []
+    j = 0
+    while len(chosen) < count and j < count + len(folder):  # skip masks with no hole or no known pixel
+        hole = folder.hole(j % len(folder))
+        if hole.any() and not hole.all():
+            chosen.append(mask_to_tensor(hole))
+        j += 1
+    if len(chosen) < count:
+        raise ValueError(f"{args.masks} has no usable mask (all empty or full with hole={folder.hole_colour!r}); check --mask-hole")
+    return chosen, f"masks from {args.masks} (holes {folder.hole_colour})"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kdinpaint.inference import evaluate_model
+    from kdinpaint.metrics import to_csv, to_json, to_markdown
+
+    inpainter = _inpainter(args)
+    images, names, what_images = _evaluation_images(args)
+    masks, what_masks = _evaluation_masks(args, len(images))
+    bar = _progress(len(images), "evaluate", not args.no_progress)
+    try:
+        rows, summary = evaluate_model(inpainter, images, masks, convention=args.compat, names=names, on_batch=bar.update)
+    finally:
+        bar.close()
+    print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
+    print(to_markdown(summary), end="")
+    if args.json_path:
+        Path(args.json_path).write_text(to_json(summary, rows) + "\n")
+    if args.csv_path:
+        Path(args.csv_path).write_text(to_csv(summary))
+    return 0
+
+
+# ---- kdinpaint inpaint --------------------------------------------------------------------------
+def _inpaint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="an image file, or a folder of images")
+    p.add_argument("mask", help="a mask file (used for every image), or a folder of masks matched by file stem "
+                                "(NAME.* or NAME_mask.*); any size: resized to each image, thresholded")
+    p.add_argument("output", help="the output file (single image) or folder (written as STEM.png, same subfolders)")
+    _model_arguments(p)
+    p.add_argument("--mask-hole", choices=("white", "black"), default="white", help="which colour marks holes in the masks")
+    p.add_argument("--concat", action="store_true", help="write input | mask | result side by side")
+
+
+def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
+    """(image, mask, output) for every image; every missing path is named before anything runs."""
+    from kdinpaint.data import list_images
+
+    src, msk, out = Path(args.input), Path(args.mask), Path(args.output)
+    for label, path in (("input", src), ("mask", msk)):
+        if not path.exists():
+            raise FileNotFoundError(f"{label} {str(path)!r} does not exist")
+    if src.is_file():
+        if msk.is_dir():
+            raise ValueError(f"a single image needs a single mask file, but {str(msk)!r} is a folder")
+        target = out / f"{src.stem}.png" if out.is_dir() or not out.suffix else out
+        return [(src, msk, target)]
+    if out.is_file():
+        raise ValueError(f"input {str(src)!r} is a folder, so the output must be a folder, but {str(out)!r} is a file")
+    images = [Path(p) for p in list_images(src)]
+    if msk.is_file():
+        masks = {None: msk}
+    else:
+        masks = {}
+        for p in map(Path, list_images(msk)):
+            key = str(p.relative_to(msk).with_suffix(""))
+            if key in masks:
+                raise ValueError(f"two masks for {key!r} in {str(msk)!r}: {masks[key].name} and {p.name}; keep one")
+            masks[key] = p
+    jobs, missing = [], []
+    for img in images:
+        rel = img.relative_to(src).with_suffix("")
+        m = masks.get(None) or masks.get(str(rel)) or masks.get(f"{rel}_mask")
+        if m is None:
+            missing.append(str(img))
+            continue
+        jobs.append((img, m, out / rel.with_suffix(".png")))
+    if missing:
+        raise ValueError(f"no mask in {str(msk)!r} for {len(missing)} image(s), e.g. {missing[:3]}; "
+                         "name masks like the images (NAME.png or NAME_mask.png) or pass one mask file for all")
+    return jobs
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from kdinpaint.inference import load_image, load_mask, mask_to_rgb, save_image
+
+    jobs = _inpaint_jobs(args)
+    inpainter = _inpainter(args)
+    skipped: list[str] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor, Path]] = []
+    bar = _progress(len(jobs), "inpaint", not args.no_progress)
+
+    def flush() -> None:
+        if not pending:
+            return
+        image = torch.cat([p[0] for p in pending])  # (b, 3, H, W)
+        mask = torch.cat([p[1] for p in pending])  # (b, 1, H, W)
+        result = inpainter(image, mask)
+        for i, (_, _, target) in enumerate(pending):
+            view = torch.cat([image[i], mask_to_rgb(mask[i : i + 1])[0], result[i]], -1) if args.concat else result[i]
+            save_image(target, view)  # (3, H, W) or (3, H, 3W)
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for img_path, mask_path, target in jobs:
+            try:
+                image = load_image(img_path)
+            except ValueError as e:
+                if len(jobs) == 1:
+                    raise
+                skipped.append(str(img_path))
+                logging.getLogger(__name__).warning("%s", e)
+                bar.update(1)
+                continue
+            mask = load_mask(mask_path, tuple(image.shape[-2:]), args.mask_hole)
+            if not mask.any():
+                print(f"warning: mask {mask_path} has no hole over {img_path}: the output is the input", file=sys.stderr)
+            if pending and (pending[0][0].shape != image.shape or len(pending) >= inpainter.batch_size):
+                flush()
+            pending.append((image, mask, target))
+        flush()
+    finally:
+        bar.close()
+    if skipped:
+        print(f"kdinpaint inpaint: skipped {len(skipped)} unreadable image(s): {skipped[:5]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- kdinpaint bench ----------------------------------------------------------------------------
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", nargs="*", default=None, help="NAME[:VARIANT] ... (default: every installed adapter)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available)")
+    p.add_argument("--size", type=int, default=256, help="image side (Table 2: 256)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (Table 2: 1); ms are per image")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (compilation, caches)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(model) (compilation happens in the warm-up)")
+    p.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: int = 1, warmup: int = 2,
+                  repeats: int = 10, compile: bool = False) -> dict[str, Any]:
+    """Median ms per image of the deployed model's forward at ``size``, and its parameter count."""
+    import statistics
+    import time
+
+    from kdinpaint.calling import CallConvention
+    from kdinpaint.inference import deployed_model
+
+    model, stride = deployed_model(name)
+    params = sum(p.numel() for p in model.parameters())
+    side = -(-size // stride) * stride  # the size the model runs at after padding
+    model = model.to(device)
+    runner = torch.compile(model) if compile else model
+    image = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    mask = torch.zeros(batch_size, 1, side, side, device=device)
+    mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1  # a centre hole of 25 %
+    call_args, call_kwargs = CallConvention(model.model, model.spec.image_arg, model.spec.mask_arg).build(image, mask)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            runner(*call_args, **call_kwargs)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000 / batch_size)
+    return {"model": name, "params": params, "ms": statistics.median(times), "device": str(device), "size": side,
+            "batch_size": batch_size, "repeats": repeats, "compile": compile}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kdinpaint.inference import resolve_device
+    from kdinpaint.plugins import list_adapters
+
+    for key in ("size", "batch_size", "repeats"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    device = resolve_device(args.device)
+    names = [n for arg in args.adapters for n in arg.split(",") if n] if args.adapters else [a.name for a in list_adapters(strict=_strict(args))]
+    rows, failed = [], 0
+    for name in names:
+        try:
+            rows.append(bench_adapter(name, device, args.size, args.batch_size, args.warmup, args.repeats, args.compile))
+        except (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", MemoryError)) as e:  # type: ignore[misc]
+            failed += 1
+            print(f"kdinpaint bench: {name} ran out of memory on {device} at batch size {args.batch_size}: "
+                  f"lower --batch-size ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+        except (ValueError, TypeError, RuntimeError) as e:  # one adapter failing (a compile error) keeps the table
+            failed += 1
+            print(f"kdinpaint bench: {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+    label = f"ms / image ({args.size}×{args.size}, batch {args.batch_size}, {device}{', compiled' if args.compile else ''})"
+    print(f"| Model | Params (M) | {label} |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['ms']:.1f} |")
+    print(f"\nmedian of {args.repeats} forwards after {args.warmup} warm-up; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; parameters of the deployed model (student + completion blocks + PGL)")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
+add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
+add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 add_command("adapters", "list installed adapters (name, variants, provider, description)", _adapters_arguments, cmd_adapters)
 add_command("spec", "show or suggest adapter specs", _spec_arguments, lambda args: 2)
@@ -192,11 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    from kdinpaint.inference import InferenceOutOfMemory
     from kdinpaint.plugins import PluginError
 
     try:
         return int(args.run(args) or 0)
-    except (ValueError, TypeError, PluginError, ImportError, AttributeError) as e:
+    except (ValueError, TypeError, PluginError, ImportError, AttributeError, OSError, InferenceOutOfMemory) as e:
         print(f"kdinpaint {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,442 @@
+"""Running an inpainting model on real images: padding to the stride, batching, compositing, file I/O.
+
+An :class:`Inpainter` wraps what is deployed — a checkpoint rebuilt by :func:`~kdinpaint.export.load_checkpoint`,
+an adapter's student with its completion blocks (:func:`deployed_model`), or a weight-free baseline of
+:mod:`kdinpaint.baselines` — and runs it on images of any size:
+
+1. the known pixels are kept and the holes blanked (:func:`~kdinpaint.masking.masked`), so no model ever
+   sees the ground truth under its hole, whatever it does with its input;
+2. image and mask are padded once, here, to a multiple of the network's stride (:func:`pad_to_multiple`);
+   no model pads for itself;
+3. the model runs in batches under ``torch.inference_mode`` in eval mode on the chosen device (its
+   train/eval mode is restored afterwards, so training code can evaluate mid-run);
+4. the prediction (the spec's ``output``) is cropped back, clamped to [-1, 1] and composited:
+   ``pred ⊙ M + image ⊙ (1 - M)``; known pixels are the input's, bit for bit.
+
+Padding: the border is split evenly (the odd pixel goes bottom/right) and both image and mask are mirrored
+(``reflect``, the edge pixel not repeated; ``replicate`` when the image is too small to mirror). The mask is
+mirrored rather than padded as known: a mirrored hole stays a hole, so the padding never shows the network
+content that the mask hides. The padded area never counts as hole anywhere else: it is cropped away before
+compositing and before any metric (hole ratios are those of the unpadded mask).
+
+Mask files (:func:`load_mask`): luminance, white = hole by default; thresholded at half the range of the
+stored values (0/255 and 0/1 label PNGs alike; grey JPEG artefacts go to the nearer side); then resized with
+nearest-neighbour sampling to the image size, so a mask of another size is adapted, not refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.export import CompletedModel
+from kdinpaint.masking import check_mask, masked
+from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, evaluate, summarize
+
+__all__ = [
+    "Crop",
+    "InferenceOutOfMemory",
+    "Inpainter",
+    "default_device",
+    "resolve_device",
+    "pad_to_multiple",
+    "unpad",
+    "deployed_model",
+    "evaluate_model",
+    "generated_masks",
+    "load_image",
+    "load_mask",
+    "save_image",
+    "mask_to_rgb",
+]
+
+log = logging.getLogger(__name__)
+
+Crop = tuple[int, int, int, int]
+"""``(top, left, height, width)`` of the original image inside a padded one."""
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class InferenceOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the batch size to lower."""
+
+
+# ---- devices ------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    """The first available of ``cuda``, ``mps``, ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``None`` / ``"auto"``: :func:`default_device`; otherwise the named device, refused if absent here."""
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device {default_device()}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} requested but MPS is not available here; use --device {default_device()}")
+    return device
+
+
+# ---- padding ------------------------------------------------------------------------------------
+def pad_to_multiple(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+    """Pad ``image`` ``(B, C, H, W)`` and ``mask`` ``(B or 1, 1, H, W)`` so H and W are multiples of ``multiple``.
+
+    Both are mirrored (see the module docstring for why the mask is mirrored too); returns the padded
+    image ``(B, C, H', W')``, mask ``(., 1, H', W')`` with ``H' = ceil(H / multiple) * multiple`` and the
+    :data:`Crop` that :func:`unpad` takes. Nothing is copied when no padding is needed.
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is {tuple(mask.shape[-2:])} (H, W)")
+    H, W = image.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    top, left = ph // 2, pw // 2
+    crop = (top, left, H, W)
+    if ph == 0 and pw == 0:
+        return image, mask, crop
+    pad = (left, pw - left, top, ph - top)  # F.pad order: (left, right, top, bottom)
+    mode = "reflect" if max(top, ph - top) < H and max(left, pw - left) < W else "replicate"
+    return F.pad(image, pad, mode=mode), F.pad(mask, pad, mode=mode), crop
+
+
+def unpad(x: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """The original ``(…, H, W)`` window of a tensor padded by :func:`pad_to_multiple`."""
+    top, left, H, W = crop
+    return x[..., top : top + H, left : left + W]
+
+
+# ---- the inpainter ------------------------------------------------------------------------------
+def _model_device(model: Any) -> torch.device:
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return torch.device("cpu")
+
+
+class Inpainter:
+    """A model with what it takes to run it on any image: stride, call convention, device, batch size.
+
+    Args:
+        model: an ``nn.Module`` called as ``spec`` says, or any callable ``(image, mask) -> prediction``
+            (the weight-free baselines).
+        stride: H and W the model accepts are multiples of this (:class:`~kdinpaint.adapter.Adapter.stride`).
+        spec: an :class:`~kdinpaint.spec.AdapterSpec` (or anything with ``image_arg``, ``mask_arg`` and
+            ``output``); ``None``: ``model(image, mask)`` returns the prediction.
+        device: where the model runs (moved there); ``None``: where its parameters already are.
+        batch_size: images per forward.
+        name: how tables and messages call it.
+
+    ``inpainter(image, mask)``: image ``(B, 3, H, W)`` in [-1, 1] on any device, mask ``(B or 1, 1, H, W)``
+    in {0, 1} with 1 = hole; returns the composite ``(B, 3, H, W)`` in [-1, 1] on the image's device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[torch.Tensor, torch.Tensor], Any],
+        *,
+        stride: int = 1,
+        spec: Any = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 1,
+        name: str | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable (image, mask) -> prediction, got {type(model).__name__}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.device = resolve_device(device) if device is not None else _model_device(model)
+        if isinstance(model, nn.Module):
+            model = model.to(self.device)
+        self.model = model
+        self.stride = stride
+        self.spec = spec
+        self.batch_size = batch_size
+        self.name = name or getattr(spec, "name", None) or getattr(model, "__name__", type(model).__name__)
+        self._call = None
+        if spec is not None and isinstance(model, nn.Module):
+            inner = model.model if isinstance(model, CompletedModel) else model  # bind by the student's signature
+            self._call = CallConvention(inner, spec.image_arg, spec.mask_arg)
+
+    # -- constructors
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], expected: str | None = None, *,
+                        device: str | torch.device | None = None, batch_size: int = 1) -> "Inpainter":
+        """A file written by ``save_exported(..., adapter="name:variant")``; ``expected`` refuses another adapter."""
+        from kdinpaint.export import load_checkpoint
+        from kdinpaint.plugins import get_adapter
+
+        device = resolve_device(device)
+        model, which = load_checkpoint(path, expected, device=device)
+        stride = get_adapter(which.partition(":")[0]).stride
+        return cls(model.eval(), stride=stride, spec=model.spec, device=device, batch_size=batch_size,
+                   name=f"{which.rstrip(':')} ({Path(path).name})")
+
+    @classmethod
+    def from_adapter(cls, name: str, *, device: str | torch.device | None = None, batch_size: int = 1,
+                     builder_kwargs: dict | None = None) -> "Inpainter":
+        """An adapter's deployed student with **random weights** (logged as a warning): for smoke tests."""
+        model, stride = deployed_model(name, builder_kwargs)
+        log.warning("%s runs with random weights (no checkpoint): its output is noise", name)
+        return cls(model, stride=stride, spec=model.spec, device=resolve_device(device), batch_size=batch_size,
+                   name=f"{name} (random weights)")
+
+    @classmethod
+    def from_baseline(cls, name: str, *, batch_size: int = 1) -> "Inpainter":
+        """A weight-free baseline of :mod:`kdinpaint.baselines` (``biharmonic``, ``telea``, ``ns``, ``mean``); CPU."""
+        from kdinpaint.baselines import get_baseline
+
+        return cls(get_baseline(name), batch_size=batch_size, name=name)
+
+    # -- running
+    def _forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, m, crop = pad_to_multiple(masked(image, mask), mask, self.stride)
+        if self._call is not None:
+            args, kwargs = self._call.build(x, m)
+            raw = self.model(*args, **kwargs)
+        else:
+            raw = self.model(x, m)
+        pred = unpad(select_output(raw, getattr(self.spec, "output", None)), crop)
+        if pred.shape != image.shape:
+            raise ValueError(f"{self.name} returned {tuple(pred.shape)} for an input of {tuple(image.shape)}; "
+                             "set the spec's `output` to the image prediction")
+        # where(), not pred*M + image*(1-M): known pixels stay the input's bit for bit, even next to a NaN
+        return torch.where(mask.bool(), pred.to(image.dtype).clamp(-1, 1), image)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be a (B, 3, H, W) tensor in [-1, 1], got {getattr(image, 'shape', type(image))}")
+        if not image.is_floating_point():
+            raise TypeError(f"image must be a float tensor in [-1, 1], got {image.dtype}; map uint8 with x / 127.5 - 1")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1.01 or hi > 1.01:
+            raise ValueError(f"image values are in [{lo:g}, {hi:g}] but must be in [-1, 1]; map [0, 1] images with x * 2 - 1")
+        check_mask(mask, image)
+        mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
+        out = torch.empty_like(image)
+        module = self.model if isinstance(self.model, nn.Module) else None
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.eval()
+        try:
+            with torch.inference_mode():
+                for s in range(0, image.shape[0], self.batch_size):
+                    x = image[s : s + self.batch_size].to(self.device)
+                    m = mask[s : s + self.batch_size].to(self.device)
+                    try:
+                        out[s : s + self.batch_size] = self._forward(x, m).to(out.device)
+                    except _OOM as e:
+                        raise self._oom(x, e) from e
+                    except RuntimeError as e:
+                        if "out of memory" not in str(e).lower():
+                            raise
+                        raise self._oom(x, e) from e
+        finally:
+            if module is not None:
+                module.train(was_training)
+        return out
+
+    def _oom(self, x: torch.Tensor, error: Exception) -> InferenceOutOfMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = f"{x.shape[-2]}x{x.shape[-1]}"
+        if self.batch_size > 1:
+            fix = f"lower --batch-size (batch_size=) from {self.batch_size} to {max(1, self.batch_size // 2)}"
+        else:
+            fix = "the batch size is already 1: use smaller images (--size) or another device (--device cpu)"
+        return InferenceOutOfMemory(f"{self.name} ran out of memory on {self.device} at batch size {self.batch_size} "
+                                    f"({size} images): {fix}. ({str(error).splitlines()[0][:200]})")
+
+    def __repr__(self) -> str:
+        return f"Inpainter({self.name!r}, stride={self.stride}, device={self.device}, batch_size={self.batch_size})"
+
+
+def deployed_model(name: str, builder_kwargs: dict | None = None) -> tuple[nn.Module, int]:
+    """What an adapter deploys: its student with the spec's completion blocks and PGL attached, exported.
+
+    ``name`` is ``"adapter[:variant]"``; the teacher is built only when the spec needs one to attach.
+    Returns the :class:`~kdinpaint.export.CompletedModel` (eval mode, random weights) and the adapter's stride.
+    """
+    from kdinpaint.attach import attach
+    from kdinpaint.plugins import get_adapter
+
+    base, _, variant = name.partition(":")
+    adapter = get_adapter(base)
+    spec = adapter.spec.variant(variant or None)
+    kwargs = dict(builder_kwargs or {})
+    student = adapter.student(variant or None, **kwargs)
+    teacher = adapter.teacher(variant or None, **kwargs) if spec.needs_teacher else None
+    kd = attach(student, teacher, spec)
+    try:
+        model = kd.export()
+    finally:
+        kd.detach()
+    return model.eval(), adapter.stride
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def _item(x: Any, key: str) -> torch.Tensor:
+    return x[key] if isinstance(x, dict) else x
+
+
+def evaluate_model(
+    inpainter: Inpainter,
+    images: torch.Tensor | Sequence[Any],
+    masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    convention: str = "default",
+    names: Sequence[str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[MetricRow], dict[str, object]]:
+    """Inpaint every image and score it: per-image :class:`~kdinpaint.metrics.MetricRow` s and their Table 1 summary.
+
+    Args:
+        inpainter: the model to evaluate (wrap a bare network as ``Inpainter(model, stride=, spec=)``).
+        images: ``(N, 3, H, W)`` in [-1, 1], or a sequence of ``(3, H, W)`` tensors or of dicts with
+            ``"image"`` (and ``"mask"`` when ``masks`` is None: an :class:`~kdinpaint.data.InpaintingDataset`).
+        masks: ``(N, 1, H, W)`` in {0, 1}, 1 = hole, or a sequence of ``(1, H, W)`` (mask ``i`` for image ``i``).
+        convention: metric convention of :mod:`kdinpaint.metrics` (``default``, ``edgeconnect``, ``rn``, ``mmagic``).
+        names: one per image (default ``"0"``, ``"1"``, ...).
+        on_batch: called with the number of images of each finished batch (progress bars).
+
+    Returns ``(rows, summary)``; ``summary`` is :func:`~kdinpaint.metrics.summarize` of the rows (Table 1
+    buckets and ``all``), ready for ``to_markdown`` / ``to_csv`` / ``to_json``.
+    """
+    if not isinstance(inpainter, Inpainter):
+        raise TypeError(f"evaluate_model takes an Inpainter, got {type(inpainter).__name__}; "
+                        "wrap a network as Inpainter(model, stride=adapter.stride, spec=adapter.spec)")
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    if masks is None and not isinstance(images[0], dict):
+        raise ValueError("masks=None needs images whose items are dicts with 'image' and 'mask'")
+    if masks is not None and len(masks) != n:
+        raise ValueError(f"{n} images but {len(masks)} masks; give one mask per image")
+    if names is not None and len(names) != n:
+        raise ValueError(f"{n} images but {len(names)} names")
+    rows: list[MetricRow] = []
+    bs = inpainter.batch_size
+    for s in range(0, n, bs):
+        idx = range(s, min(n, s + bs))
+        items = [images[i] for i in idx]
+        image = torch.stack([_item(it, "image") for it in items])  # (b, 3, H, W)
+        mask = torch.stack([masks[i] for i in idx] if masks is not None else [it["mask"] for it in items])
+        pred = inpainter(image, mask)
+        batch_names = [names[i] for i in idx] if names is not None else [str(i) for i in idx]
+        rows += evaluate(pred, image, mask, convention=convention, names=batch_names)  # type: ignore[arg-type]
+        if on_batch is not None:
+            on_batch(len(idx))
+    return rows, summarize(rows)
+
+
+def generated_masks(kind: Literal["freeform", "rect"], count: int, size: int | tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """``count`` evaluation masks ``(count, 1, H, W)``: mask ``i`` in Table 1 bucket ``i mod 4``.
+
+    Mask ``i`` is drawn by :class:`~kdinpaint.data.FreeFormMasks` (``freeform``) or
+    :class:`~kdinpaint.data.RectangleMasks` (``rect``) restricted to the hole-ratio bucket
+    ``TABLE1_BUCKETS[i % 4]``, with the generator ``rng_for(seed, i)``: the same on every machine, and
+    every column of the table gets images.
+    """
+    from kdinpaint.data import FreeFormMasks, RectangleMasks, rng_for
+    from kdinpaint.data.masks import mask_to_tensor
+
+    makers = {"freeform": FreeFormMasks, "rect": RectangleMasks}
+    if kind not in makers:
+        raise ValueError(f"unknown mask generator {kind!r}; choose one of {sorted(makers)}")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    sources = [makers[kind](ratio=b) for b in TABLE1_BUCKETS]
+    return torch.stack([mask_to_tensor(sources[i % len(sources)].sample(rng_for(seed, i), hw)) for i in range(count)])
+
+
+# ---- files --------------------------------------------------------------------------------------
+def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """An image file as ``(1, 3, H, W)`` float32 in [-1, 1] (grey replicated, alpha dropped, 16-bit scaled)."""
+    from kdinpaint.data.images import read_image, to_tensor
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        return to_tensor(read_image(path))[None]
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {str(path)!r} ({type(e).__name__}: {e})") from None
+
+
+def load_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None,
+              hole: Literal["white", "black"] = "white") -> torch.Tensor:
+    """A mask file as ``(1, 1, H, W)`` float32 in {0, 1}, 1 = hole, resized to ``size = (H, W)`` (nearest).
+
+    The file's luminance is thresholded at half its range: ``> 0.5`` of full scale for ordinary masks;
+    a file whose values are all 0 or 1 (a label PNG) is read as those labels. ``hole="black"`` inverts.
+    """
+    if hole not in ("white", "black"):
+        raise ValueError(f"hole must be 'white' or 'black', got {hole!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr, full = np.asarray(im, dtype=np.float64), (1.0 if im.mode == "F" else 65535.0)
+            else:
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA").convert("RGB")
+                arr, full = np.asarray(im.convert("L"), dtype=np.float64), 255.0
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read mask {str(path)!r} ({type(e).__name__}: {e})") from None
+    if full > 1 and arr.max() <= 1:  # a 0/1 label image
+        full = 1.0
+    white = arr > full / 2
+    hole_map = white if hole == "white" else ~white
+    if size is not None and hole_map.shape != tuple(size):
+        h, w = size
+        hole_map = np.asarray(Image.fromarray(hole_map.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    return torch.from_numpy(hole_map.astype(np.float32))[None, None]
+
+
+def save_image(path: str | os.PathLike[str], image: torch.Tensor) -> None:
+    """Write ``(3, H, W)`` or ``(1, 3, H, W)`` in [-1, 1] as an 8-bit file (format from the suffix), rounded."""
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"save_image writes one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"save_image takes (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Image.fromarray(arr).save(path)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot write {str(path)!r} ({e}); use a .png or .jpg file name") from None
+
+
+def mask_to_rgb(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` mask → ``(B, 3, H, W)`` image in [-1, 1], white = hole (for side-by-side views)."""
+    return (mask * 2 - 1).expand(-1, 3, -1, -1)

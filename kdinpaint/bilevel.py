@@ -24,6 +24,7 @@ hypergradient is averaged over ranks.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -56,6 +57,14 @@ class MetaLearner:
         inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate).
         lambda_d: weight of the distillation terms in ``L_tot`` (the paper: 20).
         meta_lr: learning rate of the default meta optimiser.
+        forward_module: what the ordinary steps call (e.g. the DDP-wrapped Distiller, so that gradients are
+            synchronised); default ``kd``.
+        backward: ``loss -> None`` for the ordinary steps (e.g. ``accelerator.backward``); default ``loss.backward()``.
+        autocast: a context-manager factory for the ordinary steps' forward (mixed precision); the
+            hypergradient always runs in the parameters' own precision.
+
+    After :meth:`step`, ``last_output`` holds the last ordinary step's prediction (detached), e.g. for a
+    discriminator step.
     """
 
     def __init__(
@@ -70,6 +79,9 @@ class MetaLearner:
         inner_lr: float | None = None,
         lambda_d: float = 20.0,
         meta_lr: float = 1e-4,
+        forward_module: nn.Module | None = None,
+        backward: Callable[[torch.Tensor], None] | None = None,
+        autocast: Callable[[], Any] | None = None,
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
@@ -79,6 +91,10 @@ class MetaLearner:
         if self.steps < 1:
             raise ValueError(f"steps (T of Algorithm 1) must be >= 1, got {self.steps}")
         self.theta_optimizer = theta_optimizer
+        self.forward_module = forward_module if forward_module is not None else kd
+        self.backward = backward if backward is not None else torch.Tensor.backward
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext
+        self.last_output: torch.Tensor | None = None
         psi_ids = {id(p) for p in kd.meta_parameters()}
         held = [p for group in theta_optimizer.param_groups for p in group["params"] if id(p) in psi_ids]
         if held:
@@ -96,25 +112,32 @@ class MetaLearner:
         self._theta_names = [n for n, p in kd.named_parameters() if id(p) in theta_ids and p.requires_grad]
 
     # ---- one batch ------------------------------------------------------------------------------
-    def step(self, inputs: tuple | dict, target: torch.Tensor) -> dict[str, float]:
+    def step(self, inputs: tuple | dict, target: torch.Tensor, kwargs: dict | None = None) -> dict[str, float]:
         """Algorithm 1 on one batch: T theta steps, then one Psi step. Returns the logged losses.
 
         ``inputs``: the student's call, a tuple of positional arguments (e.g. ``(masked_image, mask)``) or
-        a dict of keyword arguments. ``target``: the ground truth ``(B, 3, H, W)`` in [-1, 1].
+        a dict of keyword arguments; ``kwargs``: keyword arguments beside positional ones.
+        ``target``: the ground truth ``(B, 3, H, W)`` in [-1, 1].
         """
-        args, kwargs = (tuple(inputs), {}) if not isinstance(inputs, dict) else ((), dict(inputs))
+        if isinstance(inputs, dict):
+            args, kwargs = (), {**inputs, **(kwargs or {})}
+        else:
+            args, kwargs = tuple(inputs), dict(kwargs or {})
         kd = self.kd
         params = dict(kd.named_parameters())
         theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self.mode != "frozen" else {}
         logs: dict[str, float] = {}
         with kd.reusing_teacher():
+            mask = kd._call.get(args, kwargs, "mask")
             for t in range(self.steps):
-                out, kd_losses = kd(*args, kd_target=target, **kwargs)
-                mask = kd._call.get(args, kwargs, "mask")
-                l_inp = self.inpaint_loss(select_output(out, kd.spec.output), target, mask)
-                l_tot = l_inp + self.lambda_d * kd_losses["total"]
+                with self.autocast():
+                    out, kd_losses = self.forward_module(*args, kd_target=target, **kwargs)
+                    pred = select_output(out, kd.spec.output)
+                    l_inp = self.inpaint_loss(pred, target, mask)
+                    l_tot = l_inp + self.lambda_d * kd_losses["total"]
+                self.last_output = pred.detach()
                 self.theta_optimizer.zero_grad(set_to_none=True)
-                l_tot.backward()
+                self.backward(l_tot)
                 for n in self._psi_names:  # Psi is not trained by the theta step
                     params[n].grad = None
                 self.theta_optimizer.step()

@@ -9,6 +9,7 @@ from kdinpaint.data.generators import EvalMasks, FreeFormMasks, RectangleMasks, 
 from kdinpaint.data.images import IMAGE_EXTENSIONS, ImageFolder, list_images, read_image
 from kdinpaint.data.masks import MaskFolder, detect_hole_colour, read_mask
 from kdinpaint.data.samples import SAMPLE_NAMES, sample_images, sample_photo
+from kdinpaint.data.training import TrainingStream
 
 __all__ = [
     "InpaintingDataset",
@@ -26,4 +27,5 @@ __all__ = [
     "SAMPLE_NAMES",
     "sample_images",
     "sample_photo",
+    "TrainingStream",
 ]

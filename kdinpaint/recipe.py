@@ -1,0 +1,223 @@
+"""Training recipes: YAML -> validated dataclasses (unknown keys and wrong types rejected) -> arguments.
+
+Only ``recipes/train.py`` reads a whole recipe; library code receives plain arguments. A recipe has fixed
+sections; every key has a default, so a recipe names only what differs. Command-line overrides are dotted
+``key=value`` pairs parsed as YAML scalars (``optim.lr=3e-4``, ``train.steps=100``, ``losses.vgg=null``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = ["Recipe", "load_recipe", "apply_overrides"]
+
+
+@dataclass
+class ModelSection:
+    """The network: a registered adapter (``name:variant``) and keyword arguments of its builder."""
+
+    adapter: str = "reference"
+    kwargs: dict = field(default_factory=dict)
+    init: Optional[str] = None  # fine-tune from these weights (the adapter's checkpoint_filter_fn remaps official ones)
+
+
+@dataclass
+class TeacherSection:
+    """The auxiliary network (Eq. 2, 3, 9): pre-trained as an L1 autoencoder of the ground truth (§4)."""
+
+    steps: int = 1000  # stage "teacher"; 0 with `weights` given skips it
+    lr: float = 1e-4
+    weights: Optional[str] = None  # a pre-trained teacher (safetensors state_dict)
+
+
+@dataclass
+class DataSection:
+    """Images: ``sample`` = the photographs bundled with scikit-image / scikit-learn, or a folder / .flist."""
+
+    images: str = "sample"
+    eval_images: str = "sample"
+    size: int = 256
+    crop: str = "random"
+    sample_count: int = 10  # crops per bundled photo set when images = sample
+    eval_count: int = 10
+    workers: int = 2
+
+
+@dataclass
+class MaskSection:
+    """Masks: ``freeform`` / ``rect`` generators or an NVIDIA irregular-mask folder (its path)."""
+
+    train: str = "freeform"
+    eval: str = "freeform"
+    hole: str = "auto"  # hole colour of a mask folder: white | black | auto
+    seed: int = 0
+
+
+@dataclass
+class LossSection:
+    """Eq. (11): lambda_r R_recon + lambda_d (R_distil + R_att) + lambda_s R_style, plus the adversarial term."""
+
+    lambda_r: float = 1.0
+    lambda_d: float = 20.0
+    lambda_s: float = 150.0
+    recon_padding: str = "reflect"  # GMCNN's PyTorch release; "zeros" (its TF release) also works below 64×64
+    style_preset: str = "pconv"
+    vgg: Optional[str] = "vgg16.tv_in1k"  # timm name or a local weights file
+    allow_random_vgg: bool = False  # random VGG weights (demos and tests only)
+    adversarial: float = 0.1  # Region Normalization's discriminator; 0 switches it off
+    gan_loss: str = "nsgan"
+    d_lr_ratio: float = 0.1
+
+
+@dataclass
+class MetaSection:
+    """Algorithm 1: how Psi is trained (``reverse_hg`` | ``first_order`` | ``frozen``), T, and its optimiser."""
+
+    mode: str = "reverse_hg"
+    steps: int = 2
+    lr: float = 1e-4
+    inner_lr: Optional[float] = None  # alpha of the differentiable SGD steps (default: optim.lr)
+
+
+@dataclass
+class OptimSection:
+    """The paper: Adam, learning rate 1e-4, batch size 6."""
+
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 6
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000  # optimiser steps of the student stage (theta steps)
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/reference"
+    every: int = 500  # steps between checkpoints (accelerate save_state, written atomically)
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    sample_every: int = 500  # sample grids (masked | output | ground truth) as PNG
+    tensorboard: bool = True  # when tensorboard is installed
+
+
+@dataclass
+class Recipe:
+    """A training recipe; see ``recipes/reference.yaml`` for every key with a comment."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    masks: MaskSection = field(default_factory=MaskSection)
+    losses: LossSection = field(default_factory=LossSection)
+    meta: MetaSection = field(default_factory=MetaSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("data", "crop"): ("random", "center", "resize"),
+    ("meta", "mode"): ("reverse_hg", "first_order", "frozen"),
+    ("train", "mixed_precision"): ("no", "fp16", "bf16"),
+    ("masks", "hole"): ("white", "black", "auto"),
+    ("losses", "gan_loss"): ("nsgan", "lsgan", "hinge"),
+    ("losses", "recon_padding"): ("reflect", "zeros"),
+}
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` converted to the annotated type, or a TypeError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _check(value, next(a for a in args if a is not type(None)), where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool, list, dict) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise TypeError(f"recipe key {where} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"recipe section {name!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in unknown]} in the recipe; valid keys of {name}: {valid}")
+    values = {}
+    for key, value in data.items():
+        values[key] = _check(value, hints[key], f"{name}.{key}")
+        choices = _CHOICES.get((name, key))
+        if choices and values[key] not in choices:
+            raise ValueError(f"recipe key {name}.{key}={values[key]!r} is not one of {list(choices)}")
+    return cls(**values)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    if not isinstance(data, dict):
+        raise TypeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    hints = typing.get_type_hints(Recipe)
+    sections = [f.name for f in dataclasses.fields(Recipe)]
+    unknown = [k for k in data if k not in sections]
+    if unknown:
+        raise ValueError(f"unknown recipe section(s) {unknown}; valid sections: {sections}")
+    recipe = Recipe(**{k: _section(hints[k], v or {}, k) for k, v in data.items()})
+    if recipe.optim.batch_size < 1 or recipe.train.steps < 0 or recipe.data.size % 8:
+        raise ValueError("optim.batch_size must be >= 1, train.steps >= 0 and data.size a multiple of 8")
+    return recipe
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` with dotted ``section.key=value`` overrides applied (values parsed as YAML scalars)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        section, name = parts
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ValueError(f"override {item!r}: {section!r} is not a section")
+        data[section][name] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load``), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return recipe_from_dict(apply_overrides(data, list(overrides)))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,349 @@
+"""Train an inpainting network with distillation-guided supervision (Suin et al., ICCV 2021).
+
+    accelerate launch recipes/train.py                                   # recipes/demo.yaml: bundled photos, minutes on CPU
+    accelerate launch recipes/train.py --config recipes/reference.yaml data.images=/data/places2/train.flist
+    torchrun --nproc_per_node 2 recipes/train.py train.steps=20         # two processes (gloo on CPU)
+
+Stages (``--stage``): ``teacher`` pre-trains the auxiliary network as an L1 autoencoder of the ground
+truth (§4); ``student`` trains the inpainting network with Eq. (11), the meta-networks by Algorithm 1 and
+the discriminator; ``all`` (default) runs the teacher stage when no teacher weights exist yet, then the
+student. Overrides are dotted ``section.key=value`` pairs; unknown keys are refused.
+
+A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.safetensors``,
+``checkpoints/step_XXXXXXX`` (accelerate ``save_state``, written to a temporary folder and renamed, so a
+killed run resumes from the last complete one), ``metrics.jsonl``, ``samples/step_XXXXXXX.png``
+(masked | output | ground truth), ``student.safetensors`` (the exported network) and ``report.md``
+(the Table 1 layout on the evaluation set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+import kdinpaint
+from kdinpaint import data as kdata
+from kdinpaint import metrics
+from kdinpaint.bilevel import MetaLearner
+from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
+from kdinpaint.losses.reconstruction import spatially_varying_l1
+from kdinpaint.losses.style import VGGStyleLoss
+from kdinpaint.masking import composite, masked
+from kdinpaint.recipe import Recipe, load_recipe
+
+log = logging.getLogger("kdinpaint.train")
+DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
+TABLE1_BUCKETS = [(0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5)]
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -> torch.Tensor | kdata.ImageFolder:
+    """``sample``: crops of the bundled photos (the last two photos are held out for evaluation)."""
+    if source == "sample":
+        names = kdata.SAMPLE_NAMES[-2:] if held_out else kdata.SAMPLE_NAMES[:-2]
+        return kdata.sample_images(size, count, names=names)
+    if not Path(source).exists():
+        raise FileNotFoundError(f"data path {source!r} does not exist; give an image folder, a .flist, or 'sample'")
+    return kdata.ImageFolder(source, size, crop if not held_out else "center")
+
+
+def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None):
+    if kind == "freeform":
+        return kdata.FreeFormMasks(ratio=ratio)
+    if kind == "rect":
+        return kdata.RectangleMasks(ratio=ratio) if ratio else kdata.RectangleMasks()
+    if not Path(kind).exists():
+        raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform' or 'rect'")
+    return kdata.MaskFolder(kind, size, hole=hole, ratio=ratio)
+
+
+def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation images and fixed masks spread over the Table 1 buckets (10-20 % ... 40-50 %)."""
+    d, m = recipe.data, recipe.masks
+    images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
+    images = images if isinstance(images, torch.Tensor) else torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
+    masks = []
+    for i in range(len(images)):
+        lo_hi = TABLE1_BUCKETS[i % len(TABLE1_BUCKETS)]
+        fixed = kdata.EvalMasks(mask_source(m.eval, d.size, m.hole, lo_hi), 1, size=d.size, seed=m.seed * 1000 + i)
+        masks.append(fixed[0])
+    return images, torch.stack(masks)
+
+
+# ---- models ----------------------------------------------------------------------------------------
+def build_models(recipe: Recipe):
+    name, _, variant = recipe.model.adapter.partition(":")
+    adapter = kdinpaint.get_adapter(name)
+    spec = adapter.spec.variant(variant or None)
+    student = adapter.student(variant or None, **recipe.model.kwargs)
+    teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
+    if recipe.model.init:
+        state = load_file(recipe.model.init) if recipe.model.init.endswith(".safetensors") else torch.load(recipe.model.init, map_location="cpu", weights_only=True)
+        if adapter.checkpoint_filter_fn is not None:
+            state = adapter.checkpoint_filter_fn(state, student)
+        student.load_state_dict(state)
+        teacher.load_state_dict(state)  # the teacher starts from the same weights, then learns to reconstruct
+    return adapter, variant, spec, student, teacher
+
+
+def checkpoints_of(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step_*"))
+
+
+def save_checkpoint(accelerator: Accelerator, run: Path, step: int, keep: int) -> None:
+    """accelerate save_state into a temporary folder, then an atomic rename: only complete ones get a name."""
+    final = run / "checkpoints" / f"step_{step:07d}"
+    tmp = run / "checkpoints" / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for old in checkpoints_of(run)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
+    """Rows of masked | output | ground truth, as PNG."""
+    from PIL import Image
+
+    rows = torch.cat([masked_image, output, target], dim=-1)[:4]  # (B, 3, H, 3W)
+    grid = torch.cat(list(rows), dim=-2)  # (3, B*H, 3W)
+    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# ---- stages ----------------------------------------------------------------------------------------
+def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.TrainingStream, path: Path) -> None:
+    """Stage ``teacher``: L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN.
+
+    It has an Accelerator of its own, so the student stage's checkpoints hold only the student's state.
+    """
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=_no_accelerator())
+    opt = torch.optim.Adam(teacher.parameters(), lr=recipe.teacher.lr, betas=tuple(recipe.optim.betas))
+    loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=recipe.data.workers)
+    model, opt, loader = accelerator.prepare(teacher, opt, loader)
+    call = CallConvention(teacher, spec.image_arg, spec.mask_arg)
+    model.train()
+    batches = iter(loader)
+    for step in range(1, recipe.teacher.steps + 1):
+        image = next(batches)["image"]
+        args, kwargs = call.build(image, torch.zeros_like(image[:, :1]))
+        with accelerator.autocast():
+            pred = select_output(model(*args, **kwargs), spec.output)
+            loss = (pred - image).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        if step % recipe.log.every == 0 or step == recipe.teacher.steps:
+            accelerator.print(f"teacher {step}/{recipe.teacher.steps}  L1 {loss.item():.4f}")
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    accelerator.wait_for_everyone()
+
+
+def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None) -> None:
+    adapter, variant, spec, student, teacher = parts
+    teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
+    needs_teacher = spec.needs_teacher or (spec.self_distillation and bool(spec.encoder_levels))
+    kd = kdinpaint.attach(student, teacher if needs_teacher else None, spec)
+    kd.to(accelerator.device)
+    L = recipe.losses
+    style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if L.lambda_s > 0 else None
+
+    theta = [*student.parameters(), *kd.student_parameters()]
+    theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
+    meta_params = list(kd.meta_parameters())
+    meta_opt = torch.optim.Adam(meta_params, lr=recipe.meta.lr) if meta_params else None
+    disc = PatchDiscriminator() if L.adversarial > 0 else None
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=recipe.optim.lr * L.d_lr_ratio, betas=(0.0, 0.9)) if disc else None
+
+    prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], loader)
+    wrapped, theta_opt, *rest, loader = prepared
+    meta_opt = rest.pop(0) if meta_opt is not None else None
+    disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
+
+    def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial."""
+        loss = L.lambda_r * spatially_varying_l1(pred, target, mask, padding=L.recon_padding)
+        if style is not None:
+            loss = loss + L.lambda_s * style(pred, target, mask)["style"]
+        if disc is not None:
+            loss = loss + L.adversarial * generator_adv_loss(disc(composite(pred, target, mask))[0], L.gan_loss)
+        return loss
+
+    learner = MetaLearner(
+        kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps,
+        inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d,
+        forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
+    )
+
+    start = 0
+    done = checkpoints_of(run)
+    if recipe.checkpoint.resume and done:
+        accelerator.load_state(str(done[-1]))
+        start = int(done[-1].name.split("_")[1])
+        accelerator.print(f"resumed from {done[-1]} (step {start})")
+    batches_per_step = 1  # each loader batch is one Algorithm-1 block of meta.steps theta steps
+    total = recipe.train.steps // recipe.meta.steps
+    loader = accelerator.skip_first_batches(loader, start // recipe.meta.steps * batches_per_step) if start else loader
+    metrics_file = run / "metrics.jsonl"
+    progress = _progress(accelerator, total, start // recipe.meta.steps)
+    t0 = time.time()
+    for block, batch in enumerate(loader, start=start // recipe.meta.steps + 1):
+        image, mask = batch["image"], batch["mask"]
+        args, kwargs = kd._call.build(masked(image, mask), mask)
+        logs = learner.step(args, image, kwargs)
+        step = block * recipe.meta.steps
+        if disc is not None:  # the discriminator step, on the last prediction of the block
+            fake = composite(learner.last_output, image, mask)
+            with accelerator.autocast():
+                d_loss = discriminator_loss(disc(image)[0], disc(fake.detach())[0], L.gan_loss)
+            disc_opt.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            disc_opt.step()
+            logs["loss_d"] = d_loss.item()
+        progress.update(1)
+        if accelerator.is_main_process and (step % recipe.log.every == 0 or block == total):
+            record = {"step": step, "time": round(time.time() - t0, 2), **{k: round(v, 6) for k, v in logs.items()}}
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
+        if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0:
+            sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+            save_checkpoint(accelerator, run, step, recipe.checkpoint.keep)
+        if stop_after is not None and step >= start + stop_after:
+            accelerator.print(f"stopping abruptly after step {step} (--stop-after)")
+            sys.stdout.flush()
+            os._exit(3)  # as if killed: nothing after the last checkpoint is saved
+        if block >= total:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    finish(recipe, accelerator, kd, adapter, variant, run)
+
+
+def _progress(accelerator: Accelerator, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="student", unit="block")
+
+
+@torch.no_grad()
+def finish(recipe: Recipe, accelerator: Accelerator, kd, adapter, variant: str, run: Path) -> None:
+    """Export the student, evaluate it on the held-out set, write the report (main process)."""
+    if not accelerator.is_main_process:
+        return
+    exported = kd.export().eval()
+    name = f"{adapter.name}:{variant}" if variant else adapter.name
+    kdinpaint.save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
+    images, masks = eval_set(recipe)
+    rows = []
+    for i in range(0, len(images), 4):
+        image, mask = images[i : i + 4].to(accelerator.device), masks[i : i + 4].to(accelerator.device)
+        args, kwargs = kd._call.build(masked(image, mask), mask)
+        pred = select_output(exported(*args, **kwargs), kd.spec.output)
+        rows += metrics.evaluate(pred, image, mask, names=[f"eval_{i + j}" for j in range(len(image))])
+        if i == 0:
+            sample_grid(masked(image, mask), composite(pred, image, mask), image, run / "samples" / "final.png")
+    summary = metrics.summarize(rows, TABLE1_BUCKETS)
+    table = metrics.to_markdown(summary)
+    (run / "report.md").write_text(f"# {name}: evaluation on {len(images)} held-out images\n\n{table}\n")
+    (run / "report.json").write_text(metrics.to_json(summary, rows))
+    accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{table}")
+    accelerator.print(f"run folder: {run}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: recipes/demo.yaml)")
+    parser.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # resume tests: die after N steps
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.config, args.overrides)
+
+    run = Path(recipe.checkpoint.dir)
+    log_with = "tensorboard" if recipe.log.tensorboard and _has_tensorboard() else None
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=_no_accelerator()
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+    set_seed(recipe.train.seed)
+    if accelerator.is_main_process:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.init_trackers("kdinpaint", config={k: str(v) for k, v in recipe.to_dict().items()})
+
+    accelerator.print(
+        f"{recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}, "
+        f"mixed precision {recipe.train.mixed_precision}, run folder {run}"
+    )
+    parts = build_models(recipe)
+    d, m = recipe.data, recipe.masks
+    images = images_from(d.images, d.size, d.sample_count, d.crop, held_out=False)
+    world = accelerator.num_processes
+    teacher_path = run / "teacher.safetensors"
+    if recipe.teacher.weights:
+        if not Path(recipe.teacher.weights).is_file():
+            raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
+        teacher_path = Path(recipe.teacher.weights)
+    if args.stage in ("all", "teacher") and not teacher_path.is_file():
+        stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), recipe.teacher.steps * recipe.optim.batch_size * world, seed=recipe.train.seed + 1)
+        train_teacher(recipe, parts[4], parts[2], stream, teacher_path)
+    if args.stage in ("all", "student"):
+        if not teacher_path.is_file():
+            raise FileNotFoundError(f"no teacher weights at {teacher_path}: run --stage teacher first or set teacher.weights")
+        if teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
+            shutil.copyfile(teacher_path, run / "teacher.safetensors")
+        accelerator.wait_for_everyone()
+        blocks = recipe.train.steps // recipe.meta.steps
+        stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), blocks * recipe.optim.batch_size * world, seed=recipe.train.seed)
+        loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=d.workers)
+        try:
+            train_student(recipe, accelerator, parts, loader, run, args.stop_after)
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(
+                f"out of GPU memory at optim.batch_size={recipe.optim.batch_size} and data.size={d.size}: lower them, "
+                "e.g. optim.batch_size=2"
+            ) from None
+    accelerator.end_training()
+
+
+def _no_accelerator() -> bool:
+    """On a machine without GPU, several processes (torchrun, accelerate launch) become gloo ranks on the CPU."""
+    return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+if __name__ == "__main__":
+    main()

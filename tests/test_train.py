@@ -1,0 +1,95 @@
+"""recipes/train.py: recipes load, overrides are checked, a killed run resumes to the same weights, two ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdinpaint.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "recipes" / "train.py"
+TINY = [
+    "model.kwargs={width: 4}", "data.size=32", "data.sample_count=6", "data.eval_count=4", "optim.batch_size=2",
+    "teacher.steps=2", "losses.recon_padding=zeros", "log.every=2", "log.sample_every=0", "log.tensorboard=false",
+]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(run_dir, *extra, check=True, launcher=(sys.executable,)):
+    cmd = [*launcher, str(TRAIN), *TINY, f"checkpoint.dir={run_dir}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    import kdinpaint
+
+    name, _, variant = recipe.model.adapter.partition(":")
+    adapter = kdinpaint.get_adapter(name)
+    adapter.spec.variant(variant or None)  # the variant exists
+
+
+def test_bad_recipes_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"optim.learning_rate.*valid keys of optim"):
+        load_recipe(None, ["optim.learning_rate=1e-4"])
+    with pytest.raises(TypeError, match="optim.batch_size must be int"):
+        load_recipe(None, ["optim.batch_size=six"])
+    with pytest.raises(ValueError, match="not one of"):
+        load_recipe(None, ["meta.mode=reversehg"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_recipe(None, ["lr=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: {lr: 1}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown recipe section\(s\) \['optimizer'\]"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_missing_data_path_is_named(tmp_path):
+    proc = _train(tmp_path / "run", "data.images=/no/such/folder", check=False)
+    assert proc.returncode != 0 and "data path '/no/such/folder' does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    steps = ["train.steps=8", "meta.steps=2", "checkpoint.every=4"]
+    _train(tmp_path / "whole", *steps)
+    killed = _train(tmp_path / "resumed", *steps, "--stop-after", "6", check=False)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == ["step_0000004"]
+    assert not (tmp_path / "resumed" / "student.safetensors").exists()
+    resumed = _train(tmp_path / "resumed", *steps)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a = load_file(str(tmp_path / "whole" / "student.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    report = (tmp_path / "whole" / "report.md").read_text()
+    assert "| PSNR" in report and "10-20%" in report
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
+    proc = _train(tmp_path / "ddp", "train.steps=4", launcher=launcher)
+    out = proc.stdout + proc.stderr
+    assert "world size 2" in out
+    assert (tmp_path / "ddp" / "student.safetensors").is_file()

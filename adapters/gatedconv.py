@@ -48,11 +48,14 @@ import os
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdinpaint.adapter import Adapter
+from kdinpaint.hookspecs import hookimpl
 from kdinpaint.masking import check_mask
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
@@ -70,6 +73,13 @@ __all__ = [
     "save_official",
     "build_gatedconv",
     "build_gatedconv_discriminator",
+    "GatedConvTeacher",
+    "build_gatedconv_teacher",
+    "gatedconv_loss",
+    "COARSE_LEVELS",
+    "ADAPTER_SPEC",
+    "register_adapters",
+    "register_losses",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -613,3 +623,139 @@ def build_gatedconv_discriminator(
             raise ValueError(f"{path} has no discriminator weights under 'D'")
         _load_checked(model, state["D"], "discriminator")
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation: teacher, loss, spec and registration
+
+
+class GatedConvTeacher(GatedConvInpaint):
+    """The auxiliary network (AN) of the ``gatedconv`` adapter: the DeepFill v2 generator as an autoencoder.
+
+    Same module tree and ``state_dict`` as :class:`GatedConvInpaint` (the converted official weights load
+    into it, and the spec's module paths name the same layers in teacher and student). Called as
+    ``teacher(image, mask)`` under the spec's ``teacher_input: same_mask``, i.e. with the ground truth and
+    the student's mask:
+
+    * ``image`` (the ground truth) enters the coarse network whole: input ``[image, ones, 0]``, no hole;
+    * the refinement network refines the coarse reconstruction everywhere (its paste mask is all ones,
+      where the student pastes only into the holes), so one L1 loss on the output trains both stages,
+      including the coarse encoder that GC* distils from;
+    * ``mask`` serves only as contextual attention's patch-validity mask: teacher and student attend over
+      the same background patches, so their affinities (``B x keys x H/8 x W/8``) compare key by key (GC†).
+
+    With an all-zero ``mask`` (teacher pre-training) every background patch is usable.
+    """
+
+    def forward(  # type: ignore[override]
+        self, image: torch.Tensor, mask: torch.Tensor, *, return_coarse: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct ``image`` ``(B, 3, H, W)`` RGB in ``[-1, 1]``; ``mask`` ``(B or 1, 1, H, W)``, 1 = hole,
+        decides only which patches contextual attention may use. Returns ``(B, 3, H, W)`` in ``[-1, 1]``, or
+        ``(refined, coarse)`` with ``return_coarse=True``."""
+        validity = _pad_mask(mask, image)  # (B, 1, H8, W8): checked here, so errors name `mask`
+        x, _, size = to_network_input(image, torch.zeros_like(image[:, :1]), self.channel_order)
+        coarse, refined = self.forward_network(x, torch.ones_like(validity), validity)
+        refined = from_network_output(refined, size, self.channel_order)
+        if not return_coarse:
+            return refined
+        return refined, from_network_output(coarse, size, self.channel_order)
+
+
+def build_gatedconv_teacher(pretrained: str | PathLike | None = None, **kwargs: object) -> GatedConvTeacher:
+    """The AN for GC* / GC†: :class:`GatedConvTeacher` with the student's keyword arguments."""
+    model = GatedConvTeacher(**kwargs)  # type: ignore[arg-type]
+    if pretrained is not None:
+        load_official(pretrained, model=model)
+    return model
+
+
+def gatedconv_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coarse: torch.Tensor | None = None,
+    discriminator: nn.Module | None = None,
+) -> torch.Tensor:
+    """``L_G = mean|y - x_1| + mean|y - x_2| - mean D(x_2 ⊙ M + y ⊙ (1 - M), M)``: DeepFill v2's generator loss.
+
+    From the official v2.0.0 code: ``inpaint_model.py`` ``build_graph_with_losses`` (``ae_loss`` = L1 over
+    the whole image of both stages times ``l1_loss_alpha``; ``g_loss`` = ``gan_loss_alpha`` times the
+    hinge generator loss of neuralgym's ``gan_hinge_loss``, on the composited image with the mask as a
+    fourth channel, ``gan_with_mask: True``) and ``inpaint.yml`` (``l1_loss_alpha: 1``, ``gan_loss_alpha:
+    1``, ``gan: sngan``). Its discriminator step is ``½ mean relu(1 - D(y)) + ½ mean relu(1 + D(fake))``,
+    i.e. :func:`kdinpaint.losses.adversarial.discriminator_loss` with ``"hinge"`` on
+    :class:`SNPatchGANDiscriminator` scores; both networks use Adam, lr 1e-4, betas (0.5, 0.999).
+
+    Args:
+        pred: refined prediction ``x_2`` ``(B, 3, H, W)`` in ``[-1, 1]`` (not composited).
+        target: ground truth ``y``, same shape.
+        mask: ``(B or 1, 1, H, W)``, 1 = hole; builds the discriminator's fake ``x_2 ⊙ M + y ⊙ (1 - M)``.
+        coarse: the coarse prediction ``x_1`` (``model(image, mask, return_coarse=True)[1]``); ``None``
+            drops its L1 term.
+        discriminator: scores ``(B, N)`` for ``(image, mask)``, e.g. :class:`SNPatchGANDiscriminator`;
+            ``None`` drops the adversarial term.
+
+    Returns:
+        A scalar tensor (the official weights, all 1, applied).
+    """
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"pred and target must be (B, 3, H, W) of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    mask = check_mask(mask, target).to(pred.dtype)
+    loss = (target - pred).abs().mean()
+    if coarse is not None:
+        if coarse.shape != target.shape:
+            raise ValueError(f"coarse must have the target's shape {tuple(target.shape)}, got {tuple(coarse.shape)}")
+        loss = loss + (target - coarse).abs().mean()
+    if discriminator is not None:
+        fake = pred * mask + target * (1 - mask)  # kdinpaint.masking.composite; gradients reach the holes only
+        loss = loss - discriminator(fake, mask).mean()
+    return loss
+
+
+COARSE_LEVELS = ["conv1", "conv3", "conv6"]  # coarse encoder: H (cnum/2 ch), H/2 (cnum), H/4 (2 cnum)
+
+ADAPTER_SPEC = {
+    "name": "gatedconv",
+    "description": "DeepFill v2 (gated convolution): GC of Table 4; star = GC* (coarse encoder), dagger = GC† (attention transfer)",
+    # GC as released: nothing attached (fine-tuning it with the same recipe is the control for GC* / GC†).
+    "encoder_levels": [],
+    "completion_sites": [],
+    "attention_sites": [],
+    "image_arg": "image",
+    "mask_arg": "mask",
+    "output": None,  # forward returns the refined prediction; return_coarse=True adds the coarse one
+    "teacher_input": "same_mask",  # with GatedConvTeacher: ground truth whole, the mask for patch validity
+    "probe_shape": [1, 3, 64, 64],
+    "variants": {
+        # GC*: cross- and self-distillation with completion blocks on the coarse network's encoder.
+        "star": {"encoder_levels": COARSE_LEVELS, "completion_sites": COARSE_LEVELS},
+        # GC†: attention transfer (Eq. 9) on contextual attention, nothing else.
+        "dagger": {
+            "attention_sites": [
+                {"module": "contextual_attention", "affinity": "affinity", "layout": "keys_hw", "transfer": True, "fusion": False}
+            ]
+        },
+    },
+}
+
+
+@hookimpl
+def register_adapters(register: Callable[[Adapter], None]) -> None:
+    register(
+        Adapter(
+            name="gatedconv",
+            spec=ADAPTER_SPEC,
+            build_student=build_gatedconv,
+            build_teacher=build_gatedconv_teacher,
+            description=ADAPTER_SPEC["description"],
+            checkpoint_filter_fn=checkpoint_filter_fn,
+            stride=GRID,
+        )
+    )
+
+
+@hookimpl
+def register_losses(register: Callable[[str, Callable[..., torch.Tensor]], None]) -> None:
+    register("gatedconv", gatedconv_loss)

@@ -27,7 +27,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -282,30 +283,50 @@ def _evaluation_images(args: argparse.Namespace) -> tuple[Sequence[torch.Tensor]
     return _Lazy(), names, f"{len(paths)} images from {args.images}"
 
 
-def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Any, str]:
-    from kdinpaint.inference import generated_masks
+class _Picked(Sequence):
+    """Masks read on demand from a folder: mask ``i`` is the file ``indices[i % len(indices)]``."""
+
+    def __init__(self, folder: Any, indices: list[int], count: int):
+        self.folder, self.indices, self.count = folder, indices, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        from kdinpaint.data.masks import mask_to_tensor
+
+        return mask_to_tensor(self.folder.hole(self.indices[i % len(self.indices)]))
+
+
+def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[torch.Tensor], str]:
+    from kdinpaint.inference import GeneratedMasks
 
     if args.masks and args.mask_generator:
         raise ValueError("give --masks DIR or --mask-generator, not both")
     if not args.masks:
         kind = args.mask_generator or "freeform"
-        return generated_masks(kind, count, args.size, args.seed), f"{kind} masks (seed {args.seed}, bucket i mod 4)"
+        return GeneratedMasks(kind, count, args.size, args.seed), f"{kind} masks (seed {args.seed}, bucket i mod 4)"
     from kdinpaint.data import MaskFolder
-    from kdinpaint.data.masks import mask_to_tensor
 
     if not os.path.exists(args.masks):
         raise FileNotFoundError(f"--masks {args.masks!r} does not exist")
     folder = MaskFolder(args.masks, size=args.size, hole=args.mask_hole)
-    chosen: list[torch.Tensor] = []
-    j = 0
-    while len(chosen) < count and j < count + len(folder):  # skip masks with no hole or no known pixel
-        hole = folder.hole(j % len(folder))
+    usable: list[int] = []
+    dropped = 0
+    for j in range(len(folder)):  # skip masks with no hole or no known pixel (metrics refuse them)
+        if len(usable) == count:
+            break
+        hole = folder.hole(j)
         if hole.any() and not hole.all():
-            chosen.append(mask_to_tensor(hole))
-        j += 1
-    if len(chosen) < count:
-        raise ValueError(f"{args.masks} has no usable mask (all empty or full with hole={folder.hole_colour!r}); check --mask-hole")
-    return chosen, f"masks from {args.masks} (holes {folder.hole_colour})"
+            usable.append(j)
+        else:
+            dropped += 1
+    if not usable:
+        raise ValueError(f"every mask in {args.masks} is empty or full (holes read as {folder.hole_colour}); check --mask-hole")
+    if dropped:
+        print(f"warning: skipped {dropped} mask(s) with no hole or no known pixel", file=sys.stderr)
+    cycling = f", {len(usable)} cycled over {count} images" if len(usable) < count else ""
+    return _Picked(folder, usable, count), f"masks from {args.masks} (holes {folder.hole_colour}{cycling})"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -509,14 +530,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
-add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
-add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
-
-
 # ---- entry point --------------------------------------------------------------------------------
 add_command("adapters", "list installed adapters (name, variants, provider, description)", _adapters_arguments, cmd_adapters)
 add_command("spec", "show or suggest adapter specs", _spec_arguments, lambda args: 2)
+add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
+add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
+add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

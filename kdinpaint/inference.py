@@ -53,6 +53,7 @@ __all__ = [
     "unpad",
     "deployed_model",
     "evaluate_model",
+    "GeneratedMasks",
     "generated_masks",
     "load_image",
     "load_mask",
@@ -356,23 +357,42 @@ def evaluate_model(
     return rows, summarize(rows)
 
 
-def generated_masks(kind: Literal["freeform", "rect"], count: int, size: int | tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """``count`` evaluation masks ``(count, 1, H, W)``: mask ``i`` in Table 1 bucket ``i mod 4``.
+class GeneratedMasks(Sequence):
+    """``count`` evaluation masks drawn on demand: ``masks[i]`` is ``(1, H, W)`` in {0, 1}, in Table 1 bucket ``i mod 4``.
 
     Mask ``i`` is drawn by :class:`~kdinpaint.data.FreeFormMasks` (``freeform``) or
     :class:`~kdinpaint.data.RectangleMasks` (``rect``) restricted to the hole-ratio bucket
-    ``TABLE1_BUCKETS[i % 4]``, with the generator ``rng_for(seed, i)``: the same on every machine, and
-    every column of the table gets images.
+    ``TABLE1_BUCKETS[i % 4]``, with the generator ``rng_for(seed, i)``: the same on every machine and in any
+    order of access, and every column of the table gets images. Nothing is held in memory.
     """
-    from kdinpaint.data import FreeFormMasks, RectangleMasks, rng_for
-    from kdinpaint.data.masks import mask_to_tensor
 
-    makers = {"freeform": FreeFormMasks, "rect": RectangleMasks}
-    if kind not in makers:
-        raise ValueError(f"unknown mask generator {kind!r}; choose one of {sorted(makers)}")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    sources = [makers[kind](ratio=b) for b in TABLE1_BUCKETS]
-    return torch.stack([mask_to_tensor(sources[i % len(sources)].sample(rng_for(seed, i), hw)) for i in range(count)])
+    def __init__(self, kind: Literal["freeform", "rect"], count: int, size: int | tuple[int, int], seed: int = 0) -> None:
+        from kdinpaint.data import FreeFormMasks, RectangleMasks
+
+        makers = {"freeform": FreeFormMasks, "rect": RectangleMasks}
+        if kind not in makers:
+            raise ValueError(f"unknown mask generator {kind!r}; choose one of {sorted(makers)}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.count, self.seed = count, seed
+        self.sources = [makers[kind](ratio=b) for b in TABLE1_BUCKETS]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        from kdinpaint.data import rng_for
+        from kdinpaint.data.masks import mask_to_tensor
+
+        if not 0 <= i < self.count:
+            raise IndexError(f"mask index {i} out of range for {self.count} masks")
+        return mask_to_tensor(self.sources[i % len(self.sources)].sample(rng_for(self.seed, i), self.size))
+
+
+def generated_masks(kind: Literal["freeform", "rect"], count: int, size: int | tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """All of :class:`GeneratedMasks` as one ``(count, 1, H, W)`` tensor."""
+    return torch.stack(list(GeneratedMasks(kind, count, size, seed)))
 
 
 # ---- files --------------------------------------------------------------------------------------

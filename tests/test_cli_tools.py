@@ -170,3 +170,20 @@ def test_bench_row_for_tiny_unet(capsys, tmp_path):
     assert row["params"] == params and row["repeats"] == 3
     code, _, err = run(capsys, "bench", "--adapters", "no-such-net", "--repeats", 1)
     assert code == 1 and "no-such-net" in err
+
+
+def test_evaluate_image_folder_with_a_mask_folder(capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("p", "q", "r"):
+        _png(tmp_path / "img" / f"{name}.png", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    ratios = {"m0.png": 0.0, "m1.png": 0.25, "m2.png": 0.45}  # white = hole (NVIDIA test set); m0 has no hole
+    for name, ratio in ratios.items():
+        m = np.zeros((64, 64), np.uint8)
+        m[: round(64 * ratio)] = 255
+        _png(tmp_path / "masks" / name, m)
+    code, out, err = run(capsys, "evaluate", "--baseline", "mean", "--images", tmp_path / "img", "--masks",
+                         tmp_path / "masks", "--mask-hole", "white", "--size", 32, "--no-progress")
+    assert code == 0, err
+    assert "skipped 1 mask" in err
+    # p -> m1 (25 %), q -> m2 (45 % of 64 rows = 29 rows, at 32: 14.5 -> 45.3 %), r -> m1 again (cycling)
+    assert _table(out)["images"] == ["0", "2", "0", "1", "3"]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from kdinpaint._modules import unwrap
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.masking import check_mask, masked
@@ -183,7 +184,8 @@ class Inpainter:
         self.name = name or getattr(spec, "name", None) or getattr(model, "__name__", type(model).__name__)
         self._call = None
         if spec is not None and isinstance(model, nn.Module):
-            inner = model.model if isinstance(model, CompletedModel) else model  # bind by the student's signature
+            # bind by the student's own signature, not that of a wrapper taking *args, **kwargs
+            inner = unwrap(model.model if isinstance(model, CompletedModel) else model)
             self._call = CallConvention(inner, spec.image_arg, spec.mask_arg)
 
     # -- constructors
@@ -255,8 +257,8 @@ class Inpainter:
                         out[s : s + self.batch_size] = self._forward(x, m).to(out.device)
                     except _OOM as e:
                         raise self._oom(x, e) from e
-                    except RuntimeError as e:
-                        if "out of memory" not in str(e).lower():
+                    except RuntimeError as e:  # MPS and the CPU allocator raise plain RuntimeErrors
+                        if not any(k in str(e).lower() for k in ("out of memory", "can't allocate memory")):
                             raise
                         raise self._oom(x, e) from e
         finally:

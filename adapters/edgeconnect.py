@@ -18,6 +18,21 @@ Toolkit entry points (images in ``[-1, 1]``, mask 1 = hole; conventions in :mod:
 channel, EC#). Both keep the generator under the submodule ``inpaint``, so encoder levels are
 ``inpaint.encoder.3`` (64 ch, 1/1), ``inpaint.encoder.6`` (128 ch, 1/2) and ``inpaint.encoder.9``
 (256 ch, 1/4) in both.
+
+Adapter ``edgeconnect`` (Table 4 of Suin et al.; registered through the ``kdinpaint`` entry points):
+
+=============  ==========================================================================================
+``edgeconnect`` EC as released: both stages, nothing attached (the control of EC* / EC#)
+``:star``      EC*: cross- and self-distillation (Eq. 2, 3) on G2's encoder, edge stage kept, no
+               completion blocks (the paper: "without requiring extra parameters")
+``:hash``      EC#: the edge stage removed (:class:`EdgeConnectInpaint`, zero edge channel), completion
+               blocks (Eq. 5) and distillation on the same three levels
+=============  ==========================================================================================
+
+The teacher of every variant is :class:`EdgeConnectInpaint` fed the ground truth with an empty mask (an
+autoencoder of G2's architecture). Stride 4: the models pad any size to a multiple of 4 themselves and crop
+back, so the adapter's stride only makes the framework hand them sizes where hole masks and encoder
+features line up. :func:`edgeconnect_loss` is EdgeConnect's own G2 objective.
 """
 
 from __future__ import annotations
@@ -26,11 +41,17 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from kdinpaint.adapter import Adapter
+from kdinpaint.hookspecs import hookimpl
+from kdinpaint.masking import check_mask
+
 from .edgeconnect_io import (
+    EC_SIZE_MULTIPLE,
     canny,
     check_inputs,
     crop_to,
@@ -56,6 +77,17 @@ __all__ = [
     "build_edgeconnect",
     "build_edgeconnect_inpaint",
     "build_edgeconnect_discriminator",
+    "pack_official",
+    "edgeconnect_student",
+    "edgeconnect_teacher",
+    "EC_LOSS_WEIGHTS",
+    "edgeconnect_loss_terms",
+    "edgeconnect_loss",
+    "ENCODER_LEVELS",
+    "ADAPTER_SPEC",
+    "VARIANT_BUILDERS",
+    "register_adapters",
+    "register_losses",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -262,11 +294,15 @@ class EdgeConnectInpaint(nn.Module):
 
     ``forward(image, mask)``: ``(B, 3, H, W)`` in ``[-1, 1]`` and ``(B, 1, H, W)`` (1 = hole) -> G2's raw output
     ``(B, 3, H, W)`` in ``[-1, 1]``, not composited. With an all-zero mask it is the autoencoder teacher.
+
+    ``load_state_dict`` also takes the ``state_dict()`` of a two-stage :class:`EdgeConnect`: removing the edge
+    stage is what EC# means, so its ``edge.*`` entries are dropped (logged) and G2's are loaded strictly.
     """
 
     def __init__(self, residual_blocks: int = 8) -> None:
         super().__init__()
         self.inpaint = InpaintGenerator(residual_blocks)
+        self.register_load_state_dict_pre_hook(_drop_edge_stage)
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_inputs(image, mask)
@@ -275,6 +311,15 @@ class EdgeConnectInpaint(nn.Module):
         x01 = to_unit(image)
         x = inpaint_generator_input(x01, torch.zeros_like(mask), mask)
         return from_unit(crop_to(self.inpaint(pad_to_multiple(x)), size))
+
+
+def _drop_edge_stage(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # load_state_dict pre-hook of EdgeConnectInpaint: a two-stage EC state_dict initialises EC# with its G2
+    edge = [k for k in state_dict if k.startswith(prefix + "edge.")]
+    if edge and any(k.startswith(prefix + "inpaint.") for k in state_dict):
+        for key in edge:
+            del state_dict[key]
+        _logger.info("EdgeConnectInpaint: dropped the %d edge-stage entries of a two-stage EdgeConnect state_dict", len(edge))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +382,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
 
     For the toolkit models: :class:`EdgeConnectInpaint` takes the ``InpaintingModel_gen.pth`` contents;
     :class:`EdgeConnect` takes ``{'edge': <EdgeModel_gen.pth contents>, 'inpaint': <InpaintingModel_gen.pth
-    contents>}``; both also take their own ``state_dict()`` (prefixes stripped). Keys come back prefixed.
+    contents>}`` (the file :func:`pack_official` writes); both also take their own ``state_dict()``
+    (prefixes stripped), and :class:`EdgeConnectInpaint` the two-stage ones too (keeping G2 only). Keys come
+    back prefixed.
     """
     if isinstance(model, (EdgeConnect, EdgeConnectInpaint)):
         return _filter_wrapped(state_dict, model)
@@ -386,6 +433,8 @@ def _filter_wrapped(state_dict: Mapping[str, object], model: nn.Module) -> dict[
         return {f"{p}.{k}": v for p, sd in sub.items() for k, v in sd.items()}
     flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith(p + ".") for p in parts for k in flat):  # this model's own state_dict
+        if parts == ("inpaint",):  # or a two-stage EC's: EC# keeps its G2
+            return {k: v for k, v in flat.items() if not k.startswith("edge.")}
         return flat
     if parts == ("inpaint",):
         return {f"inpaint.{k}": v for k, v in checkpoint_filter_fn(state_dict, model.inpaint).items()}
@@ -537,3 +586,217 @@ def build_edgeconnect_discriminator(
     if pretrained is not None:
         load_official(_resolve(pretrained, f"{stage}_dis"), f"{stage}_dis", model=model)
     return model
+
+
+def pack_official(
+    checkpoints: str | os.PathLike[str], path: str | os.PathLike[str], *, residual_blocks: int = 8
+) -> Path:
+    """Write both released generators of an official checkpoints folder into one file, for ``model.init``.
+
+    ``checkpoints``: the folder holding ``EdgeModel_gen.pth`` and ``InpaintingModel_gen.pth`` (both are
+    loaded strictly first). ``path``: ``*.safetensors`` gets the flat ``state_dict()`` of :class:`EdgeConnect`
+    (``edge.*``, ``inpaint.*``); any other name gets ``{'edge': {'generator': ...}, 'inpaint': {'generator':
+    ...}}`` via ``torch.save`` (tensors only, so ``torch.load(weights_only=True)`` reads it). Either is accepted
+    by :func:`checkpoint_filter_fn` for :class:`EdgeConnect` and :class:`EdgeConnectInpaint`. Written
+    atomically; returns ``path``. ``residual_blocks``: 8 in every release.
+    """
+    model = build_edgeconnect(pretrained=checkpoints, residual_blocks=residual_blocks)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    else:
+        torch.save({p: {"generator": getattr(model, p).state_dict()} for p in ("edge", "inpaint")}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapter builders (what ``kdinpaint.get_adapter("edgeconnect")`` builds)
+# ----------------------------------------------------------------------------------------------------------
+
+_EDGE_STAGE_OPTIONS = ("sigma", "merge_edges", "detach_edges")
+
+
+def _check_inpaint_only_kwargs(kwargs: dict[str, Any], who: str) -> None:
+    """Accept (and ignore) the edge-stage options: recipe kwargs are shared by every variant and the teacher."""
+    unknown = [k for k in kwargs if k not in _EDGE_STAGE_OPTIONS]
+    if unknown:
+        raise TypeError(
+            f"{who} got unknown keyword argument(s) {unknown}; it takes residual_blocks, pretrained and the "
+            f"edge-stage options {list(_EDGE_STAGE_OPTIONS)} (ignored without an edge stage)"
+        )
+
+
+def edgeconnect_student(
+    edge_stage: bool = True,
+    residual_blocks: int = 8,
+    pretrained: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> EdgeConnect | EdgeConnectInpaint:
+    """The student of the ``edgeconnect`` adapter: :class:`EdgeConnect` (EC, EC*) or, with
+    ``edge_stage=False``, :class:`EdgeConnectInpaint` (EC#; ``variant_builders['hash']``).
+
+    ``pretrained``: the official checkpoints folder (EC# also takes ``InpaintingModel_gen.pth`` itself).
+    ``kwargs``: :class:`EdgeConnect` options (``sigma``, ``merge_edges``, ``detach_edges``); ignored by EC#.
+    """
+    if not isinstance(edge_stage, bool):
+        raise TypeError(f"edge_stage must be true or false, got {edge_stage!r}")
+    if edge_stage:
+        return build_edgeconnect(pretrained, residual_blocks=residual_blocks, **kwargs)
+    _check_inpaint_only_kwargs(kwargs, "edgeconnect_student(edge_stage=False)")
+    return build_edgeconnect_inpaint(pretrained, residual_blocks=residual_blocks)
+
+
+def edgeconnect_teacher(
+    edge_stage: bool = True,
+    residual_blocks: int = 8,
+    pretrained: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> EdgeConnectInpaint:
+    """The teacher (auxiliary network) of every variant: :class:`EdgeConnectInpaint`, G2's architecture fed the
+    ground truth with an empty mask and a zero edge channel. Takes the student's keyword arguments so one
+    recipe builds both; ``edge_stage`` and the edge-stage options do not apply to it."""
+    del edge_stage
+    _check_inpaint_only_kwargs(kwargs, "edgeconnect_teacher")
+    return build_edgeconnect_inpaint(pretrained, residual_blocks=residual_blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EdgeConnect's own objective (the inpainting stage, G2)
+# ----------------------------------------------------------------------------------------------------------
+
+EC_LOSS_WEIGHTS: dict[str, float] = {"l1": 1.0, "adversarial": 0.1, "perceptual": 0.1, "style": 250.0}
+"""``config.yml.example``: ``L1_LOSS_WEIGHT: 1``, ``INPAINT_ADV_LOSS_WEIGHT: 0.1``,
+``CONTENT_LOSS_WEIGHT: 0.1``, ``STYLE_LOSS_WEIGHT: 250``."""
+
+
+def _logits(scores: Any) -> torch.Tensor:
+    # (scores, features) of EdgeConnect's Discriminator or kdinpaint's PatchDiscriminator: the last feature
+    # is the pre-sigmoid map whatever use_sigmoid says; a bare tensor is taken as logits
+    if isinstance(scores, (tuple, list)):
+        feats = scores[1] if len(scores) > 1 else None
+        return feats[-1] if isinstance(feats, (tuple, list)) and feats else scores[0]
+    return scores
+
+
+def edgeconnect_loss_terms(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    vgg: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    discriminator: Callable[[torch.Tensor], Any] | None = None,
+    gan_loss: str = "nsgan",
+) -> dict[str, torch.Tensor]:
+    """``l1 = mean|ŷ - y| / mean(M)``, ``adversarial = L_G(D(ŷ))``, ``perceptual``, ``style``: the unweighted
+    terms of EdgeConnect's inpainting-stage loss (``src/models.py`` ``InpaintingModel.process``).
+
+    Computed in EdgeConnect's ``[0, 1]`` range (so the official weights :data:`EC_LOSS_WEIGHTS` apply
+    unchanged): ``l1`` is ``nn.L1Loss`` over all pixels divided by the hole fraction of the batch (plain L1
+    when the batch has no hole, where the official division is by zero). ``adversarial`` feeds the raw,
+    uncomposited prediction to ``discriminator`` in ``[0, 1]`` (EdgeConnect's :class:`Discriminator`, or any
+    callable returning logits or ``(scores, features)``, whose last feature is the logit map) and applies
+    :func:`kdinpaint.losses.adversarial.generator_adv_loss` (``nsgan`` = BCE against "real", as configured).
+    ``vgg``: :class:`kdinpaint.losses.style.VGGStyleLoss` with the ``edgeconnect`` preset (VGG19; perceptual
+    on relu1_1..relu5_1 of ``ŷ`` vs ``y``, style on relu2_2, relu3_4, relu4_4, relu5_2 of ``ŷ ⊙ M`` vs
+    ``y ⊙ M``) or any callable returning ``{"style", "perceptual"}``. Terms whose network is ``None`` are absent.
+
+    Args:
+        pred: G2's raw output ``(B, 3, H, W)`` in ``[-1, 1]`` (not composited).
+        target: ground truth, same shape, in ``[-1, 1]``.
+        mask: ``(B or 1, 1, H, W)``, 1 = hole.
+    """
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"pred and target must be (B, 3, H, W) of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    mask = check_mask(mask, target).to(pred.dtype)
+    hole = mask.mean()
+    l1 = 0.5 * (pred - target).abs().mean()  # [-1, 1] differences are twice EdgeConnect's [0, 1] ones
+    terms = {"l1": l1 / torch.where(hole > 0, hole, torch.ones_like(hole))}
+    if discriminator is not None:
+        from kdinpaint.losses.adversarial import generator_adv_loss
+
+        terms["adversarial"] = generator_adv_loss(_logits(discriminator(to_unit(pred))), gan_loss)  # type: ignore[arg-type]
+    if vgg is not None:
+        preset = getattr(vgg, "preset", None)
+        if preset is not None and getattr(preset, "arch", "vgg19") != "vgg19":
+            raise ValueError(
+                f"EdgeConnect's perceptual and style losses use VGG19 (VGGStyleLoss('edgeconnect')), got a "
+                f"{preset.arch} preset"
+            )
+        out = vgg(pred, target, mask)
+        terms["perceptual"], terms["style"] = out["perceptual"], out["style"]
+    return terms
+
+
+def edgeconnect_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    vgg: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    discriminator: Callable[[torch.Tensor], Any] | None = None,
+    gan_loss: str = "nsgan",
+) -> torch.Tensor:
+    """``L_G2 = 1 · mean|ŷ - y| / mean(M) + 0.1 · L_adv + 0.1 · L_perc + 250 · L_style``: EdgeConnect's
+    inpainting-stage generator loss with the weights of its ``config.yml.example`` (the ICCV-W paper's).
+
+    The terms are those of :func:`edgeconnect_loss_terms` (same arguments); a term whose network is ``None``
+    is left out. Its discriminator step (``InpaintingModel.process``) is ``½ (BCE(D(y), 1) + BCE(D(ŷ), 0))``
+    on uncomposited ``[0, 1]`` images: :func:`kdinpaint.losses.adversarial.discriminator_loss` with ``nsgan``
+    on the logits; both networks use Adam (lr 1e-4, betas (0, 0.9)), D at 0.1× the generator's lr.
+    Returns a scalar tensor.
+    """
+    terms = edgeconnect_loss_terms(pred, target, mask, vgg=vgg, discriminator=discriminator, gan_loss=gan_loss)
+    return sum((EC_LOSS_WEIGHTS[k] * v for k, v in terms.items()), torch.zeros((), dtype=pred.dtype, device=pred.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spec and registration
+# ----------------------------------------------------------------------------------------------------------
+
+ENCODER_LEVELS = ["inpaint.encoder.3", "inpaint.encoder.6", "inpaint.encoder.9"]  # G2: 64 @ 1, 128 @ 1/2, 256 @ 1/4
+
+ADAPTER_SPEC: dict[str, Any] = {
+    "name": "edgeconnect",
+    "description": "EdgeConnect (two stages): EC of Table 4; star = EC* (G2's encoder), hash = EC# (G2 alone + CB)",
+    # EC as released: nothing attached (fine-tuning it with the same recipe is the control for EC* / EC#).
+    "encoder_levels": [],
+    "completion_sites": [],
+    "image_arg": "image",
+    "mask_arg": "mask",
+    "output": None,  # forward returns G2's prediction; return_edges=True adds the edge maps
+    "teacher_input": "empty_mask",  # EdgeConnectInpaint on the ground truth: an autoencoder of G2
+    "probe_shape": [1, 3, 64, 64],
+    "variants": {
+        # EC*: cross- and self-distillation on G2's encoder, no extra parameters at inference.
+        "star": {"encoder_levels": ENCODER_LEVELS, "completion_sites": []},
+        # EC#: the first stage removed (variant_builders), completion blocks and distillation.
+        "hash": {"encoder_levels": ENCODER_LEVELS, "completion_sites": ENCODER_LEVELS},
+    },
+}
+
+VARIANT_BUILDERS: dict[str, dict[str, Any]] = {"hash": {"edge_stage": False}}
+
+
+@hookimpl
+def register_adapters(register: Callable[[Adapter], None]) -> None:
+    register(
+        Adapter(
+            name="edgeconnect",
+            spec=ADAPTER_SPEC,
+            build_student=edgeconnect_student,
+            build_teacher=edgeconnect_teacher,
+            description=ADAPTER_SPEC["description"],
+            checkpoint_filter_fn=checkpoint_filter_fn,
+            stride=EC_SIZE_MULTIPLE,
+            variant_builders=VARIANT_BUILDERS,
+        )
+    )
+
+
+@hookimpl
+def register_losses(register: Callable[[str, Callable[..., torch.Tensor]], None]) -> None:
+    register("edgeconnect", edgeconnect_loss)

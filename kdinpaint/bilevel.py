@@ -62,6 +62,9 @@ class MetaLearner:
         backward: ``loss -> None`` for the ordinary steps (e.g. ``accelerator.backward``); default ``loss.backward()``.
         autocast: a context-manager factory for the ordinary steps' forward (mixed precision); the
             hypergradient always runs in the parameters' own precision.
+        max_hypergrad_norm: clip the hypergradient to this norm before the Psi step (``None``: no clipping).
+            The unrolled SGD steps can diverge when ``inner_lr`` is large for the loss's scale; a non-finite
+            hypergradient is never applied (the step is skipped and ``logs["meta_skipped"] = 1``).
 
     After :meth:`step`, ``last_output`` holds the last ordinary step's prediction (detached), e.g. for a
     discriminator step.
@@ -82,6 +85,7 @@ class MetaLearner:
         forward_module: nn.Module | None = None,
         backward: Callable[[torch.Tensor], None] | None = None,
         autocast: Callable[[], Any] | None = None,
+        max_hypergrad_norm: float | None = 1.0,
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
@@ -95,6 +99,7 @@ class MetaLearner:
         self.backward = backward if backward is not None else torch.Tensor.backward
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
         self.last_output: torch.Tensor | None = None
+        self.max_hypergrad_norm = max_hypergrad_norm
         psi_ids = {id(p) for p in kd.meta_parameters()}
         held = [p for group in theta_optimizer.param_groups for p in group["params"] if id(p) in psi_ids]
         if held:
@@ -146,11 +151,15 @@ class MetaLearner:
                     logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
             if self.mode != "frozen" and self._psi_names:
                 grads = self.hypergradient(theta0, args, kwargs, target)
-                for n, g in grads.items():
-                    params[n].grad = g
-                self.meta_optimizer.step()
+                norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
+                logs["hypergrad_norm"] = float(norm)
+                logs["meta_skipped"] = float(not torch.isfinite(norm))
+                if torch.isfinite(norm):
+                    scale = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (float(norm) + 1e-12))
+                    for n, g in grads.items():
+                        params[n].grad = g * scale
+                    self.meta_optimizer.step()
                 self.meta_optimizer.zero_grad(set_to_none=True)
-                logs["hypergrad_norm"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
         return logs
 
     def hypergradient(self, theta0: dict[str, torch.Tensor], args: tuple, kwargs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -85,6 +85,7 @@ class MetaSection:
     steps: int = 2
     lr: float = 1e-4
     inner_lr: Optional[float] = None  # alpha of the differentiable SGD steps (default: optim.lr)
+    max_hypergrad_norm: Optional[float] = 1.0  # clip the hypergradient (non-finite ones are skipped)
 
 
 @dataclass

@@ -193,7 +193,7 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
 
     learner = MetaLearner(
         kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps,
-        inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d,
+        inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
         forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
     )
 

@@ -39,6 +39,7 @@ from kdinpaint import data as kdata
 from kdinpaint import metrics
 from kdinpaint.bilevel import MetaLearner
 from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.inference import Inpainter, evaluate_model
 from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
 from kdinpaint.losses.reconstruction import spatially_varying_l1
 from kdinpaint.losses.style import VGGStyleLoss
@@ -47,7 +48,6 @@ from kdinpaint.recipe import Recipe, load_recipe
 
 log = logging.getLogger("kdinpaint.train")
 DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
-TABLE1_BUCKETS = [(0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5)]
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     images = images if isinstance(images, torch.Tensor) else torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
     masks = []
     for i in range(len(images)):
-        lo_hi = TABLE1_BUCKETS[i % len(TABLE1_BUCKETS)]
+        lo_hi = metrics.TABLE1_BUCKETS[i % len(metrics.TABLE1_BUCKETS)]
         fixed = kdata.EvalMasks(mask_source(m.eval, d.size, m.hole, lo_hi), 1, size=d.size, seed=m.seed * 1000 + i)
         masks.append(fixed[0])
     return images, torch.stack(masks)
@@ -259,15 +259,10 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, adapter, variant: str, 
     name = f"{adapter.name}:{variant}" if variant else adapter.name
     kdinpaint.save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
     images, masks = eval_set(recipe)
-    rows = []
-    for i in range(0, len(images), 4):
-        image, mask = images[i : i + 4].to(accelerator.device), masks[i : i + 4].to(accelerator.device)
-        args, kwargs = kd._call.build(masked(image, mask), mask)
-        pred = select_output(exported(*args, **kwargs), kd.spec.output)
-        rows += metrics.evaluate(pred, image, mask, names=[f"eval_{i + j}" for j in range(len(image))])
-        if i == 0:
-            sample_grid(masked(image, mask), composite(pred, image, mask), image, run / "samples" / "final.png")
-    summary = metrics.summarize(rows, TABLE1_BUCKETS)
+    inpainter = Inpainter(exported, stride=adapter.stride, spec=kd.spec, device=accelerator.device, batch_size=4, name=name)
+    rows, summary = evaluate_model(inpainter, images, masks, names=[f"eval_{i}" for i in range(len(images))])
+    first = slice(0, 4)
+    sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
     table = metrics.to_markdown(summary)
     (run / "report.md").write_text(f"# {name}: evaluation on {len(images)} held-out images\n\n{table}\n")
     (run / "report.json").write_text(metrics.to_json(summary, rows))

@@ -23,6 +23,28 @@ paths in both: ``texture.conv_column.down_sample.0.2`` (64 ch, 1/2), ``texture.c
 column's ``texture.flow_column.down_sample_flow.{0,1,2,3}`` (64/128/256/512 ch at 1/2 ... 1/16); the flow is the
 output of ``texture.flow_column.location`` and the warped features those of
 ``texture.conv_column.resample16`` / ``.resample4``.
+
+The ``structureflow`` adapter (entry point ``kdinpaint_adapters.structureflow``, stride 16), Table 4 of the
+distillation paper:
+
+=========  ===========================================================================================
+(default)  SF as released: :class:`StructureFlow`, nothing attached (92.5 M parameters at dim 64)
+``star``   SF*: :class:`StructureFlow` with cross- and self-distillation (Eq. 2, 3) and completion blocks
+           (Eq. 5) on :data:`TEXTURE_LEVELS`, the texture generator's encoder: the paper supervises the final
+           stage only. The blocks add 171 k parameters (0.2 %); the paper keeps the count equal, we do not
+           compensate so small a difference
+``hash``   SF#: :class:`StructureFlowTexture`, the structure stage removed (56.5 M, 61 %), with the same
+           distillation and completion blocks
+=========  ===========================================================================================
+
+Teacher ("the texture generator fed the ground truth"): for SF and SF* a :class:`StructureFlowTeacher`, the
+texture generator on ``[gt, RTV(gt), empty mask]`` — the input the student's texture generator would get
+from a perfect first stage with nothing missing, and the convention ``f_gen`` was trained with (official
+stage 2), so released ``f_gen`` weights can start its pre-training; for SF# the student's own class, whose
+structure slot then reads the ground truth itself, keeping SF# free of handcrafted structure. Without a
+precomputed ``structure`` argument, SF computes the mask-aware RTV of the corrupted input in its forward,
+and the SF/SF* teacher the RTV of the ground truth (about 1.5 s each per 256x256 image on CPU; SF# none).
+The network's own generator loss is :func:`structureflow_loss`.
 """
 
 from __future__ import annotations
@@ -30,7 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -38,8 +60,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdinpaint.masking import masked
-from kdinpaint.ops.gaussian_resample import GaussianResample2d
+from kdinpaint.adapter import Adapter
+from kdinpaint.hookspecs import hookimpl
+from kdinpaint.losses.style import perceptual_loss, style_loss
+from kdinpaint.losses.vgg import VGGFeatures
+from kdinpaint.masking import check_mask, masked
+from kdinpaint.ops.gaussian_resample import GaussianResample2d, gaussian_resample
 
 from .structureflow_io import SF_SIZE_MULTIPLE, check_inputs, crop_to, pad_to_multiple, rtv_structure
 
@@ -49,6 +75,7 @@ __all__ = [
     "MultiScaleDiscriminator",
     "StructureFlow",
     "StructureFlowTexture",
+    "StructureFlowTeacher",
     "StructureFlowOutput",
     "OFFICIAL_FILES",
     "identify_state_dict",
@@ -56,7 +83,18 @@ __all__ = [
     "load_official",
     "build_structureflow",
     "build_structureflow_texture",
+    "build_structureflow_teacher",
+    "pack_official",
     "init_weights",
+    "SF_LOSS_WEIGHTS",
+    "StructureFlowVGG",
+    "sampling_correctness_loss",
+    "structureflow_loss",
+    "TEXTURE_LEVELS",
+    "ADAPTER_SPEC",
+    "structureflow_student",
+    "structureflow_teacher",
+    "register_adapters",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -393,14 +431,22 @@ _STRUCTURE_FILL = ("input", "zeros")
 class StructureFlow(nn.Module):
     """SF, both stages, called with toolkit ``(image, mask)``.
 
-    ``forward(image, mask, structure=None)``: ``image`` ``(B, 3, H, W)`` in [-1, 1] (the ground truth; the
-    hole is removed here), ``mask`` ``(B, 1, H, W)`` with 1 = hole, any H, W (padded at the bottom/right by
-    reflection to a multiple of 16 and at least 48, and cropped back). ``structure``: the RTV smoothing of the ground truth in
-    [-1, 1] when precomputed (the official data pipeline reads it from disk); ``None`` computes it with
-    :func:`.structureflow_io.rtv_structure` under ``no_grad`` — of the full ground truth
-    (``structure_from="ground_truth"``, the official protocol; the hole is zeroed afterwards, but smoothing
-    carries a little hole content across its border), or mask-aware of the corrupted image
-    (``"masked"``, what the authors recommend for real use). Steps as the official ``sample()``:
+    ``forward(image, mask, structure=None)``: ``image`` ``(B, 3, H, W)`` in [-1, 1] (with the default
+    ``structure_from`` its hole content is never read, so the ground truth or a masked image give the same
+    result), ``mask``
+    ``(B, 1, H, W)`` with 1 = hole, any H, W (padded at the bottom/right by reflection to a multiple of 16 and
+    at least 48, and cropped back). ``structure``: the structure image in [-1, 1] when precomputed (the
+    official data pipeline reads the RTV smoothing of the *ground truth* from disk, for training and for its
+    published test numbers). ``None`` computes it here under ``no_grad`` with
+    :func:`.structureflow_io.rtv_structure`, from what the network may see: by default
+    (``structure_from="masked"``) the authors' mask-aware RTV of the corrupted image ``image * (1 - mask)``,
+    gradients inside the hole ignored — the ground truth is not available at inference, and the toolkit's
+    training script and :class:`kdinpaint.inference.Inpainter` pass masked images. ``"ground_truth"``
+    smooths ``image`` as given (the official protocol when ``image`` is the ground truth; the hole is zeroed
+    afterwards, but smoothing carries a little hole content across its border). Cost: three sparse solves
+    per image, about 1.5 s for a 256x256 image on two CPU threads (a SciPy LU; ``rtv_kwargs={"solver":
+    "cg"}`` runs batched conjugate gradients on a GPU instead) — more than both networks together, so
+    precompute structures for long CPU runs. Steps as the official ``sample()``:
     ``s = s_gen([x*(1-m), S*(1-m), m])``, ``(out, flow) = f_gen([x*(1-m), s, m])`` with the raw ``s``.
     ``detach_structure=True`` stops gradients from the texture stage into the reconstructor (the official
     stage 3 trains ``f_gen`` alone). Returns ``out`` ``(B, 3, H, W)`` in [-1, 1], not composited, or a
@@ -410,7 +456,7 @@ class StructureFlow(nn.Module):
     def __init__(
         self,
         dim: int = 64,
-        structure_from: Literal["ground_truth", "masked"] = "ground_truth",
+        structure_from: Literal["ground_truth", "masked"] = "masked",
         detach_structure: bool = False,
         input_grad: Literal["exact", "cuda"] = "exact",
         rtv_kwargs: dict | None = None,
@@ -490,9 +536,68 @@ class StructureFlowTexture(nn.Module):
         return StructureFlowOutput(out, crop_to(s, size), None, flow)
 
 
+def _drop_structure_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load-state pre-hook: a StructureFlow state_dict's structure-reconstructor keys are not the teacher's."""
+    for key in [k for k in state_dict if k.startswith(prefix + "structure.")]:
+        del state_dict[key]
+
+
+class StructureFlowTeacher(nn.Module):
+    """The auxiliary network (teacher) of SF and SF*: the texture generator fed the ground truth.
+
+    The paper's teacher is the student's own backbone, fed the ground truth and pre-trained as an L1
+    autoencoder (§4); for SF it distils into the final stage only (Table 4). So the teacher is a texture
+    generator (submodule ``texture``, same paths as the student's) whose input is what the student's texture
+    generator would see with a perfect first stage and nothing missing: ``[x*(1-m), S, m]`` with ``S`` the
+    structure image of ``image`` — the official stage-2 input convention (``f_gen`` was trained on
+    ground-truth structures), so released ``latest_net_f_gen.pth`` weights are a sensible start.
+
+    ``forward(image, mask, structure=None, *, return_all=False)``: the student's call (kdinpaint replaces
+    ``image`` by the ground truth and ``mask`` by zeros, and passes ``structure`` unchanged). ``structure``
+    ``None`` computes :func:`.structureflow_io.rtv_structure` of ``image * (1 - mask)`` (mask-aware; with the
+    empty mask, the plain RTV of the ground truth) under ``no_grad``, about 1.5 s per 256x256 image on CPU;
+    pass precomputed structures to avoid it. Returns ``(B, 3, H, W)`` in [-1, 1] (a
+    :class:`StructureFlowOutput` with ``return_all=True``).
+
+    ``load_state_dict`` ignores ``structure.*`` keys, so a :class:`StructureFlow` state_dict (the student's)
+    initialises the teacher's texture generator.
+    """
+
+    def __init__(
+        self, dim: int = 64, input_grad: Literal["exact", "cuda"] = "exact", rtv_kwargs: dict | None = None
+    ) -> None:
+        super().__init__()
+        self.texture = TextureGenerator(dim, input_grad=input_grad)
+        self.rtv_kwargs = dict(rtv_kwargs or {})
+        self.register_load_state_dict_pre_hook(_drop_structure_keys)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        structure: torch.Tensor | None = None,
+        *,
+        return_all: bool = False,
+    ) -> torch.Tensor | StructureFlowOutput:
+        mask = check_inputs(image, mask, structure)
+        size = image.shape[-2:]
+        if structure is None:
+            with torch.no_grad():
+                structure = rtv_structure(masked(image, mask), mask, **self.rtv_kwargs)
+        x, s, m = (pad_to_multiple(t, SF_SIZE_MULTIPLE) for t in (masked(image, mask), structure, mask))
+        out, flow = self.texture(torch.cat((x, s, m), 1))
+        out = crop_to(out, size)
+        if not return_all:
+            return out
+        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
+        return StructureFlowOutput(out, structure, None, flow)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Official checkpoints
 # ----------------------------------------------------------------------------------------------------------
+
+_TEXTURE_OWNERS = (StructureFlowTexture, StructureFlowTeacher)  # toolkit models holding only ``texture``
 
 _SIGNATURE = {  # the first module names of each official network's state_dict
     "structure": ("input_layer.", "content_param.", "image_net."),
@@ -508,7 +613,8 @@ def _which_of(model: nn.Module) -> str:
             return which
     raise TypeError(
         "StructureFlow checkpoints load into StructureReconstructor, TextureGenerator or MultiScaleDiscriminator, "
-        f"got {type(model).__name__}; for StructureFlow / StructureFlowTexture load into .structure / .texture"
+        f"got {type(model).__name__}; for StructureFlow / StructureFlowTexture / StructureFlowTeacher load into "
+        ".structure / .texture"
     )
 
 
@@ -534,20 +640,21 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     The official files are plain state_dicts. Strips ``module.`` (DataParallel) and ``_orig_mod.``
     (torch.compile) prefixes and maps new-style spectral-norm keys (``parametrizations.weight.original`` /
     ``.0._u`` / ``.0._v``) to the legacy ones. Raises ``ValueError`` naming the right file when the weights
-    belong to the other stage. For the toolkit models: :class:`StructureFlowTexture` takes the
-    ``latest_net_f_gen.pth`` contents; :class:`StructureFlow` takes ``{'structure': <s_gen contents>,
-    'texture': <f_gen contents>}``; both also take their own ``state_dict()``. Keys come back prefixed.
+    belong to the other stage. For the toolkit models: :class:`StructureFlowTexture` and
+    :class:`StructureFlowTeacher` take the ``latest_net_f_gen.pth`` contents; :class:`StructureFlow` takes
+    ``{'structure': <s_gen contents>, 'texture': <f_gen contents>}``; all take a toolkit model's
+    ``state_dict()`` (the texture-only ones keep its ``texture.*`` keys). Keys come back prefixed.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
-    if isinstance(model, (StructureFlow, StructureFlowTexture)):
+    if isinstance(model, (StructureFlow, *_TEXTURE_OWNERS)):
         parts = ("structure", "texture") if isinstance(model, StructureFlow) else ("texture",)
         if all(isinstance(state_dict.get(p), Mapping) for p in parts):
             return {f"{p}.{k}": v for p in parts
                     for k, v in checkpoint_filter_fn(state_dict[p], getattr(model, p)).items()}  # type: ignore[arg-type]
         flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-        if any(k.startswith(p + ".") for p in parts for k in flat):  # the model's own state_dict
-            return flat
+        if any(k.startswith(p + ".") for p in parts for k in flat):  # a toolkit model's state_dict
+            return {k: v for k, v in flat.items() if k.split(".", 1)[0] in parts}
         if parts == ("texture",):
             return {f"texture.{k}": v for k, v in checkpoint_filter_fn(state_dict, model.texture).items()}
         raise ValueError(
@@ -603,7 +710,8 @@ def load_official(
 
     ``which``: ``'structure'``, ``'texture'`` or ``'discriminator'``; ``None`` infers it from the keys.
     ``model``: load into this network (a :class:`StructureReconstructor`, :class:`TextureGenerator`,
-    :class:`MultiScaleDiscriminator`, or the texture of a :class:`StructureFlowTexture`) instead of building
+    :class:`MultiScaleDiscriminator`, or the texture of a :class:`StructureFlowTexture` /
+    :class:`StructureFlowTeacher`) instead of building
     one at the official width. ``torch.load(weights_only=True)``: no pickled code runs. With ``strict`` every
     missing / unexpected key and shape mismatch is named in a ``ValueError``; without, they are logged and the
     matching tensors loaded. A file of the other stage raises ``ValueError`` naming the right file. Returns
@@ -621,7 +729,7 @@ def load_official(
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a StructureFlow state_dict")
     owner = model
-    if isinstance(model, StructureFlowTexture):
+    if isinstance(model, _TEXTURE_OWNERS):
         model = model.texture
     elif isinstance(model, StructureFlow):
         if which is None:
@@ -682,3 +790,279 @@ def build_structureflow_texture(
     if pretrained is not None:
         load_official(_resolve(pretrained, "texture"), "texture", model=model.texture)
     return model
+
+
+def pack_official(
+    folder: str | os.PathLike[str], path: str | os.PathLike[str], **kwargs: object
+) -> Path:
+    """Write both released generators of a checkpoints folder (``latest_net_s_gen.pth``,
+    ``latest_net_f_gen.pth``) as one safetensors file of the :class:`StructureFlow` state_dict, the single
+    file a recipe's ``model.init`` reads (SF, SF*; the teacher takes its ``texture.*`` part). Loaded strictly
+    (:func:`load_official`); ``kwargs`` go to :class:`StructureFlow` (``dim`` 64 for the released files).
+    Returns the written path."""
+    from safetensors.torch import save_file  # lazy: only packing writes safetensors
+
+    model = build_structureflow(folder, **kwargs)
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def build_structureflow_teacher(
+    pretrained: str | os.PathLike[str] | None = None, **kwargs: object
+) -> StructureFlowTeacher:
+    """The SF / SF* teacher. ``pretrained``: ``latest_net_f_gen.pth`` or its folder (a start for the L1
+    autoencoder pre-training). ``kwargs`` go to :class:`StructureFlowTeacher`. Without weights, the official init."""
+    model = StructureFlowTeacher(**kwargs)  # type: ignore[arg-type]
+    init_weights(model)
+    if pretrained is not None:
+        load_official(_resolve(pretrained, "texture"), "texture", model=model.texture)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# StructureFlow's own generator loss
+# ----------------------------------------------------------------------------------------------------------
+
+#: the official generator loss weights (``model_config.yaml``: STRUCTURE_L1, STRUCTURE_ADV_GEN, FLOW_L1,
+#: FLOW_ADV_GEN, FLOW_CORRECTNESS, VGG_STYLE, VGG_CONTENT; the last two only in stage 3, the joint model)
+SF_LOSS_WEIGHTS: dict[str, float] = {
+    "structure_l1": 4.0, "structure_adv": 1.0, "l1": 5.0, "adv": 1.0, "correctness": 0.25, "style": 250.0,
+    "perceptual": 0.1,
+}
+SF_STYLE_LAYERS = ("relu2_2", "relu3_4", "relu4_4", "relu5_2")
+SF_PERCEPTUAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+SF_CORRECTNESS_LAYER = "relu3_1"
+
+FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+class StructureFlowVGG(nn.Module):
+    """VGG19 features as StructureFlow's losses read them: the [-1, 1] image goes into the network as it is
+    (the official ``VGG19`` on torchvision weights, no ImageNet normalisation).
+
+    ``forward(x (B, 3, H, W) in [-1, 1]) -> {layer: (B, C_l, H_l, W_l)}`` for :data:`SF_STYLE_LAYERS`,
+    :data:`SF_PERCEPTUAL_LAYERS` (which hold the correctness layer ``relu3_1``). ``weights`` /
+    ``allow_random`` as :class:`kdinpaint.losses.vgg.VGGFeatures`. Frozen; gradients reach ``x``.
+    """
+
+    def __init__(self, weights: str | os.PathLike[str] | None = "vgg19.tv_in1k", allow_random: bool = False) -> None:
+        super().__init__()
+        layers = tuple(dict.fromkeys(SF_PERCEPTUAL_LAYERS + SF_STYLE_LAYERS))
+        self.features = VGGFeatures("vgg19", layers, weights=weights, allow_random=allow_random, input_norm="none")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.features(2 * x - 1)  # VGGFeatures maps [-1, 1] to [0, 1] first; this undoes it
+
+
+def sampling_correctness_loss(
+    target_features: torch.Tensor,
+    input_features: torch.Tensor,
+    flow: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Sampling correctness: ``L_c = 1/N sum_{j in M} exp(-mu(v'_j, v_j) / (mu_max_j + eps))`` (SF, §3.2).
+
+    ``v_j``: the target (ground-truth) feature at position ``j``; ``v'_j``: the input (corrupted image)
+    features warped by the flow with Gaussian sampling (K = 4, sigma = 2) at ``j``; ``mu``: cosine
+    similarity over channels; ``mu_max_j = max_i mu(v^in_i, v_j)`` over every input position ``i``; ``N``:
+    the number of hole positions (plus ``eps``), summed over the batch. As the official loss: the mask is
+    resized to the feature grid by nearest sampling and the flow by adaptive average pooling (an identity
+    for VGG ``relu3_1`` on the 1/4 grid of the flow).
+
+    Args:
+        target_features, input_features: ``(B, C, h, w)``, e.g. VGG19 ``relu3_1`` of the ground truth and of
+            ``ground_truth * (1 - mask)``.
+        flow: ``(B, 2, h', w')`` in pixels (the texture generator's flow).
+        mask: ``(B, 1, H, W)``, 1 = hole.
+
+    Returns a scalar in ``(0, e^2]`` per hole position on average; 0 when there is no hole. Memory grows as
+    ``B (h w)^2`` (the ``mu_max`` table), as in the official loss.
+    """
+    if target_features.shape != input_features.shape or target_features.dim() != 4:
+        raise ValueError(
+            f"target_features {tuple(target_features.shape)} and input_features {tuple(input_features.shape)} "
+            "must be (B, C, h, w) features of the same layer"
+        )
+    if flow.dim() != 4 or flow.shape[:2] != (target_features.shape[0], 2):
+        raise ValueError(f"flow must be (B, 2, h, w) with B = {target_features.shape[0]}, got {tuple(flow.shape)}")
+    b, c, h, w = target_features.shape
+    m = F.interpolate(mask.to(target_features.dtype), size=(h, w), mode="nearest").reshape(b, -1)  # (B, hw)
+    flow = F.adaptive_avg_pool2d(flow, (h, w))
+    tgt = target_features.reshape(b, c, h * w)  # (B, C, N)
+    inp = input_features.reshape(b, c, h * w)
+    cos_all = torch.bmm(  # (B, N_in, N_target)
+        (inp / (inp.norm(dim=1, keepdim=True) + eps)).transpose(1, 2), tgt / (tgt.norm(dim=1, keepdim=True) + eps)
+    )
+    cos_max = cos_all.amax(dim=1)  # (B, N): the best match of each target position anywhere in the input
+    warped = gaussian_resample(input_features, flow, 4, 2.0).reshape(b, c, h * w)
+    cos = F.cosine_similarity(warped, tgt, dim=1)  # (B, N)
+    loss_map = torch.exp(-cos / (cos_max + eps))
+    return (loss_map * m).sum() / (m.sum() + eps)
+
+
+def _lsgan_generator(logits: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``mean_scales mean (D(fake) - 1)^2``: SF's LSGAN on raw logits (no sigmoid), averaged over D scales."""
+    logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    if not logits:
+        raise ValueError("no discriminator logits given")
+    return sum(F.mse_loss(t, torch.ones_like(t)) for t in logits) / len(logits)  # type: ignore[return-value]
+
+
+def structureflow_loss(
+    pred: torch.Tensor | StructureFlowOutput,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    structure: torch.Tensor | None = None,
+    structure_target: torch.Tensor | None = None,
+    flow: torch.Tensor | None = None,
+    vgg: FeatureFn | None = None,
+    fake_logits: Sequence[torch.Tensor] | None = None,
+    structure_fake_logits: Sequence[torch.Tensor] | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """StructureFlow's generator loss, ``4 |s - S|_1 + L_adv(s) + 5 |out - gt|_1 + L_adv(out) + 0.25 L_c
+    + 250 L_style(out ⊙ M, gt ⊙ M) + 0.1 L_perc(out, gt)`` (official ``model_config.yaml`` and
+    ``src/models.py``; the style and perceptual terms are those of its stage 3, the joint model).
+
+    ``|.|_1`` is the mean absolute error over every pixel (``nn.L1Loss``, hole and known alike); ``L_adv``
+    the LSGAN generator term on raw logits, averaged over the two discriminator scales
+    (:class:`MultiScaleDiscriminator`); ``L_c`` :func:`sampling_correctness_loss` on VGG19 ``relu3_1`` of
+    ``gt`` and ``gt ⊙ (1 - M)``; ``L_style`` / ``L_perc`` :func:`kdinpaint.losses.style.style_loss` on
+    :data:`SF_STYLE_LAYERS` and :func:`kdinpaint.losses.style.perceptual_loss` on
+    :data:`SF_PERCEPTUAL_LAYERS` (Gram normalised by ``C h w``, as the official ones).
+
+    Args:
+        pred: the texture generator's output ``(B, 3, H, W)`` in [-1, 1], or a :class:`StructureFlowOutput`
+            (``forward(..., return_all=True)``), which also supplies ``structure``, ``structure_target`` and
+            ``flow`` unless they are given.
+        target: the ground truth ``(B, 3, H, W)`` in [-1, 1]; ``mask``: ``(B, 1, H, W)``, 1 = hole.
+        structure, structure_target: the reconstructor's output and the smoothed ground truth (SF, SF*).
+        flow: ``(B, 2, H/4, W/4)``, for the correctness term.
+        vgg: ``image -> {layer: features}`` (e.g. :class:`StructureFlowVGG`) for the correctness, style and
+            perceptual terms.
+        fake_logits, structure_fake_logits: discriminator logits of ``out`` / ``s`` (lists over scales).
+        weights: overrides of :data:`SF_LOSS_WEIGHTS` (0 skips a term).
+
+    Returns ``{term: weighted scalar, ..., "total": sum}``; a term appears when its inputs are given and its
+    weight is non-zero (``l1`` always). Features of the ground truth are computed without gradient.
+    """
+    w = dict(SF_LOSS_WEIGHTS)
+    unknown = sorted(set(weights or {}) - set(w))
+    if unknown:
+        raise ValueError(f"unknown StructureFlow loss term(s) {unknown}; terms: {sorted(w)}")
+    w.update(weights or {})
+    if isinstance(pred, StructureFlowOutput):
+        structure = pred.structure if structure is None else structure
+        structure_target = pred.structure_target if structure_target is None else structure_target
+        flow = pred.flow if flow is None else flow
+        pred = pred.image
+    if not isinstance(pred, torch.Tensor) or pred.shape != target.shape:
+        got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+        raise ValueError(f"pred {got} and target {tuple(target.shape)} must be images of the same shape")
+    mask = check_mask(mask, target).to(target.dtype)
+    out: dict[str, torch.Tensor] = {"l1": w["l1"] * F.l1_loss(pred, target)}
+    if w["structure_l1"] and structure is not None and structure_target is not None:
+        out["structure_l1"] = w["structure_l1"] * F.l1_loss(structure, structure_target)
+    if w["adv"] and fake_logits is not None:
+        out["adv"] = w["adv"] * _lsgan_generator(fake_logits)
+    if w["structure_adv"] and structure_fake_logits is not None:
+        out["structure_adv"] = w["structure_adv"] * _lsgan_generator(structure_fake_logits)
+    if vgg is not None:
+        with torch.no_grad():
+            gt_feats = vgg(target)
+        if w["correctness"] and flow is not None:
+            with torch.no_grad():
+                in_feats = vgg(masked(target, mask))
+            layer = SF_CORRECTNESS_LAYER
+            out["correctness"] = w["correctness"] * sampling_correctness_loss(gt_feats[layer], in_feats[layer], flow, mask)
+        if w["style"]:
+            with torch.no_grad():
+                gt_hole = vgg(target * mask)
+            pred_hole = vgg(pred * mask)
+            out["style"] = w["style"] * style_loss(
+                {k: pred_hole[k] for k in SF_STYLE_LAYERS}, {k: gt_hole[k] for k in SF_STYLE_LAYERS}
+            )
+        if w["perceptual"]:
+            pred_feats = vgg(pred)
+            out["perceptual"] = w["perceptual"] * perceptual_loss(
+                {k: pred_feats[k] for k in SF_PERCEPTUAL_LAYERS}, {k: gt_feats[k] for k in SF_PERCEPTUAL_LAYERS}
+            )
+    out["total"] = sum(out.values())  # type: ignore[assignment]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kdinpaint adapter
+# ----------------------------------------------------------------------------------------------------------
+
+#: the texture generator's conv-column encoder levels, shallow to deep (the same paths in SF, SF# and the
+#: teacher). ``down_sample.0.2`` lies inside ``down_sample.0``: its hook fires first and its completion block
+#: acts before the rest of that Sequential runs; each module runs once per forward.
+TEXTURE_LEVELS = [
+    "texture.conv_column.down_sample.0.2",  # dim channels, 1/2
+    "texture.conv_column.down_sample.0",  # 2 dim, 1/4 (the features the flow warps)
+    "texture.conv_column.down_sample.1",  # 8 dim, 1/8
+]
+
+ADAPTER_SPEC = {
+    "name": "structureflow",
+    "description": (
+        "StructureFlow (ICCV 2019): structure reconstructor + appearance-flow texture generator, as released; "
+        "variants star (SF*: distillation in the texture generator) and hash (SF#: texture generator alone)"
+    ),
+    "encoder_levels": [],  # as released: nothing attached
+    "completion_sites": [],
+    "image_arg": "image",
+    "mask_arg": "mask",
+    "teacher_input": "empty_mask",
+    "probe_shape": [1, 3, 64, 64],
+    "variants": {
+        "star": {"encoder_levels": TEXTURE_LEVELS, "completion_sites": TEXTURE_LEVELS},
+        "hash": {"encoder_levels": TEXTURE_LEVELS, "completion_sites": TEXTURE_LEVELS},
+    },
+}
+
+VARIANT_BUILDERS = {"hash": {"texture_only": True}}
+
+_STUDENT_ONLY = ("structure_from", "detach_structure")  # options of StructureFlow the teacher has no use for
+
+
+def structureflow_student(texture_only: bool = False, **kwargs: object) -> StructureFlow | StructureFlowTexture:
+    """The adapter's student: SF, both stages (:func:`build_structureflow`), or with ``texture_only`` SF#, the
+    texture generator alone (:func:`build_structureflow_texture`). ``kwargs`` go to that builder."""
+    return build_structureflow_texture(**kwargs) if texture_only else build_structureflow(**kwargs)
+
+
+def structureflow_teacher(texture_only: bool = False, **kwargs: object) -> StructureFlowTeacher | StructureFlowTexture:
+    """The adapter's teacher, from the student's builder arguments: the texture generator fed the ground truth.
+
+    SF and SF*: a :class:`StructureFlowTeacher` (texture generator on ``[gt, RTV(gt), 0]``); ``pretrained``
+    (the student's checkpoints folder) gives it the released ``latest_net_f_gen.pth``; ``structure_from`` and
+    ``detach_structure`` are accepted and ignored (the teacher sees the whole ground truth and has no first
+    stage). SF# (``texture_only``): the student's own class, :class:`StructureFlowTexture`, which with the empty
+    mask reads the ground truth in its image and structure slots — no handcrafted structure anywhere in SF#.
+    """
+    if texture_only:
+        return build_structureflow_texture(**kwargs)
+    for key in _STUDENT_ONLY:
+        kwargs.pop(key, None)
+    return build_structureflow_teacher(**kwargs)
+
+
+@hookimpl
+def register_adapters(register: Callable[[Adapter], None]) -> None:
+    register(
+        Adapter(
+            name="structureflow",
+            spec=ADAPTER_SPEC,
+            build_student=structureflow_student,
+            build_teacher=structureflow_teacher,
+            description=ADAPTER_SPEC["description"],
+            checkpoint_filter_fn=checkpoint_filter_fn,
+            stride=SF_SIZE_MULTIPLE,
+            variant_builders=VARIANT_BUILDERS,
+        )
+    )

@@ -209,15 +209,18 @@ def test_forward_backward_tiny_finite():
 
 
 def test_structure_computed_when_not_given():
+    # default: the mask-aware RTV of the corrupted image, so the hole content is never read
     model = StructureFlow(dim=8).eval()
     image, mask, _ = _tiny_inputs(48, 48)
     with torch.no_grad():
         res = model(image, mask, return_all=True)
-    torch.testing.assert_close(res.structure_target, rtv_structure(image))
-    masked_model = StructureFlow(dim=8, structure_from="masked").eval()
+        res_masked_in = model(image * (1 - mask), mask, return_all=True)
+    torch.testing.assert_close(res.structure_target, rtv_structure(image * (1 - mask), mask))
+    torch.testing.assert_close(res_masked_in.image, res.image)
+    gt_model = StructureFlow(dim=8, structure_from="ground_truth").eval()
     with torch.no_grad():
-        res2 = masked_model(image, mask, return_all=True)
-    torch.testing.assert_close(res2.structure_target, rtv_structure(image * (1 - mask), mask))
+        res2 = gt_model(image, mask, return_all=True)
+    torch.testing.assert_close(res2.structure_target, rtv_structure(image))
 
 
 def test_bad_inputs():

@@ -103,7 +103,20 @@ OFFICIAL_FILES: dict[str, tuple[str, str, str]] = {
 
 def _sn(module: nn.Module, use_spectral_norm: bool) -> nn.Module:
     # legacy API on purpose: it keeps the official weight_orig / weight_u / weight_v keys
-    return nn.utils.spectral_norm(module) if use_spectral_norm else module
+    if not use_spectral_norm:
+        return module
+    module = nn.utils.spectral_norm(module)
+    module.register_forward_hook(_drop_weight_graph)
+    return module
+
+
+def _drop_weight_graph(module: nn.Module, inputs: object, output: object) -> None:
+    # Legacy spectral norm caches W = W_orig / sigma as a plain attribute that still carries the autograd
+    # graph after a training forward, which makes copy.deepcopy (e.g. exporting the student) fail. The
+    # forward has used it already and the next forward recomputes it, so the cache keeps only its value.
+    weight = module.__dict__.get("weight")
+    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+        module.weight = weight.detach()
 
 
 def _init_normal(module: nn.Module, gain: float = 0.02) -> None:
@@ -248,7 +261,8 @@ class EdgeConnect(nn.Module):
     H, W >= 9. Steps: ``[0, 1]`` RGB, gray (rgb2gray), Canny (``sigma``) with the hole excluded, G1 on the
     masked gray / edges / mask, the edge map for G2 = ``G1 * m + canny * (1 - m)`` (``merge_edges=True``, as in
     the official training; ``False`` feeds G1's raw map as the official ``test()`` does), G2, crop.
-    ``detach_edges=True`` (default) stops gradients into G1 as in the official stage-3 training.
+    ``detach_edges=True`` (default) stops gradients into G1 as in the official stage-3 training (G1 then runs
+    without autograd).
     Returns G2's raw output ``(B, 3, H, W)`` in ``[-1, 1]``, **not** composited (the toolkit composites with
     :func:`kdinpaint.masking.composite`). ``return_edges=True`` also returns ``(edges fed to G2, canny)``, both
     ``(B, 1, H, W)`` in ``[0, 1]``.
@@ -279,7 +293,9 @@ class EdgeConnect(nn.Module):
         # Canny in float32 at least: half precision would move pixels across the thresholds
         cdt = torch.promote_types(gray.dtype, torch.float32)
         edges = canny(gray.to(cdt), self.sigma, hole=mask).to(gray.dtype)
-        pred = crop_to(self.edge(pad_to_multiple(edge_generator_input(gray, edges, mask))), size)
+        g1_input = pad_to_multiple(edge_generator_input(gray, edges, mask))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_edges):  # no graph for a frozen G1
+            pred = crop_to(self.edge(g1_input), size)
         edge_map = pred * mask + edges * (1 - mask) if self.merge_edges else pred
         if self.detach_edges:
             edge_map = edge_map.detach()

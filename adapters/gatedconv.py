@@ -39,6 +39,28 @@ Channel order. Evidence that the official weights expect **BGR**:
 Hence ``channel_order="bgr"`` is the default. The empirical check, running the converted weights on
 real photographs under a mask in both orders and keeping the one that reconstructs better, is still
 to be done: the weights could not be obtained when this adapter was written.
+
+Adapter ``gatedconv`` (Table 4 of Suin et al., ICCV 2021), called as ``model(image, mask)``, stride 8:
+
+=========  ==========================================================================================
+(default)  GC: DeepFill v2 as released, nothing attached (the control when fine-tuning GC* / GC†).
+star       GC*: cross-distillation (Eq. 2), self-distillation (Eq. 3) and completion blocks (Eq. 5)
+           on the coarse network's encoder, the last layer of each resolution before the dilated
+           block: ``conv1`` (H, cnum/2 ch), ``conv3`` (H/2, cnum), ``conv6`` (H/4, 2 cnum). The paper
+           puts GC's supervision in the coarse network and applies "CD, SD coupled with CB while
+           keeping the total no. of parameters same"; the released generator has to stay loadable,
+           so nothing is removed to pay for the three completion blocks: the deployed GC* has
+           40,905 more parameters than GC's 4,052,478 (+1.0 %). The alignment convolutions ``f_l``
+           and the meta-networks are training-only.
+dagger     GC†: attention transfer (Eq. 9) on ``contextual_attention``, its affinity captured at the
+           ``affinity`` submodule, layout ``keys_hw`` (``B x keys x H/8 x W/8``); nothing else (GC†
+           scores below GC* in Table 4, so it does not include GC*'s terms).
+=========  ==========================================================================================
+
+The teacher is :class:`GatedConvTeacher` (same ``state_dict``; ``model.init`` loads the official weights
+into both) with ``teacher_input: same_mask``: it reconstructs the whole ground truth and uses the
+student's mask only for contextual attention's patch validity. DeepFill v2's own generator loss is
+:func:`gatedconv_loss`, also registered as the loss ``"gatedconv"``.
 """
 
 from __future__ import annotations
@@ -56,7 +78,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.masking import check_mask
+from kdinpaint.masking import check_mask, composite
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
 
@@ -709,8 +731,7 @@ def gatedconv_loss(
             raise ValueError(f"coarse must have the target's shape {tuple(target.shape)}, got {tuple(coarse.shape)}")
         loss = loss + (target - coarse).abs().mean()
     if discriminator is not None:
-        fake = pred * mask + target * (1 - mask)  # kdinpaint.masking.composite; gradients reach the holes only
-        loss = loss - discriminator(fake, mask).mean()
+        loss = loss - discriminator(composite(pred, target, mask), mask).mean()  # gradients reach the holes only
     return loss
 
 

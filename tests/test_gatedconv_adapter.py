@@ -85,6 +85,21 @@ def test_coarse_encoder_levels_are_the_three_resolutions():
     assert dagger.encoder_levels == [] and dagger.teacher_input == "same_mask"
 
 
+def test_deployed_parameters_per_variant():
+    from kdinpaint.inference import deployed_model
+
+    counts = {}
+    for name in ("gatedconv", "gatedconv:star", "gatedconv:dagger"):
+        model, stride = deployed_model(name, {"cnum": CNUM})
+        counts[name] = sum(p.numel() for p in model.parameters())
+        assert stride == 8
+    assert counts["gatedconv"] == sum(p.numel() for p in GatedConvInpaint(cnum=CNUM).parameters())
+    assert counts["gatedconv:dagger"] == counts["gatedconv"]  # attention transfer is training-only
+    # GC* keeps one completion block per coarse level (widths cnum/2, cnum, 2 cnum): a 3x3 predictor of
+    # 9 kernel weights and one of 18 offsets, i.e. (9 + 18) * (9 C + 1) parameters each.
+    assert counts["gatedconv:star"] - counts["gatedconv"] == sum(27 * (9 * c + 1) for c in (4, 8, 16))
+
+
 # ------------------------------------------------------------------ teacher
 
 

@@ -140,3 +140,26 @@ def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="holds .* meta-parameter"):
         MetaLearner(kd, torch.optim.SGD([*student.parameters(), *kd.meta_parameters()], lr=0.1), _mse)
     kd.detach()
+
+
+def _live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+
+@pytest.mark.slow
+def test_no_tensor_leak_over_200_iterations():
+    """The full loop (attention transfer, PGL, reverse_hg) keeps the number of live tensors flat."""
+    student, kd, masked, mask, gt = _setup(torch.float32, 16)
+    theta = [*student.parameters(), *kd.student_parameters()]
+    learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), _mse, mode="reverse_hg", meta_lr=1e-4)
+    counts = []
+    for i in range(200):
+        learner.step((masked, mask), gt)
+        if i in (19, 199):
+            counts.append(_live_tensors())
+    assert counts[1] <= counts[0] + 5, counts
+    assert not kd._session.student and not kd._session.teacher and kd._teacher_cache is None
+    kd.detach()

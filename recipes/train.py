@@ -51,10 +51,13 @@ DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
 
 
 # ---- data ------------------------------------------------------------------------------------------
+HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when data.images is "sample"
+
+
 def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -> torch.Tensor | kdata.ImageFolder:
-    """``sample``: crops of the bundled photos (the last two photos are held out for evaluation)."""
+    """``sample``: crops of the bundled photos (two of them, HELD_OUT, are kept for evaluation)."""
     if source == "sample":
-        names = kdata.SAMPLE_NAMES[-2:] if held_out else kdata.SAMPLE_NAMES[:-2]
+        names = HELD_OUT if held_out else tuple(n for n in kdata.SAMPLE_NAMES if n not in HELD_OUT)
         return kdata.sample_images(size, count, names=names)
     if not Path(source).exists():
         raise FileNotFoundError(f"data path {source!r} does not exist; give an image folder, a .flist, or 'sample'")

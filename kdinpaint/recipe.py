@@ -65,6 +65,7 @@ class MaskSection:
 class LossSection:
     """Eq. (11): lambda_r R_recon + lambda_d (R_distil + R_att) + lambda_s R_style, plus the adversarial term."""
 
+    objective: str = "eq11"  # eq11 = the paper's R_recon + R_style; or a registered loss (kdinpaint.plugins.get_loss)
     lambda_r: float = 1.0
     lambda_d: float = 20.0
     lambda_s: float = 150.0

@@ -44,6 +44,7 @@ from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss,
 from kdinpaint.losses.reconstruction import spatially_varying_l1
 from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
+from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import Recipe, load_recipe
 
 log = logging.getLogger("kdinpaint.train")
@@ -171,7 +172,8 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     kd = kdinpaint.attach(student, teacher if needs_teacher else None, spec)
     kd.to(accelerator.device)
     L = recipe.losses
-    style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if L.lambda_s > 0 else None
+    use_style = L.lambda_s > 0 and L.objective == "eq11"
+    style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if use_style else None
 
     theta = [*student.parameters(), *kd.student_parameters()]
     theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
@@ -185,10 +187,19 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     meta_opt = rest.pop(0) if meta_opt is not None else None
     disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
 
+    network_loss = get_loss(L.objective) if L.objective != "eq11" else None
+
     def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial."""
-        loss = L.lambda_r * spatially_varying_l1(pred, target, mask, padding=L.recon_padding)
-        if style is not None:
+        """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial.
+
+        With ``losses.objective`` naming a registered loss (an adapter's own objective), that loss, called as
+        ``fn(pred, target, mask)``, replaces R_recon and R_style; the adversarial term stays.
+        """
+        if network_loss is not None:
+            loss = L.lambda_r * network_loss(pred, target, mask)
+        else:
+            loss = L.lambda_r * spatially_varying_l1(pred, target, mask, padding=L.recon_padding)
+        if style is not None and network_loss is None:
             loss = loss + L.lambda_s * style(pred, target, mask)["style"]
         if disc is not None:
             loss = loss + L.adversarial * generator_adv_loss(disc(composite(pred, target, mask))[0], L.gan_loss)

@@ -93,3 +93,12 @@ def test_two_processes_on_cpu(tmp_path):
     out = proc.stdout + proc.stderr
     assert "world size 2" in out
     assert (tmp_path / "ddp" / "student.safetensors").is_file()
+
+
+def test_objective_from_a_registered_loss(tmp_path):
+    """losses.objective swaps R_recon + R_style for an adapter's own objective (here EdgeConnect's)."""
+    _train(tmp_path / "ec", "train.steps=2", "losses.objective=edgeconnect")
+    first = json.loads((tmp_path / "ec" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 2 and first["loss_inp"] > 0
+    proc = _train(tmp_path / "bad", "train.steps=2", "losses.objective=no-such-loss", check=False)
+    assert proc.returncode != 0 and "no-such-loss" in proc.stderr and "edgeconnect" in proc.stderr

@@ -4,7 +4,7 @@
     python recipes/ablation.py train.steps=600       # longer (any recipe override applies to every variant)
 
 Each variant runs ``recipes/train.py`` with ``recipes/demo.yaml`` (its own run folder under
-``runs/ablation/``; all share one pre-trained teacher) and is evaluated on the same held-out photos and
+``runs/ablation/``; variants with the same teacher architecture share one pre-trained teacher) and is evaluated on the same held-out photos and
 masks. The table lists PSNR / SSIM / mean L1 over all evaluation images and the 30-40 % bucket (Table 3's
 column). With a few hundred steps on a handful of photos the differences are small and noisy: this checks that
 every variant trains end to end, it does not reproduce the paper's numbers.
@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from kdinpaint_adapters.reference import VARIANT_BUILDERS
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["baseline", "net3", "net4", "net7", "net8"]
 
@@ -31,17 +33,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    teacher = out / "teacher.safetensors"
     rows = []
     for variant in args.variants:
         run = out / variant
+        # variants whose teacher has the same architecture (with or without attention) share one teacher
+        builder = VARIANT_BUILDERS.get(variant, {})
+        teacher = out / f"teacher-attention-{builder.get('attention', True)}.safetensors"
         shared = [f"teacher.weights={teacher}"] if teacher.is_file() else []
         cmd = [sys.executable, str(HERE / "train.py"), "--config", args.config, *args.overrides,
                f"model.adapter=reference:{variant}", f"checkpoint.dir={run}", "checkpoint.resume=false", *shared]
         t0 = time.time()
         print(f"== {variant}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True)
-        if not teacher.is_file():  # the first variant pre-trained the teacher: reuse it for the others
+        if not teacher.is_file() and (run / "teacher.safetensors").is_file():  # reuse it for the next variants
             teacher.write_bytes((run / "teacher.safetensors").read_bytes())
         summary = json.loads((run / "report.json").read_text())["buckets"]
         rows.append((variant, summary, time.time() - t0))

@@ -167,9 +167,9 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
 
 def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None) -> None:
     adapter, variant, spec, student, teacher = parts
-    teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
-    needs_teacher = spec.needs_teacher or (spec.self_distillation and bool(spec.encoder_levels))
-    kd = kdinpaint.attach(student, teacher if needs_teacher else None, spec)
+    if needs_teacher(spec):
+        teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
+    kd = kdinpaint.attach(student, teacher if needs_teacher(spec) else None, spec)
     kd.to(accelerator.device)
     L = recipe.losses
     use_style = L.lambda_s > 0 and L.objective == "eq11"
@@ -321,13 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(recipe.teacher.weights).is_file():
             raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
         teacher_path = Path(recipe.teacher.weights)
-    if args.stage in ("all", "teacher") and not teacher_path.is_file():
+    if args.stage in ("all", "teacher") and needs_teacher(parts[2]) and not teacher_path.is_file():
         stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), recipe.teacher.steps * recipe.optim.batch_size * world, seed=recipe.train.seed + 1)
         train_teacher(recipe, parts[4], parts[2], stream, teacher_path)
     if args.stage in ("all", "student"):
-        if not teacher_path.is_file():
+        if needs_teacher(parts[2]) and not teacher_path.is_file():
             raise FileNotFoundError(f"no teacher weights at {teacher_path}: run --stage teacher first or set teacher.weights")
-        if teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
+        if needs_teacher(parts[2]) and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
             shutil.copyfile(teacher_path, run / "teacher.safetensors")
         accelerator.wait_for_everyone()
         blocks = recipe.train.steps // recipe.meta.steps
@@ -341,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
                 "e.g. optim.batch_size=2"
             ) from None
     accelerator.end_training()
+
+
+def needs_teacher(spec) -> bool:
+    """Cross-distillation, attention transfer and self-distillation (phi reads the teacher) use it."""
+    return spec.needs_teacher or (spec.self_distillation and bool(spec.encoder_levels))
 
 
 def _no_accelerator() -> bool:

@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.losses.adversarial import generator_adv_loss
 from kdinpaint.masking import check_mask
 
 from .edgeconnect_io import (
@@ -335,7 +336,7 @@ def _drop_edge_stage(module: nn.Module, state_dict: dict, prefix: str, *args: An
     if edge and any(k.startswith(prefix + "inpaint.") for k in state_dict):
         for key in edge:
             del state_dict[key]
-        _logger.info("EdgeConnectInpaint: dropped the %d edge-stage entries of a two-stage EdgeConnect state_dict", len(edge))
+        _logger.info("EdgeConnectInpaint: dropped the %d edge-stage entries of a two-stage state_dict", len(edge))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,7 +457,8 @@ def _filter_wrapped(state_dict: Mapping[str, object], model: nn.Module) -> dict[
         return {f"inpaint.{k}": v for k, v in checkpoint_filter_fn(state_dict, model.inpaint).items()}
     raise ValueError(
         "EdgeConnect has two stages: pass {'edge': <EdgeModel_gen.pth contents>, 'inpaint': "
-        "<InpaintingModel_gen.pth contents>}, or build it with build_edgeconnect(pretrained=<checkpoints folder>)"
+        "<InpaintingModel_gen.pth contents>} (one file: pack_official(<checkpoints folder>, 'ec.safetensors'), "
+        "e.g. for a recipe's model.init), or build it with build_edgeconnect(pretrained=<checkpoints folder>)"
     )
 
 
@@ -726,15 +728,16 @@ def edgeconnect_loss_terms(
         mask: ``(B or 1, 1, H, W)``, 1 = hole.
     """
     if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(f"pred and target must be (B, 3, H, W) of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must be (B, 3, H, W) of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     mask = check_mask(mask, target).to(pred.dtype)
     hole = mask.mean()
     l1 = 0.5 * (pred - target).abs().mean()  # [-1, 1] differences are twice EdgeConnect's [0, 1] ones
     terms = {"l1": l1 / torch.where(hole > 0, hole, torch.ones_like(hole))}
     if discriminator is not None:
-        from kdinpaint.losses.adversarial import generator_adv_loss
-
-        terms["adversarial"] = generator_adv_loss(_logits(discriminator(to_unit(pred))), gan_loss)  # type: ignore[arg-type]
+        logits = _logits(discriminator(to_unit(pred)))
+        terms["adversarial"] = generator_adv_loss(logits, gan_loss)  # type: ignore[arg-type]
     if vgg is not None:
         preset = getattr(vgg, "preset", None)
         if preset is not None and getattr(preset, "arch", "vgg19") != "vgg19":
@@ -766,7 +769,8 @@ def edgeconnect_loss(
     Returns a scalar tensor.
     """
     terms = edgeconnect_loss_terms(pred, target, mask, vgg=vgg, discriminator=discriminator, gan_loss=gan_loss)
-    return sum((EC_LOSS_WEIGHTS[k] * v for k, v in terms.items()), torch.zeros((), dtype=pred.dtype, device=pred.device))
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    return sum((EC_LOSS_WEIGHTS[k] * v for k, v in terms.items()), zero)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 
 - **Encoder levels** (the paper's level boundaries, Eq. 2, 3, 5): along the order in which modules finish,
   the feature-map size first shrinks (encoder) and then grows (decoder). For each resolution of the
-  encoder, the breakpoint is the last module at that resolution before it halves; the level is the
+  encoder, the breakpoint is the last module at that resolution before it halves (at the deepest
+  resolution, which never halves, the first module to reach it: later ones there are bottleneck or
+  decoder, e.g. the reference network's ``dec3``/``att3``); the level is the
   outermost module that ends there and produces only maps of that resolution (``down1``, not the
   ``encoder`` container around all levels). Levels at the input resolution are left out by default
   (``min_reduction=2``); global ``1×1`` maps (squeeze-excitation, pooling) are ignored. A model of several
@@ -156,8 +158,11 @@ def _levels(stage: list[_Call], calls: list[_Call], once: set[str], input_size: 
         if input_size[0] < min_reduction * size[0] and input_size[1] < min_reduction * size[1]:
             continue
         smaller = [e.end for e in stage if sizes.index(e.size) > i]
-        limit = min(smaller) if smaller else float("inf")
-        b = max((e for e in stage if e.size == size and e.end < limit), key=lambda e: e.end)
+        at_size = [e for e in stage if e.size == size]
+        if smaller:  # the last module at this resolution before it halves
+            b = max((e for e in at_size if e.end < min(smaller)), key=lambda e: e.end)
+        else:  # the deepest resolution: the module that reaches it (what follows there is bottleneck/decoder)
+            b = min(at_size, key=lambda e: e.end)
         outer = [
             c for c in calls
             if c.path and c.path in once and c.size == size and c.start <= b.start and c.end >= b.end

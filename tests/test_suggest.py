@@ -236,8 +236,8 @@ def test_fused_attention_is_reported_not_tapped():
             return self.up(F.interpolate(x, scale_factor=2.0))
 
     result = analyse(Fused(), batch(1, 16))
-    # the attention runs after down at 8x8 and keeps that size: it is the last module of the level
-    assert result.spec.encoder_levels == ["attn"] and result.spec.attention_sites == []
+    # 8x8 is the deepest resolution: `down` reaches it; the attention after it belongs to the decoder side
+    assert result.spec.encoder_levels == ["down"] and result.spec.attention_sites == []
     assert [(s.module, s.length, s.fused) for s in result.attention] == [("attn", 64, True)]
     assert any("scaled_dot_product_attention" in note for note in result.notes)
 
@@ -252,3 +252,12 @@ def test_bad_inputs():
         suggest_spec(TinyUNet(), (image, image))
     with pytest.raises(ValueError, match="min_reduction"):
         suggest_spec(TinyUNet(), (image, mask), min_reduction=0)
+
+
+def test_reference_network_levels_match_its_hand_written_spec():
+    import kdinpaint
+
+    adapter = kdinpaint.get_adapter("reference")
+    student = adapter.student(width=4)
+    image, mask = torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    assert kdinpaint.suggest_spec(student, (image, mask)).encoder_levels == adapter.spec.encoder_levels

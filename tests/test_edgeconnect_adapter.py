@@ -53,7 +53,7 @@ def test_registered_with_its_variants_and_loss(capsys: pytest.CaptureFixture[str
     assert kdinpaint.plugins.get_loss("edgeconnect") is ec.edgeconnect_loss
     released, star, hash_ = (kdinpaint.load_spec(n) for n in ("edgeconnect", "edgeconnect:star", "edgeconnect:hash"))
     assert released.encoder_levels == [] and released.sites == [] and not released.needs_teacher
-    assert star.encoder_levels == LEVELS and star.sites == []  # EC*: no parameters added at inference
+    assert star.encoder_levels == star.sites == LEVELS  # EC*: CD + SD coupled with CB, like GC* and SF*
     assert hash_.encoder_levels == hash_.sites == LEVELS
     assert isinstance(adapter.student("star", residual_blocks=RB), ec.EdgeConnect)
     assert isinstance(adapter.student("hash", residual_blocks=RB), ec.EdgeConnectInpaint)
@@ -87,8 +87,8 @@ def test_each_variant_trains_one_step(variant: str | None) -> None:
     distilled = variant is not None
     assert (losses["cross"].item() > 0) == distilled and (losses["self"].item() > 0) == distilled
     assert losses["att"].item() == 0
-    assert len(kd.blocks) == (3 if variant == "hash" else 0)
-    if variant == "hash":  # completion blocks at 64 ch (H), 128 (H/2), 256 (H/4)
+    assert len(kd.blocks) == (3 if variant in ("star", "hash") else 0)
+    if variant is not None:  # completion blocks at 64 ch (H), 128 (H/2), 256 (H/4)
         assert sorted(sum(p.numel() for p in b.parameters()) for b in kd.blocks.values()) == sorted(
             _count(AdaptiveConv(c, 3)) for c in (64, 128, 256)
         )
@@ -99,8 +99,9 @@ def test_each_variant_trains_one_step(variant: str | None) -> None:
     assert "inpaint.encoder.1.weight" in moved
     assert not any(n.startswith("edge.") for n in moved)  # G1 frozen (edges detached), as in EC's stage 3
     exported = kd.export()
-    if variant == "star":  # "without requiring extra parameters"
-        assert _count(exported) == _count(student)
+    if variant == "star":  # the completion blocks are all EC* keeps at inference
+        blocks = sum(_count(AdaptiveConv(c, 3)) for c in (64, 128, 256))
+        assert _count(exported) == _count(student) + blocks
     kd.detach()
     assert not student._forward_hooks and not student._forward_pre_hooks
 
@@ -113,7 +114,7 @@ def test_deployed_sizes() -> None:
     released, stride = deployed_model("edgeconnect", kwargs)
     assert _count(released) == g1 + g2 and stride == 4
     star, _ = deployed_model("edgeconnect:star", kwargs)
-    assert _count(star) == g1 + g2  # distillation only: nothing kept at inference
+    assert _count(star) == g1 + g2 + sum(_count(AdaptiveConv(c, 3)) for c in (64, 128, 256))
     hash_, _ = deployed_model("edgeconnect:hash", kwargs)
     assert _count(hash_) == g2 + sum(_count(AdaptiveConv(c, 3)) for c in (64, 128, 256))  # about half of EC
 

@@ -19,6 +19,7 @@ killed run resumes from the last complete one), ``metrics.jsonl``, ``samples/ste
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -97,10 +98,14 @@ def build_models(recipe: Recipe):
     teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
     if recipe.model.init:
         state = load_file(recipe.model.init) if recipe.model.init.endswith(".safetensors") else torch.load(recipe.model.init, map_location="cpu", weights_only=True)
+        raw = state
         if adapter.checkpoint_filter_fn is not None:
-            state = adapter.checkpoint_filter_fn(state, student)
+            state = adapter.checkpoint_filter_fn(raw, student)
+            teacher_state = adapter.checkpoint_filter_fn(raw, teacher)
+        else:
+            teacher_state = state
         student.load_state_dict(state)
-        teacher.load_state_dict(state)  # the teacher starts from the same weights, then learns to reconstruct
+        teacher.load_state_dict(teacher_state)  # the teacher starts from the same weights, then learns to reconstruct
     return adapter, variant, spec, student, teacher
 
 
@@ -172,7 +177,10 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     kd = kdinpaint.attach(student, teacher if needs_teacher(spec) else None, spec)
     kd.to(accelerator.device)
     L = recipe.losses
-    use_style = L.lambda_s > 0 and L.objective == "eq11"
+    network_loss = get_loss(L.objective) if L.objective != "eq11" else None
+    # an adapter's objective that takes `vgg=` applies its own style/perceptual weights to our VGG features
+    loss_takes_vgg = network_loss is not None and "vgg" in inspect.signature(network_loss).parameters
+    use_style = L.lambda_s > 0 and (network_loss is None or loss_takes_vgg)
     style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if use_style else None
 
     theta = [*student.parameters(), *kd.student_parameters()]
@@ -187,16 +195,16 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     meta_opt = rest.pop(0) if meta_opt is not None else None
     disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
 
-    network_loss = get_loss(L.objective) if L.objective != "eq11" else None
-
     def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial.
 
         With ``losses.objective`` naming a registered loss (an adapter's own objective), that loss, called as
-        ``fn(pred, target, mask)``, replaces R_recon and R_style; the adversarial term stays.
+        ``fn(pred, target, mask)`` (plus ``vgg=`` when it takes one and ``lambda_s > 0``), replaces R_recon and
+        R_style; the adversarial term stays.
         """
         if network_loss is not None:
-            loss = L.lambda_r * network_loss(pred, target, mask)
+            extra = {"vgg": style} if loss_takes_vgg and style is not None else {}
+            loss = L.lambda_r * network_loss(pred, target, mask, **extra)
         else:
             loss = L.lambda_r * spatially_varying_l1(pred, target, mask, padding=L.recon_padding)
         if style is not None and network_loss is None:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(HERE / "demo.yaml"))
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser.add_argument("--reuse", action="store_true", help="keep variants whose run folder already has a report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -43,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, str(HERE / "train.py"), "--config", args.config, *args.overrides,
                f"model.adapter=reference:{variant}", f"checkpoint.dir={run}", "checkpoint.resume=false", *shared]
         t0 = time.time()
-        print(f"== {variant}: {' '.join(cmd[2:])}", flush=True)
-        subprocess.run(cmd, check=True)
+        if args.reuse and (run / "report.json").is_file():
+            print(f"== {variant}: reusing {run / 'report.json'}", flush=True)
+        else:
+            print(f"== {variant}: {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, check=True)
         if not teacher.is_file() and (run / "teacher.safetensors").is_file():  # reuse it for the next variants
             teacher.write_bytes((run / "teacher.safetensors").read_bytes())
         summary = json.loads((run / "report.json").read_text())["buckets"]

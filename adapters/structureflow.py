@@ -862,7 +862,8 @@ def sampling_correctness_loss(
     mask: torch.Tensor,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Sampling correctness: ``L_c = 1/N sum_{j in M} exp(-mu(v'_j, v_j) / (mu_max_j + eps))`` (SF, §3.2).
+    """Sampling correctness: ``L_c = 1/N sum_{j in M} exp(-mu(v'_j, v_j) / (mu_max_j + eps))`` (StructureFlow's
+    texture-generator loss, official ``PerceptualCorrectness``).
 
     ``v_j``: the target (ground-truth) feature at position ``j``; ``v'_j``: the input (corrupted image)
     features warped by the flow with Gaussian sampling (K = 4, sigma = 2) at ``j``; ``mu``: cosine
@@ -877,8 +878,9 @@ def sampling_correctness_loss(
         flow: ``(B, 2, h', w')`` in pixels (the texture generator's flow).
         mask: ``(B, 1, H, W)``, 1 = hole.
 
-    Returns a scalar in ``(0, e^2]`` per hole position on average; 0 when there is no hole. Memory grows as
-    ``B (h w)^2`` (the ``mu_max`` table), as in the official loss.
+    Returns a non-negative scalar (``e^-1`` where the warped feature matches as well as the best input
+    position); exactly 0 when there is no hole. Memory grows as ``B (h w)^2`` (the ``mu_max`` table), as in
+    the official loss.
     """
     if target_features.shape != input_features.shape or target_features.dim() != 4:
         raise ValueError(

@@ -17,23 +17,25 @@ from kdinpaint.cli import main
 from kdinpaint.masking import masked
 from kdinpaint.recipe import load_recipe
 from kdinpaint_adapters.structureflow import (
-    SF_LOSS_WEIGHTS,
-    SF_PERCEPTUAL_LAYERS,
-    SF_STYLE_LAYERS,
     TEXTURE_LEVELS,
     StructureFlow,
     StructureFlowOutput,
     StructureFlowTeacher,
     StructureFlowTexture,
-    StructureFlowVGG,
     checkpoint_filter_fn,
     pack_official,
-    sampling_correctness_loss,
-    structureflow_loss,
     structureflow_student,
     structureflow_teacher,
 )
 from kdinpaint_adapters.structureflow_io import rtv_structure
+from kdinpaint_adapters.structureflow_loss import (
+    SF_LOSS_WEIGHTS,
+    SF_PERCEPTUAL_LAYERS,
+    SF_STYLE_LAYERS,
+    StructureFlowVGG,
+    sampling_correctness_loss,
+    structureflow_loss,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "structureflow_keys.json").read_text())["networks"]

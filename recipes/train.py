@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         blocks = recipe.train.steps // recipe.meta.steps
         stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), blocks * recipe.optim.batch_size * world, seed=recipe.train.seed)
         loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=d.workers)
+        set_seed(recipe.train.seed + 2)  # the added modules start the same whether or not the teacher stage ran
         try:
             train_student(recipe, accelerator, parts, loader, run, args.stop_after)
         except torch.cuda.OutOfMemoryError:

@@ -23,12 +23,11 @@ batched on any device without a round trip through NumPy on the host.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.masking import check_mask, hole_ratio
+from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
 
 __all__ = [
     "RGB2GRAY_COEFFS",
@@ -215,22 +214,8 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, *, min_size: int = 12)
             f"EdgeConnect needs images of at least {min_size - EC_SIZE_MULTIPLE + 1}x{min_size - EC_SIZE_MULTIPLE + 1}"
             f" pixels (padded to {min_size}x{min_size}), got {H}x{W}; upsample the image first"
         )
-    if torch.compiler.is_compiling():
-        return
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(
-            f"image values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
-            "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
-        )
-    ratio = hole_ratio(mask)
-    if bool((ratio > _HOLE_RATIO_WARN).any()):
-        warnings.warn(
-            f"a mask is {float(ratio.max()):.0%} hole; kdinpaint masks use 1 = hole. If yours uses 1 = known, "
-            "pass 1 - mask",
-            UserWarning,
-            stacklevel=3,
-        )
+    check_image_range(image)
+    warn_if_inverted(mask, _HOLE_RATIO_WARN, stacklevel=3)
 
 
 def edge_generator_input(gray: torch.Tensor, edges: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

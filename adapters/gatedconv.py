@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.masking import check_mask, composite
+from kdinpaint.masking import check_image_range, check_mask, composite
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
 
@@ -207,12 +207,7 @@ def to_network_input(
             f"image must be (B, 3, H, W) RGB in [-1, 1], got {shape}; "
             "repeat a grayscale channel three times or drop an alpha channel first"
         )
-    lo, hi = (float(v) for v in image.detach().aminmax())
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(
-            f"image values must lie in [-1, 1], found [{lo:g}, {hi:g}]; map [0, 1] images with x * 2 - 1 "
-            "and [0, 255] images with x / 127.5 - 1"
-        )
+    check_image_range(image)
     mask = _pad_mask(mask, image)
     H, W = image.shape[-2:]
     ph, pw = -H % GRID, -W % GRID

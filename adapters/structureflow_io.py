@@ -24,13 +24,12 @@ network inputs filled with 0 (:func:`kdinpaint.masking.masked`) — so the adapt
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.masking import check_mask, hole_ratio
+from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
 
 __all__ = ["SF_SIZE_MULTIPLE", "SF_MIN_SIZE", "check_inputs", "pad_to_multiple", "crop_to", "rtv_structure"]
 
@@ -60,21 +59,8 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, structure: torch.Tenso
             f"structure must be the smoothed ground truth with the image's shape {tuple(image.shape)}, got {got}; "
             "pass None to compute it with rtv_structure"
         )
-    if not torch.compiler.is_compiling():
-        lo, hi = float(image.min()), float(image.max())
-        if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(
-                f"image values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
-                "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
-            )
-        ratio = hole_ratio(mask)
-        if bool((ratio > _HOLE_RATIO_WARN).any()):
-            warnings.warn(
-                f"a mask is {float(ratio.max()):.0%} hole; kdinpaint masks use 1 = hole. If yours uses 1 = known, "
-                "pass 1 - mask",
-                UserWarning,
-                stacklevel=3,
-            )
+    check_image_range(image)
+    warn_if_inverted(mask, _HOLE_RATIO_WARN, stacklevel=3)
     return mask.to(image.dtype).expand(image.shape[0], 1, *image.shape[-2:])
 
 

@@ -12,6 +12,8 @@ toolkit speaks this one.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,8 @@ __all__ = [
     "mask_at",
     "hole_ratio",
     "at_least_fp32",
+    "check_image_range",
+    "warn_if_inverted",
 ]
 
 
@@ -56,6 +60,35 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
         )
         raise ValueError(f"{name} must contain only 0 (known) and 1 (hole); found other values (max {hi:g}): {hint}")
     return mask
+
+
+def check_image_range(image: torch.Tensor, *, name: str = "image") -> None:
+    """Refuse values outside ``[-1, 1]`` (a [0, 1] or [0, 255] image), naming the conversion.
+
+    Skipped while ``torch.compile`` traces (the check reads values back to the host).
+    """
+    if torch.compiler.is_compiling():
+        return
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(
+            f"{name} values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
+            "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
+        )
+
+
+def warn_if_inverted(mask: torch.Tensor, limit: float = 0.6, stacklevel: int = 3) -> None:
+    """Warn when a sample is more than ``limit`` hole: the usual sign of a mask with 1 = known."""
+    if torch.compiler.is_compiling():
+        return
+    ratio = hole_ratio(mask)
+    if bool((ratio > limit).any()):
+        warnings.warn(
+            f"a mask is {float(ratio.max()):.0%} hole; kdinpaint masks use 1 = hole. If yours uses 1 = known, "
+            "pass 1 - mask",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def masked(image: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

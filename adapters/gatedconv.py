@@ -78,6 +78,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.weights import read_weights
 from kdinpaint.masking import check_image_range, check_mask, composite
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
@@ -575,16 +576,9 @@ def load_official(
     Raises ``ValueError`` naming the problem (unreadable file, no generator, missing/unexpected keys,
     shape mismatches). Returns the generator.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no DeepFill v2 checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name and the expected content
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint readable with torch.load(weights_only=True): {err}. "
-            "Expected nipponjo's converted official weights states_tf_places2.pth / states_tf_celebahq.pth"
-        ) from err
+    checkpoint = read_weights(
+        path, "DeepFill v2 checkpoint (the converted official states_tf_places2.pth / states_tf_celebahq.pth)", map_location
+    )
     model = GatedConvInpaint() if model is None else model
     try:
         _load_checked(model, checkpoint_filter_fn(checkpoint), "generator")
@@ -632,11 +626,8 @@ def build_gatedconv_discriminator(
     model = SNPatchGANDiscriminator(**kwargs)  # type: ignore[arg-type]
     if pretrained is not None:
         path = Path(pretrained)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{path} is not readable with torch.load(weights_only=True): {err}") from err
-        if not isinstance(state, Mapping) or "D" not in state:
+        state = read_weights(path, "DeepFill v2 discriminator checkpoint")
+        if "D" not in state:
             raise ValueError(f"{path} has no discriminator weights under 'D'")
         _load_checked(model, state["D"], "discriminator")
     return model

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.weights import read_weights
 from kdinpaint.masking import masked
 from kdinpaint.ops.gaussian_resample import GaussianResample2d
 
@@ -714,14 +715,7 @@ def load_official(
     if which is not None and which not in OFFICIAL_FILES:
         raise ValueError(f"which must be one of {sorted(OFFICIAL_FILES)} or None, got {which!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no StructureFlow checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name and the reason
-        raise ValueError(f"{path} cannot be read as a tensors-only checkpoint (weights_only=True): {err}") from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a StructureFlow state_dict")
+    ckpt = read_weights(path, "StructureFlow checkpoint", map_location)
     owner = model
     if isinstance(model, _TEXTURE_OWNERS):
         model = model.texture

@@ -47,6 +47,7 @@ from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
 from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import Recipe, load_recipe
+from kdinpaint.weights import read_weights
 
 log = logging.getLogger("kdinpaint.train")
 DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
@@ -97,7 +98,7 @@ def build_models(recipe: Recipe):
     student = adapter.student(variant or None, **recipe.model.kwargs)
     teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
     if recipe.model.init:
-        state = load_file(recipe.model.init) if recipe.model.init.endswith(".safetensors") else torch.load(recipe.model.init, map_location="cpu", weights_only=True)
+        state = read_weights(recipe.model.init, f"{adapter.name} checkpoint (model.init)")
         raw = state
         if adapter.checkpoint_filter_fn is not None:
             state = adapter.checkpoint_filter_fn(raw, student)

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdinpaint.inference import crop_top_left, pad_bottom_right
 from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
 
 __all__ = [
@@ -175,21 +176,12 @@ def canny(
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = EC_SIZE_MULTIPLE) -> torch.Tensor:
-    """Pad ``(B, C, H, W)`` at the bottom/right to the next multiple of ``multiple``.
-
-    Reflect padding (replicate where the image is too small to reflect); crop back with :func:`crop_to`.
-    """
-    H, W = x.shape[-2:]
-    ph, pw = (-H) % multiple, (-W) % multiple
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+    """Pad ``(B, C, H, W)`` at the bottom/right to the next multiple of ``multiple`` (reflect; replicate
+    where too small); crop back with :func:`crop_to`."""
+    return pad_bottom_right(x, multiple)
 
 
-def crop_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`: the top-left ``size = (H, W)`` of ``(B, C, H', W')``."""
-    return x[..., : size[0], : size[1]]
+crop_to = crop_top_left
 
 
 def check_inputs(image: torch.Tensor, mask: torch.Tensor, *, min_size: int = 12) -> None:

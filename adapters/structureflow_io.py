@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kdinpaint.inference import crop_top_left, pad_bottom_right
 from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
 
 __all__ = ["SF_SIZE_MULTIPLE", "SF_MIN_SIZE", "check_inputs", "pad_to_multiple", "crop_to", "rtv_structure"]
@@ -69,19 +70,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SF_SIZE_MULTIPLE, min_size:
 
     Reflect padding, replicate where the image is too small to reflect; undo with :func:`crop_to`.
     """
-    H, W = x.shape[-2:]
-    th = max(math.ceil(H / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
-    tw = max(math.ceil(W / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
-    ph, pw = th - H, tw - W
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+    return pad_bottom_right(x, multiple, min_size)
 
 
-def crop_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`: the top-left ``size = (H, W)`` of ``(..., H', W')``."""
-    return x[..., : size[0], : size[1]]
+crop_to = crop_top_left
 
 
 # ----------------------------------------------------------------------------------------------------------

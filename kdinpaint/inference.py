@@ -27,6 +27,7 @@ nearest-neighbour sampling to the image size, so a mask of another size is adapt
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,27 @@ def pad_to_multiple(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> t
     pad = (left, pw - left, top, ph - top)  # F.pad order: (left, right, top, bottom)
     mode = "reflect" if max(top, ph - top) < H and max(left, pw - left) < W else "replicate"
     return F.pad(image, pad, mode=mode), F.pad(mask, pad, mode=mode), crop
+
+
+def pad_bottom_right(x: torch.Tensor, multiple: int, min_size: int = 0) -> torch.Tensor:
+    """Pad ``(..., H, W)`` at the bottom/right to a multiple of ``multiple`` and at least ``min_size``.
+
+    Reflect padding, replicate where the map is too small to reflect; undo with :func:`crop_top_left`.
+    Adapters whose networks pad internally (EdgeConnect, StructureFlow) use this one.
+    """
+    H, W = x.shape[-2:]
+    th = max(math.ceil(H / multiple), math.ceil(min_size / multiple)) * multiple
+    tw = max(math.ceil(W / multiple), math.ceil(min_size / multiple)) * multiple
+    ph, pw = th - H, tw - W
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def crop_top_left(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Undo :func:`pad_bottom_right`: the top-left ``size = (H, W)`` of ``(..., H', W')``."""
+    return x[..., : size[0], : size[1]]
 
 
 def unpad(x: torch.Tensor, crop: Crop) -> torch.Tensor:

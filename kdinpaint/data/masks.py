@@ -29,21 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdinpaint.data.images import list_images
+from kdinpaint.data.images import _size2, list_images
 
 __all__ = ["MaskFolder", "read_mask", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
 
 log = logging.getLogger(__name__)
 
 HoleColour = Literal["auto", "white", "black"]
-
-
-def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        size = (size, size)
-    if len(size) != 2 or any(int(s) < 1 for s in size):
-        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
-    return int(size[0]), int(size[1])
 
 
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None, threshold: float = 0.5) -> np.ndarray:

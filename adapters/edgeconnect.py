@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.weights import read_weights
+from kdinpaint.weights import load_reported, read_weights
 from kdinpaint.losses.adversarial import generator_adv_loss
 from kdinpaint.masking import check_mask
 
@@ -464,22 +464,6 @@ def _filter_wrapped(state_dict: Mapping[str, object], model: nn.Module) -> dict[
     )
 
 
-def _key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    problems = []
-    for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if names:
-            more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
-            problems.append(f"{label} ({len(names)}): " + ", ".join(names[:10]) + more)
-    return problems
-
 
 def load_official(
     path: str | os.PathLike[str],
@@ -519,14 +503,7 @@ def load_official(
         state_dict = checkpoint_filter_fn(ckpt, model)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    problems = _key_report(state_dict, model)
-    if problems and strict:
-        raise ValueError(f"{path} does not match the {_describe(_which_of(model))}: " + "; ".join(problems))
-    for p in problems:
-        _logger.warning("%s: %s", path, p)
-    own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items() if k not in own or v.shape == own[k].shape}
-    model.load_state_dict(state_dict, strict=strict)
+    load_reported(model, state_dict, path, _describe(_which_of(model)), strict, _logger)
     _logger.info("loaded %s from %s (iteration %s)", _describe(_which_of(model)), path, ckpt.get("iteration", "n/a"))
     return owner if owner is not None else model
 

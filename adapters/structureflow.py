@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.weights import read_weights
+from kdinpaint.weights import load_reported, read_weights
 from kdinpaint.masking import masked
 from kdinpaint.ops.gaussian_resample import GaussianResample2d
 
@@ -679,19 +679,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     return out
 
 
-def _key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = []
-    for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if names:
-            more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
-            problems.append(f"{label} ({len(names)}): " + ", ".join(names[:10]) + more)
-    return problems
-
 
 def load_official(
     path: str | os.PathLike[str],
@@ -737,13 +724,7 @@ def load_official(
         state_dict = checkpoint_filter_fn(ckpt, model)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    problems = _key_report(state_dict, model)
-    if problems and strict:
-        raise ValueError(f"{path} does not match the {OFFICIAL_FILES[_which_of(model)][0]}: " + "; ".join(problems))
-    for p in problems:
-        _logger.warning("%s: %s", path, p)
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=strict)
+    load_reported(model, state_dict, path, OFFICIAL_FILES[_which_of(model)][0], strict, _logger)
     _logger.info("loaded %s from %s", OFFICIAL_FILES[_which_of(model)][0], path)
     return owner if owner is not None else model
 

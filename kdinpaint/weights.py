@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["read_weights"]
+__all__ = ["read_weights", "key_report", "load_reported"]
 
 
 def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
@@ -34,3 +36,35 @@ def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_loc
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a {what} (a mapping of tensors)")
     return data
+
+
+def key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, shown: int = 10) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of ``state_dict`` against ``model``, by name."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = []
+    for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if names:
+            more = f" ... and {len(names) - shown} more" if len(names) > shown else ""
+            problems.append(f"{label} ({len(names)}): " + ", ".join(names[:shown]) + more)
+    return problems
+
+
+def load_reported(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: object, what: str, strict: bool, logger: logging.Logger
+) -> None:
+    """Load ``state_dict``; with ``strict`` any :func:`key_report` problem is a ``ValueError`` naming ``what``,
+    without it the problems are logged and the tensors that fit are loaded."""
+    problems = key_report(state_dict, model)
+    if problems and strict:
+        raise ValueError(f"{where} does not match the {what}: " + "; ".join(problems))
+    for p in problems:
+        logger.warning("%s: %s", where, p)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=strict)

@@ -1,7 +1,5 @@
 """attach / Distiller: hooks, Eq. (2), (3), (5) end to end against naive re-computation, detach, errors."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,6 @@ from torch import nn
 from tiny import LEVELS, TinyUNet, batch
 
 import kdinpaint
-from kdinpaint.masking import mask_at
 
 
 def _pair(seed=0, **kw):
@@ -188,7 +185,7 @@ class _Exploding(TinyUNet):
 
     def forward(self, image, mask):
         if self.boom:
-            x = self.down2(self.down1(self.stem(torch.cat([image, mask], 1))))
+            self.down2(self.down1(self.stem(torch.cat([image, mask], 1))))  # the levels fire, then it fails
             raise RuntimeError("boom after down2")
         return super().forward(image, mask)
 

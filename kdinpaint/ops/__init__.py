@@ -1,6 +1,6 @@
-"""Low-level operators: adaptive convolution (Eq. 6)."""
+"""Low-level operators: adaptive convolution (Eq. 6) and StructureFlow's Gaussian resampling."""
 
 from kdinpaint.ops.adaptive_conv import adaptive_conv
+from kdinpaint.ops.gaussian_resample import GaussianResample2d, gaussian_resample
 
-__all__ = ["adaptive_conv"]
-from kdinpaint.ops.gaussian_resample import GaussianResample2d, gaussian_resample  # noqa: E402,F401
+__all__ = ["adaptive_conv", "gaussian_resample", "GaussianResample2d"]

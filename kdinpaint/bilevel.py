@@ -39,6 +39,7 @@ from kdinpaint.losses._target import differentiate_targets
 __all__ = ["MetaLearner", "META_MODES"]
 
 META_MODES = ("reverse_hg", "first_order", "frozen")
+LOSS_INPUTS = ("prediction", "output")
 
 InpaintLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,6 +52,9 @@ class MetaLearner:
         theta_optimizer: the optimiser of theta (must not hold the meta-parameters).
         inpaint_loss: ``(pred, target, mask) -> scalar``, the plain inpainting loss ``L_inp`` (e.g.
             reconstruction + style + adversarial terms).
+        loss_input: what ``inpaint_loss`` receives first: ``"prediction"`` (the image the spec's ``output``
+            selects) or ``"output"`` (the model's whole output, e.g. a named tuple with auxiliary outputs such
+            as StructureFlow's flow, for an adapter's own objective).
         meta_optimizer: the optimiser of Psi (default: Adam on ``kd.meta_parameters()``, lr ``meta_lr``).
         mode: ``reverse_hg`` | ``first_order`` | ``frozen`` (default: the spec's ``meta.mode``).
         steps: T (default: the spec's ``meta.steps``, 2 as the paper).
@@ -67,7 +71,7 @@ class MetaLearner:
             hypergradient is never applied (the step is skipped and ``logs["meta_skipped"] = 1``).
 
     After :meth:`step`, ``last_output`` holds the last ordinary step's prediction (detached), e.g. for a
-    discriminator step.
+    discriminator step, and ``last_raw_output`` the model's whole output of that step (tensors detached).
     """
 
     def __init__(
@@ -86,11 +90,15 @@ class MetaLearner:
         backward: Callable[[torch.Tensor], None] | None = None,
         autocast: Callable[[], Any] | None = None,
         max_hypergrad_norm: float | None = 1.0,
+        loss_input: str = "prediction",
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
             raise ValueError(f"meta mode {mode!r} is not one of {list(META_MODES)}")
+        if loss_input not in LOSS_INPUTS:
+            raise ValueError(f"loss_input {loss_input!r} is not one of {list(LOSS_INPUTS)}")
         self.kd, self.mode, self.inpaint_loss, self.lambda_d = kd, mode, inpaint_loss, lambda_d
+        self.loss_input = loss_input
         self.steps = kd.spec.meta.steps if steps is None else int(steps)
         if self.steps < 1:
             raise ValueError(f"steps (T of Algorithm 1) must be >= 1, got {self.steps}")
@@ -99,6 +107,7 @@ class MetaLearner:
         self.backward = backward if backward is not None else torch.Tensor.backward
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
         self.last_output: torch.Tensor | None = None
+        self.last_raw_output: Any = None
         self.max_hypergrad_norm = max_hypergrad_norm
         psi_ids = {id(p) for p in kd.meta_parameters()}
         held = [p for group in theta_optimizer.param_groups for p in group["params"] if id(p) in psi_ids]
@@ -138,9 +147,10 @@ class MetaLearner:
                 with self.autocast():
                     out, kd_losses = self.forward_module(*args, kd_target=target, **kwargs)
                     pred = select_output(out, kd.spec.output)
-                    l_inp = self.inpaint_loss(pred, target, mask)
+                    l_inp = self._loss(out, target, mask)
                     l_tot = l_inp + self.lambda_d * kd_losses["total"]
                 self.last_output = pred.detach()
+                self.last_raw_output = _detached(out)
                 self.theta_optimizer.zero_grad(set_to_none=True)
                 self.backward(l_tot)
                 for n in self._psi_names:  # Psi is not trained by the theta step
@@ -162,6 +172,10 @@ class MetaLearner:
                 self.meta_optimizer.zero_grad(set_to_none=True)
         return logs
 
+    def _loss(self, out: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        first = out if self.loss_input == "output" else select_output(out, self.kd.spec.output)
+        return self.inpaint_loss(first, target, mask)
+
     def hypergradient(self, theta0: dict[str, torch.Tensor], args: tuple, kwargs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name)."""
         kd, alpha = self.kd, self.inner_lr
@@ -176,7 +190,7 @@ class MetaLearner:
             for _ in range(self.steps):
                 out, kd_losses = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, {**kwargs, "kd_target": target})
                 mask = kd._call.get(args, kwargs, "mask")
-                l_tot = self.inpaint_loss(select_output(out, kd.spec.output), target, mask) + self.lambda_d * kd_losses["total"]
+                l_tot = self._loss(out, target, mask) + self.lambda_d * kd_losses["total"]
                 grads = torch.autograd.grad(l_tot, list(theta.values()), create_graph=True, allow_unused=True)
                 step = {n: (g if g is not None else torch.zeros_like(v)) for (n, v), g in zip(theta.items(), grads)}
                 if self.mode == "reverse_hg":
@@ -188,7 +202,7 @@ class MetaLearner:
                 theta = {n: v + correction[n] for n, v in theta.items()}
             out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)
             mask = kd._call.get(args, kwargs, "mask")
-            l_inp = self.inpaint_loss(select_output(out, kd.spec.output), target, mask)
+            l_inp = self._loss(out, target, mask)
             kd._session.reset()  # the final call computed no distillation losses: drop its captures
             with differentiate_targets():  # the steps depend on the self-distillation targets' values too
                 hyper = torch.autograd.grad(l_inp, list(psi.values()), allow_unused=True)
@@ -199,3 +213,15 @@ class MetaLearner:
                 g.div_(dist.get_world_size())
         return grads
 
+
+def _detached(out: Any) -> Any:
+    """``out`` with every tensor detached (tuples, named tuples, lists and dicts kept)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, dict):
+        return type(out)((k, _detached(v)) for k, v in out.items())
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_detached(v) for v in out))
+    if isinstance(out, (list, tuple)):
+        return type(out)(_detached(v) for v in out)
+    return out

@@ -33,6 +33,56 @@ def test_forward_and_gradients_match_deform_conv2d(B, C, H, W, K):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
 
+def test_gradient_graph_form_equals_the_kernel_form():
+    # with create_graph=True the backward differentiates the gather form; its values equal grid_sample's kernel
+    x, kernel, offset = _inputs(2, 3, 7, 9, 3, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    out = adaptive_conv(*leaves)
+    grad = torch.randn_like(out)
+    plain = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    graphed = torch.autograd.grad(out, leaves, grad, create_graph=True)
+    assert all(g.grad_fn is not None for g in graphed)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_second_derivatives_match_finite_differences():
+    # gradgradcheck: central differences of the (create_graph) gradient in float64; offsets keep every tap
+    # off the integer grid, where bilinear interpolation has kinks
+    x, kernel, offset = (t.double() for t in _inputs(1, 2, 5, 4, 3, seed=2, spread=1.5))
+    offset = offset + 0.37 * (offset.frac().abs() < 0.05)
+    leaves = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    assert torch.autograd.gradgradcheck(adaptive_conv, leaves, eps=1e-6, atol=1e-5)
+
+
+def test_second_derivatives_when_kernel_and_offset_depend_on_x():
+    # as in a completion block: kernel and offset are predicted from x, so every path must be counted once
+    g = torch.Generator().manual_seed(3)
+    w_ker = torch.randn(9, 2, 3, 3, generator=g, dtype=torch.float64) * 0.5
+    w_off = torch.randn(18, 2, 3, 3, generator=g, dtype=torch.float64) * 0.3
+
+    def block(x):
+        return adaptive_conv(x, torch.nn.functional.conv2d(x, w_ker, padding=1), torch.nn.functional.conv2d(x, w_off, padding=1) + 0.41)
+
+    x = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
+    # gradgradcheck differentiates the create_graph gradient numerically, so first check that gradient itself
+    out = block(x)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (plain,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+    (graphed,) = torch.autograd.grad(out, x, grad, create_graph=True)
+    torch.testing.assert_close(graphed.detach(), plain)
+    assert torch.autograd.gradgradcheck(block, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_autocast_computes_in_float32():
+    x, kernel, offset = _inputs(1, 3, 6, 6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adaptive_conv(x.bfloat16(), kernel.bfloat16(), offset.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, adaptive_conv(x.bfloat16().float(), kernel.bfloat16().float(), offset.bfloat16().float()))
+
+
 def test_zero_offsets_are_a_plain_per_pixel_filter():
     # hand-computed case: K=3, zero offsets, kernel picks the right-hand neighbour (tap (0, +1) = index 5)
     x = torch.arange(16.0).view(1, 1, 4, 4)

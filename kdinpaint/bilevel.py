@@ -55,6 +55,10 @@ class MetaLearner:
         loss_input: what ``inpaint_loss`` receives first: ``"prediction"`` (the image the spec's ``output``
             selects) or ``"output"`` (the model's whole output, e.g. a named tuple with auxiliary outputs such
             as StructureFlow's flow, for an adapter's own objective).
+        fuse_first_step: let the first ordinary theta step double as the unroll's first step (same theta,
+            batch and loss): its gradient is taken with ``create_graph=True`` and kept, which saves one forward
+            and backward per batch (Reverse-HG and first-order). Only where ``forward_module`` is ``kd`` itself
+            and autocast is off; ``backward`` is then not called for that step.
         meta_optimizer: the optimiser of Psi (default: Adam on ``kd.meta_parameters()``, lr ``meta_lr``).
         mode: ``reverse_hg`` | ``first_order`` | ``frozen`` (default: the spec's ``meta.mode``).
         steps: T (default: the spec's ``meta.steps``, 2 as the paper).
@@ -91,6 +95,7 @@ class MetaLearner:
         autocast: Callable[[], Any] | None = None,
         max_hypergrad_norm: float | None = 1.0,
         loss_input: str = "prediction",
+        fuse_first_step: bool = True,
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
@@ -99,6 +104,7 @@ class MetaLearner:
             raise ValueError(f"loss_input {loss_input!r} is not one of {list(LOSS_INPUTS)}")
         self.kd, self.mode, self.inpaint_loss, self.lambda_d = kd, mode, inpaint_loss, lambda_d
         self.loss_input = loss_input
+        self.fuse_first_step = fuse_first_step
         self.steps = kd.spec.meta.steps if steps is None else int(steps)
         if self.steps < 1:
             raise ValueError(f"steps (T of Algorithm 1) must be >= 1, got {self.steps}")
@@ -139,28 +145,41 @@ class MetaLearner:
             args, kwargs = tuple(inputs), dict(kwargs or {})
         kd = self.kd
         params = dict(kd.named_parameters())
-        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self.mode != "frozen" else {}
+        second_order = self.mode != "frozen" and bool(self._psi_names)
+        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if second_order else {}
+        first: dict[str, torch.Tensor] | None = None
         logs: dict[str, float] = {}
         with kd.reusing_teacher():
             mask = kd._call.get(args, kwargs, "mask")
             for t in range(self.steps):
                 with self.autocast():
-                    out, kd_losses = self.forward_module(*args, kd_target=target, **kwargs)
+                    fused = t == 0 and second_order and self._can_fuse(target)
+                    if fused:  # the unroll's first step is this very step: same theta, batch and loss
+                        theta0 = {n: v.requires_grad_() for n, v in theta0.items()}
+                        out, kd_losses = functional_call(kd, theta0, args, {**kwargs, "kd_target": target})
+                    else:
+                        out, kd_losses = self.forward_module(*args, kd_target=target, **kwargs)
                     pred = select_output(out, kd.spec.output)
                     l_inp = self._loss(out, target, mask)
                     l_tot = l_inp + self.lambda_d * kd_losses["total"]
                 self.last_output = pred.detach()
                 self.last_raw_output = _detached(out)
                 self.theta_optimizer.zero_grad(set_to_none=True)
-                self.backward(l_tot)
-                for n in self._psi_names:  # Psi is not trained by the theta step
-                    params[n].grad = None
+                if fused:
+                    grads = torch.autograd.grad(l_tot, list(theta0.values()), create_graph=True, allow_unused=True)
+                    first = {n: g if g is not None else torch.zeros_like(theta0[n]) for n, g in zip(theta0, grads)}
+                    for n, g in zip(theta0, grads):
+                        params[n].grad = None if g is None else g.detach()
+                else:
+                    self.backward(l_tot)
+                    for n in self._psi_names:  # Psi is not trained by the theta step
+                        params[n].grad = None
                 self.theta_optimizer.step()
                 if t == 0:
                     logs.update({"loss_inp": l_inp.item(), "loss_total": l_tot.item()})
                     logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
             if self.mode != "frozen" and self._psi_names:
-                grads = self.hypergradient(theta0, args, kwargs, target)
+                grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
                 norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
                 logs["hypergrad_norm"] = float(norm)
                 logs["meta_skipped"] = float(not torch.isfinite(norm))
@@ -172,32 +191,55 @@ class MetaLearner:
                 self.meta_optimizer.zero_grad(set_to_none=True)
         return logs
 
+    def _sgd(self, theta: dict, step: dict, correction: dict) -> dict[str, torch.Tensor]:
+        """One differentiable SGD step. ``first_order``: the values follow SGD but gradients flow only through
+        each step's Psi-dependence, accumulated in ``correction`` (added back after the last step)."""
+        alpha = self.inner_lr
+        if self.mode == "reverse_hg":
+            return {n: v - alpha * step[n] for n, v in theta.items()}
+        for n in theta:
+            correction[n] = correction[n] - alpha * (step[n] - step[n].detach())
+        return {n: (v - alpha * step[n]).detach().requires_grad_() for n, v in theta.items()}
+
     def _loss(self, out: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         first = out if self.loss_input == "output" else select_output(out, self.kd.spec.output)
         return self.inpaint_loss(first, target, mask)
 
-    def hypergradient(self, theta0: dict[str, torch.Tensor], args: tuple, kwargs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name)."""
-        kd, alpha = self.kd, self.inner_lr
+    def _can_fuse(self, target: torch.Tensor) -> bool:
+        """The first ordinary step can double as the unroll's first step when it runs on the Distiller itself
+        (not a DDP wrapper, whose gradient hooks need ``backward``) and in the parameters' own precision."""
+        return self.fuse_first_step and self.forward_module is self.kd and not torch.is_autocast_enabled(target.device.type)
+
+    def hypergradient(
+        self,
+        theta0: dict[str, torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+        target: torch.Tensor,
+        first_step: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name).
+
+        ``first_step``: ``grad_theta L_tot(theta0)`` already computed with ``create_graph=True`` on the
+        tensors of ``theta0`` (the fused first ordinary step); the unroll then starts from its second step.
+        """
+        kd = self.kd
         params = dict(kd.named_parameters())
         psi = {n: params[n] for n in self._psi_names}
         frozen = {n: p.detach() for n, p in params.items() if n not in psi and n not in theta0}
         buffers = {n: b.clone() for n, b in kd.named_buffers()}  # the unroll must not move BN statistics
         theta = {n: v.detach().requires_grad_() for n, v in theta0.items()}
-        if self.mode == "first_order":
-            correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
+        correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
+        if first_step is not None:
+            theta = self._sgd(dict(theta0), first_step, correction)
         with kd.reusing_teacher():
-            for _ in range(self.steps):
+            for _ in range(self.steps - (first_step is not None)):
                 out, kd_losses = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, {**kwargs, "kd_target": target})
                 mask = kd._call.get(args, kwargs, "mask")
                 l_tot = self._loss(out, target, mask) + self.lambda_d * kd_losses["total"]
                 grads = torch.autograd.grad(l_tot, list(theta.values()), create_graph=True, allow_unused=True)
                 step = {n: (g if g is not None else torch.zeros_like(v)) for (n, v), g in zip(theta.items(), grads)}
-                if self.mode == "reverse_hg":
-                    theta = {n: v - alpha * step[n] for n, v in theta.items()}
-                else:  # first order: values follow SGD, gradients flow only through each step's Psi-dependence
-                    correction = {n: correction[n] - alpha * (step[n] - step[n].detach()) for n in theta}
-                    theta = {n: (v - alpha * step[n]).detach().requires_grad_() for n, v in theta.items()}
+                theta = self._sgd(theta, step, correction)
             if self.mode == "first_order":
                 theta = {n: v + correction[n] for n, v in theta.items()}
             out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)

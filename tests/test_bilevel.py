@@ -116,6 +116,29 @@ def test_first_order_equals_reverse_hg_for_one_step_and_differs_for_two():
     kd.detach()
 
 
+@pytest.mark.parametrize("mode", ["reverse_hg", "first_order"])
+def test_fused_first_step_gives_the_same_updates(mode):
+    # the first ordinary step doubling as the unroll's first step must change nothing: same theta after the
+    # Adam steps, same hypergradient (the unfused path is the one checked against finite differences)
+    student, kd, masked, mask, gt = _setup()
+    start = {k: v.clone() for k, v in kd.state_dict().items()}
+    after = {}
+    for fuse in (False, True):
+        kd.load_state_dict(start)
+        theta = [*student.parameters(), *kd.student_parameters()]
+        meta_opt = torch.optim.SGD(kd.meta_parameters(), lr=1.0)
+        learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-3), _mse, meta_opt, mode=mode, steps=2,
+                              inner_lr=0.01, max_hypergrad_norm=None, fuse_first_step=fuse)
+        logs = learner.step((masked, mask), gt)
+        after[fuse] = ({k: v.clone() for k, v in kd.state_dict().items()}, logs)
+    (plain, plain_logs), (fused, fused_logs) = after[False], after[True]
+    assert fused_logs["hypergrad_norm"] == pytest.approx(plain_logs["hypergrad_norm"], rel=1e-9)
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    assert any(not torch.equal(start[k], plain[k]) for k in start if k.startswith("gamma."))
+    kd.detach()
+
+
 def test_step_modes():
     student, kd, masked, mask, gt = _setup(torch.float32, 16)
     theta = [*student.parameters(), *kd.student_parameters()]

@@ -44,7 +44,9 @@ stage 2), so released ``f_gen`` weights can start its pre-training; for SF# the 
 structure slot then reads the ground truth itself, keeping SF# free of handcrafted structure. Without a
 precomputed ``structure`` argument, SF computes the mask-aware RTV of the corrupted input in its forward,
 and the SF/SF* teacher the RTV of the ground truth (about 1.5 s each per 256x256 image on CPU; SF# none).
-The network's own generator loss is :func:`kdinpaint_adapters.structureflow_loss.structureflow_loss`.
+The network's own generator loss is :func:`kdinpaint_adapters.structureflow_loss.structureflow_loss`; its
+whole training objective (that loss and both discriminators) is
+:class:`kdinpaint_adapters.structureflow_loss.StructureFlowObjective`, registered as the loss ``"structureflow"``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ __all__ = [
     "structureflow_student",
     "structureflow_teacher",
     "register_adapters",
+    "register_losses",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -135,6 +138,15 @@ def _make(table: dict, name: str | type[nn.Module], kind: str, *args: int) -> nn
     return None if factory is None else factory(*args)
 
 
+def _drop_weight_graph(module: nn.Module, inputs: object, output: object) -> None:
+    # Legacy spectral norm caches W = W_orig / sigma as a plain attribute that keeps the autograd graph after a
+    # training forward, and copy.deepcopy (exporting the trained student) refuses such tensors. The forward
+    # has used it and the next one recomputes it, so the cache keeps only its value.
+    weight = module.__dict__.get("weight")
+    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+        module.weight = weight.detach()
+
+
 class ConvBlock(nn.Module):
     """Reflection pad -> conv (optionally spectral-normed) -> norm -> activation; attributes as the official
     ``Conv2dBlock`` (``pad``, ``conv``, ``norm``, ``activation``). ``(B, cin, H, W) -> (B, cout, H/stride, W/stride)``."""
@@ -157,7 +169,10 @@ class ConvBlock(nn.Module):
         self.norm = _make(_NORMS, norm, "norm", cout)
         self.activation = _make(_ACTS, act_layer, "activation")
         conv = nn.Conv2d(cin, cout, kernel_size, stride, bias=bias)
-        self.conv = nn.utils.spectral_norm(conv) if use_sn else conv
+        if use_sn:
+            conv = nn.utils.spectral_norm(conv)
+            conv.register_forward_hook(_drop_weight_graph)
+        self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.pad(x))
@@ -861,3 +876,10 @@ def register_adapters(register: Callable[[Adapter], None]) -> None:
             variant_builders=VARIANT_BUILDERS,
         )
     )
+
+
+@hookimpl
+def register_losses(register: Callable[[str, Callable[..., object]], None]) -> None:
+    from .structureflow_loss import StructureFlowObjective  # it imports this module's networks lazily
+
+    register("structureflow", StructureFlowObjective)

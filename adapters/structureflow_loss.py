@@ -2,13 +2,15 @@
 
 L1 on the texture output and the structure, LSGAN adversarial terms, the sampling-correctness loss on the
 appearance flow, and VGG19 style / perceptual terms; :func:`structureflow_loss` combines them with the
-official weights :data:`SF_LOSS_WEIGHTS`.
+official weights :data:`SF_LOSS_WEIGHTS`. :class:`StructureFlowObjective` adds the two discriminators and
+their LSGAN loss, as ``recipes/train.py`` trains with them (the loss ``"structureflow"``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from kdinpaint.losses.style import perceptual_loss, style_loss
 from kdinpaint.losses.vgg import VGGFeatures
 from kdinpaint.masking import check_mask, masked
+from kdinpaint.objective import TrainingObjective
 from kdinpaint.ops.gaussian_resample import gaussian_resample
 
 if TYPE_CHECKING:
@@ -29,6 +32,8 @@ __all__ = [
     "SF_PERCEPTUAL_LAYERS",
     "SF_CORRECTNESS_LAYER",
     "StructureFlowVGG",
+    "StructureFlowObjective",
+    "lsgan_discriminator_loss",
     "sampling_correctness_loss",
     "structureflow_loss",
 ]
@@ -43,6 +48,8 @@ SF_LOSS_WEIGHTS: dict[str, float] = {
 SF_STYLE_LAYERS = ("relu2_2", "relu3_4", "relu4_4", "relu5_2")
 SF_PERCEPTUAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 SF_CORRECTNESS_LAYER = "relu3_1"
+#: power iterations of the discriminators' spectral norms at construction (torch's parametrization default)
+SN_WARMUP_ITERATIONS = 15
 
 FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -206,3 +213,118 @@ def structureflow_loss(
             )
     out["total"] = sum(out.values())  # type: ignore[assignment]
     return out
+
+
+def lsgan_discriminator_loss(
+    real_logits: Sequence[torch.Tensor] | torch.Tensor, fake_logits: Sequence[torch.Tensor] | torch.Tensor
+) -> torch.Tensor:
+    """``mean_scales ((D(real) - 1)^2 + D(fake)^2) / 2`` (means over elements): SF's LSGAN discriminator loss
+    on raw logits, real label 1, fake label 0, averaged over the discriminator scales (official
+    ``update_flow`` / ``update_structure``). Lists over scales, or one tensor; a non-negative scalar."""
+    real = [real_logits] if isinstance(real_logits, torch.Tensor) else list(real_logits)
+    fake = [fake_logits] if isinstance(fake_logits, torch.Tensor) else list(fake_logits)
+    if not real or len(real) != len(fake):
+        raise ValueError(f"give as many real as fake logits (one per scale), got {len(real)} and {len(fake)}")
+    terms = [(F.mse_loss(r, torch.ones_like(r)) + F.mse_loss(f, torch.zeros_like(f))) / 2 for r, f in zip(real, fake)]
+    return sum(terms) / len(terms)  # type: ignore[return-value]
+
+
+class StructureFlowObjective(TrainingObjective):
+    """StructureFlow's own training objective: :func:`structureflow_loss` and its discriminators.
+
+    Discriminators (:class:`MultiScaleDiscriminator`, two scales, spectral norm): ``"texture"`` (the official
+    ``f_dis``) scores the texture output against the ground truth; ``"structure"`` (``s_dis``) the
+    reconstructed structure against its smoothed target. As the official ``update_flow`` /
+    ``update_structure``, each sees the *raw* output (not composited with the known pixels). SF trains the
+    two stages separately and fine-tunes the texture stage on the reconstructor's output (stage 3, no
+    ``s_dis``); here both stages train end to end on both stages' losses, so SF and SF* keep ``s_dis``
+    (``structure_discriminator=False`` drops it, as the official stage 3). SF# has no structure stage and
+    needs ``structure_discriminator=False``.
+
+    The generator loss reads the discriminators in eval mode (:meth:`discriminators_frozen`: their
+    spectral norms do no power iteration there, so it changes no state; the discriminator step does one
+    per call, as the official training, and :data:`SN_WARMUP_ITERATIONS` settle them at construction). The discriminator loss is :func:`lsgan_discriminator_loss` per discriminator; ``"total"`` is
+    their sum (the two networks have separate parameters, so this equals two separate steps).
+
+    Args:
+        weights: overrides of :data:`SF_LOSS_WEIGHTS` (0 switches a term off).
+        vgg: VGG19 weights for the correctness, style and perceptual terms (timm name or local file, see
+            :class:`StructureFlowVGG`); not built when those three weights are 0.
+        allow_random_vgg: random VGG weights (tests and demos only: the VGG terms then mean nothing).
+        structure_discriminator: build ``s_dis`` (SF, SF*); ``False`` for SF#.
+        discriminator_dim: channels of the discriminators' first layer (official 64).
+
+    The student is called with ``return_all=True`` and returns a :class:`StructureFlowOutput`; the
+    prediction is its ``image`` (index 0).
+    """
+
+    call_kwargs = MappingProxyType({"return_all": True})
+    output_key = 0
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        vgg: str | os.PathLike[str] | None = "vgg19.tv_in1k",
+        allow_random_vgg: bool = False,
+        structure_discriminator: bool = True,
+        discriminator_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        from .structureflow import MultiScaleDiscriminator  # the model's module imports this one
+
+        unknown = sorted(set(weights or {}) - set(SF_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown StructureFlow loss term(s) {unknown}; terms: {sorted(SF_LOSS_WEIGHTS)}")
+        self.weights = {**SF_LOSS_WEIGHTS, **(weights or {})}
+        uses_vgg = any(self.weights[k] for k in ("correctness", "style", "perceptual"))
+        self.vgg = StructureFlowVGG(vgg, allow_random=allow_random_vgg) if uses_vgg else None
+        self.discriminators["texture"] = MultiScaleDiscriminator(discriminator_dim)
+        if structure_discriminator:
+            self.discriminators["structure"] = MultiScaleDiscriminator(discriminator_dim)
+        # Legacy spectral norm starts from random u, v with no power iteration, so before its first training
+        # forward sigma is a poor estimate and eval-mode logits explode (1e11 at dim 8); settle u, v the way
+        # torch.nn.utils.parametrizations.spectral_norm does at construction (15 iterations; the input is unused).
+        with torch.no_grad():
+            for _ in range(SN_WARMUP_ITERATIONS):
+                for d in self.discriminators.values():
+                    d(torch.zeros(1, 3, 32, 32))
+
+    def _check(self, output: object) -> StructureFlowOutput:
+        from .structureflow import StructureFlowOutput
+
+        if not isinstance(output, StructureFlowOutput):
+            raise TypeError(
+                f"StructureFlowObjective needs the model's StructureFlowOutput (call it with return_all=True), "
+                f"got {type(output).__name__}"
+            )
+        if output.structure_target is None and "structure" in self.discriminators:
+            raise ValueError(
+                "the model has no structure stage (SF#) but the objective has a structure discriminator, which "
+                "would never train: set losses.objective_kwargs {structure_discriminator: false}"
+            )
+        return output
+
+    def generator_loss(self, output: StructureFlowOutput, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:func:`structureflow_loss` on ``output`` with the discriminators' logits of its image (and structure)."""
+        output = self._check(output)
+        with self.discriminators_frozen():
+            fake = self.discriminators["texture"](output.image) if self.weights["adv"] else None
+            s_fake = None
+            if "structure" in self.discriminators and self.weights["structure_adv"]:
+                s_fake = self.discriminators["structure"](output.structure)
+        return structureflow_loss(
+            output, target, mask, vgg=self.vgg, fake_logits=fake, structure_fake_logits=s_fake, weights=self.weights
+        )
+
+    def discriminator_loss(self, output: StructureFlowOutput, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"texture": LSGAN(f_dis; gt, out), ["structure": LSGAN(s_dis; S, s)], "total": sum}`` on detached
+        outputs; the fake batch goes first, as in the official step."""
+        output = self._check(output)
+        d = self.discriminators
+        fake = d["texture"](output.image.detach())
+        out = {"texture": lsgan_discriminator_loss(d["texture"](target), fake)}
+        if "structure" in d:
+            fake = d["structure"](output.structure.detach())
+            out["structure"] = lsgan_discriminator_loss(d["structure"](output.structure_target), fake)
+        out["total"] = sum(out.values())  # type: ignore[assignment]
+        return out

@@ -66,6 +66,7 @@ class LossSection:
     """Eq. (11): lambda_r R_recon + lambda_d (R_distil + R_att) + lambda_s R_style, plus the adversarial term."""
 
     objective: str = "eq11"  # eq11 = the paper's R_recon + R_style; or a registered loss (kdinpaint.plugins.get_loss)
+    objective_kwargs: dict = field(default_factory=dict)  # arguments of a registered TrainingObjective class
     lambda_r: float = 1.0
     lambda_d: float = 20.0
     lambda_s: float = 150.0
@@ -190,6 +191,11 @@ def recipe_from_dict(data: dict) -> Recipe:
     if unknown:
         raise ValueError(f"unknown recipe section(s) {unknown}; valid sections: {sections}")
     recipe = Recipe(**{k: _section(hints[k], v or {}, k) for k, v in data.items()})
+    if recipe.losses.objective == "eq11" and recipe.losses.objective_kwargs:
+        raise ValueError(
+            "losses.objective_kwargs applies to a registered objective class; losses.objective is eq11, whose "
+            "options are the other losses keys: remove objective_kwargs or name an objective"
+        )
     if recipe.optim.batch_size < 1 or recipe.train.steps < 0 or recipe.data.size % 8:
         raise ValueError("optim.batch_size must be >= 1, train.steps >= 0 and data.size a multiple of 8")
     return recipe

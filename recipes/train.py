@@ -6,8 +6,10 @@
 
 Stages (``--stage``): ``teacher`` pre-trains the auxiliary network as an L1 autoencoder of the ground
 truth (§4); ``student`` trains the inpainting network with Eq. (11), the meta-networks by Algorithm 1 and
-the discriminator; ``all`` (default) runs the teacher stage when no teacher weights exist yet, then the
-student. Overrides are dotted ``section.key=value`` pairs; unknown keys are refused.
+the discriminator (or, when ``losses.objective`` names an adapter's TrainingObjective, with that network's
+own losses and discriminators: :mod:`kdinpaint.objective`); ``all`` (default) runs the teacher stage when no
+teacher weights exist yet, then the student. Overrides are dotted ``section.key=value`` pairs; unknown keys
+are refused.
 
 A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.safetensors``,
 ``checkpoints/step_XXXXXXX`` (accelerate ``save_state``, written to a temporary folder and renamed, so a
@@ -19,6 +21,7 @@ killed run resumes from the last complete one), ``metrics.jsonl``, ``samples/ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -45,6 +48,7 @@ from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss,
 from kdinpaint.losses.reconstruction import spatially_varying_l1
 from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
+from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
 from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import Recipe, load_recipe
 from kdinpaint.weights import read_weights
@@ -175,34 +179,52 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     adapter, variant, spec, student, teacher = parts
     if needs_teacher(spec):
         teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
-    kd = kdinpaint.attach(student, teacher if needs_teacher(spec) else None, spec)
-    kd.to(accelerator.device)
     L = recipe.losses
     network_loss = get_loss(L.objective) if L.objective != "eq11" else None
-    # an adapter's objective that takes `vgg=` applies its own style/perceptual weights to our VGG features
+    objective = objective_from(recipe, network_loss)  # an adapter's own losses and discriminators, or None
+    network_loss = None if objective is not None else network_loss
+    train_spec = spec
+    if objective is not None:
+        objective.to(accelerator.device)
+        if objective.call_kwargs:  # the call returns more than the prediction: the objective says where it is
+            train_spec = dataclasses.replace(spec, output=objective.output_key)
+    kd = kdinpaint.attach(student, teacher if needs_teacher(spec) else None, train_spec)
+    kd.to(accelerator.device)
+    # a registered loss function that takes `vgg=` applies its own style/perceptual weights to our VGG features
     loss_takes_vgg = network_loss is not None and "vgg" in inspect.signature(network_loss).parameters
-    use_style = L.lambda_s > 0 and (network_loss is None or loss_takes_vgg)
+    use_style = L.lambda_s > 0 and objective is None and (network_loss is None or loss_takes_vgg)
     style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if use_style else None
 
     theta = [*student.parameters(), *kd.student_parameters()]
     theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
     meta_params = list(kd.meta_parameters())
     meta_opt = torch.optim.Adam(meta_params, lr=recipe.meta.lr) if meta_params else None
-    disc = PatchDiscriminator() if L.adversarial > 0 else None
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=recipe.optim.lr * L.d_lr_ratio, betas=(0.0, 0.9)) if disc else None
+    if objective is None:
+        disc = PatchDiscriminator() if L.adversarial > 0 else None
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=recipe.optim.lr * L.d_lr_ratio, betas=(0.0, 0.9)) if disc else None
+    else:  # its discriminators (prepared for checkpoints; called unwrapped, see average_gradients), optim.betas
+        d_params = objective.discriminator_parameters()
+        disc = objective.discriminators.to(accelerator.device) if d_params else None
+        disc_opt = torch.optim.Adam(d_params, lr=recipe.optim.lr * L.d_lr_ratio, betas=tuple(recipe.optim.betas)) if disc else None
 
     prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], loader)
     wrapped, theta_opt, *rest, loader = prepared
     meta_opt = rest.pop(0) if meta_opt is not None else None
     disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
 
+    objective_name = type(objective).__name__
+
     def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial.
 
-        With ``losses.objective`` naming a registered loss (an adapter's own objective), that loss, called as
-        ``fn(pred, target, mask)`` (plus ``vgg=`` when it takes one and ``lambda_s > 0``), replaces R_recon and
-        R_style; the adversarial term stays.
+        With ``losses.objective`` naming a registered loss function (an adapter's own generator loss), that
+        loss, called as ``fn(pred, target, mask)`` (plus ``vgg=`` when it takes one and ``lambda_s > 0``),
+        replaces R_recon and R_style; the adversarial term stays. Naming a registered TrainingObjective class,
+        ``lambda_r`` times its generator loss is all of L_inp (it carries its own weights and adversarial
+        terms), and ``pred`` is the model's whole output.
         """
+        if objective is not None:
+            return L.lambda_r * total_of(objective.generator_loss(pred, target, mask), objective_name + ".generator_loss")
         if network_loss is not None:
             extra = {"vgg": style} if loss_takes_vgg and style is not None else {}
             loss = L.lambda_r * network_loss(pred, target, mask, **extra)
@@ -218,7 +240,9 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
         kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps,
         inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
         forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
+        loss_input="prediction" if objective is None else "output",
     )
+    call_kwargs = dict(objective.call_kwargs) if objective is not None else {}
 
     start = 0
     done = checkpoints_of(run)
@@ -235,14 +259,21 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     for block, batch in enumerate(loader, start=start // recipe.meta.steps + 1):
         image, mask = batch["image"], batch["mask"]
         args, kwargs = kd._call.build(masked(image, mask), mask)
-        logs = learner.step(args, image, kwargs)
+        logs = learner.step(args, image, {**kwargs, **call_kwargs})
         step = block * recipe.meta.steps
         if disc is not None:  # the discriminator step, on the last prediction of the block
-            fake = composite(learner.last_output, image, mask)
             with accelerator.autocast():
-                d_loss = discriminator_loss(disc(image)[0], disc(fake.detach())[0], L.gan_loss)
+                if objective is not None:  # on the model's whole last output (detached)
+                    d_terms = objective.discriminator_loss(learner.last_raw_output, image, mask)
+                    d_loss = total_of(d_terms, objective_name + ".discriminator_loss")
+                    logs.update({f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"})
+                else:
+                    fake = composite(learner.last_output, image, mask)
+                    d_loss = discriminator_loss(disc(image)[0], disc(fake.detach())[0], L.gan_loss)
             disc_opt.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
+            if objective is not None:
+                average_gradients(accelerator, objective.discriminator_parameters())
             disc_opt.step()
             logs["loss_d"] = d_loss.item()
         progress.update(1)
@@ -264,7 +295,38 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
             break
     progress.close()
     accelerator.wait_for_everyone()
-    finish(recipe, accelerator, kd, adapter, variant, run)
+    finish(recipe, accelerator, kd, spec, adapter, variant, run)
+
+
+def objective_from(recipe: Recipe, registered) -> TrainingObjective | None:
+    """The adapter's own objective when ``losses.objective`` names a registered TrainingObjective class.
+
+    Built with ``losses.objective_kwargs``; ``vgg`` / ``allow_random_vgg`` default to ``losses.vgg`` /
+    ``losses.allow_random_vgg`` when the class takes them. ``lambda_s``, ``style_preset``, ``adversarial``
+    and ``gan_loss`` do not apply to it; ``lambda_r`` scales its generator loss, ``d_lr_ratio`` its
+    discriminators' learning rate (Adam with ``optim.betas``).
+    """
+    L = recipe.losses
+    if not is_training_objective(registered):
+        if L.objective_kwargs:
+            raise ValueError(
+                f"losses.objective_kwargs is set, but losses.objective {L.objective!r} is a loss function, not an "
+                "objective class: remove objective_kwargs"
+            )
+        return None
+    objective = build_objective(registered, L.objective_kwargs, {"vgg": L.vgg, "allow_random_vgg": L.allow_random_vgg})
+    log.info("losses.objective %s: its own losses and %d discriminator(s); lambda_s, style_preset, adversarial and "
+             "gan_loss do not apply", L.objective, len(objective.discriminators))
+    return objective
+
+
+def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients over processes: an objective calls its discriminators unwrapped (its losses are
+    methods, not a DDP forward), so DDP does not synchronise them."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _progress(accelerator: Accelerator, total: int, initial: int):
@@ -274,15 +336,16 @@ def _progress(accelerator: Accelerator, total: int, initial: int):
 
 
 @torch.no_grad()
-def finish(recipe: Recipe, accelerator: Accelerator, kd, adapter, variant: str, run: Path) -> None:
-    """Export the student, evaluate it on the held-out set, write the report (main process)."""
+def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant: str, run: Path) -> None:
+    """Export the student, evaluate it on the held-out set, write the report (main process). ``spec``: the
+    adapter's, whose ``output`` selects the prediction of a plain call."""
     if not accelerator.is_main_process:
         return
     exported = kd.export().eval()
     name = f"{adapter.name}:{variant}" if variant else adapter.name
     kdinpaint.save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
     images, masks = eval_set(recipe)
-    inpainter = Inpainter(exported, stride=adapter.stride, spec=kd.spec, device=accelerator.device, batch_size=4, name=name)
+    inpainter = Inpainter(exported, stride=adapter.stride, spec=spec, device=accelerator.device, batch_size=4, name=name)
     rows, summary = evaluate_model(inpainter, images, masks, names=[f"eval_{i}" for i in range(len(images))])
     first = slice(0, 4)
     sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")

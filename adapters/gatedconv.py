@@ -60,7 +60,8 @@ dagger     GC†: attention transfer (Eq. 9) on ``contextual_attention``, its af
 The teacher is :class:`GatedConvTeacher` (same ``state_dict``; ``model.init`` loads the official weights
 into both) with ``teacher_input: same_mask``: it reconstructs the whole ground truth and uses the
 student's mask only for contextual attention's patch validity. DeepFill v2's own generator loss is
-:func:`gatedconv_loss`, also registered as the loss ``"gatedconv"``.
+:func:`gatedconv_loss`, also registered as the loss ``"gatedconv"``; its whole training objective (that
+loss and the SN-PatchGAN discriminator) is :class:`GatedConvObjective`, registered as ``"gatedconv-gan"``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ import logging
 import os
 from collections.abc import Mapping
 from os import PathLike
+from types import MappingProxyType
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +80,8 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.losses.adversarial import discriminator_loss
+from kdinpaint.objective import TrainingObjective
 from kdinpaint.weights import read_weights
 from kdinpaint.masking import check_image_range, check_mask, composite
 
@@ -102,6 +106,7 @@ __all__ = [
     "COARSE_LEVELS",
     "ADAPTER_SPEC",
     "register_adapters",
+    "GatedConvObjective",
     "register_losses",
 ]
 
@@ -721,6 +726,78 @@ def gatedconv_loss(
     return loss
 
 
+#: DeepFill v2's generator weights (``inpaint.yml``: ``l1_loss_alpha`` on both stages, ``gan_loss_alpha``)
+GC_LOSS_WEIGHTS: dict[str, float] = {"l1": 1.0, "coarse_l1": 1.0, "adv": 1.0}
+
+
+class GatedConvObjective(TrainingObjective):
+    """DeepFill v2's own training objective: :func:`gatedconv_loss`'s terms and the SN-PatchGAN discriminator.
+
+    Generator: ``{"l1": mean|y - x_2|, "coarse_l1": mean|y - x_1|, "adv": -mean D(x_2 ⊙ M + y ⊙ (1 - M), M)}``
+    times :data:`GC_LOSS_WEIGHTS` (the sum is :func:`gatedconv_loss`), reading the discriminator in eval
+    mode (its spectral norms then leave ``weight_u`` unchanged, so the loss changes no state). Discriminator
+    ``"patchgan"``: the hinge loss ``½ mean relu(1 - D(y, M)) + ½ mean relu(1 + D(fake, M))`` on the composited
+    fake with the mask as a fourth channel (``gan_with_mask``), real and fake in one forward as the official
+    ``pos_neg`` batch (one power iteration per step).
+
+    Args:
+        cnum: the discriminator's base width (official 64).
+        channel_order: the channel order of the discriminator's weights; as the generator's (``bgr``).
+        weights: overrides of :data:`GC_LOSS_WEIGHTS` (0 switches a term off).
+
+    The student is called with ``return_coarse=True`` and returns ``(refined, coarse)``; the prediction is
+    ``refined`` (index 0). Official optimiser, for the recipe: Adam lr 1e-4, betas (0.5, 0.999) for both.
+    """
+
+    call_kwargs = MappingProxyType({"return_coarse": True})
+    output_key = 0
+
+    def __init__(self, cnum: int = 64, channel_order: str = "bgr", weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        unknown = sorted(set(weights or {}) - set(GC_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown DeepFill v2 loss term(s) {unknown}; terms: {sorted(GC_LOSS_WEIGHTS)}")
+        self.weights = {**GC_LOSS_WEIGHTS, **(weights or {})}
+        self.discriminators["patchgan"] = SNPatchGANDiscriminator(4, cnum, channel_order=channel_order)
+
+    @staticmethod
+    def _split(output: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(t, torch.Tensor) for t in output)):
+            raise TypeError(
+                "GatedConvObjective needs the model's (refined, coarse) output (call it with return_coarse=True), "
+                f"got {type(output).__name__}"
+            )
+        return output[0], output[1]
+
+    def generator_loss(
+        self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The weighted terms of :func:`gatedconv_loss` on ``output = (refined, coarse)`` and their ``"total"``."""
+        refined, coarse = self._split(output)
+        w = self.weights
+        terms = {"l1": w["l1"] * gatedconv_loss(refined, target, mask)}  # mean |y - x_2| without its options
+        if w["coarse_l1"]:
+            terms["coarse_l1"] = w["coarse_l1"] * gatedconv_loss(coarse, target, mask)
+        if w["adv"]:
+            mask = check_mask(mask, target).to(refined.dtype)
+            with self.discriminators_frozen():
+                terms["adv"] = -w["adv"] * self.discriminators["patchgan"](composite(refined, target, mask), mask).mean()
+        terms["total"] = sum(terms.values())  # type: ignore[assignment]
+        return terms
+
+    def discriminator_loss(
+        self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``{"patchgan": hinge D loss, "total": the same}`` on the detached refined output."""
+        refined, _ = self._split(output)
+        mask = check_mask(mask, target).to(target.dtype).expand(target.shape[0], -1, -1, -1)
+        fake = composite(refined.detach(), target, mask)
+        scores = self.discriminators["patchgan"](torch.cat([target, fake]), torch.cat([mask, mask]))  # (2B, N)
+        real_scores, fake_scores = scores.chunk(2)
+        loss = discriminator_loss(real_scores, fake_scores, "hinge")
+        return {"patchgan": loss, "total": loss}
+
+
 COARSE_LEVELS = ["conv1", "conv3", "conv6"]  # coarse encoder: H (cnum/2 ch), H/2 (cnum), H/4 (2 cnum)
 
 ADAPTER_SPEC = {
@@ -766,3 +843,4 @@ def register_adapters(register: Callable[[Adapter], None]) -> None:
 @hookimpl
 def register_losses(register: Callable[[str, Callable[..., torch.Tensor]], None]) -> None:
     register("gatedconv", gatedconv_loss)
+    register("gatedconv-gan", GatedConvObjective)

@@ -63,7 +63,7 @@ from .edgeconnect_io import (
     rgb_to_gray,
     to_unit,
 )
-from .edgeconnect_loss import EC_LOSS_WEIGHTS, edgeconnect_loss, edgeconnect_loss_terms
+from .edgeconnect_loss import EC_LOSS_WEIGHTS, EdgeConnectObjective, edgeconnect_loss, edgeconnect_loss_terms
 
 __all__ = [
     "EdgeGenerator",
@@ -85,6 +85,7 @@ __all__ = [
     "EC_LOSS_WEIGHTS",
     "edgeconnect_loss_terms",
     "edgeconnect_loss",
+    "EdgeConnectObjective",
     "ENCODER_LEVELS",
     "ADAPTER_SPEC",
     "VARIANT_BUILDERS",
@@ -700,3 +701,4 @@ def register_adapters(register: Callable[[Adapter], None]) -> None:
 @hookimpl
 def register_losses(register: Callable[[str, Callable[..., torch.Tensor]], None]) -> None:
     register("edgeconnect", edgeconnect_loss)
+    register("edgeconnect-gan", EdgeConnectObjective)

@@ -1,19 +1,24 @@
 """EdgeConnect's own objective for its inpainting stage G2 (Nazeri et al., ICCV-W 2019): the loss terms and
-their official weights (``src/models.py`` ``InpaintingModel.process``, ``config.yml.example``)."""
+their official weights (``src/models.py`` ``InpaintingModel.process``, ``config.yml.example``), and
+:class:`EdgeConnectObjective`, which trains with them and with EdgeConnect's own discriminator in
+``recipes/train.py`` (``losses.objective: edgeconnect-gan``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
-from kdinpaint.losses.adversarial import generator_adv_loss
+from kdinpaint.losses.adversarial import GanLoss, discriminator_loss, generator_adv_loss
+from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import check_mask
+from kdinpaint.objective import TrainingObjective
 
 from .edgeconnect_io import to_unit
 
-__all__ = ["EC_LOSS_WEIGHTS", "edgeconnect_loss_terms", "edgeconnect_loss"]
+__all__ = ["EC_LOSS_WEIGHTS", "edgeconnect_loss_terms", "edgeconnect_loss", "EdgeConnectObjective"]
 
 EC_LOSS_WEIGHTS: dict[str, float] = {"l1": 1.0, "adversarial": 0.1, "perceptual": 0.1, "style": 250.0}
 """``config.yml.example``: ``L1_LOSS_WEIGHT: 1``, ``INPAINT_ADV_LOSS_WEIGHT: 0.1``,
@@ -100,3 +105,67 @@ def edgeconnect_loss(
     terms = edgeconnect_loss_terms(pred, target, mask, vgg=vgg, discriminator=discriminator, gan_loss=gan_loss)
     zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
     return sum((EC_LOSS_WEIGHTS[k] * v for k, v in terms.items()), zero)
+
+
+class EdgeConnectObjective(TrainingObjective):
+    """EdgeConnect's inpainting-stage training, for ``recipes/train.py`` (``losses.objective: edgeconnect-gan``).
+
+    Generator: ``{"l1", "adversarial", "perceptual", "style"}`` of :func:`edgeconnect_loss_terms`, each times
+    :data:`EC_LOSS_WEIGHTS` (their sum is :func:`edgeconnect_loss`), with EdgeConnect's own 70×70 PatchGAN
+    :class:`~kdinpaint_adapters.edgeconnect.Discriminator` (3 channels, spectral norm) read in eval mode. As in
+    ``InpaintingModel.process``, the discriminator sees the raw, uncomposited prediction in ``[0, 1]``; its
+    step minimises ``½ (BCE(D(y), 1) + BCE(D(ŷ), 0))`` (``nsgan``, on logits) or the same pair for ``lsgan`` /
+    ``hinge``. Official optimiser, for the recipe: Adam, betas (0, 0.9), discriminator at 0.1× the lr.
+
+    Args:
+        vgg: VGG19 weights for the perceptual and style terms (timm name or local file), as
+            :class:`kdinpaint.losses.style.VGGStyleLoss` with the ``edgeconnect`` preset.
+        allow_random_vgg: build the VGG with random weights when none are given (tests only).
+        gan_loss: ``nsgan`` (EdgeConnect's default), ``lsgan`` or ``hinge``.
+        discriminator_weights: the released ``InpaintingModel_dis.pth`` (or its folder) to start from.
+        weights: overrides of :data:`EC_LOSS_WEIGHTS` (0 switches a term off).
+    """
+
+    def __init__(
+        self,
+        vgg: str | os.PathLike[str] | None = "vgg19.tv_in1k",
+        allow_random_vgg: bool = False,
+        gan_loss: GanLoss = "nsgan",
+        discriminator_weights: str | os.PathLike[str] | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        from .edgeconnect import build_edgeconnect_discriminator  # the model's module imports this one
+
+        unknown = sorted(set(weights or {}) - set(EC_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown EdgeConnect loss term(s) {unknown}; terms: {sorted(EC_LOSS_WEIGHTS)}")
+        self.weights = {**EC_LOSS_WEIGHTS, **(weights or {})}
+        self.gan_loss = gan_loss
+        uses_vgg = bool(self.weights["perceptual"] or self.weights["style"])
+        self.vgg = VGGStyleLoss("edgeconnect", weights=vgg, allow_random=allow_random_vgg) if uses_vgg else None
+        self.discriminators["inpaint"] = build_edgeconnect_discriminator("inpaint", discriminator_weights)
+        if discriminator_weights is None:  # released weights carry settled u, v
+            self.settle_spectral_norms(torch.zeros(1, 3, 32, 32))
+
+    def generator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted terms on G2's raw prediction ``output`` ``(B, 3, H, W)`` in [-1, 1], and their ``"total"``."""
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"EdgeConnectObjective needs G2's prediction (a tensor), got {type(output).__name__}")
+        w = self.weights
+        with self.discriminators_frozen():
+            terms = edgeconnect_loss_terms(
+                output, target, mask, vgg=self.vgg,
+                discriminator=self.discriminators["inpaint"] if w["adversarial"] else None, gan_loss=self.gan_loss,
+            )
+        out = {k: w[k] * v for k, v in terms.items() if w[k]}
+        out["total"] = sum(out.values())  # type: ignore[assignment]
+        return out
+
+    def discriminator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"inpaint": D loss, "total": the same}``: real ground truth against the detached raw prediction."""
+        disc = self.discriminators["inpaint"]
+        real = _logits(disc(to_unit(target)))
+        fake = _logits(disc(to_unit(output.detach())))
+        loss = discriminator_loss(real, fake, self.gan_loss)
+        return {"inpaint": loss, "total": loss}

@@ -48,8 +48,6 @@ SF_LOSS_WEIGHTS: dict[str, float] = {
 SF_STYLE_LAYERS = ("relu2_2", "relu3_4", "relu4_4", "relu5_2")
 SF_PERCEPTUAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 SF_CORRECTNESS_LAYER = "relu3_1"
-#: power iterations of the discriminators' spectral norms at construction (torch's parametrization default)
-SN_WARMUP_ITERATIONS = 15
 
 FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -243,7 +241,9 @@ class StructureFlowObjective(TrainingObjective):
 
     The generator loss reads the discriminators in eval mode (:meth:`discriminators_frozen`: their
     spectral norms do no power iteration there, so it changes no state; the discriminator step does one
-    per call, as the official training, and :data:`SN_WARMUP_ITERATIONS` settle them at construction). The discriminator loss is :func:`lsgan_discriminator_loss` per discriminator; ``"total"`` is
+    per call, as the official training, and
+    :meth:`~kdinpaint.objective.TrainingObjective.settle_spectral_norms` settles them at construction). The
+    discriminator loss is :func:`lsgan_discriminator_loss` per discriminator; ``"total"`` is
     their sum (the two networks have separate parameters, so this equals two separate steps).
 
     Args:
@@ -281,13 +281,7 @@ class StructureFlowObjective(TrainingObjective):
         self.discriminators["texture"] = MultiScaleDiscriminator(discriminator_dim)
         if structure_discriminator:
             self.discriminators["structure"] = MultiScaleDiscriminator(discriminator_dim)
-        # Legacy spectral norm starts from random u, v with no power iteration, so before its first training
-        # forward sigma is a poor estimate and eval-mode logits explode (1e11 at dim 8); settle u, v the way
-        # torch.nn.utils.parametrizations.spectral_norm does at construction (15 iterations; the input is unused).
-        with torch.no_grad():
-            for _ in range(SN_WARMUP_ITERATIONS):
-                for d in self.discriminators.values():
-                    d(torch.zeros(1, 3, 32, 32))
+        self.settle_spectral_norms(torch.zeros(1, 3, 32, 32))  # legacy spectral norm: see the method
 
     def _check(self, output: object) -> StructureFlowOutput:
         from .structureflow import StructureFlowOutput

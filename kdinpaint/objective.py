@@ -40,7 +40,11 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
-__all__ = ["TrainingObjective", "is_training_objective", "build_objective", "total_of"]
+__all__ = ["TrainingObjective", "is_training_objective", "build_objective", "total_of", "SN_WARMUP_ITERATIONS"]
+
+#: power iterations that settle a discriminator's spectral norms at construction (the default of
+#: ``torch.nn.utils.parametrizations.spectral_norm``)
+SN_WARMUP_ITERATIONS = 15
 
 OutputKey = Union[int, str, None]
 
@@ -77,6 +81,22 @@ class TrainingObjective(nn.Module):
     def discriminator_parameters(self) -> list[nn.Parameter]:
         """What the discriminator optimiser trains: the trainable parameters of :attr:`discriminators`."""
         return [p for p in self.discriminators.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def settle_spectral_norms(self, example: torch.Tensor, iterations: int = SN_WARMUP_ITERATIONS) -> None:
+        """Run the discriminators' spectral-norm power iterations ``iterations`` times (train-mode forwards of
+        ``example``, output unused). The legacy ``torch.nn.utils.spectral_norm`` starts from random ``u, v``
+        and iterates only in training forwards, so until then its sigma is a poor estimate and the
+        eval-mode logits that :meth:`generator_loss` reads explode; call this at the end of ``__init__``."""
+        modes = [(m, m.training) for m in self.discriminators.modules()]
+        try:
+            self.discriminators.train()
+            for _ in range(iterations):
+                for d in self.discriminators.values():
+                    d(example)
+        finally:
+            for m, training in modes:
+                m.training = training
 
     @contextlib.contextmanager
     def discriminators_frozen(self) -> Iterator[None]:

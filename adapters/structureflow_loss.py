@@ -23,6 +23,8 @@ from kdinpaint.masking import check_mask, masked
 from kdinpaint.objective import TrainingObjective
 from kdinpaint.ops.gaussian_resample import gaussian_resample
 
+from .structureflow_nets import MultiScaleDiscriminator
+
 if TYPE_CHECKING:
     from .structureflow import StructureFlowOutput
 
@@ -270,8 +272,6 @@ class StructureFlowObjective(TrainingObjective):
         discriminator_dim: int = 64,
     ) -> None:
         super().__init__()
-        from .structureflow import MultiScaleDiscriminator  # the model's module imports this one
-
         unknown = sorted(set(weights or {}) - set(SF_LOSS_WEIGHTS))
         if unknown:
             raise ValueError(f"unknown StructureFlow loss term(s) {unknown}; terms: {sorted(SF_LOSS_WEIGHTS)}")

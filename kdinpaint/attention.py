@@ -10,15 +10,18 @@ Two submodules make the affinity reachable by forward hooks without changing the
 * ``qk`` (:class:`QueryKey`) returns ``(q, k)``, each ``(B, N, C_qk)``; attention transfer hooks it and
   computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention.attention_transfer`);
 * ``affinity`` (:class:`Affinity`) returns the full ``(B, N, N)`` matrix ``r``. It only runs when something
-  hooks it; otherwise the module calls ``scaled_dot_product_attention``, which never materialises ``N×N``.
+  hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention`
+  (``scaled_dot_product_attention`` forward, blockwise backward), which never materialises ``N×N``, not even
+  when Algorithm 1 differentiates it twice.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from kdinpaint.ops.attention import softmax_attention
 
 __all__ = ["PixelAttention", "QueryKey", "Affinity"]
 
@@ -68,6 +71,6 @@ class PixelAttention(nn.Module):
         v = rearrange(d, "b c h w -> b (h w) c")
         if _hooked(self.affinity):
             a = self.affinity(q, k) @ v  # (B, N, N) @ (B, N, C)
-        else:  # fused kernel, never materialises N×N; scale 1: the paper has no 1/sqrt(d)
-            a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
+        else:  # never materialises N×N, not even differentiated twice (Reverse-HG); scale 1 as the paper
+            a = softmax_attention(q, k, v)
         return rearrange(a, "b (h w) c -> b c h w", h=H, w=W)

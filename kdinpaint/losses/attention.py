@@ -4,6 +4,10 @@ Only hole query rows enter the loss, so only those rows are computed: the hole q
 the softmax, and memory grows with (hole pixels × N), not N². Rows are padded to the largest hole count of
 the batch and a validity mask drops the padding, so the whole batch is one batched matmul. Normalised by the
 number of hole rows; exactly 0 (never NaN) with no hole. Computed in at least float32.
+
+:func:`attention_transfer` (queries and keys of pixel attention) goes further: the hole rows run in blocks
+(:func:`kdinpaint.ops.rowwise.rowwise`), so neither its backward pass nor the derivative of that backward
+pass taken by Reverse-HG keeps the ``rows × N`` affinities; only one block's are alive at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import torch
 from einops import rearrange
 
 from kdinpaint.masking import at_least_fp32, mask_at
+from kdinpaint.ops.attention import block_rows
+from kdinpaint.ops.rowwise import rowwise
 
 __all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity", "affinity_rows"]
 
@@ -69,9 +75,16 @@ def attention_transfer(
             f"{tuple(q_teacher.shape)}, keys {tuple(k_teacher.shape)} and a {tuple(size)} query grid do not match"
         )
     index, valid, count = hole_rows(mask, size)
-    r = affinity_rows(q, k, index)  # (B, R, N)
-    r_t = affinity_rows(q_teacher, k_teacher, index)
-    return _weighted((r_t - r).pow(2).sum(-1), weights, index, valid, count)
+    rows = (_gather_rows(at_least_fp32(q), index), _gather_rows(at_least_fp32(q_teacher), index))  # (B, R, C)
+    sq_rows = rowwise(_row_distance, rows, (at_least_fp32(k), at_least_fp32(k_teacher)), block_rows(*k.shape[:2]))
+    return _weighted(sq_rows, weights, index, valid, count)
+
+
+def _row_distance(q: torch.Tensor, q_teacher: torch.Tensor, k: torch.Tensor, k_teacher: torch.Tensor) -> torch.Tensor:
+    """``sum_j (r^AN_ij - r_ij)^2`` for the query rows given, ``(B, R)``."""
+    r = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+    r_t = torch.softmax(q_teacher @ k_teacher.transpose(1, 2), dim=-1)
+    return (r_t - r).pow(2).sum(-1)
 
 
 def attention_transfer_from_affinity(

@@ -53,7 +53,7 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
             )
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{name} has batch size {mask.shape[0]} but the image has {image.shape[0]}")
-    if bool(((mask != 0) & (mask != 1)).any()):
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
         hi = float(mask.max())
         hint = (
             "it looks like a 0/255 mask: divide it by 255" if hi > 1 else "threshold it, e.g. (mask > 0.5).float()"

@@ -137,3 +137,19 @@ def test_eval_masks_deterministic_across_runs_and_order():
         rng_for(-1, 0)
     with pytest.raises(TypeError, match="sample"):
         EvalMasks(object(), 3)
+
+
+def test_check_mask_refuses_bad_values_eagerly_and_does_not_break_a_compiled_graph():
+    import torch._dynamo
+
+    from kdinpaint.masking import check_mask
+
+    image = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="divide it by 255"):
+        check_mask(torch.full((1, 1, 4, 4), 255.0), image)
+
+    def composite_known(mask, x):
+        return x * (1 - check_mask(mask, x))
+
+    explained = torch._dynamo.explain(composite_known)(torch.zeros(1, 1, 4, 4), image)
+    assert explained.graph_break_count == 0

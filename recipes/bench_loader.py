@@ -8,6 +8,7 @@ decode), then times
 
     python recipes/bench_loader.py --workers 2 --size 256 --batch-size 8 --epochs 3
     python recipes/bench_loader.py --step-flops          # also: what a training step can consume at most
+    python recipes/bench_loader.py --step-time           # also: time a real training step (on a GPU if any)
 
 ``--step-flops`` counts the floating-point operations of one training step of the reference recipe per
 image (Net8 at width 64, the T=2 theta steps of Algorithm 1 on the GMCNN + style + adversarial + distillation
@@ -25,6 +26,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,11 +46,9 @@ def write_images(folder: Path, count: int, size: int, fmt: str = "jpg") -> None:
 GPU_PEAK_TFLOPS = {"H100 SXM, dense TF32 (fp32 training)": 494.7, "H100 SXM, dense BF16 (mixed precision)": 989.4}
 
 
-def step_flops(size: int, batch: int = 1) -> float:
-    """FLOPs per image of one reference-recipe training step (T=2 theta steps and a discriminator step,
-    without the hypergradient: a lower bound of the full Algorithm 1 block)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def reference_step(size: int, batch: int, mode: str, device: torch.device) -> Callable[[], None]:
+    """One training step of the reference recipe (Net8, width 64): an Algorithm 1 block of T=2 theta steps
+    (``mode`` for Psi) on GMCNN + style + adversarial + distillation, then a discriminator step."""
     import kdinpaint
     from kdinpaint.bilevel import MetaLearner
     from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
@@ -58,27 +58,58 @@ def step_flops(size: int, batch: int = 1) -> float:
 
     adapter = kdinpaint.get_adapter("reference")
     student, teacher = adapter.student(None, width=64), adapter.teacher(None, width=64)
-    kd = kdinpaint.attach(student, teacher, adapter.spec.variant(None))
-    style = VGGStyleLoss("pconv", weights=None, allow_random=True)  # random weights: FLOPs do not depend on them
-    disc = PatchDiscriminator()
+    kd = kdinpaint.attach(student, teacher, adapter.spec.variant(None)).to(device)
+    style = VGGStyleLoss("pconv", weights=None, allow_random=True).to(device)  # random weights: cost is the same
+    disc = PatchDiscriminator().to(device)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.0, 0.9))
 
     def inpaint_loss(pred, target, mask):
         return (spatially_varying_l1(pred, target, mask) + 150 * style(pred, target, mask)["style"]
                 + 0.1 * generator_adv_loss(disc(composite(pred, target, mask))[0]))
 
     theta = [*student.parameters(), *kd.student_parameters()]
-    learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), inpaint_loss, mode="frozen", steps=2)
-    image = torch.rand(batch, 3, size, size) * 2 - 1
+    learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), inpaint_loss, mode=mode, steps=2)
+    image = (torch.rand(batch, 3, size, size) * 2 - 1).to(device)
     hole = FreeFormMasks().sample(np.random.default_rng(0), (size, size))  # (H, W), 1 = hole
-    mask = torch.from_numpy(np.asarray(hole, dtype=np.float32)).expand(batch, 1, size, size).contiguous()
-    counter = FlopCounterMode(display=False)
-    with counter:
+    mask = torch.from_numpy(np.asarray(hole, dtype=np.float32)).expand(batch, 1, size, size).contiguous().to(device)
+
+    def step() -> None:
         learner.step((masked(image, mask), mask), image)
         fake = composite(learner.last_output, image, mask)
         d_loss = discriminator_loss(disc(image)[0], disc(fake)[0])
+        disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
-    kd.detach()
+        disc_opt.step()
+
+    return step
+
+
+def step_flops(size: int, batch: int = 1) -> float:
+    """FLOPs per image of one reference-recipe training step without the hypergradient (``meta.mode``
+    frozen): a lower bound of the full Algorithm 1 block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = reference_step(size, batch, "frozen", torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
     return counter.get_total_flops() / batch
+
+
+def step_images_per_second(size: int, batch: int, device: torch.device, repeats: int = 3) -> float:
+    """Images/s one reference-recipe training step (Reverse-HG) consumes on ``device``, median of ``repeats``."""
+    step = reference_step(size, batch, "reverse_hg", device)
+    times = []
+    for i in range(repeats + 1):  # the first is warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return batch / sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -92,6 +123,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--crop", default="random", choices=["random", "center", "resize"])
     parser.add_argument("--step-flops", action="store_true", help="also bound what a GPU training step consumes")
+    parser.add_argument("--step-time", action="store_true", help="also time a reference training step on --device")
+    parser.add_argument("--step-batch", type=int, default=6, help="batch of the timed step (the paper's: 6)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +160,12 @@ def main() -> None:
             bound = peak * 1e12 / flops
             verdict = "keeps up" if count / elapsed > bound else "may be the bottleneck"
             print(f"  {name}: at most {bound:.1f} images/s even at 100 % of peak -> the loader {verdict}")
+    if args.step_time:
+        device = torch.device(args.device)
+        rate = step_images_per_second(args.size, args.step_batch, device)
+        verdict = "keeps up" if count / elapsed > rate else "is the bottleneck"
+        print(f"reference training step (Net8, width 64, reverse_hg T=2, batch {args.step_batch}) on {device}: "
+              f"{rate:.1f} images/s -> the loader {verdict}")
 
 
 if __name__ == "__main__":

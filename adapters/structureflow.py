@@ -127,6 +127,32 @@ _STRUCTURE_FROM = ("ground_truth", "masked")
 _STRUCTURE_FILL = ("input", "zeros")
 
 
+def _structure_of(image: torch.Tensor, mask: torch.Tensor | None, rtv_kwargs: dict) -> torch.Tensor:
+    """The structure image, without gradient: the RTV smoothing of ``image`` (``mask`` None) or the
+    mask-aware RTV of the corrupted image ``image * (1 - mask)``."""
+    with torch.no_grad():
+        return rtv_structure(image, **rtv_kwargs) if mask is None else rtv_structure(masked(image, mask), mask, **rtv_kwargs)
+
+
+def _texture_pass(
+    texture: nn.Module,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    m: torch.Tensor,
+    size: torch.Size,
+    return_all: bool,
+    structure: torch.Tensor,
+    structure_target: torch.Tensor | None,
+) -> torch.Tensor | StructureFlowOutput:
+    """The texture generator on padded ``[x, s, m]``; its output cropped to ``size`` (with ``return_all``,
+    a :class:`StructureFlowOutput` holding ``structure``, ``structure_target`` and the cropped flow)."""
+    out, flow = texture(torch.cat((x, s, m), 1))
+    out = crop_to(out, size)
+    if not return_all:
+        return out
+    return StructureFlowOutput(out, structure, structure_target, crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4))))
+
+
 class StructureFlow(nn.Module):
     """SF, both stages, called with toolkit ``(image, mask)``.
 
@@ -180,21 +206,12 @@ class StructureFlow(nn.Module):
         mask = check_inputs(image, mask, structure)
         size = image.shape[-2:]
         if structure is None:
-            with torch.no_grad():
-                if self.structure_from == "ground_truth":
-                    structure = rtv_structure(image, **self.rtv_kwargs)
-                else:
-                    structure = rtv_structure(masked(image, mask), mask, **self.rtv_kwargs)
+            structure = _structure_of(image, None if self.structure_from == "ground_truth" else mask, self.rtv_kwargs)
         x, s_gt, m = (pad_to_multiple(t, SF_SIZE_MULTIPLE) for t in (masked(image, mask), structure, mask))
         s_gt_in = masked(s_gt, m)
         s_out = self.structure(torch.cat((x, s_gt_in, m), 1))  # (B, 3, H', W')
         s_feed = s_out.detach() if self.detach_structure else s_out
-        out, flow = self.texture(torch.cat((x, s_feed, m), 1))
-        out = crop_to(out, size)
-        if not return_all:
-            return out
-        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
-        return StructureFlowOutput(out, crop_to(s_out, size), structure, flow)
+        return _texture_pass(self.texture, x, s_feed, m, size, return_all, crop_to(s_out, size), structure)
 
 
 class StructureFlowTexture(nn.Module):
@@ -227,12 +244,7 @@ class StructureFlowTexture(nn.Module):
         size = image.shape[-2:]
         x, m = pad_to_multiple(masked(image, mask), SF_SIZE_MULTIPLE), pad_to_multiple(mask, SF_SIZE_MULTIPLE)
         s = x if self.structure_fill == "input" else torch.zeros_like(x)
-        out, flow = self.texture(torch.cat((x, s, m), 1))
-        out = crop_to(out, size)
-        if not return_all:
-            return out
-        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
-        return StructureFlowOutput(out, crop_to(s, size), None, flow)
+        return _texture_pass(self.texture, x, s, m, size, return_all, crop_to(s, size), None)
 
 
 def _drop_structure_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
@@ -281,15 +293,9 @@ class StructureFlowTeacher(nn.Module):
         mask = check_inputs(image, mask, structure)
         size = image.shape[-2:]
         if structure is None:
-            with torch.no_grad():
-                structure = rtv_structure(masked(image, mask), mask, **self.rtv_kwargs)
+            structure = _structure_of(image, mask, self.rtv_kwargs)
         x, s, m = (pad_to_multiple(t, SF_SIZE_MULTIPLE) for t in (masked(image, mask), structure, mask))
-        out, flow = self.texture(torch.cat((x, s, m), 1))
-        out = crop_to(out, size)
-        if not return_all:
-            return out
-        flow = crop_to(flow, (math.ceil(size[0] / 4), math.ceil(size[1] / 4)))
-        return StructureFlowOutput(out, structure, None, flow)
+        return _texture_pass(self.texture, x, s, m, size, return_all, structure, None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdinpaint.inference import crop_top_left, pad_bottom_right
-from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
+from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, warn_if_inverted
 
 __all__ = [
     "RGB2GRAY_COEFFS",
@@ -191,13 +191,7 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, *, min_size: int = 12)
     (:func:`kdinpaint.masking.check_mask`). Raises ``ValueError``/``TypeError`` naming the fix; warns when a
     sample is more than 60 % hole, the usual sign of an inverted mask (1 = known).
     """
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError("image must be a float tensor (B, 3, H, W) in [-1, 1]")
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(
-            f"EdgeConnect expects RGB images (B, 3, H, W), got {tuple(image.shape)}; "
-            "repeat a gray channel with image.expand(-1, 3, -1, -1) or drop alpha with image[:, :3]"
-        )
+    check_rgb_image(image, "EdgeConnect")
     check_mask(mask, image)
     H, W = image.shape[-2:]
     # after padding to a multiple of 4, the residual blocks reflect-pad by 2 at 1/4 resolution: >= 3 pixels

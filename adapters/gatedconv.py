@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.inference import pad_bottom_right
 from kdinpaint.weights import read_weights
 from kdinpaint.masking import check_image_range, check_mask
 
@@ -214,11 +215,7 @@ def to_network_input(
     check_image_range(image)
     mask = _pad_mask(mask, image)
     H, W = image.shape[-2:]
-    ph, pw = -H % GRID, -W % GRID
-    if ph or pw:
-        mode = "reflect" if ph < H and pw < W else "replicate"
-        image = F.pad(image, (0, pw, 0, ph), mode=mode)
-    image = _flip_channels(image, channel_order)
+    image = _flip_channels(pad_bottom_right(image, GRID), channel_order)
     ones = torch.ones_like(mask)
     x = torch.cat([image * (1 - mask), ones, ones * mask], dim=1)  # (B, 5, H8, W8)
     return x, mask, (int(H), int(W))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kdinpaint.inference import crop_top_left, pad_bottom_right
-from kdinpaint.masking import check_image_range, check_mask, warn_if_inverted
+from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, warn_if_inverted
 
 __all__ = ["SF_SIZE_MULTIPLE", "SF_MIN_SIZE", "check_inputs", "pad_to_multiple", "crop_to", "rtv_structure"]
 
@@ -46,13 +46,7 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, structure: torch.Tenso
     (:func:`kdinpaint.masking.check_mask`); ``structure``: like ``image``. Raises ``TypeError``/``ValueError``
     naming the fix; warns when a mask is more than 60 % hole (an inverted mask, 1 = known, looks like that).
     """
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError("image must be a float tensor (B, 3, H, W) in [-1, 1]")
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(
-            f"StructureFlow expects RGB images (B, 3, H, W), got {tuple(image.shape)}; "
-            "repeat a gray channel with image.expand(-1, 3, -1, -1) or drop alpha with image[:, :3]"
-        )
+    check_rgb_image(image, "StructureFlow")
     check_mask(mask, image)
     if structure is not None and (not isinstance(structure, torch.Tensor) or structure.shape != image.shape):
         got = tuple(structure.shape) if isinstance(structure, torch.Tensor) else type(structure).__name__

@@ -130,7 +130,7 @@ def pad_bottom_right(x: torch.Tensor, multiple: int, min_size: int = 0) -> torch
     """Pad ``(..., H, W)`` at the bottom/right to a multiple of ``multiple`` and at least ``min_size``.
 
     Reflect padding, replicate where the map is too small to reflect; undo with :func:`crop_top_left`.
-    Adapters whose networks pad internally (EdgeConnect, StructureFlow) use this one.
+    Adapters whose networks pad internally (EdgeConnect, StructureFlow, DeepFill v2) use this one.
     """
     H, W = x.shape[-2:]
     th = max(math.ceil(H / multiple), math.ceil(min_size / multiple)) * multiple

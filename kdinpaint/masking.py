@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "check_mask",
+    "check_rgb_image",
     "masked",
     "composite",
     "masked_mean",
@@ -60,6 +61,17 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
         )
         raise ValueError(f"{name} must contain only 0 (known) and 1 (hole); found other values (max {hi:g}): {hint}")
     return mask
+
+
+def check_rgb_image(image: object, network: str = "the network") -> None:
+    """Refuse anything but a float ``(B, 3, H, W)`` tensor (values are not read), naming ``network`` and the fix."""
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        raise TypeError("image must be a float tensor (B, 3, H, W) in [-1, 1]")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(
+            f"{network} expects RGB images (B, 3, H, W), got {tuple(image.shape)}; "
+            "repeat a gray channel with image.expand(-1, 3, -1, -1) or drop alpha with image[:, :3]"
+        )
 
 
 def check_image_range(image: torch.Tensor, *, name: str = "image") -> None:

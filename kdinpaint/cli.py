@@ -459,21 +459,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: int = 1, warmup: int = 2,
                   repeats: int = 10, compile: bool = False) -> dict[str, Any]:
     """Median ms per image of the deployed model's forward at ``size``, and its parameter count."""
-    import statistics
-    import time
-
     from kdinpaint.calling import CallConvention
     from kdinpaint.inference import deployed_model
+    from kdinpaint.timing import median_seconds
 
     model, stride = deployed_model(name)
     params = sum(p.numel() for p in model.parameters())
@@ -484,16 +475,9 @@ def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: 
     mask = torch.zeros(batch_size, 1, side, side, device=device)
     mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1  # a centre hole of 25 %
     call_args, call_kwargs = CallConvention(model.model, model.spec.image_arg, model.spec.mask_arg).build(image, mask)
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            runner(*call_args, **call_kwargs)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000 / batch_size)
-    return {"model": name, "params": params, "ms": statistics.median(times), "device": str(device), "size": side,
+        seconds = median_seconds(lambda: runner(*call_args, **call_kwargs), device, repeats, warmup)
+    return {"model": name, "params": params, "ms": seconds * 1000 / batch_size, "device": str(device), "size": side,
             "batch_size": batch_size, "repeats": repeats, "compile": compile}
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, sample_images
+from kdinpaint.timing import median_seconds
 
 
 def write_images(folder: Path, count: int, size: int, fmt: str = "jpg") -> None:
@@ -99,17 +100,7 @@ def step_flops(size: int, batch: int = 1) -> float:
 def step_images_per_second(size: int, batch: int, device: torch.device, repeats: int = 3) -> float:
     """Images/s one reference-recipe training step (Reverse-HG) consumes on ``device``, median of ``repeats``."""
     step = reference_step(size, batch, "reverse_hg", device)
-    times = []
-    for i in range(repeats + 1):  # the first is warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return batch / sorted(times)[len(times) // 2]
+    return batch / median_seconds(step, device, repeats, warmup=1)
 
 
 def main() -> None:

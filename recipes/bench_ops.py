@@ -27,24 +27,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
 
 import torch
 
-
-def _time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from kdinpaint.timing import median_seconds, synchronize
 
 
 def bench_adaptive_conv(device: torch.device, repeats: int) -> dict:
@@ -66,8 +52,8 @@ def bench_adaptive_conv(device: torch.device, repeats: int) -> dict:
     def oracle() -> None:
         deform_conv2d(x, offset, ones, padding=K // 2, mask=kernel).backward(grad)
 
-    t_ours = _time(ours, device, repeats)
-    t_oracle = _time(oracle, device, repeats)
+    t_ours = median_seconds(ours, device, repeats)
+    t_oracle = median_seconds(oracle, device, repeats)
     return {"adaptive_conv_ms": 1e3 * t_ours, "deform_conv2d_ms": 1e3 * t_oracle, "ratio": t_ours / t_oracle}
 
 
@@ -164,7 +150,7 @@ def bench_meta_step(device: torch.device, repeats: int) -> dict:
     times = {mode: [] for mode in learners}
     for round_ in range(repeats + 2):
         for mode, learner in learners.items():
-            seconds = _time(lambda: learner.step(inputs, gt), device, 1, warmup=0)
+            seconds = median_seconds(lambda: learner.step(inputs, gt), device, 1, warmup=0)
             if round_ >= 2:  # warm-up rounds
                 times[mode].append(seconds)
     result = {f"{mode}_ms_per_theta_step": 1e3 * statistics.median(ts) / 2 for mode, ts in times.items()}
@@ -197,16 +183,14 @@ def _final_pass(learner, inputs: tuple, target: torch.Tensor) -> float:
             total = learner._loss(out, target, inputs[1]) + learner.lambda_d * losses["total"]
             grads = torch.autograd.grad(total, list(theta.values()), create_graph=True)
             theta = {n: v - learner.inner_lr * g for (n, v), g in zip(theta.items(), grads)}
-        if target.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(target.device)
         t0 = time.perf_counter()
         out = functional_call(kd, {**rest, **buffers, **psi, **theta}, inputs)
         loss = learner._loss(out, target, inputs[1])
         kd._session.reset()
         with differentiate_targets():
             torch.autograd.grad(loss, list(psi.values()))
-        if target.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(target.device)
     return time.perf_counter() - t0
 
 

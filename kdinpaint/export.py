@@ -38,7 +38,17 @@ class _MaskContext:
         self.mask: torch.Tensor | None = None
 
 
-class CompletedSite(nn.Module):
+class _Wrapper(nn.Module):
+    """A module wrapping ``self.inner``: attribute lookups it does not answer fall through to ``inner``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class CompletedSite(_Wrapper):
     """``inner`` followed by its completion block (Eq. 5). Attribute lookups fall through to ``inner``."""
 
     def __init__(self, inner: nn.Module, block: CompletionBlock, context: _MaskContext):
@@ -54,14 +64,8 @@ class CompletedSite(nn.Module):
             raise RuntimeError("a completion site ran outside a call of its CompletedModel; call the whole model with (image, mask)")
         return self.block(out, mask)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
-
-class FusedSite(nn.Module):
+class FusedSite(_Wrapper):
     """An attention module ``inner`` with global-local fusion (Eq. 10) around it: ``fusion(D, inner(D))``."""
 
     def __init__(self, inner: nn.Module, fusion: GlobalLocalFusion):
@@ -71,12 +75,6 @@ class FusedSite(nn.Module):
 
     def forward(self, d: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.fusion(d, self.inner(d, *args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
 
 class CompletedModel(nn.Module):

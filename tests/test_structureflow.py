@@ -21,6 +21,7 @@ from kdinpaint_adapters.structureflow import (
     load_official,
 )
 from kdinpaint_adapters.structureflow_io import crop_to, pad_to_multiple, rtv_structure
+from tiny import randomised
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "structureflow_keys.json").read_text())["networks"]
 
@@ -39,14 +40,6 @@ def test_state_dict_keys_and_shapes_equal_official(name, cls):
     assert sum(p.numel() for p in model.parameters()) == FIXTURE[name]["num_parameters"]
 
 
-def _randomised(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
-    return module
-
 
 def _assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
@@ -57,7 +50,7 @@ def _assert_same_state(a, b):
 
 def test_official_layout_round_trip(tmp_path):
     # official files are plain state_dicts; DataParallel ones carry "module."
-    tex = _randomised(TextureGenerator(dim=8))
+    tex = randomised(TextureGenerator(dim=8))
     torch.save({"module." + k: v for k, v in tex.state_dict().items()}, tmp_path / "latest_net_f_gen.pth")
     loaded = load_official(tmp_path / "latest_net_f_gen.pth", "texture", model=TextureGenerator(dim=8))
     _assert_same_state(loaded, tex)
@@ -65,7 +58,7 @@ def test_official_layout_round_trip(tmp_path):
     sharp = load_official(tmp_path / "latest_net_f_gen.pth", model=StructureFlowTexture(dim=8))
     _assert_same_state(sharp.texture, tex)
 
-    st = _randomised(StructureReconstructor(dim=8), seed=1)
+    st = randomised(StructureReconstructor(dim=8), seed=1)
     torch.save(st.state_dict(), tmp_path / "latest_net_s_gen.pth")
     full = StructureFlow(dim=8)
     load_official(tmp_path / "latest_net_s_gen.pth", "structure", model=full)
@@ -80,13 +73,13 @@ def test_official_layout_round_trip(tmp_path):
     _assert_same_state(fresh, full)
 
     # the discriminator at the official width: which is inferred from the keys
-    dis = _randomised(MultiScaleDiscriminator(), seed=2)
+    dis = randomised(MultiScaleDiscriminator(), seed=2)
     torch.save(dis.state_dict(), tmp_path / "latest_net_f_dis.pth")
     _assert_same_state(load_official(tmp_path / "latest_net_f_dis.pth"), dis)
 
 
 def test_new_style_spectral_norm_keys_are_mapped():
-    st = _randomised(StructureReconstructor(dim=8))
+    st = randomised(StructureReconstructor(dim=8))
     renamed = {}
     for k, v in st.state_dict().items():
         k = k.replace(".weight_orig", ".parametrizations.weight.original")
@@ -296,7 +289,7 @@ def test_rtv_matches_reference(solver, with_mask):
 def test_build_from_official_folder_and_init(tmp_path):
     from kdinpaint_adapters.structureflow import build_structureflow, build_structureflow_texture, init_weights
 
-    st, tex = _randomised(StructureReconstructor(dim=8), 3), _randomised(TextureGenerator(dim=8), 4)
+    st, tex = randomised(StructureReconstructor(dim=8), 3), randomised(TextureGenerator(dim=8), 4)
     torch.save(st.state_dict(), tmp_path / "latest_net_s_gen.pth")
     torch.save(tex.state_dict(), tmp_path / "latest_net_f_gen.pth")
     full = build_structureflow(tmp_path, dim=8)

@@ -29,6 +29,7 @@ from kdinpaint_adapters.structureflow import (
 )
 from kdinpaint_adapters.structureflow_io import rtv_structure
 from kdinpaint_adapters.structureflow_loss import (
+from tiny import randomised
     SF_LOSS_WEIGHTS,
     SF_PERCEPTUAL_LAYERS,
     SF_STYLE_LAYERS,
@@ -48,14 +49,6 @@ def _inputs(batch: int = 1, size: int = 48, seed: int = 0) -> tuple[torch.Tensor
     mask[..., size // 4 : size // 2 + 4, size // 3 : size // 3 + 14] = 1
     return image, mask
 
-
-def _randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
-    return module
 
 
 def _same_texture(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -200,7 +193,7 @@ def test_teacher_sees_ground_truth_and_its_structure():
 
 
 def test_teacher_weights_from_student_state_and_official_files(tmp_path):
-    sf = _randomised(StructureFlow(dim=8), 1)
+    sf = randomised(StructureFlow(dim=8), 1)
     teacher = structureflow_teacher(dim=8, structure_from="ground_truth", detach_structure=True)  # student options
     teacher.load_state_dict(sf.state_dict())  # strict; the reconstructor's keys are not the teacher's
     assert _same_texture(teacher, sf)

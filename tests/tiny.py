@@ -1,4 +1,4 @@
-"""Tiny inpainting networks for the tests (a few thousand parameters, any size divisible by 8)."""
+"""Tiny inpainting networks for the tests (a few thousand parameters, any size divisible by 8), and helpers."""
 
 from __future__ import annotations
 
@@ -74,3 +74,14 @@ class TinyAttentionUNet(TinyUNet):
         y = self.up2(torch.cat([F.interpolate(y, scale_factor=2.0), x1], 1))
         y = self.up1(torch.cat([F.interpolate(y, scale_factor=2.0), x0], 1))
         return torch.tanh(self.head(y))
+
+
+def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
+    """``module`` with every floating-point tensor of its state (parameters and buffers) drawn from N(0, 1):
+    generic values, e.g. for weights saved in an official layout and loaded back."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g))
+    return module

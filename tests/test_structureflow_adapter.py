@@ -29,7 +29,6 @@ from kdinpaint_adapters.structureflow import (
 )
 from kdinpaint_adapters.structureflow_io import rtv_structure
 from kdinpaint_adapters.structureflow_loss import (
-from tiny import randomised
     SF_LOSS_WEIGHTS,
     SF_PERCEPTUAL_LAYERS,
     SF_STYLE_LAYERS,
@@ -37,6 +36,7 @@ from tiny import randomised
     sampling_correctness_loss,
     structureflow_loss,
 )
+from tiny import randomised
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "structureflow_keys.json").read_text())["networks"]

@@ -394,10 +394,10 @@ class Distiller(nn.Module):
                     self._handles.append(_modules.get(t_root, site.capture).register_forward_hook(hook))
 
     def _uninstall(self) -> None:
+        """Remove the hooks (captures of the call in progress stay: ``export()`` reinstalls right after)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._session.reset()
 
     def _freeze_teacher(self) -> None:
         for p in self.teacher.parameters():
@@ -645,6 +645,7 @@ class Distiller(nn.Module):
     def detach(self) -> nn.Module:
         """Remove every hook and restore the teacher's flags; returns the student, exactly as before."""
         self._uninstall()
+        self._session.reset()
         for p, flag in self._teacher_flags.items():
             p.requires_grad_(flag)
         self._teacher_flags.clear()

@@ -56,6 +56,19 @@ class _ReadsAttributes(TinyUNet):
         return self.head(torch.nn.functional.leaky_relu(x))
 
 
+def test_export_mid_step_keeps_the_captured_features():
+    # exporting between the forward and kd.losses() (e.g. a checkpoint hook) must not drop the captures:
+    # the losses equal those of the same step without the export
+    student, kd = _attached()
+    image, mask = batch()
+    student(image * (1 - mask), mask)
+    expected = kd.losses(target=image)["total"].item()
+    student(image * (1 - mask), mask)
+    kd.export()
+    assert kd.losses(target=image)["total"].item() == expected
+    kd.detach()
+
+
 def test_export_keeps_the_original_attributes_reachable():
     torch.manual_seed(0)
     net = _ReadsAttributes()

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -43,9 +44,9 @@ from kdinpaint import data as kdata
 from kdinpaint import metrics
 from kdinpaint.bilevel import MetaLearner
 from kdinpaint.calling import CallConvention, select_output
-from kdinpaint.inference import Inpainter, evaluate_model
+from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
-from kdinpaint.losses.reconstruction import spatially_varying_l1
+from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
 from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
 from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
@@ -75,7 +76,7 @@ def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | No
     if kind == "freeform":
         return kdata.FreeFormMasks(ratio=ratio)
     if kind == "rect":
-        return kdata.RectangleMasks(ratio=ratio) if ratio else kdata.RectangleMasks()
+        return kdata.RectangleMasks(ratio=ratio)
     if not Path(kind).exists():
         raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform' or 'rect'")
     return kdata.MaskFolder(kind, size, hole=hole, ratio=ratio)
@@ -86,10 +87,10 @@ def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     d, m = recipe.data, recipe.masks
     images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
     images = images if isinstance(images, torch.Tensor) else torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
+    sources = [mask_source(m.eval, d.size, m.hole, lo_hi) for lo_hi in metrics.TABLE1_BUCKETS]  # a folder is read once
     masks = []
     for i in range(len(images)):
-        lo_hi = metrics.TABLE1_BUCKETS[i % len(metrics.TABLE1_BUCKETS)]
-        fixed = kdata.EvalMasks(mask_source(m.eval, d.size, m.hole, lo_hi), 1, size=d.size, seed=m.seed * 1000 + i)
+        fixed = kdata.EvalMasks(sources[i % len(sources)], 1, size=d.size, seed=m.seed * 1000 + i)
         masks.append(fixed[0])
     return images, torch.stack(masks)
 
@@ -136,13 +137,8 @@ def save_checkpoint(accelerator: Accelerator, run: Path, step: int, keep: int) -
 
 def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
     """Rows of masked | output | ground truth, as PNG."""
-    from PIL import Image
-
     rows = torch.cat([masked_image, output, target], dim=-1)[:4]  # (B, 3, H, 3W)
-    grid = torch.cat(list(rows), dim=-2)  # (3, B*H, 3W)
-    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    save_image(path, torch.cat(list(rows), dim=-2))  # (3, B*H, 3W)
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -214,6 +210,8 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
 
     objective_name = type(objective).__name__
 
+    per_batch = BatchMemo()
+
     def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial.
 
@@ -229,7 +227,8 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
             extra = {"vgg": style} if loss_takes_vgg and style is not None else {}
             loss = L.lambda_r * network_loss(pred, target, mask, **extra)
         else:
-            loss = L.lambda_r * spatially_varying_l1(pred, target, mask, padding=L.recon_padding)
+            weight = per_batch.get("confidence", (mask,), lambda: confidence_weight(mask, padding=L.recon_padding))
+            loss = L.lambda_r * spatially_varying_l1(pred, target, mask, weight=weight)
         if style is not None and network_loss is None:
             loss = loss + L.lambda_s * style(pred, target, mask)["style"]
         if disc is not None:
@@ -250,9 +249,8 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
         accelerator.load_state(str(done[-1]))
         start = int(done[-1].name.split("_")[1])
         accelerator.print(f"resumed from {done[-1]} (step {start})")
-    batches_per_step = 1  # each loader batch is one Algorithm-1 block of meta.steps theta steps
-    total = recipe.train.steps // recipe.meta.steps
-    loader = accelerator.skip_first_batches(loader, start // recipe.meta.steps * batches_per_step) if start else loader
+    total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
+    loader = accelerator.skip_first_batches(loader, start // recipe.meta.steps) if start else loader
     metrics_file = run / "metrics.jsonl"
     progress = _progress(accelerator, total, start // recipe.meta.steps)
     t0 = time.time()
@@ -327,6 +325,24 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
         for p in params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+class BatchMemo:
+    """Values that depend only on the batch (its target and mask), computed once per batch: Algorithm 1
+    calls the inpainting loss up to 2T + 1 times with the same ones (GMCNN's confidence map is 7 blurs with a
+    65-tap kernel)."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._values: dict[str, Any] = {}
+
+    def get(self, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once for the batch ``key`` (tensors, compared by identity)."""
+        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
+            self._key, self._values = key, {}
+        if name not in self._values:
+            self._values[name] = compute()
+        return self._values[name]
 
 
 def _progress(accelerator: Accelerator, total: int, initial: int):

@@ -79,7 +79,8 @@ import torch.nn.functional as F
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.inference import pad_bottom_right
+from kdinpaint.inference import crop_top_left, pad_bottom_right
+from kdinpaint.layers import get_act_layer
 from kdinpaint.weights import read_weights
 from kdinpaint.masking import check_image_range, check_mask
 
@@ -111,21 +112,8 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"elu": nn.ELU, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 _CHANNEL_ORDERS = ("rgb", "bgr")
 GRID = 8  # the generator downsamples by 4 and contextual attention by 2 more
-
-
-def _make_act(act_layer: str | type[nn.Module] | None) -> nn.Module:
-    if act_layer is None:
-        return nn.Identity()
-    if isinstance(act_layer, str):
-        if act_layer not in _ACTIVATIONS:
-            raise ValueError(f"unknown act_layer {act_layer!r}; choose one of {sorted(_ACTIVATIONS)} or pass a class")
-        return _ACTIVATIONS[act_layer]()
-    if isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
-        return act_layer()
-    raise TypeError(f"act_layer must be a name, an nn.Module class or None, got {act_layer!r}")
 
 
 class GatedConv2d(nn.Module):
@@ -156,7 +144,7 @@ class GatedConv2d(nn.Module):
         self._self_pad = stride == 1 and kernel_size % 2 == 1
         padding = dilation * (kernel_size - 1) // 2 if self._self_pad else 0
         self.conv = nn.Conv2d(in_channels, conv_out, kernel_size, stride=stride, padding=padding, dilation=dilation)
-        self.act = _make_act(act_layer)
+        self.act = nn.Identity() if act_layer is None else get_act_layer(act_layer)()
         # TF defaults of the official tf.layers.conv2d: Glorot-uniform kernel, zero bias.
         nn.init.xavier_uniform_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
@@ -233,7 +221,7 @@ def from_network_output(y: torch.Tensor, size: tuple[int, int], channel_order: s
     """Network output ``(B, 3, H8, W8)`` in ``channel_order`` -> toolkit RGB ``(B, 3, H, W)``, cropped."""
     if channel_order not in _CHANNEL_ORDERS:
         raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
-    return _flip_channels(y[..., : size[0], : size[1]], channel_order)
+    return _flip_channels(crop_top_left(y, size), channel_order)
 
 
 class GatedConvInpaint(nn.Module):

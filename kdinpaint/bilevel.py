@@ -35,10 +35,10 @@ from torch.func import functional_call
 from kdinpaint.attach import Distiller
 from kdinpaint.calling import select_output
 from kdinpaint.losses._target import differentiate_targets
+from kdinpaint.spec import META_MODES
 
 __all__ = ["MetaLearner", "META_MODES"]
 
-META_MODES = ("reverse_hg", "first_order", "frozen")
 LOSS_INPUTS = ("prediction", "output")
 
 InpaintLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,6 +130,7 @@ class MetaLearner:
         self._psi_names = [n for n, p in kd.named_parameters() if id(p) in psi_ids]
         theta_ids = {id(p) for group in theta_optimizer.param_groups for p in group["params"]}
         self._theta_names = [n for n, p in kd.named_parameters() if id(p) in theta_ids and p.requires_grad]
+        self._updates_psi = mode != "frozen" and bool(self._psi_names)
 
     # ---- one batch ------------------------------------------------------------------------------
     def step(self, inputs: tuple | dict, target: torch.Tensor, kwargs: dict | None = None) -> dict[str, float]:
@@ -145,15 +146,14 @@ class MetaLearner:
             args, kwargs = tuple(inputs), dict(kwargs or {})
         kd = self.kd
         params = dict(kd.named_parameters())
-        second_order = self.mode != "frozen" and bool(self._psi_names)
-        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if second_order else {}
+        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self._updates_psi else {}
         first: dict[str, torch.Tensor] | None = None
         logs: dict[str, float] = {}
         with kd.reusing_teacher():
             mask = kd._call.get(args, kwargs, "mask")
             for t in range(self.steps):
                 with self.autocast():
-                    fused = t == 0 and second_order and self._can_fuse(target)
+                    fused = t == 0 and self._updates_psi and self._can_fuse(target)
                     if fused:  # the unroll's first step is this very step: same theta, batch and loss
                         theta0 = {n: v.requires_grad_() for n, v in theta0.items()}
                         out, kd_losses = functional_call(kd, theta0, args, {**kwargs, "kd_target": target})
@@ -178,7 +178,7 @@ class MetaLearner:
                 if t == 0:
                     logs.update({"loss_inp": l_inp.item(), "loss_total": l_tot.item()})
                     logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
-            if self.mode != "frozen" and self._psi_names:
+            if self._updates_psi:
                 grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
                 norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
                 logs["hypergrad_norm"] = float(norm)
@@ -230,12 +230,12 @@ class MetaLearner:
         buffers = {n: b.clone() for n, b in kd.named_buffers()}  # the unroll must not move BN statistics
         theta = {n: v.detach().requires_grad_() for n, v in theta0.items()}
         correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
+        mask = kd._call.get(args, kwargs, "mask")
         if first_step is not None:
             theta = self._sgd(dict(theta0), first_step, correction)
         with kd.reusing_teacher():
             for _ in range(self.steps - (first_step is not None)):
                 out, kd_losses = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, {**kwargs, "kd_target": target})
-                mask = kd._call.get(args, kwargs, "mask")
                 l_tot = self._loss(out, target, mask) + self.lambda_d * kd_losses["total"]
                 grads = torch.autograd.grad(l_tot, list(theta.values()), create_graph=True, allow_unused=True)
                 step = {n: (g if g is not None else torch.zeros_like(v)) for (n, v), g in zip(theta.items(), grads)}
@@ -243,7 +243,6 @@ class MetaLearner:
             if self.mode == "first_order":
                 theta = {n: v + correction[n] for n, v in theta.items()}
             out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)
-            mask = kd._call.get(args, kwargs, "mask")
             l_inp = self._loss(out, target, mask)
             kd._session.reset()  # the final call computed no distillation losses: drop its captures
             with differentiate_targets():  # the steps depend on the self-distillation targets' values too

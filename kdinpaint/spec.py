@@ -29,6 +29,7 @@ __all__ = ["AdapterSpec", "AttentionSite", "CompletionOptions", "MetaOptions", "
 
 TEACHER_INPUTS = ("empty_mask", "same_mask", "image_only")
 AFFINITY_LAYOUTS = ("queries_keys", "keys_hw")
+META_MODES = ("reverse_hg", "first_order", "frozen")  # Algorithm 1's Psi update: exact, first-order, none
 
 
 def _reject_unknown(cls: type, data: dict, where: str) -> None:
@@ -88,9 +89,8 @@ class MetaOptions:
             raise ValueError(f"meta.gamma_kernel_size must be odd and >= 1, got {self.gamma_kernel_size}")
         if self.hidden is not None:
             _check_type(self.hidden, (int,), "hidden", "meta", "a positive int or null")
-        modes = ("reverse_hg", "first_order", "frozen")
-        if self.mode not in modes:
-            raise ValueError(f"meta.mode {self.mode!r} is not one of {list(modes)}")
+        if self.mode not in META_MODES:
+            raise ValueError(f"meta.mode {self.mode!r} is not one of {list(META_MODES)}")
         _check_type(self.steps, (int,), "steps", "meta", "a positive int (T of Algorithm 1)")
         if self.steps < 1:
             raise ValueError(f"meta.steps (T of Algorithm 1) must be >= 1, got {self.steps}")

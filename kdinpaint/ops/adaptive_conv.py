@@ -70,6 +70,17 @@ def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype)
     return grid
 
 
+def _pixel_scale(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Pixels -> grid_sample's normalised units, ``(2 / W, 2 / H)`` in (x, y) order; cached like the base grid."""
+    key = ("scale", H, W, device, dtype)
+    scale = _TAP_CACHE.get(key)
+    if scale is None:
+        if len(_TAP_CACHE) > 64:
+            _TAP_CACHE.clear()
+        scale = _TAP_CACHE[key] = torch.tensor([2.0 / W, 2.0 / H], device=device, dtype=dtype)
+    return scale
+
+
 def _grid(K: int, offset: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Sampling positions with offsets, ``(B, K*K*H, W, 2)`` in grid_sample's normalised (x, y) units."""
     B, _, H, W = shape
@@ -77,7 +88,7 @@ def _grid(K: int, offset: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -
     base = _base_grid(K, H, W, offset.device, dtype)  # (T, H, W, 2)
     off = offset.view(B, T, 2, H, W).to(dtype)
     # pixel offsets -> normalised units; grid_sample wants (x, y), the offsets are (dy, dx)
-    scale = torch.tensor([2.0 / W, 2.0 / H], device=offset.device, dtype=dtype)
+    scale = _pixel_scale(H, W, offset.device, dtype)
     grid = base.unsqueeze(0) + off.flip(2).permute(0, 1, 3, 4, 2) * scale  # (B, T, H, W, 2)
     return grid.reshape(B, T * H, W, 2)
 
@@ -142,7 +153,7 @@ class _AdaptiveConv(torch.autograd.Function):
                 grad_sampled, x, grid, 0, 0, False, [need[0], need[2]]
             )  # bilinear, zeros padding, align_corners=False
             if need[2]:
-                scale = torch.tensor([2.0 / W, 2.0 / H], device=x.device, dtype=x.dtype)
+                scale = _pixel_scale(H, W, x.device, x.dtype)
                 grad_offset = (grad_grid.view(B, T, H, W, 2) * scale).flip(-1).permute(0, 1, 4, 2, 3).reshape(B, 2 * T, H, W)
         return grad_x if need[0] else None, grad_kernel, grad_offset, None
 

@@ -443,24 +443,16 @@ def load_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None,
         raise ValueError(f"hole must be 'white' or 'black', got {hole!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask {str(path)!r} does not exist")
+    from kdinpaint.data.masks import _read_luminance, _resize_nearest
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr, full = np.asarray(im, dtype=np.float64), (1.0 if im.mode == "F" else 65535.0)
-            else:
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA").convert("RGB")
-                arr, full = np.asarray(im.convert("L"), dtype=np.float64), 255.0
+        arr, full = _read_luminance(path)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise ValueError(f"cannot read mask {str(path)!r} ({type(e).__name__}: {e})") from None
     if full > 1 and arr.max() <= 1:  # a 0/1 label image
         full = 1.0
     white = arr > full / 2
-    hole_map = white if hole == "white" else ~white
-    if size is not None and hole_map.shape != tuple(size):
-        h, w = size
-        hole_map = np.asarray(Image.fromarray(hole_map.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    hole_map = _resize_nearest(white if hole == "white" else ~white, size)
     return torch.from_numpy(hole_map.astype(np.float32))[None, None]
 
 

@@ -37,6 +37,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 LIST_SUFFIXES = (".flist", ".txt")
 CropMode = Literal["resize", "center", "random"]
 _CROPS = ("resize", "center", "random")
+# PIL modes of 16-bit files (PIL opens some 16-bit PNGs as 32-bit "I"): full scale 65535
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -114,7 +116,7 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        if mode in _SIXTEEN_BIT_MODES:
             arr = np.asarray(im, dtype=np.float32) / 65535.0
             return Image.fromarray(np.clip(arr, 0, 1), mode="F")
         if mode == "F":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdinpaint.data.images import _size2, list_images
+from kdinpaint.data.images import _SIXTEEN_BIT_MODES, _size2, list_images
 
 __all__ = ["MaskFolder", "read_mask", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
 
@@ -38,26 +38,42 @@ log = logging.getLogger(__name__)
 HoleColour = Literal["auto", "white", "black"]
 
 
+def _read_luminance(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Decode a mask image to its luminance ``(H, W)`` and the value of full white.
+
+    16-bit and integer modes keep their stored values (``uint16`` / ``int32``, full scale 65535), ``F``
+    its floats (full scale 1); every other mode is flattened onto black (alpha and transparency dropped)
+    and reduced to 8-bit ``L`` (``uint8``, full scale 255). Raises the decoder's error for unreadable files.
+    """
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+            return np.asarray(im), (1.0 if im.mode == "F" else 65535.0)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA").convert("RGB")
+        return np.asarray(im.convert("L"), dtype=np.uint8), 255.0
+
+
+def _resize_nearest(bool_map: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """A boolean ``(H, W)`` map resized to ``size = (H, W)`` by nearest-neighbour sampling (None: unchanged)."""
+    if size is None or bool_map.shape == tuple(size):
+        return bool_map
+    h, w = size
+    return np.asarray(Image.fromarray(bool_map.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+
+
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None, threshold: float = 0.5) -> np.ndarray:
     """Read a mask image as a boolean ``(H, W)`` array, ``True`` where the pixel is white (> threshold).
 
     Any colour mode is reduced to luminance; 16-bit images are scaled to [0, 1] first. With ``size =
     (H, W)`` the binary mask is resized by nearest-neighbour sampling (no new values, no dilation).
     """
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            scale = 1.0 if im.mode == "F" else 65535.0
-            white = np.asarray(im, dtype=np.float32) / scale > threshold
-        else:
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA").convert("RGB")
-            white = np.asarray(im.convert("L"), dtype=np.uint8) > threshold * 255
-    if size is not None and white.shape != tuple(size):
-        h, w = size
-        resized = Image.fromarray(white.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
-        white = np.asarray(resized) > 127
-    return white
+    values, full = _read_luminance(path)
+    if values.dtype == np.uint8:  # 8-bit levels compare exactly against the threshold in levels
+        white = values > threshold * 255
+    else:  # wider modes are scaled to [0, 1] in float32
+        white = values.astype(np.float32) / full > threshold
+    return _resize_nearest(white, size)
 
 
 def mask_to_tensor(hole: np.ndarray) -> torch.Tensor:

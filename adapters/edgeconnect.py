@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.weights import load_reported, read_weights
+from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 
 from .edgeconnect_io import (
     EC_SIZE_MULTIPLE,
@@ -383,13 +383,6 @@ def identify_state_dict(state_dict: Mapping[str, object]) -> str | None:
     return None
 
 
-def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> dict[str, torch.Tensor]:
     """Turn an official EdgeConnect checkpoint (or its state_dict) into a state_dict ``model`` loads strictly.
 
@@ -421,7 +414,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
-        key = _strip(key)
+        key = strip_wrapper_prefixes(key)
         key = key.replace(".parametrizations.weight.original", ".weight_orig")
         key = key.replace(".parametrizations.weight.0._u", ".weight_u").replace(".parametrizations.weight.0._v", ".weight_v")
         out[key] = value
@@ -450,7 +443,7 @@ def _filter_wrapped(state_dict: Mapping[str, object], model: nn.Module) -> dict[
     if all(isinstance(state_dict.get(p), Mapping) for p in parts):  # one official checkpoint per stage
         sub = {p: checkpoint_filter_fn(state_dict[p], getattr(model, p)) for p in parts}  # type: ignore[arg-type]
         return {f"{p}.{k}": v for p, sd in sub.items() for k, v in sd.items()}
-    flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    flat = {strip_wrapper_prefixes(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith(p + ".") for p in parts for k in flat):  # this model's own state_dict
         if parts == ("inpaint",):  # or a two-stage EC's: EC# keeps its G2
             return {k: v for k, v in flat.items() if not k.startswith("edge.")}
@@ -492,7 +485,7 @@ def load_official(
     if model is None:
         if which is None:
             inner = next((ckpt[k] for k in ("generator", "discriminator") if isinstance(ckpt.get(k), Mapping)), ckpt)
-            which = identify_state_dict({_strip(k): v for k, v in inner.items()})
+            which = identify_state_dict({strip_wrapper_prefixes(k): v for k, v in inner.items()})
             if which is None:
                 files = ", ".join(f for _, f, _ in OFFICIAL_FILES.values())
                 raise ValueError(f"{path} is not an EdgeConnect checkpoint; expected one of {files}")

@@ -81,7 +81,7 @@ from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.inference import crop_top_left, pad_bottom_right
 from kdinpaint.layers import get_act_layer
-from kdinpaint.weights import read_weights
+from kdinpaint.weights import read_weights, strip_wrapper_prefixes
 from kdinpaint.masking import check_image_range, check_mask
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
@@ -510,9 +510,7 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: nn.Module | None = None) ->
     tf_names = any(str(k).startswith("inpaint_net/") for k in state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        key = strip_wrapper_prefixes(key)
         if tf_names:
             name = _tf_to_torch_name(key)
             if name is None:

@@ -63,7 +63,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.weights import load_reported, read_weights
+from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 from kdinpaint.masking import masked
 
 from .structureflow_io import SF_SIZE_MULTIPLE, check_inputs, crop_to, pad_to_multiple, rtv_structure
@@ -323,13 +323,6 @@ def _which_of(model: nn.Module) -> str:
     )
 
 
-def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
 def identify_state_dict(state_dict: Mapping[str, object]) -> str | None:
     """Which official network a prefix-free state_dict belongs to: ``'structure'`` (s_gen), ``'texture'``
     (f_gen), ``'discriminator'`` (s_dis / f_dis) or ``None``."""
@@ -357,7 +350,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
         if all(isinstance(state_dict.get(p), Mapping) for p in parts):
             return {f"{p}.{k}": v for p in parts
                     for k, v in checkpoint_filter_fn(state_dict[p], getattr(model, p)).items()}  # type: ignore[arg-type]
-        flat = {_strip(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        flat = {strip_wrapper_prefixes(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         if any(k.startswith(p + ".") for p in parts for k in flat):  # a toolkit model's state_dict
             return {k: v for k, v in flat.items() if k.split(".", 1)[0] in parts}
         if parts == ("texture",):
@@ -370,7 +363,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor):
-            key = _strip(key).replace(".parametrizations.weight.original", ".weight_orig")
+            key = strip_wrapper_prefixes(key).replace(".parametrizations.weight.original", ".weight_orig")
             key = key.replace(".parametrizations.weight.0._u", ".weight_u").replace(".parametrizations.weight.0._v", ".weight_v")
             out[key] = value
     found = identify_state_dict(out)
@@ -422,7 +415,7 @@ def load_official(
         model = getattr(model, which)
     if model is None:
         if which is None:
-            which = identify_state_dict({_strip(k): v for k, v in ckpt.items()})  # type: ignore[assignment]
+            which = identify_state_dict({strip_wrapper_prefixes(k): v for k, v in ckpt.items()})  # type: ignore[assignment]
             if which is None:
                 files = ", ".join(f for _, f in OFFICIAL_FILES.values())
                 raise ValueError(f"{path} is not a StructureFlow checkpoint; expected one of {files}")

@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["read_weights", "key_report", "load_reported"]
+# a state_dict key without DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes, in any order
+from kdinpaint._modules import normalise_path as strip_wrapper_prefixes
+
+__all__ = ["read_weights", "key_report", "load_reported", "strip_wrapper_prefixes"]
 
 
 def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Mapping[str, Any]:

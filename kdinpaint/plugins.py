@@ -80,6 +80,15 @@ def _strict(strict: bool | None) -> bool:
     return strict if strict is not None else os.environ.get(STRICT_ENV, "").lower() in ("1", "true", "yes", "on")
 
 
+def _raise_if_strict(failures: list[Failure], strict: bool | None) -> None:
+    if failures and _strict(strict):
+        raise PluginError("; ".join(map(str, failures)) + f" (strict mode: unset {STRICT_ENV} to continue)")
+
+
+def _providers_of(entries: list[_Entry]) -> str:
+    return " and ".join(_who(e.distribution, e.version) for e in entries)
+
+
 def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Failure]:
     """Load every ``kdinpaint`` entry point once (``reload``: unload them and load again); returns the failures."""
     if reload:
@@ -110,8 +119,7 @@ def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Fa
                 log.warning("kdinpaint %s", _failures[-1])
                 continue
             _providers[name] = (dist, version)
-    if _failures and _strict(strict):
-        raise PluginError("; ".join(map(str, _failures)) + f" (strict mode: unset {STRICT_ENV} to continue)")
+    _raise_if_strict(_failures, strict)
     return list(_failures)
 
 
@@ -152,12 +160,10 @@ def _registry(hook: str, strict: bool | None) -> dict[str, list[_Entry]]:
                 entries.setdefault(entry.name, []).append(entry)
         for name, found in entries.items():
             if len(found) > 1:
-                providers = " and ".join(_who(e.distribution, e.version) for e in found)
                 failures.append(Failure(found[-1].distribution, found[-1].version, hook,
-                                        f"duplicate name {name!r} registered by {providers}"))
+                                        f"duplicate name {name!r} registered by {_providers_of(found)}"))
         _cache[hook] = (key, entries, failures)
-    if _cache[hook][2] and _strict(strict):
-        raise PluginError("; ".join(map(str, _cache[hook][2])) + f" (strict mode: unset {STRICT_ENV} to continue)")
+    _raise_if_strict(_cache[hook][2], strict)
     return _cache[hook][1]
 
 
@@ -175,8 +181,7 @@ def _get(hook: str, what: str, name: str, strict: bool | None) -> _Entry:
             + f"; known {what}s: {known}" + (f"; plugins that failed to load: {failed}" if failed else "")
         )
     if len(found) > 1:
-        providers = " and ".join(_who(e.distribution, e.version) for e in found)
-        raise ValueError(f"{what} name {name!r} is registered twice, by {providers}; uninstall one of them")
+        raise ValueError(f"{what} name {name!r} is registered twice, by {_providers_of(found)}; uninstall one of them")
     return found[0]
 
 

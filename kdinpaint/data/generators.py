@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,13 +46,30 @@ def _check_bucket(ratio: tuple[float, float] | None) -> None:
         raise ValueError(f"ratio must be a bucket (lo, hi) with 0 <= lo < hi <= 1, got {ratio!r}")
 
 
-def _fill_to_bucket(draw_one, rng: np.random.Generator, size: tuple[int, int], ratio, max_tries: int, what: str):
+_Shape = Callable[[ImageDraw.ImageDraw, np.random.Generator], None]
+
+
+def _canvas(size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A black ``L`` canvas of ``size = (H, W)`` and its drawing context (holes are painted 255)."""
+    h, w = size
+    canvas = Image.new("L", (w, h), 0)
+    return canvas, ImageDraw.Draw(canvas)
+
+
+def _render(size: tuple[int, int], paint: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    """The boolean ``(H, W)`` hole array (``True`` where > 127) of what ``paint(draw)`` draws on a fresh canvas."""
+    canvas, draw = _canvas(size)
+    paint(draw)
+    return np.asarray(canvas) > 127
+
+
+def _fill_to_bucket(draw_one: _Shape, rng: np.random.Generator, size: tuple[int, int], ratio: tuple[float, float],
+                    max_tries: int, what: str) -> np.ndarray:
     """Accumulate shapes drawn by ``draw_one(draw, rng)`` until the hole ratio reaches ``[lo, hi)``."""
     h, w = size
     lo, hi = ratio
     for _ in range(max_tries):
-        canvas = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(canvas)
+        canvas, draw = _canvas(size)
         for _ in range(1000):
             draw_one(draw, rng)
             hole = np.asarray(canvas) > 127
@@ -65,6 +82,23 @@ def _fill_to_bucket(draw_one, rng: np.random.Generator, size: tuple[int, int], r
         f"{what} found no mask with a hole ratio in [{lo}, {hi}) at {h}x{w} in {max_tries} tries; "
         "widen the bucket or change the shape parameters"
     )
+
+
+def _sample_shapes(draw_one: _Shape, count: tuple[int, int], rng: np.random.Generator, size: tuple[int, int],
+                   ratio: tuple[float, float] | None, max_tries: int, what: str,
+                   then: _Shape | None = None) -> np.ndarray:
+    """The ``sample`` of a drawn generator: with ``ratio``, shapes fill the bucket (:func:`_fill_to_bucket`);
+    otherwise ``rng.integers(*count)`` shapes, then ``then`` (if any), on one canvas."""
+    if ratio is not None:
+        return _fill_to_bucket(draw_one, rng, size, ratio, max_tries, what)
+
+    def paint(draw: ImageDraw.ImageDraw) -> None:
+        for _ in range(int(rng.integers(*count))):
+            draw_one(draw, rng)
+        if then is not None:
+            then(draw, rng)
+
+    return _render(size, paint)
 
 
 class FreeFormMasks:
@@ -128,18 +162,9 @@ class FreeFormMasks:
 
     def sample(self, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
         """A boolean ``(H, W)`` hole array drawn with ``rng``."""
-        h, w = size
-        if self.ratio is not None:
-            return _fill_to_bucket(
-                lambda d, g: self._stroke(d, g, size), rng, size, self.ratio, self.max_tries, "FreeFormMasks"
-            )
-        canvas = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(canvas)
-        for _ in range(int(rng.integers(*self.strokes))):
-            self._stroke(draw, rng, size)
-        if self.box:
-            self._box(draw, rng, size)
-        return np.asarray(canvas) > 127
+        box = (lambda d, g: self._box(d, g, size)) if self.box else None
+        return _sample_shapes(lambda d, g: self._stroke(d, g, size), self.strokes, rng, size, self.ratio,
+                              self.max_tries, "FreeFormMasks", then=box)
 
 
 class RectangleMasks:
@@ -180,16 +205,8 @@ class RectangleMasks:
 
     def sample(self, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
         """A boolean ``(H, W)`` hole array drawn with ``rng``."""
-        h, w = size
-        if self.ratio is not None:
-            return _fill_to_bucket(
-                lambda d, g: self._rect(d, g, size), rng, size, self.ratio, self.max_tries, "RectangleMasks"
-            )
-        canvas = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(canvas)
-        for _ in range(int(rng.integers(*self.count))):
-            self._rect(draw, rng, size)
-        return np.asarray(canvas) > 127
+        return _sample_shapes(lambda d, g: self._rect(d, g, size), self.count, rng, size, self.ratio,
+                              self.max_tries, "RectangleMasks")
 
 
 class EvalMasks:

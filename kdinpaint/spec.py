@@ -229,6 +229,12 @@ class AdapterSpec:
         """Cross-distillation and attention transfer read the teacher; self-distillation alone does not."""
         return (bool(self.encoder_levels) and self.cross_distillation) or any(s.transfer for s in self.attention_sites)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """A teacher is worth training and attaching: :attr:`needs_teacher`, or self-distillation, whose phi
+        reads the teacher's next level when there is one (without, the student's own)."""
+        return self.needs_teacher or (self.self_distillation and bool(self.encoder_levels))
+
     # ---- construction and serialisation ---------------------------------------------------------
     @classmethod
     def _field_names(cls) -> list[str]:

@@ -173,7 +173,7 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
 
 def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None) -> None:
     adapter, variant, spec, student, teacher = parts
-    if needs_teacher(spec):
+    if spec.uses_teacher:
         teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
     L = recipe.losses
     network_loss = get_loss(L.objective) if L.objective != "eq11" else None
@@ -184,7 +184,7 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
         objective.to(accelerator.device)
         if objective.call_kwargs:  # the call returns more than the prediction: the objective says where it is
             train_spec = dataclasses.replace(spec, output=objective.output_key)
-    kd = kdinpaint.attach(student, teacher if needs_teacher(spec) else None, train_spec)
+    kd = kdinpaint.attach(student, teacher if spec.uses_teacher else None, train_spec)
     kd.to(accelerator.device)
     # a registered loss function that takes `vgg=` applies its own style/perceptual weights to our VGG features
     loss_takes_vgg = network_loss is not None and "vgg" in inspect.signature(network_loss).parameters
@@ -409,13 +409,13 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(recipe.teacher.weights).is_file():
             raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
         teacher_path = Path(recipe.teacher.weights)
-    if args.stage in ("all", "teacher") and needs_teacher(parts[2]) and not teacher_path.is_file():
+    if args.stage in ("all", "teacher") and parts[2].uses_teacher and not teacher_path.is_file():
         stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), recipe.teacher.steps * recipe.optim.batch_size * world, seed=recipe.train.seed + 1)
         train_teacher(recipe, parts[4], parts[2], stream, teacher_path)
     if args.stage in ("all", "student"):
-        if needs_teacher(parts[2]) and not teacher_path.is_file():
+        if parts[2].uses_teacher and not teacher_path.is_file():
             raise FileNotFoundError(f"no teacher weights at {teacher_path}: run --stage teacher first or set teacher.weights")
-        if needs_teacher(parts[2]) and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
+        if parts[2].uses_teacher and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
             shutil.copyfile(teacher_path, run / "teacher.safetensors")
         accelerator.wait_for_everyone()
         blocks = recipe.train.steps // recipe.meta.steps
@@ -430,11 +430,6 @@ def main(argv: list[str] | None = None) -> None:
                 "e.g. optim.batch_size=2"
             ) from None
     accelerator.end_training()
-
-
-def needs_teacher(spec) -> bool:
-    """Cross-distillation, attention transfer and self-distillation (phi reads the teacher) use it."""
-    return spec.needs_teacher or (spec.self_distillation and bool(spec.encoder_levels))
 
 
 def _no_accelerator() -> bool:

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.masking import check_mask
+from kdinpaint.masking import check_mask, masked_mean
 
 __all__ = [
     "GMCNN_KERNEL_SIZE",
@@ -198,8 +198,7 @@ def masked_l1(
         return (pred - target).abs().mean()
     else:
         raise ValueError(f"region must be 'hole', 'known' or 'all', got {region!r}")
-    r = r.expand_as(pred)
-    return ((pred - target).abs() * r).sum() / r.sum().clamp_min(1)
+    return masked_mean((pred - target).abs(), r)
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from kdinpaint.losses.reconstruction import check_pair
 from kdinpaint.masking import check_mask, composite, hole_ratio
 
 __all__ = [
@@ -89,7 +90,7 @@ def rgb_to_gray(image: torch.Tensor) -> torch.Tensor:
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
     """Per-image PSNR ``10 log10(R² / mean((a - b)²))`` over C, H, W; ``(B,)``, +inf for identical images."""
-    _check_pair(a, b)
+    check_pair(a, b)
     mse = ((a - b) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse)
 
@@ -133,7 +134,7 @@ def ssim(
     variances scaled by ``n / (n - 1)`` with ``sample_covariance``. The map covers only pixels whose
     window lies inside the image, which is skimage's crop of ``(win_size - 1) / 2`` pixels.
     """
-    _check_pair(a, b)
+    check_pair(a, b)
     if win_size % 2 != 1 or win_size < 3:
         raise ValueError(f"win_size must be odd and >= 3, got {win_size}")
     if min(a.shape[-2:]) < win_size:
@@ -190,7 +191,7 @@ def evaluate(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
-    _check_pair(pred, target)
+    check_pair(pred, target)
     if pred.shape[1] != 3:
         raise ValueError(f"images must be RGB (B, 3, H, W), got {tuple(pred.shape)}")
     check_mask(mask, pred)
@@ -395,10 +396,3 @@ def fid_score(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 32) -> f
 
     (m1, s1), (m2, s2) = feats(real), feats(fake)
     return float(calculate_frechet_distance(m1, s1, m2, s2))
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if a.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got {tuple(a.shape)}")

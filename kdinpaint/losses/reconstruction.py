@@ -42,6 +42,7 @@ __all__ = [
     "confidence_weight",
     "spatially_varying_l1",
     "masked_l1",
+    "check_pair",
 ]
 
 GMCNN_KERNEL_SIZE = 65
@@ -164,7 +165,7 @@ def spatially_varying_l1(
     ``weight_kwargs`` passed to :func:`confidence_weight`. Returns a scalar, exactly 0 when no pixel is a
     hole.
     """
-    _check_pair(pred, target)
+    check_pair(pred, target)
     check_mask(mask, pred)
     if not bool(mask.any()):
         return (pred * 0).sum()
@@ -188,7 +189,7 @@ def masked_l1(
     ``R`` is ``M`` (``region="hole"``), ``1 - M`` (``"known"``, GMCNN's ``L_ae``) or 1 (``"all"``).
     Shapes as in :func:`spatially_varying_l1`. Exactly 0 when the region is empty.
     """
-    _check_pair(pred, target)
+    check_pair(pred, target)
     check_mask(mask, pred)
     if region == "hole":
         r = mask.to(pred.dtype)
@@ -201,7 +202,8 @@ def masked_l1(
     return masked_mean((pred - target).abs(), r)
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+def check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``pred`` and ``target`` are ``(B, C, H, W)`` images of one shape."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
     if pred.dim() != 4:

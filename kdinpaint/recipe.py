@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -165,14 +166,24 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _section(cls: type, data: Any, name: str) -> Any:
-    if not isinstance(data, dict):
-        raise TypeError(f"recipe section {name!r} must be a mapping, got {data!r}")
+def _field_hints(cls: type, data: dict, unknown_error: Callable[[list[str], list[str]], str]) -> dict[str, Any]:
+    """The type hints of dataclass ``cls``; a ``ValueError(unknown_error(unknown, valid))`` if ``data`` has
+    keys that are not its fields."""
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in valid]
     if unknown:
-        raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in unknown]} in the recipe; valid keys of {name}: {valid}")
+        raise ValueError(unknown_error(unknown, valid))
+    return hints
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"recipe section {name!r} must be a mapping, got {data!r}")
+    hints = _field_hints(
+        cls, data,
+        lambda unknown, valid: f"unknown key(s) {[f'{name}.{k}' for k in unknown]} in the recipe; valid keys of {name}: {valid}",
+    )
     values = {}
     for key, value in data.items():
         values[key] = _check(value, hints[key], f"{name}.{key}")
@@ -185,11 +196,9 @@ def _section(cls: type, data: Any, name: str) -> Any:
 def recipe_from_dict(data: dict) -> Recipe:
     if not isinstance(data, dict):
         raise TypeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
-    hints = typing.get_type_hints(Recipe)
-    sections = [f.name for f in dataclasses.fields(Recipe)]
-    unknown = [k for k in data if k not in sections]
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {unknown}; valid sections: {sections}")
+    hints = _field_hints(
+        Recipe, data, lambda unknown, sections: f"unknown recipe section(s) {unknown}; valid sections: {sections}"
+    )
     recipe = Recipe(**{k: _section(hints[k], v or {}, k) for k, v in data.items()})
     if recipe.losses.objective == "eq11" and recipe.losses.objective_kwargs:
         raise ValueError(

@@ -21,7 +21,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from kdinpaint.ops.attention import softmax_attention
+from kdinpaint.ops.attention import affinity, softmax_attention
 
 __all__ = ["PixelAttention", "QueryKey", "Affinity"]
 
@@ -44,7 +44,7 @@ class Affinity(nn.Module):
     """Eq. (7): ``r = softmax_j(q k^T)``, ``(B, N, C) x (B, N, C) -> (B, N, N)``, rows sum to 1."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(q @ k.transpose(1, 2), dim=-1)
+        return affinity(q, k)
 
 
 def _hooked(module: nn.Module) -> bool:

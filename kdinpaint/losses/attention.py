@@ -16,10 +16,10 @@ import torch
 from einops import rearrange
 
 from kdinpaint.masking import at_least_fp32, mask_at
-from kdinpaint.ops.attention import block_rows
+from kdinpaint.ops.attention import affinity, block_rows
 from kdinpaint.ops.rowwise import rowwise
 
-__all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity", "affinity_rows"]
+__all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity"]
 
 
 def hole_rows(mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,11 +45,6 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _weighted(sq_rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     t = torch.gather(at_least_fp32(weights.flatten(1)), 1, index)  # (B, R)
     return (sq_rows * t * valid).sum() / count.clamp_min(1).to(sq_rows.dtype)
-
-
-def affinity_rows(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Eq. (7) for the query rows at ``index`` only: ``softmax_j(q_i k_j)``, ``(B, R, N)``."""
-    return torch.softmax(_gather_rows(at_least_fp32(q), index) @ at_least_fp32(k).transpose(1, 2), dim=-1)
 
 
 def attention_transfer(
@@ -82,8 +77,8 @@ def attention_transfer(
 
 def _row_distance(q: torch.Tensor, q_teacher: torch.Tensor, k: torch.Tensor, k_teacher: torch.Tensor) -> torch.Tensor:
     """``sum_j (r^AN_ij - r_ij)^2`` for the query rows given, ``(B, R)``."""
-    r = torch.softmax(q @ k.transpose(1, 2), dim=-1)
-    r_t = torch.softmax(q_teacher @ k_teacher.transpose(1, 2), dim=-1)
+    r = affinity(q, k)
+    r_t = affinity(q_teacher, k_teacher)
     return (r_t - r).pow(2).sum(-1)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kdinpaint.ops.rowwise import rowwise
 
-__all__ = ["softmax_attention", "BLOCK_ELEMENTS", "block_rows"]
+__all__ = ["affinity", "softmax_attention", "BLOCK_ELEMENTS", "block_rows"]
 
 #: affinity entries of one block of rows, whole batch: 2**20 floats = 4 MiB (a block keeps about ten such
 #: intermediates alive while it is differentiated)
@@ -30,8 +30,14 @@ def block_rows(batch: int, n_keys: int, rows: int | None = None) -> int:
     return max(1, rows if rows is not None else max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, batch * n_keys)))
 
 
+def affinity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Eq. (7): ``r_ij = softmax_j(q_i . k_j)``, no scaling. ``(B, N_q, C) x (B, N_k, C) -> (B, N_q, N_k)``,
+    rows sum to 1."""
+    return torch.softmax(q @ k.transpose(1, 2), dim=-1)
+
+
 def _rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    return affinity(q, k) @ v
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from kdinpaint.data.masks import mask_to_tensor
+from kdinpaint.data.masks import _check_bucket, mask_to_tensor
 
 __all__ = ["FreeFormMasks", "RectangleMasks", "EvalMasks", "rng_for"]
 
@@ -39,11 +39,6 @@ def rng_for(seed: int, index: int) -> np.random.Generator:
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
-
-
-def _check_bucket(ratio: tuple[float, float] | None) -> None:
-    if ratio is not None and not (0 <= ratio[0] < ratio[1] <= 1):
-        raise ValueError(f"ratio must be a bucket (lo, hi) with 0 <= lo < hi <= 1, got {ratio!r}")
 
 
 _Shape = Callable[[ImageDraw.ImageDraw, np.random.Generator], None]

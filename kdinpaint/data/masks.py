@@ -86,6 +86,17 @@ def ratio_in(ratio: float, bucket: tuple[float, float] | None) -> bool:
     return bucket is None or bucket[0] <= ratio < bucket[1]
 
 
+def _check_bucket(ratio: tuple[float, float] | None) -> None:
+    """Raise ``ValueError`` unless ``ratio`` is None or a hole-ratio bucket ``(lo, hi)`` with 0 <= lo < hi <= 1."""
+    if ratio is not None and not (0 <= ratio[0] < ratio[1] <= 1):
+        raise ValueError(f"ratio must be a bucket (lo, hi) with 0 <= lo < hi <= 1, got {ratio!r}")
+
+
+def _read_cache(cache: Path) -> object:
+    """The parsed JSON of a ratio cache file, ``{}`` when it does not exist yet."""
+    return json.loads(cache.read_text()) if cache.is_file() else {}
+
+
 def detect_hole_colour(paths: Sequence[str], threshold: float = 0.5, probe: int = 32) -> Literal["white", "black"]:
     """Guess which colour marks holes from the median white fraction of up to ``probe`` files.
 
@@ -135,8 +146,7 @@ class MaskFolder:
     ) -> None:
         if hole not in ("auto", "white", "black"):
             raise ValueError(f"hole must be 'auto', 'white' or 'black', got {hole!r}")
-        if ratio is not None and not (0 <= ratio[0] < ratio[1] <= 1):
-            raise ValueError(f"ratio must be a bucket (lo, hi) with 0 <= lo < hi <= 1, got {ratio!r}")
+        _check_bucket(ratio)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.size = _size2(size)
@@ -153,10 +163,14 @@ class MaskFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _hole_of(self, path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The boolean hole array of the mask file ``path`` at ``size`` (default: the folder's size)."""
+        white = read_mask(path, size or self.size, self.threshold)
+        return white if self.hole_colour == "white" else ~white
+
     def hole(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
         """The boolean hole array of file ``index`` at ``size`` (default: the folder's size)."""
-        white = read_mask(self.paths[index], size or self.size, self.threshold)
-        return white if self.hole_colour == "white" else ~white
+        return self._hole_of(self.paths[index], size)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return mask_to_tensor(self.hole(index))
@@ -168,15 +182,15 @@ class MaskFolder:
     def _filter(self, bucket: tuple[float, float], cache: str | os.PathLike[str] | None) -> None:
         key = f"{self.size[0]}x{self.size[1]}:{self.hole_colour}:{self.threshold}"
         table: dict[str, float] = {}
-        if cache is not None and Path(cache).is_file():
-            stored = json.loads(Path(cache).read_text())
+        if cache is not None:
+            stored = _read_cache(Path(cache))
             table = stored.get(key, {}) if isinstance(stored, dict) else {}
         todo = [p for p in self.paths if p not in table]
         for p in todo:
-            white = read_mask(p, self.size, self.threshold)
-            table[p] = float((white if self.hole_colour == "white" else ~white).mean())
+            table[p] = float(self._hole_of(p).mean())
         if cache is not None and todo:
-            stored = json.loads(Path(cache).read_text()) if Path(cache).is_file() else {}
+            # read again: the pass above can take minutes, and another run may have stored its own key meanwhile
+            stored = _read_cache(Path(cache))
             stored[key] = table
             Path(cache).write_text(json.dumps(stored))
         degenerate = [p for p in self.paths if table[p] in (0.0, 1.0)]

@@ -293,9 +293,7 @@ class _Picked(Sequence):
         return self.count
 
     def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
-        from kdinpaint.data.masks import mask_to_tensor
-
-        return mask_to_tensor(self.folder.hole(self.indices[i % len(self.indices)]))
+        return self.folder[self.indices[i % len(self.indices)]]
 
 
 def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[torch.Tensor], str]:

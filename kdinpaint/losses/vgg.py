@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import timm
 import torch
 from torch import nn
+
+from kdinpaint.weights import key_report, read_weights
 
 __all__ = ["VGGFeatures", "vgg_layer_names", "load_vgg_state_dict", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -63,26 +65,15 @@ def vgg_layer_names(features: nn.Sequential) -> list[str]:
 
 def load_vgg_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read VGG weights from a safetensors file or a ``weights_only`` torch file; keep ``features.*``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VGG weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: object = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle with code, or not a torch file at all
-            raise ValueError(
-                f"could not read {str(path)!r} with torch.load(weights_only=True): {exc}. "
-                "Save a plain state_dict (torch.save(model.state_dict(), path)) or convert it to safetensors"
-            ) from exc
+    try:
+        sd = read_weights(path, "VGG weights file")
+    except ValueError as exc:  # pickle with code, not a torch file at all, or not a mapping
+        raise ValueError(
+            f"{exc}. Save a plain state_dict (torch.save(model.state_dict(), path)) or convert it to safetensors"
+        ) from exc
     for key in ("state_dict", "model", "params"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+        if key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(sd).__name__}, expected a state_dict (a dict of tensors)")
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("module.")
@@ -90,7 +81,7 @@ def load_vgg_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
             out[k] = v
     if not out:
         raise ValueError(
-            f"{str(path)!r} has no 'features.*' tensors; expected torchvision's or timm's VGG key names "
+            f"{str(Path(path))!r} has no 'features.*' tensors; expected torchvision's or timm's VGG key names "
             f"(found e.g. {list(sd)[:5]})"
         )
     return out
@@ -166,15 +157,14 @@ class VGGFeatures(nn.Module):
         if text.endswith(_FILE_SUFFIXES) or os.sep in text or Path(text).is_file():
             _check_arch(arch)
             features = _empty_features(arch)
-            sd = load_vgg_state_dict(text)
-            expected = {f"features.{k}" for k in features.state_dict()}
-            missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-            if missing or extra:
+            sd = {k.removeprefix("features."): v for k, v in load_vgg_state_dict(text).items()}
+            problems = key_report(sd, features, shown=4)
+            if problems:
                 raise ValueError(
-                    f"{text!r} does not match timm's {arch}: missing {missing[:4]}, unexpected {extra[:4]}; "
+                    f"{text!r} does not match timm's {arch}: {'; '.join(problems)}; "
                     "is it another VGG depth or a batch-norm variant? pass the matching arch="
                 )
-            features.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()})
+            features.load_state_dict(sd)
             return features
         base = text.split(".")[0]
         _check_arch(base)

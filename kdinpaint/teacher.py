@@ -19,7 +19,7 @@ from kdinpaint import _modules
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
 
-__all__ = ["build_teacher", "pretrain"]
+__all__ = ["build_teacher", "pretrain", "autoencoder_call"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ def _batches(data: Iterable, steps: int) -> Iterator[torch.Tensor]:
             raise ValueError("pretrain() got no data: the iterable of images is empty")
 
 
+def autoencoder_call(call: CallConvention, teacher_input: str, image: torch.Tensor) -> tuple[tuple, dict]:
+    """The teacher's call on the ground truth alone, as in its pre-training: ``teacher(image)`` for
+    ``teacher_input="image_only"``, otherwise the student's convention with an empty mask."""
+    if teacher_input == "image_only":
+        return (image,), {}
+    return call.build(image, torch.zeros_like(image[:, :1]))
+
+
 def pretrain(
     teacher: nn.Module,
     data: Iterable,
@@ -94,11 +102,7 @@ def pretrain(
     history: list[float] = []
     for step, image in enumerate(_batches(data, steps), 1):
         image = image.to(device)
-        if spec.teacher_input == "image_only":
-            args, kwargs = (image,), {}
-        else:
-            mask = torch.zeros_like(image[:, :1])
-            args, kwargs = call.build(image, mask)
+        args, kwargs = autoencoder_call(call, spec.teacher_input, image)
         pred = select_output(teacher(*args, **kwargs), spec.output)
         loss = (pred - image).abs().mean()
         opt.zero_grad(set_to_none=True)

@@ -52,6 +52,7 @@ from kdinpaint.masking import composite, masked
 from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
 from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import Recipe, load_recipe
+from kdinpaint.teacher import autoencoder_call
 from kdinpaint.weights import read_weights
 
 log = logging.getLogger("kdinpaint.train")
@@ -143,7 +144,8 @@ def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.
 
 # ---- stages ----------------------------------------------------------------------------------------
 def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.TrainingStream, path: Path) -> None:
-    """Stage ``teacher``: L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN.
+    """Stage ``teacher``: L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN
+    (the loop of :func:`kdinpaint.teacher.pretrain`, with accelerate's devices, mixed precision and processes).
 
     It has an Accelerator of its own, so the student stage's checkpoints hold only the student's state.
     """
@@ -156,7 +158,7 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     batches = iter(loader)
     for step in range(1, recipe.teacher.steps + 1):
         image = next(batches)["image"]
-        args, kwargs = call.build(image, torch.zeros_like(image[:, :1]))
+        args, kwargs = autoencoder_call(call, spec.teacher_input, image)
         with accelerator.autocast():
             pred = select_output(model(*args, **kwargs), spec.output)
             loss = (pred - image).abs().mean()

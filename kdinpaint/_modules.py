@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -66,3 +68,16 @@ def get(model: nn.Module, path: str) -> nn.Module:
 def _closest(pattern: str, names: list[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(pattern, names, n=n, cutoff=0.3)
     return close or names[:n]
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, mode: bool) -> Iterator[None]:
+    """``model.train(mode)`` within the block; afterwards every submodule gets its own flag back (a model
+    may be partly frozen in eval mode, so ``model.train(previous)`` would not restore it)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode)
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

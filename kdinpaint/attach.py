@@ -94,21 +94,11 @@ class _Session:
         self.teacher_running = False
 
 
-def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
 @contextlib.contextmanager
 def _probing(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for a shape probe, restoring every module's training flag afterwards."""
-    flags = _training_flags(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with _modules.training_mode(model, False), torch.no_grad():
+        yield
 
 
 class Distiller(nn.Module):

@@ -40,6 +40,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from kdinpaint._modules import training_mode
+
 __all__ = ["TrainingObjective", "is_training_objective", "build_objective", "total_of", "SN_WARMUP_ITERATIONS"]
 
 #: power iterations that settle a discriminator's spectral norms at construction (the default of
@@ -88,26 +90,16 @@ class TrainingObjective(nn.Module):
         ``example``, output unused). The legacy ``torch.nn.utils.spectral_norm`` starts from random ``u, v``
         and iterates only in training forwards, so until then its sigma is a poor estimate and the
         eval-mode logits that :meth:`generator_loss` reads explode; call this at the end of ``__init__``."""
-        modes = [(m, m.training) for m in self.discriminators.modules()]
-        try:
-            self.discriminators.train()
+        with training_mode(self.discriminators, True):
             for _ in range(iterations):
                 for d in self.discriminators.values():
                     d(example)
-        finally:
-            for m, training in modes:
-                m.training = training
 
     @contextlib.contextmanager
     def discriminators_frozen(self) -> Iterator[None]:
         """Within this block the discriminators run in eval mode (no power iteration, no running statistics)."""
-        modes = [(m, m.training) for m in self.discriminators.modules()]
-        try:
-            self.discriminators.eval()
+        with training_mode(self.discriminators, False):
             yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
 
 def is_training_objective(obj: object) -> bool:

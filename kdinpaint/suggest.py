@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from kdinpaint._modules import training_mode
 from kdinpaint.spec import AdapterSpec, AttentionSite
 
 __all__ = ["suggest_spec", "analyse", "Suggestion", "SoftmaxSite"]
@@ -116,19 +117,16 @@ def _traced(model: nn.Module) -> Iterator[tuple[list[_Call], list[tuple[Any, tup
             call.size = (int(output.shape[-2]), int(output.shape[-1]))
 
     handles = []
-    flags = {m: m.training for m in model.modules()}
     try:
         for path, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(pre(path)))
             handles.append(module.register_forward_hook(post, always_call=True))
-        model.eval()
-        with torch.no_grad(), _SoftmaxWatch(lambda f, a, kw: softmaxes.append((f, a, kw, list(stack)))):
-            yield calls, softmaxes
+        with training_mode(model, False), torch.no_grad():
+            with _SoftmaxWatch(lambda f, a, kw: softmaxes.append((f, a, kw, list(stack)))):
+                yield calls, softmaxes
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _stages(events: list[_Call]) -> list[list[_Call]]:

@@ -14,7 +14,7 @@ import torch
 from kdinpaint.losses.adversarial import GanLoss, discriminator_loss, generator_adv_loss
 from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import check_mask
-from kdinpaint.objective import TrainingObjective
+from kdinpaint.objective import TrainingObjective, merge_weights
 
 from .edgeconnect_io import to_unit
 
@@ -137,10 +137,7 @@ class EdgeConnectObjective(TrainingObjective):
         super().__init__()
         from .edgeconnect import build_edgeconnect_discriminator  # the model's module imports this one
 
-        unknown = sorted(set(weights or {}) - set(EC_LOSS_WEIGHTS))
-        if unknown:
-            raise ValueError(f"unknown EdgeConnect loss term(s) {unknown}; terms: {sorted(EC_LOSS_WEIGHTS)}")
-        self.weights = {**EC_LOSS_WEIGHTS, **(weights or {})}
+        self.weights = merge_weights(EC_LOSS_WEIGHTS, weights, "EdgeConnect")
         self.gan_loss = gan_loss
         uses_vgg = bool(self.weights["perceptual"] or self.weights["style"])
         self.vgg = VGGStyleLoss("edgeconnect", weights=vgg, allow_random=allow_random_vgg) if uses_vgg else None

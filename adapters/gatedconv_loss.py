@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from kdinpaint.losses.adversarial import discriminator_loss
 from kdinpaint.masking import check_mask, composite
-from kdinpaint.objective import TrainingObjective
+from kdinpaint.objective import TrainingObjective, merge_weights
 
 __all__ = ["gatedconv_loss", "GC_LOSS_WEIGHTS", "GatedConvObjective"]
 
@@ -88,10 +88,7 @@ class GatedConvObjective(TrainingObjective):
 
     def __init__(self, cnum: int = 64, channel_order: str = "bgr", weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        unknown = sorted(set(weights or {}) - set(GC_LOSS_WEIGHTS))
-        if unknown:
-            raise ValueError(f"unknown DeepFill v2 loss term(s) {unknown}; terms: {sorted(GC_LOSS_WEIGHTS)}")
-        self.weights = {**GC_LOSS_WEIGHTS, **(weights or {})}
+        self.weights = merge_weights(GC_LOSS_WEIGHTS, weights, "DeepFill v2")
         from .gatedconv import SNPatchGANDiscriminator  # the model's module imports this one
 
         self.discriminators["patchgan"] = SNPatchGANDiscriminator(4, cnum, channel_order=channel_order)

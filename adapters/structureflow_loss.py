@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kdinpaint.losses.style import perceptual_loss, style_loss
 from kdinpaint.losses.vgg import VGGFeatures
 from kdinpaint.masking import check_mask, masked
-from kdinpaint.objective import TrainingObjective
+from kdinpaint.objective import TrainingObjective, merge_weights
 from kdinpaint.ops.gaussian_resample import gaussian_resample
 
 from .structureflow_nets import MultiScaleDiscriminator
@@ -168,11 +168,7 @@ def structureflow_loss(
     Returns ``{term: weighted scalar, ..., "total": sum}``; a term appears when its inputs are given and its
     weight is non-zero (``l1`` always). Features of the ground truth are computed without gradient.
     """
-    w = dict(SF_LOSS_WEIGHTS)
-    unknown = sorted(set(weights or {}) - set(w))
-    if unknown:
-        raise ValueError(f"unknown StructureFlow loss term(s) {unknown}; terms: {sorted(w)}")
-    w.update(weights or {})
+    w = merge_weights(SF_LOSS_WEIGHTS, weights, "StructureFlow")
     from .structureflow import StructureFlowOutput  # the model's module imports this one
 
     if isinstance(pred, StructureFlowOutput):
@@ -272,10 +268,7 @@ class StructureFlowObjective(TrainingObjective):
         discriminator_dim: int = 64,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(weights or {}) - set(SF_LOSS_WEIGHTS))
-        if unknown:
-            raise ValueError(f"unknown StructureFlow loss term(s) {unknown}; terms: {sorted(SF_LOSS_WEIGHTS)}")
-        self.weights = {**SF_LOSS_WEIGHTS, **(weights or {})}
+        self.weights = merge_weights(SF_LOSS_WEIGHTS, weights, "StructureFlow")
         uses_vgg = any(self.weights[k] for k in ("correctness", "style", "perceptual"))
         self.vgg = StructureFlowVGG(vgg, allow_random=allow_random_vgg) if uses_vgg else None
         self.discriminators["texture"] = MultiScaleDiscriminator(discriminator_dim)

@@ -42,7 +42,9 @@ from torch import nn
 
 from kdinpaint._modules import training_mode
 
-__all__ = ["TrainingObjective", "is_training_objective", "build_objective", "total_of", "SN_WARMUP_ITERATIONS"]
+__all__ = [
+    "TrainingObjective", "is_training_objective", "build_objective", "total_of", "merge_weights", "SN_WARMUP_ITERATIONS",
+]
 
 #: power iterations that settle a discriminator's spectral norms at construction (the default of
 #: ``torch.nn.utils.parametrizations.spectral_norm``)
@@ -147,3 +149,12 @@ def total_of(terms: object, source: str | Callable) -> torch.Tensor:
     if total.dim() != 0:
         raise ValueError(f"{name}: terms['total'] must be a scalar, got shape {tuple(total.shape)}")
     return total
+
+
+def merge_weights(defaults: Mapping[str, float], overrides: Mapping[str, float] | None, network: str) -> dict[str, float]:
+    """``defaults`` (a network's official loss weights) updated with ``overrides``; a term the network does
+    not have is a ValueError naming ``network`` and its terms."""
+    unknown = sorted(set(overrides or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {network} loss term(s) {unknown}; terms: {sorted(defaults)}")
+    return {**defaults, **(overrides or {})}

@@ -42,7 +42,7 @@ from torch import nn
 from kdinpaint._modules import unwrap
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.export import CompletedModel
-from kdinpaint.masking import check_mask, masked
+from kdinpaint.masking import check_image_range, check_mask, masked
 from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, evaluate, summarize
 
 __all__ = [
@@ -260,9 +260,7 @@ class Inpainter:
             raise ValueError(f"image must be a (B, 3, H, W) tensor in [-1, 1], got {getattr(image, 'shape', type(image))}")
         if not image.is_floating_point():
             raise TypeError(f"image must be a float tensor in [-1, 1], got {image.dtype}; map uint8 with x / 127.5 - 1")
-        lo, hi = float(image.min()), float(image.max())
-        if lo < -1.01 or hi > 1.01:
-            raise ValueError(f"image values are in [{lo:g}, {hi:g}] but must be in [-1, 1]; map [0, 1] images with x * 2 - 1")
+        check_image_range(image, tol=0.01)
         check_mask(mask, image)
         mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
         out = torch.empty_like(image)

@@ -74,15 +74,15 @@ def check_rgb_image(image: object, network: str = "the network") -> None:
         )
 
 
-def check_image_range(image: torch.Tensor, *, name: str = "image") -> None:
-    """Refuse values outside ``[-1, 1]`` (a [0, 1] or [0, 255] image), naming the conversion.
+def check_image_range(image: torch.Tensor, *, name: str = "image", tol: float = 1e-3) -> None:
+    """Refuse values outside ``[-1 - tol, 1 + tol]`` (a [0, 1] or [0, 255] image), naming the conversion.
 
     Skipped while ``torch.compile`` traces (the check reads values back to the host).
     """
     if torch.compiler.is_compiling():
         return
     lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+    if lo < -1.0 - tol or hi > 1.0 + tol:
         raise ValueError(
             f"{name} values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
             "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from kdinpaint.losses.reconstruction import check_pair
-from kdinpaint.masking import check_mask, composite, hole_ratio
+from kdinpaint.masking import check_image_range, check_mask, composite, hole_ratio
 
 __all__ = [
     "CONVENTIONS",
@@ -198,12 +198,7 @@ def evaluate(
     if mask.shape[0] != pred.shape[0]:
         mask = mask.expand(pred.shape[0], -1, -1, -1)
     for label, x in (("pred", pred), ("target", target)):
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1.01 or hi > 1.01:
-            raise ValueError(
-                f"{label} has values in [{lo:g}, {hi:g}] but images must be in [-1, 1]; "
-                "map [0, 255] images with x / 127.5 - 1 and [0, 1] images with x * 2 - 1"
-            )
+        check_image_range(x, name=label, tol=0.01)
     ratios = hole_ratio(mask.float())
     empty = (ratios == 0).nonzero().flatten().tolist()
     if empty:

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdinpaint.masking import check_mask, composite
+from kdinpaint.masking import at_least_fp32, check_mask, composite
 from kdinpaint.losses.vgg import InputNorm, VGGFeatures
 
-__all__ = ["gram_matrix", "style_loss", "perceptual_loss", "StylePreset", "STYLE_PRESETS", "VGGStyleLoss"]
+__all__ = [
+    "gram_matrix", "style_loss", "perceptual_loss", "StylePreset", "STYLE_PRESETS", "TargetFeatures", "VGGStyleLoss"
+]
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -46,9 +48,7 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     if features.dim() != 4:
         raise ValueError(f"gram_matrix expects (B, C, H, W) features, got {tuple(features.shape)}")
     b, c, h, w = features.shape
-    f = features.reshape(b, c, h * w)  # (B, C, HW)
-    if f.dtype in (torch.float16, torch.bfloat16):
-        f = f.float()
+    f = at_least_fp32(features.reshape(b, c, h * w))  # (B, C, HW)
     return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)  # (B, C, C)
 
 
@@ -141,6 +141,20 @@ STYLE_PRESETS: dict[str, StylePreset] = {
 }
 
 
+@dataclass(frozen=True)
+class TargetFeatures:
+    """What :class:`VGGStyleLoss` computes from the target alone (no gradient), to reuse across calls.
+
+    ``perceptual``: ``{layer: (B, C_l, H_l, W_l)}`` VGG features of the target at the perceptual layers;
+    ``grams``: ``{layer: (B, C_l, C_l)}`` Gram matrices at the style layers, of the target itself
+    (``style_region="image"``) or of the hole-only target ``target ⊙ M`` (``"hole"``, so they hold only
+    for the mask they were computed with).
+    """
+
+    perceptual: dict[str, torch.Tensor]
+    grams: dict[str, torch.Tensor]
+
+
 class VGGStyleLoss(nn.Module):
     """Style and perceptual losses of a preset, owning a frozen :class:`VGGFeatures`.
 
@@ -153,6 +167,10 @@ class VGGStyleLoss(nn.Module):
 
     ``weights`` / ``allow_random`` are passed to :class:`VGGFeatures` (no weights and no permission is
     an error). The VGG network is built once for the union of the preset's layers.
+
+    The target's VGG passes do not depend on ``pred``: when several predictions are compared with one
+    target and mask (several terms of one training step), compute them once with :meth:`target_features`
+    and pass the result as ``forward(..., target_features=...)``; the losses are the same values.
     """
 
     def __init__(
@@ -178,34 +196,71 @@ class VGGStyleLoss(nn.Module):
     def _select(self, feats: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         return {n: feats[n] for n in names}
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _hole_only(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # EdgeConnect zeroes the known region in [0, 1] space before VGG: x ⊙ M there is ((x+1)/2) ⊙ M.
+        return (((x + 1) / 2) * mask) * 2 - 1
+
+    @torch.no_grad()
+    def target_features(self, target: torch.Tensor, mask: torch.Tensor) -> TargetFeatures:
+        """The target's side of :meth:`forward`, computed once without gradients.
+
+        ``target``: ``(B, 3, H, W)`` in [-1, 1]; ``mask``: ``(B, 1, H, W)``, 1 = hole. Pass the result to
+        ``forward`` with the same target and mask.
+        """
+        check_mask(mask, target)
+        p = self.preset
+        f_target = self.vgg(target)
+        f_style = self.vgg(self._hole_only(target, mask)) if p.style_region == "hole" else f_target
+        return TargetFeatures(
+            perceptual=self._select(f_target, p.perceptual_layers),
+            grams={n: gram_matrix(f_style[n]) for n in p.style_layers},
+        )
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        target_features: TargetFeatures | None = None,
+    ) -> dict[str, torch.Tensor]:
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         check_mask(mask, pred)
         p = self.preset
-        pw = list(p.perceptual_layer_weights) or None
-        with torch.no_grad():
-            f_target = self.vgg(target)
+        t = self.target_features(target, mask) if target_features is None else target_features
+        self._check_target_features(t)
+        # Each branch lists the prediction's feature sets that are compared with the target's.
         if p.style_region == "hole":
-            # EdgeConnect zeroes the known region in [0, 1] space before VGG: x ⊙ M there is ((x+1)/2) ⊙ M.
-            to_vgg = lambda x: (((x + 1) / 2) * mask) * 2 - 1  # noqa: E731
-            f_pred_h = self.vgg(to_vgg(pred))
-            with torch.no_grad():
-                f_target_h = self.vgg(to_vgg(target))
-            f_pred = self.vgg(pred)
-            style = style_loss(self._select(f_pred_h, p.style_layers), self._select(f_target_h, p.style_layers))
-            perc = perceptual_loss(
-                self._select(f_pred, p.perceptual_layers), self._select(f_target, p.perceptual_layers), pw
-            )
+            style_sets = [self.vgg(self._hole_only(pred, mask))]
+            perceptual_sets = [self.vgg(pred)]
         else:
-            f_pred = self.vgg(pred)
-            f_comp = self.vgg(composite(pred, target, mask))
-            style = style_loss(self._select(f_pred, p.style_layers), self._select(f_target, p.style_layers))
-            style = style + style_loss(self._select(f_comp, p.style_layers), self._select(f_target, p.style_layers))
-            perc = perceptual_loss(
-                self._select(f_pred, p.perceptual_layers), self._select(f_target, p.perceptual_layers), pw
+            style_sets = perceptual_sets = [self.vgg(pred), self.vgg(composite(pred, target, mask))]
+        pw = list(p.perceptual_layer_weights) or None
+        style = sum(self._style_vs_grams(f, t.grams) for f in style_sets)
+        perc = sum(perceptual_loss(self._select(f, p.perceptual_layers), t.perceptual, pw) for f in perceptual_sets)
+        return {"style": style, "perceptual": perc}  # type: ignore[dict-item]
+
+    def _style_vs_grams(self, feats: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:func:`style_loss` against precomputed target Gram matrices."""
+        total = 0
+        for n in self.preset.style_layers:
+            g = gram_matrix(feats[n])
+            if g.shape != grams[n].shape:
+                raise ValueError(
+                    f"target Gram matrix at {n} is {tuple(grams[n].shape)} but the prediction's is {tuple(g.shape)}; "
+                    "compute target_features from the same target and mask as the prediction"
+                )
+            total = total + F.l1_loss(g, grams[n])
+        return total  # type: ignore[return-value]
+
+    def _check_target_features(self, t: object) -> None:
+        p = self.preset
+        if not isinstance(t, TargetFeatures):
+            raise TypeError(f"target_features must come from VGGStyleLoss.target_features, got {type(t).__name__}")
+        if set(t.grams) != set(p.style_layers) or set(t.perceptual) != set(p.perceptual_layers):
+            raise ValueError(
+                f"target_features hold layers {sorted(t.grams)} / {sorted(t.perceptual)}, this loss uses "
+                f"{sorted(p.style_layers)} / {sorted(p.perceptual_layers)}; "
+                "compute them with this module's target_features"
             )
-            perc = perc + perceptual_loss(
-                self._select(f_comp, p.perceptual_layers), self._select(f_target, p.perceptual_layers), pw
-            )
-        return {"style": style, "perceptual": perc}

@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from kdinpaint.spec import META_MODES
+
 __all__ = ["Recipe", "load_recipe", "apply_overrides"]
 
 
@@ -143,7 +145,7 @@ class Recipe:
 
 _CHOICES = {
     ("data", "crop"): ("random", "center", "resize"),
-    ("meta", "mode"): ("reverse_hg", "first_order", "frozen"),
+    ("meta", "mode"): META_MODES,
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("masks", "hole"): ("white", "black", "auto"),
     ("losses", "gan_loss"): ("nsgan", "lsgan", "hinge"),

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.layers import legacy_spectral_norm, legacy_spectral_norm_key
 from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 
 from .edgeconnect_io import (
@@ -105,21 +106,7 @@ OFFICIAL_FILES: dict[str, tuple[str, str, str]] = {
 
 
 def _sn(module: nn.Module, use_spectral_norm: bool) -> nn.Module:
-    # legacy API on purpose: it keeps the official weight_orig / weight_u / weight_v keys
-    if not use_spectral_norm:
-        return module
-    module = nn.utils.spectral_norm(module)
-    module.register_forward_hook(_drop_weight_graph)
-    return module
-
-
-def _drop_weight_graph(module: nn.Module, inputs: object, output: object) -> None:
-    # Legacy spectral norm caches W = W_orig / sigma as a plain attribute that still carries the autograd
-    # graph after a training forward, which makes copy.deepcopy (e.g. exporting the student) fail. The
-    # forward has used it already and the next forward recomputes it, so the cache keeps only its value.
-    weight = module.__dict__.get("weight")
-    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
-        module.weight = weight.detach()
+    return legacy_spectral_norm(module) if use_spectral_norm else module
 
 
 def _init_normal(module: nn.Module, gain: float = 0.02) -> None:
@@ -415,8 +402,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
         if not isinstance(value, torch.Tensor):
             continue
         key = strip_wrapper_prefixes(key)
-        key = key.replace(".parametrizations.weight.original", ".weight_orig")
-        key = key.replace(".parametrizations.weight.0._u", ".weight_u").replace(".parametrizations.weight.0._v", ".weight_v")
+        key = legacy_spectral_norm_key(key)
         out[key] = value
     if isinstance(model, Discriminator):
         for a, b in (("conv1.", "features."), ("features.", "conv1.")):

@@ -63,6 +63,7 @@ import torch.nn as nn
 
 from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.layers import legacy_spectral_norm_key
 from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 from kdinpaint.masking import masked
 
@@ -363,8 +364,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: nn.Module) -> 
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor):
-            key = strip_wrapper_prefixes(key).replace(".parametrizations.weight.original", ".weight_orig")
-            key = key.replace(".parametrizations.weight.0._u", ".weight_u").replace(".parametrizations.weight.0._v", ".weight_v")
+            key = legacy_spectral_norm_key(strip_wrapper_prefixes(key))
             out[key] = value
     found = identify_state_dict(out)
     if found is None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdinpaint.layers import legacy_spectral_norm
 from kdinpaint.ops.gaussian_resample import GaussianResample2d
 
 __all__ = [
@@ -64,15 +65,6 @@ def _make(table: dict, name: str | type[nn.Module], kind: str, *args: int) -> nn
     return None if factory is None else factory(*args)
 
 
-def _drop_weight_graph(module: nn.Module, inputs: object, output: object) -> None:
-    # Legacy spectral norm caches W = W_orig / sigma as a plain attribute that keeps the autograd graph after a
-    # training forward, and copy.deepcopy (exporting the trained student) refuses such tensors. The forward
-    # has used it and the next one recomputes it, so the cache keeps only its value.
-    weight = module.__dict__.get("weight")
-    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
-        module.weight = weight.detach()
-
-
 class ConvBlock(nn.Module):
     """Reflection pad -> conv (optionally spectral-normed) -> norm -> activation; attributes as the official
     ``Conv2dBlock`` (``pad``, ``conv``, ``norm``, ``activation``). ``(B, cin, H, W) -> (B, cout, H/stride, W/stride)``."""
@@ -95,10 +87,7 @@ class ConvBlock(nn.Module):
         self.norm = _make(_NORMS, norm, "norm", cout)
         self.activation = _make(_ACTS, act_layer, "activation")
         conv = nn.Conv2d(cin, cout, kernel_size, stride, bias=bias)
-        if use_sn:
-            conv = nn.utils.spectral_norm(conv)
-            conv.register_forward_hook(_drop_weight_graph)
-        self.conv = conv
+        self.conv = legacy_spectral_norm(conv) if use_sn else conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.pad(x))

@@ -229,10 +229,11 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
             extra = {"vgg": style} if loss_takes_vgg and style is not None else {}
             loss = L.lambda_r * network_loss(pred, target, mask, **extra)
         else:
-            weight = per_batch.get("confidence", (mask,), lambda: confidence_weight(mask, padding=L.recon_padding))
+            weight = per_batch.get("confidence", (target, mask), lambda: confidence_weight(mask, padding=L.recon_padding))
             loss = L.lambda_r * spatially_varying_l1(pred, target, mask, weight=weight)
         if style is not None and network_loss is None:
-            loss = loss + L.lambda_s * style(pred, target, mask)["style"]
+            target_features = per_batch.get("vgg", (target, mask), lambda: style.target_features(target, mask))
+            loss = loss + L.lambda_s * style(pred, target, mask, target_features)["style"]
         if disc is not None:
             loss = loss + L.adversarial * generator_adv_loss(disc(composite(pred, target, mask))[0], L.gan_loss)
         return loss
@@ -332,14 +333,15 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
 class BatchMemo:
     """Values that depend only on the batch (its target and mask), computed once per batch: Algorithm 1
     calls the inpainting loss up to 2T + 1 times with the same ones (GMCNN's confidence map is 7 blurs with a
-    65-tap kernel)."""
+    65-tap kernel; the target's VGG features a VGG pass)."""
 
     def __init__(self) -> None:
         self._key: tuple = ()
         self._values: dict[str, Any] = {}
 
     def get(self, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once for the batch ``key`` (tensors, compared by identity)."""
+        """``compute()`` once for the batch ``key`` (its tensors, compared by identity; pass the same key
+        for every value of a batch: another key starts a new batch)."""
         if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
             self._key, self._values = key, {}
         if name not in self._values:

@@ -114,3 +114,24 @@ def test_preset_module_wiring(preset):
         assert out["style"].item() == pytest.approx(ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown style preset"):
         VGGStyleLoss("lama", allow_random=True)
+
+
+@pytest.mark.parametrize("preset", ["pconv", "edgeconnect"])
+def test_precomputed_target_features_give_the_same_loss_and_gradient(preset):
+    # random VGG weights (allow_random): only the equality of the two paths is checked
+    torch.manual_seed(0)
+    loss = VGGStyleLoss(preset, allow_random=True)
+    gt = torch.rand(2, 3, 32, 32) * 2 - 1
+    m = torch.zeros(2, 1, 32, 32)
+    m[0, :, 4:20, 6:26] = 1
+    m[1, :, 10:28, 2:14] = 1
+    pred = (gt + 0.3 * torch.randn_like(gt)).requires_grad_()
+    plain = loss(pred, gt, m)
+    cached = loss(pred, gt, m, loss.target_features(gt, m))
+    for k in ("style", "perceptual"):
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-6, atol=0)
+    g_plain = torch.autograd.grad(plain["style"] + plain["perceptual"], pred)[0]
+    g_cached = torch.autograd.grad(cached["style"] + cached["perceptual"], pred)[0]
+    torch.testing.assert_close(g_cached, g_plain)
+    with pytest.raises(TypeError):
+        loss(pred, gt, m, {"grams": None})

@@ -180,7 +180,7 @@ def register_adapters(register: Callable[[Adapter], None]) -> None:
             spec=ADAPTER_SPEC,
             build_student=reference_net,
             description=ADAPTER_SPEC["description"],
-            stride=8,
+            stride=ReferenceNet.stride,
             variant_builders=VARIANT_BUILDERS,
         )
     )

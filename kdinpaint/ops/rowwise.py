@@ -24,8 +24,12 @@ __all__ = ["rowwise"]
 RowFn = Callable[..., torch.Tensor]
 
 
+def _slices(tensors: Sequence[torch.Tensor], n_rows: int, block: slice) -> list[torch.Tensor]:
+    return [t[:, block] if i < n_rows else t for i, t in enumerate(tensors)]
+
+
 def _leaves(tensors: Sequence[torch.Tensor], n_rows: int, block: slice) -> list[torch.Tensor]:
-    return [(t[:, block] if i < n_rows else t).detach().requires_grad_() for i, t in enumerate(tensors)]
+    return [t.detach().requires_grad_() for t in _slices(tensors, n_rows, block)]
 
 
 def _scatter(out: list[torch.Tensor], grads: Sequence[torch.Tensor | None], n_rows: int, block: slice) -> None:
@@ -104,10 +108,6 @@ class _Rowwise(torch.autograd.Function):
         else:
             grads = _RowwiseBackward.apply(ctx.fn, ctx.block_rows, ctx.n_rows, grad_out, *tensors)
         return (None, None, None, None, None, *grads)
-
-
-def _slices(tensors: Sequence[torch.Tensor], n_rows: int, block: slice) -> list[torch.Tensor]:
-    return [t[:, block] if i < n_rows else t for i, t in enumerate(tensors)]
 
 
 def rowwise(

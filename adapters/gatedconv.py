@@ -81,7 +81,7 @@ from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.inference import crop_top_left, pad_bottom_right
 from kdinpaint.layers import get_act_layer
-from kdinpaint.weights import read_weights, strip_wrapper_prefixes
+from kdinpaint.weights import key_mismatches, read_weights, strip_wrapper_prefixes
 from kdinpaint.masking import check_image_range, check_mask
 
 from .contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
@@ -528,13 +528,8 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: nn.Module | None = None) ->
 
 def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing, unexpected, wrong_shape = key_mismatches(state, module)
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong_shape]
     if missing or unexpected or wrong:
 
         def few(items: list[str]) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 # a state_dict key without DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes, in any order
 from kdinpaint._modules import normalise_path as strip_wrapper_prefixes
 
-__all__ = ["read_weights", "key_report", "load_reported", "strip_wrapper_prefixes"]
+__all__ = ["read_weights", "key_mismatches", "key_report", "load_reported", "strip_wrapper_prefixes"]
 
 
 def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
@@ -41,16 +41,20 @@ def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_loc
     return data
 
 
-def key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, shown: int = 10) -> list[str]:
-    """Missing keys, unexpected keys and shape mismatches of ``state_dict`` against ``model``, by name."""
+def key_mismatches(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, wrong_shape)`` key names of ``state_dict`` against ``model``'s state."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
+    wrong_shape = [k for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    return missing, unexpected, wrong_shape
+
+
+def key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, shown: int = 10) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of ``state_dict`` against ``model``, by name."""
+    own = model.state_dict()
+    missing, unexpected, wrong_shape = key_mismatches(state_dict, model)
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape]
     problems = []
     for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if names:

@@ -46,7 +46,6 @@ __all__ = [
 
 RGB2GRAY_COEFFS: tuple[float, float, float] = (0.2125, 0.7154, 0.0721)
 EC_SIZE_MULTIPLE: int = 4
-_HOLE_RATIO_WARN = 0.6
 
 
 def to_unit(image: torch.Tensor) -> torch.Tensor:
@@ -201,7 +200,7 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, *, min_size: int = 12)
             f" pixels (padded to {min_size}x{min_size}), got {H}x{W}; upsample the image first"
         )
     check_image_range(image)
-    warn_if_inverted(mask, _HOLE_RATIO_WARN, stacklevel=3)
+    warn_if_inverted(mask)
 
 
 def edge_generator_input(gray: torch.Tensor, edges: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,6 @@ __all__ = ["SF_SIZE_MULTIPLE", "SF_MIN_SIZE", "check_inputs", "pad_to_multiple",
 
 SF_SIZE_MULTIPLE = 16
 SF_MIN_SIZE = 48
-_HOLE_RATIO_WARN = 0.6
 
 
 def check_inputs(image: torch.Tensor, mask: torch.Tensor, structure: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +54,7 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor, structure: torch.Tenso
             "pass None to compute it with rtv_structure"
         )
     check_image_range(image)
-    warn_if_inverted(mask, _HOLE_RATIO_WARN, stacklevel=3)
+    warn_if_inverted(mask)
     return mask.to(image.dtype).expand(image.shape[0], 1, *image.shape[-2:])
 
 

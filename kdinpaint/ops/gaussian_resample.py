@@ -41,7 +41,7 @@ _EPS = 1e-8  # the CUDA kernel's SAFE_DIV: a zero denominator is replaced by thi
 _INPUT_GRADS = ("exact", "cuda")
 
 
-def _check(features: torch.Tensor, flow: torch.Tensor, kernel_size: int, sigma: float, dilation: int) -> None:
+def _check(features: torch.Tensor, flow: torch.Tensor, kernel_size: int, sigma: float, dilation: int, input_grad: str) -> None:
     for name, t in (("features", features), ("flow", flow)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,12 +57,18 @@ def _check(features: torch.Tensor, flow: torch.Tensor, kernel_size: int, sigma: 
         raise ValueError(f"features have batch size {features.shape[0]} but the flow has {flow.shape[0]}")
     if features.device != flow.device:
         raise ValueError(f"features are on {features.device} but the flow is on {flow.device}; move both to one device")
+    _check_options(kernel_size, sigma, dilation, input_grad)
+
+
+def _check_options(kernel_size: int, sigma: float, dilation: int, input_grad: str = "exact") -> None:
     if not isinstance(kernel_size, int) or kernel_size < 2 or kernel_size % 2:
         raise ValueError(f"kernel_size must be an even int >= 2 (the official op uses 16 and 4), got {kernel_size!r}")
     if not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0 (the official op uses 4 for K=16 and 2 for K=4), got {sigma!r}")
+    if input_grad not in _INPUT_GRADS:
+        raise ValueError(f"input_grad must be one of {_INPUT_GRADS}, got {input_grad!r}")
 
 
 def _axis_taps(
@@ -226,9 +232,7 @@ def gaussian_resample(
     Returns:
         ``(B, C, H, W)`` in the features' dtype. Half-precision inputs are computed in float32.
     """
-    _check(features, flow, kernel_size, sigma, dilation)
-    if input_grad not in _INPUT_GRADS:
-        raise ValueError(f"input_grad must be one of {_INPUT_GRADS}, got {input_grad!r}")
+    _check(features, flow, kernel_size, sigma, dilation, input_grad)
     dtype = torch.promote_types(torch.promote_types(features.dtype, flow.dtype), torch.float32)
     out = _GaussianResample.apply(
         features.to(dtype), flow.to(dtype), kernel_size, float(sigma), dilation, input_grad
@@ -246,12 +250,7 @@ class GaussianResample2d(nn.Module):
         self, kernel_size: int = 16, sigma: float = 4.0, dilation: int = 1, input_grad: Literal["exact", "cuda"] = "exact"
     ) -> None:
         super().__init__()
-        if not isinstance(kernel_size, int) or kernel_size < 2 or kernel_size % 2:
-            raise ValueError(f"kernel_size must be an even int >= 2, got {kernel_size!r}")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
-        if input_grad not in _INPUT_GRADS:
-            raise ValueError(f"input_grad must be one of {_INPUT_GRADS}, got {input_grad!r}")
+        _check_options(kernel_size, sigma, dilation, input_grad)
         self.kernel_size = kernel_size
         self.sigma = float(sigma)
         self.dilation = dilation

@@ -25,7 +25,7 @@ import torch
 
 from kdinpaint.masking import check_mask, composite
 
-__all__ = ["BASELINES", "get_baseline", "biharmonic", "opencv_inpaint", "telea", "navier_stokes", "mean_fill"]
+__all__ = ["BASELINES", "NEEDS_OPENCV", "get_baseline", "baseline_unavailable", "biharmonic", "opencv_inpaint", "telea", "navier_stokes", "mean_fill"]
 
 Inpainter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -120,3 +120,22 @@ def get_baseline(name: str) -> Inpainter:
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
     return BASELINES[name]
+
+
+NEEDS_OPENCV: frozenset[str] = frozenset({"telea", "ns"})
+"""The baselines that run only with the optional extra ``kdinpaint[cv]`` (OpenCV)."""
+
+
+def baseline_unavailable(name: str) -> str | None:
+    """Why the baseline ``name`` cannot run here (a missing optional package), or ``None`` when it can.
+
+    Unknown names raise ``ValueError`` as :func:`get_baseline` does. OpenCV is imported to check it: an
+    installed but broken one (a missing system library) counts as missing.
+    """
+    get_baseline(name)
+    if name in NEEDS_OPENCV:
+        try:
+            import cv2  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError as exc:
+            return f"needs OpenCV ({exc}): pip install 'kdinpaint[cv]'"
+    return None

@@ -19,6 +19,10 @@ mirrored rather than padded as known: a mirrored hole stays a hole, so the paddi
 content that the mask hides. The padded area never counts as hole anywhere else: it is cropped away before
 compositing and before any metric (hole ratios are those of the unpadded mask).
 
+The floor (:func:`evaluate_floor`, :func:`evaluate_with_floor`): the weight-free baselines scored on the same
+images and masks as a network, so that every score comes with what needs no training (biharmonic, Telea when
+OpenCV is installed, mean fill) and the gap to biharmonic (:func:`~kdinpaint.metrics.compare_floor`).
+
 Mask files (:func:`load_mask`): luminance, white = hole by default; thresholded at half the range of the
 stored values (0/255 and 0/1 label PNGs alike; grey JPEG artefacts go to the nearer side); then resized with
 nearest-neighbour sampling to the image size, so a mask of another size is adapted, not refused.
@@ -30,6 +34,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +48,7 @@ from kdinpaint._modules import unwrap
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.masking import check_image_range, check_mask, masked
-from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, evaluate, summarize
+from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
 
 __all__ = [
     "Crop",
@@ -55,6 +60,11 @@ __all__ = [
     "unpad",
     "deployed_model",
     "evaluate_model",
+    "FLOOR_METHODS",
+    "floor_methods",
+    "Floor",
+    "evaluate_floor",
+    "evaluate_with_floor",
     "GeneratedMasks",
     "generated_masks",
     "load_image",
@@ -377,6 +387,103 @@ def evaluate_model(
         if on_batch is not None:
             on_batch(len(idx))
     return rows, summarize(rows)
+
+
+# ---- the floor: weight-free baselines on the same images and masks -------------------------------
+FLOOR_METHODS: tuple[str, ...] = ("biharmonic", "telea", "mean")
+"""The default floor: biharmonic (the reference of the gap), Telea (when OpenCV is installed), mean fill."""
+
+
+def floor_methods(methods: Sequence[str] = FLOOR_METHODS) -> tuple[list[str], dict[str, str]]:
+    """The floor methods that can run here, in order without repeats, and ``{method: why}`` for the others.
+
+    A method that needs a missing optional package (Telea without OpenCV) is skipped and logged, not an
+    error; an unknown name raises ``ValueError`` listing the baselines of :mod:`kdinpaint.baselines`.
+    """
+    from kdinpaint.baselines import baseline_unavailable
+
+    if isinstance(methods, str):
+        methods = [methods]
+    usable: list[str] = []
+    skipped: dict[str, str] = {}
+    for method in dict.fromkeys(methods):
+        why = baseline_unavailable(method)
+        if why is None:
+            usable.append(method)
+        else:
+            skipped[method] = why
+            log.info("floor: %s skipped (%s)", method, why)
+    return usable, skipped
+
+
+@dataclass
+class Floor:
+    """The weight-free baselines scored on one set of images and masks (:func:`evaluate_floor`).
+
+    ``rows[method]`` and ``summaries[method]`` are what :func:`evaluate_model` returns for that baseline;
+    ``skipped`` names the methods that could not run here and why.
+    """
+
+    rows: dict[str, list[MetricRow]] = field(default_factory=dict)
+    summaries: dict[str, dict[str, object]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def compare(self, network: dict[str, object], name: str = "network", reference: str | None = None,
+                keep_rows: bool = True) -> dict[str, object]:
+        """:func:`~kdinpaint.metrics.compare_floor` of a network's summary on the same images and masks
+        (the gap to biharmonic, the verdict line); ``keep_rows`` keeps the floor's per-image rows for the JSON."""
+        return compare_floor(network, self.summaries, name=name, reference=reference, skipped=self.skipped,
+                             rows=self.rows if keep_rows else None)
+
+
+def evaluate_floor(
+    images: torch.Tensor | Sequence[Any],
+    masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    methods: Sequence[str] = FLOOR_METHODS,
+    *,
+    convention: str = "default",
+    names: Sequence[str] | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> Floor:
+    """Score the weight-free baselines ``methods`` on ``images`` and ``masks`` (as :func:`evaluate_model` takes them).
+
+    Each runs on the CPU through :meth:`Inpainter.from_baseline`; biharmonic costs about 0.3 s per 64×64 image
+    and seconds per 256×256 one. Methods that cannot run here are skipped (:func:`floor_methods`); when none
+    can, ``ValueError``. ``on_batch(method, n)`` is called after every batch of ``n`` images (progress bars).
+    """
+    usable, skipped = floor_methods(methods)
+    if not usable:
+        raise ValueError(f"no floor method can run here ({skipped}); choose from biharmonic, mean, or install OpenCV")
+    floor = Floor(skipped=skipped)
+    for method in usable:
+        inpainter = Inpainter.from_baseline(method, batch_size=batch_size)
+        report = (lambda n, m=method: on_batch(m, n)) if on_batch is not None else None
+        floor.rows[method], floor.summaries[method] = evaluate_model(
+            inpainter, images, masks, convention=convention, names=names, on_batch=report)
+    return floor
+
+
+def evaluate_with_floor(
+    inpainter: Inpainter,
+    images: torch.Tensor | Sequence[Any],
+    masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    methods: Sequence[str] = FLOOR_METHODS,
+    convention: str = "default",
+    names: Sequence[str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_floor_batch: Callable[[str, int], None] | None = None,
+) -> tuple[list[MetricRow], dict[str, object], dict[str, object]]:
+    """:func:`evaluate_model` and :func:`evaluate_floor` on the same images and masks, compared.
+
+    Returns ``(rows, summary, floor)``: the network's per-image rows and Table 1 summary, and the
+    :func:`~kdinpaint.metrics.compare_floor` result (floor summaries, gap to biharmonic per bucket, verdict)
+    for :func:`~kdinpaint.metrics.floor_to_markdown` and ``to_json(summary, rows, floor=floor)``.
+    """
+    rows, summary = evaluate_model(inpainter, images, masks, convention=convention, names=names, on_batch=on_batch)
+    floor = evaluate_floor(images, masks, methods, convention=convention, names=names, on_batch=on_floor_batch)
+    return rows, summary, floor.compare(summary, name=inpainter.name)
 
 
 class GeneratedMasks(Sequence):

@@ -5,7 +5,9 @@
     kdinpaint spec suggest NAME[:VARIANT]       a draft spec traced from a registered adapter's student
     kdinpaint spec suggest --model pkg.mod:fn   ... or from any model built by ``fn()``
     kdinpaint evaluate MODEL [--images SRC] [--masks DIR | --mask-generator freeform|rect]
-                                                the paper's Table 1 layout (PSNR / SSIM / mean L1 per hole-ratio bucket)
+                                                the paper's Table 1 layout (PSNR / SSIM / mean L1 per hole-ratio bucket);
+                                                for a network also the floor (weight-free baselines on the same
+                                                images and masks, the gap to biharmonic): --floor M ..., --no-floor
     kdinpaint inpaint MODEL INPUT MASK OUTPUT   one image, or a folder (masks by file stem, or one mask for all)
     kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters)
 
@@ -252,8 +254,18 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated masks instead (default freeform): mask i in Table 1 bucket i mod 4, seeded")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
     p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.metrics)")
-    p.add_argument("--json", dest="json_path", help="also write the summary and per-image rows as JSON here")
-    p.add_argument("--csv", dest="csv_path", help="also write the summary as CSV here")
+    from kdinpaint.baselines import BASELINES
+    from kdinpaint.inference import FLOOR_METHODS
+
+    p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
+                   help=f"weight-free baselines scored beside the network on the same images and masks, with the gap "
+                        f"to biharmonic (default for a checkpoint or adapter: {' '.join(FLOOR_METHODS)}; Telea only "
+                        "with OpenCV); with --baseline only when given")
+    p.add_argument("--no-floor", action="store_true", help="no floor comparison")
+    p.add_argument("--json", dest="json_path", help="also write the summary and per-image rows as JSON here "
+                                                    "(the floor comparison under \"floor\")")
+    p.add_argument("--csv", dest="csv_path", help="also write the summary as CSV here (with the floor: one more "
+                                                  "leading column, method)")
 
 
 def _evaluation_images(args: argparse.Namespace) -> tuple[Sequence[torch.Tensor], list[str], str]:
@@ -327,10 +339,29 @@ def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[to
     return _Picked(folder, usable, count), f"masks from {args.masks} (holes {folder.hole_colour}{cycling})"
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kdinpaint.inference import evaluate_model
-    from kdinpaint.metrics import to_csv, to_json, to_markdown
+def _floor_choice(args: argparse.Namespace) -> list[str]:
+    """The floor methods to run: ``--floor``, else the default for a network and none for ``--baseline``."""
+    from kdinpaint.inference import FLOOR_METHODS
 
+    if args.no_floor and args.floor:
+        raise ValueError("give --floor METHOD ... or --no-floor, not both")
+    if args.no_floor:
+        return []
+    if args.floor:
+        return list(args.floor)
+    return [] if args.baseline else list(FLOOR_METHODS)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kdinpaint.inference import evaluate_floor, evaluate_model, floor_methods
+    from kdinpaint.metrics import floor_to_csv, floor_to_markdown, to_csv, to_json, to_markdown
+
+    usable, skipped = floor_methods(_floor_choice(args))
+    if args.floor and skipped:  # asked for by name: say why it is missing
+        if not usable:
+            raise ValueError(f"no --floor method can run here: {skipped}")
+        for method, why in skipped.items():
+            print(f"warning: floor {method} skipped: {why}", file=sys.stderr)
     inpainter = _inpainter(args)
     images, names, what_images = _evaluation_images(args)
     masks, what_masks = _evaluation_masks(args, len(images))
@@ -339,12 +370,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows, summary = evaluate_model(inpainter, images, masks, convention=args.compat, names=names, on_batch=bar.update)
     finally:
         bar.close()
+    floor = None
+    if usable:
+        bar = _progress(len(images) * len(usable), f"floor ({', '.join(usable)})", not args.no_progress)
+        try:
+            result = evaluate_floor(images, masks, usable, convention=args.compat, names=names,
+                                    on_batch=lambda _method, n: bar.update(n))
+        finally:
+            bar.close()
+        result.skipped.update(skipped)
+        floor = result.compare(summary, name=inpainter.name)
     print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
     print(to_markdown(summary), end="")
+    if floor is not None:
+        print(f"\nThe floor: weight-free baselines on the same images and masks, gap to {floor['reference']}\n")
+        print(floor_to_markdown(summary, floor), end="")
     if args.json_path:
-        Path(args.json_path).write_text(to_json(summary, rows) + "\n")
+        Path(args.json_path).write_text(to_json(summary, rows, floor=floor) + "\n")
     if args.csv_path:
-        Path(args.csv_path).write_text(to_csv(summary))
+        Path(args.csv_path).write_text(to_csv(summary) if floor is None else floor_to_csv(summary, floor))
     return 0
 
 

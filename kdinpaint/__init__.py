@@ -8,7 +8,7 @@
 from kdinpaint.adapter import Adapter
 from kdinpaint.attach import Distiller, attach
 from kdinpaint.attention import PixelAttention
-from kdinpaint.bilevel import MetaLearner
+from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.export import CompletedModel, load_checkpoint, load_exported, save_exported
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.plugins import get_adapter, list_adapters
@@ -26,6 +26,7 @@ __all__ = [
     "Distiller",
     "MetaLearner",
     "PixelAttention",
+    "TrainingDiverged",
     "attach",
     "build_teacher",
     "get_adapter",

@@ -20,11 +20,19 @@ the unrolled steps through :func:`torch.func.functional_call` on the Distiller, 
 Unrolled passes run on copies of the buffers (BatchNorm statistics move only in the ordinary steps), and
 the teacher runs once per batch (:meth:`Distiller.reusing_teacher`). Under ``torch.distributed`` the
 hypergradient is averaged over ranks.
+
+A :class:`DivergenceGuard` watches every theta step: a non-finite loss term or gradient, or a total loss far
+above its recent median, skips the rest of the batch (no theta or Psi step) with a warning naming the term;
+after ``max_bad_steps`` consecutive skipped batches :class:`TrainingDiverged` is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import statistics
+import warnings
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -37,11 +45,129 @@ from kdinpaint.calling import select_output
 from kdinpaint.losses._target import differentiate_targets
 from kdinpaint.spec import META_MODES
 
-__all__ = ["MetaLearner", "META_MODES"]
+__all__ = ["MetaLearner", "DivergenceGuard", "TrainingDiverged", "META_MODES"]
 
 LOSS_INPUTS = ("prediction", "output")
 
 InpaintLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised by :meth:`MetaLearner.step` after ``max_bad_steps`` consecutive skipped batches.
+
+    Attributes: ``term`` (the loss term that went bad last, e.g. ``"kd/cross/enc2"``, ``"loss_total"``,
+    ``"grad_norm"``), ``reason`` (what was wrong with it), ``batch`` (the MetaLearner's batch count, 1-based),
+    ``bad_steps`` (the consecutive skipped batches) and ``logs`` (the last batch's logged values).
+    """
+
+    def __init__(self, message: str, *, term: str, reason: str, batch: int, bad_steps: int, logs: dict | None = None):
+        super().__init__(message)
+        self.term, self.reason, self.batch, self.bad_steps = term, reason, batch, bad_steps
+        self.logs: dict[str, float | str] = dict(logs or {})
+
+
+class DivergenceGuard:
+    """Decides whether a theta (or Psi) step may be applied, and counts consecutive skipped batches.
+
+    A theta step is bad when a loss term or the gradient norm is non-finite, or when ``|loss_total|`` exceeds
+    ``explode_factor`` times the median of ``|loss_total|`` over the last ``window`` applied steps (checked
+    once ``warmup`` steps are recorded; a finite spike of a few times the median is ordinary batch-to-batch
+    variation, e.g. hole size, so the default factor is large). Only applied steps enter the history: a lasting
+    jump stays "exploded" and ends in :class:`TrainingDiverged`. Hypergradient norms have a history of their
+    own; there an exploded norm is skipped but recorded, so a lasting change of scale is adopted.
+
+    Its state (histories, counters) is a ``state_dict``, so checkpoints (``accelerator.register_for_checkpointing``)
+    resume it exactly.
+
+    Args:
+        max_bad_steps: consecutive skipped batches (``MetaLearner.step`` calls) before raising, >= 1.
+        explode_factor: the explosion threshold relative to the recent median, > 1; ``None``: only non-finite
+            values are caught.
+        window: how many recent values the median is taken over.
+        warmup: values recorded before explosions are checked.
+    """
+
+    def __init__(self, max_bad_steps: int = 5, explode_factor: float | None = 50.0, window: int = 100, warmup: int = 10):
+        if int(max_bad_steps) < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        if explode_factor is not None and not explode_factor > 1:
+            raise ValueError(f"explode_factor must be > 1 (or None to check only for NaN/inf), got {explode_factor}")
+        if window < 1 or warmup < 1 or warmup > window:
+            raise ValueError(f"need 1 <= warmup <= window, got warmup={warmup}, window={window}")
+        self.max_bad_steps, self.explode_factor, self.warmup = int(max_bad_steps), explode_factor, warmup
+        self.history: deque[float] = deque(maxlen=window)  # |loss_total| of applied theta steps
+        self.hyper_history: deque[float] = deque(maxlen=window)  # hypergradient norms
+        self.bad_streak = 0
+        self.skipped_total = 0
+        self.batches = 0
+
+    def non_finite(self, values: dict[str, float]) -> tuple[str, str] | None:
+        """``(term, reason)`` for the first non-finite value (``values`` ordered most specific first)."""
+        for name, v in values.items():
+            if not math.isfinite(v):
+                return name, f"{name} is {_describe(v)}"
+        return None
+
+    def exploded(self, name: str, value: float, history: deque, context: dict[str, float] | None = None) -> tuple[str, str] | None:
+        """``(name, reason)`` when ``|value|`` is more than ``explode_factor`` times the median of ``history``."""
+        if self.explode_factor is None or len(history) < self.warmup:
+            return None
+        median = statistics.median(history)
+        if median <= 0 or abs(value) <= self.explode_factor * median:
+            return None
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in (context or {}).items() if k in ("loss_inp", "kd/total"))
+        return name, f"{name} {value:.4g} is {abs(value) / median:.0f}x its recent median {median:.4g}" + (f" ({parts})" if parts else "")
+
+    def record(self, loss_total: float) -> None:
+        self.history.append(abs(loss_total))
+
+    def check_hypergradient(self, norm: float) -> str | None:
+        """A reason to skip the Psi step when the hypergradient norm explodes (it is recorded either way)."""
+        bad = self.exploded("hypergrad_norm", norm, self.hyper_history)
+        self.hyper_history.append(norm)
+        return None if bad is None else bad[1]
+
+    def end_batch(self, bad: tuple[str, str] | None, logs: dict) -> None:
+        """Count the batch; warn on a skipped one; raise :class:`TrainingDiverged` after too many in a row."""
+        self.batches += 1
+        if bad is None:
+            self.bad_streak = 0
+            return
+        self.bad_streak += 1
+        self.skipped_total += 1
+        term, reason = bad
+        if self.bad_streak >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_streak} consecutive batches skipped, the last (batch {self.batches}) "
+                f"because {reason}. Lower the learning rates (recipe: optim.lr, meta.lr, meta.inner_lr), check the "
+                "data for NaN/inf pixels, or with fp16 mixed precision try bf16 or no; resume from the last good "
+                "checkpoint",
+                term=term, reason=reason, batch=self.batches, bad_steps=self.bad_streak, logs=logs,
+            )
+        warnings.warn(
+            f"batch {self.batches}: {reason}; theta step skipped ({self.bad_streak}/{self.max_bad_steps} "
+            "consecutive before TrainingDiverged)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history), "hyper_history": list(self.hyper_history),
+            "bad_streak": self.bad_streak, "skipped_total": self.skipped_total, "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.hyper_history.clear()
+        self.hyper_history.extend(state["hyper_history"])
+        self.bad_streak, self.skipped_total, self.batches = state["bad_streak"], state["skipped_total"], state["batches"]
+
+
+def _describe(v: float) -> str:
+    return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
 
 
 class MetaLearner:
@@ -62,7 +188,8 @@ class MetaLearner:
         meta_optimizer: the optimiser of Psi (default: Adam on ``kd.meta_parameters()``, lr ``meta_lr``).
         mode: ``reverse_hg`` | ``first_order`` | ``frozen`` (default: the spec's ``meta.mode``).
         steps: T (default: the spec's ``meta.steps``, 2 as the paper).
-        inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate).
+        inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate,
+            read at the start of every batch, so that it follows a learning-rate schedule).
         lambda_d: weight of the distillation terms in ``L_tot`` (the paper: 20).
         meta_lr: learning rate of the default meta optimiser.
         forward_module: what the ordinary steps call (e.g. the DDP-wrapped Distiller, so that gradients are
@@ -73,6 +200,17 @@ class MetaLearner:
         max_hypergrad_norm: clip the hypergradient to this norm before the Psi step (``None``: no clipping).
             The unrolled SGD steps can diverge when ``inner_lr`` is large for the loss's scale; a non-finite
             hypergradient is never applied (the step is skipped and ``logs["meta_skipped"] = 1``).
+        scheduler: a learning-rate scheduler of ``theta_optimizer``, stepped after every theta step; a skipped
+            batch advances it too (by all its T steps), so the schedule stays aligned with the step count.
+        guard: check every theta step (:class:`DivergenceGuard`): a non-finite loss term (``loss_inp``, each
+            distillation term, ``loss_total``) or theta gradient, or a ``loss_total`` more than
+            ``explode_factor`` times its recent median, skips the rest of the batch (no theta step, no Psi step,
+            gradients zeroed) with a ``RuntimeWarning`` naming the term, and ``logs["skipped"] = 1``,
+            ``logs["skipped_term"]``; an exploded hypergradient norm skips the Psi step alone. ``False``: every
+            step is applied, as given. Under ``torch.distributed`` the decision is taken jointly (one rank's bad
+            loss skips the step on all). With a gradient scaler (fp16) non-finite gradients are left to it.
+        max_bad_steps: consecutive skipped batches before :class:`TrainingDiverged` is raised.
+        explode_factor: see ``guard``; ``None`` catches only non-finite values.
 
     After :meth:`step`, ``last_output`` holds the last ordinary step's prediction (detached), e.g. for a
     discriminator step, and ``last_raw_output`` the model's whole output of that step (tensors detached).
@@ -96,6 +234,10 @@ class MetaLearner:
         max_hypergrad_norm: float | None = 1.0,
         loss_input: str = "prediction",
         fuse_first_step: bool = True,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        guard: bool = True,
+        max_bad_steps: int = 5,
+        explode_factor: float | None = 50.0,
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
@@ -123,6 +265,12 @@ class MetaLearner:
                 "student.parameters() + kd.student_parameters() only (Psi is trained by MetaLearner)"
             )
         self.inner_lr = float(theta_optimizer.param_groups[0]["lr"] if inner_lr is None else inner_lr)
+        self._inner_lr_follows = inner_lr is None  # alpha tracks a scheduled learning rate
+        self.scheduler = scheduler
+        self.guard = DivergenceGuard(max_bad_steps, explode_factor) if guard else None
+        # a GradScaler (accelerate's fp16) skips non-finite gradients itself and lowers its scale; skipping its
+        # step here would keep the scale too high for ever
+        self._scaled = getattr(theta_optimizer, "scaler", None) is not None
         self.meta_optimizer = meta_optimizer
         if self.meta_optimizer is None and mode != "frozen" and psi_ids:
             self.meta_optimizer = torch.optim.Adam(kd.meta_parameters(), lr=meta_lr)
@@ -133,12 +281,17 @@ class MetaLearner:
         self._updates_psi = mode != "frozen" and bool(self._psi_names)
 
     # ---- one batch ------------------------------------------------------------------------------
-    def step(self, inputs: tuple | dict, target: torch.Tensor, kwargs: dict | None = None) -> dict[str, float]:
+    def step(self, inputs: tuple | dict, target: torch.Tensor, kwargs: dict | None = None) -> dict[str, float | str]:
         """Algorithm 1 on one batch: T theta steps, then one Psi step. Returns the logged losses.
 
         ``inputs``: the student's call, a tuple of positional arguments (e.g. ``(masked_image, mask)``) or
         a dict of keyword arguments; ``kwargs``: keyword arguments beside positional ones.
         ``target``: the ground truth ``(B, 3, H, W)`` in [-1, 1].
+
+        Logs: ``loss_inp``, ``loss_total``, ``kd/<term>`` and ``grad_norm`` of the first theta step, ``lr``
+        (the theta learning rate of the first step), ``skipped`` (1 when the guard skipped the batch, with
+        ``skipped_term``), ``hypergrad_norm`` and ``meta_skipped`` when Psi is trained.
+        Raises :class:`TrainingDiverged` after ``max_bad_steps`` consecutive skipped batches.
         """
         if isinstance(inputs, dict):
             args, kwargs = (), {**inputs, **(kwargs or {})}
@@ -148,7 +301,11 @@ class MetaLearner:
         params = dict(kd.named_parameters())
         theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self._updates_psi else {}
         first: dict[str, torch.Tensor] | None = None
-        logs: dict[str, float] = {}
+        lr = float(self.theta_optimizer.param_groups[0]["lr"])
+        if self._inner_lr_follows:
+            self.inner_lr = lr
+        logs: dict[str, float | str] = {"lr": lr}
+        bad: tuple[str, str] | None = None
         with kd.reusing_teacher():
             mask = kd._call.get(args, kwargs, "mask")
             for t in range(self.steps):
@@ -174,22 +331,89 @@ class MetaLearner:
                     self.backward(l_tot)
                     for n in self._psi_names:  # Psi is not trained by the theta step
                         params[n].grad = None
-                self.theta_optimizer.step()
+                values = self._values(l_inp, l_tot, kd_losses, params) if self.guard is not None else {}
                 if t == 0:
                     logs.update({"loss_inp": l_inp.item(), "loss_total": l_tot.item()})
                     logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
-            if self._updates_psi:
-                grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
-                norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
-                logs["hypergrad_norm"] = float(norm)
-                logs["meta_skipped"] = float(not torch.isfinite(norm))
-                if torch.isfinite(norm):
-                    scale = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (float(norm) + 1e-12))
-                    for n, g in grads.items():
-                        params[n].grad = g * scale
-                    self.meta_optimizer.step()
-                self.meta_optimizer.zero_grad(set_to_none=True)
+                    if "grad_norm" in values:
+                        logs["grad_norm"] = values["grad_norm"]
+                bad = self._judge(values, l_tot.device) if self.guard is not None else None
+                if bad is not None:  # the same theta on the same batch would fail again: drop the whole batch
+                    self.theta_optimizer.zero_grad(set_to_none=True)
+                    first = None
+                    self._advance_schedule(self.steps - t, skipped=True)
+                    break
+                self.theta_optimizer.step()
+                self._advance_schedule(1)
+            if self._updates_psi and bad is None:
+                self._meta_step(theta0, args, kwargs, target, first, params, logs)
+            elif self._updates_psi:
+                logs["meta_skipped"] = 1.0
+        if self.guard is not None:
+            logs["skipped"] = float(bad is not None)
+            if bad is not None:
+                logs["skipped_term"] = bad[0]
+            self.guard.end_batch(bad, logs)
         return logs
+
+    def _meta_step(self, theta0: dict, args: tuple, kwargs: dict, target: torch.Tensor, first: dict | None, params: dict, logs: dict) -> None:
+        """The Psi step of Algorithm 1 along the (clipped) hypergradient; never a non-finite or exploded one."""
+        grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
+        norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
+        logs["hypergrad_norm"] = norm
+        skip = None if math.isfinite(norm) else f"hypergrad_norm is {_describe(norm)}"
+        if skip is None and self.guard is not None:
+            skip = self.guard.check_hypergradient(norm)
+        if skip is not None and self.guard is not None:
+            warnings.warn(f"batch {self.guard.batches + 1}: {skip}; Psi step skipped", RuntimeWarning, stacklevel=3)
+        logs["meta_skipped"] = float(skip is not None)
+        if skip is None:
+            scale = 1.0 if self.max_hypergrad_norm is None else min(1.0, self.max_hypergrad_norm / (norm + 1e-12))
+            for n, g in grads.items():
+                params[n].grad = g * scale
+            self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+
+    def _values(self, l_inp: torch.Tensor, l_tot: torch.Tensor, kd_losses: dict, params: dict) -> dict[str, float]:
+        """The guarded values of one theta step, most specific first (per-level distillation terms before their
+        sums), fetched from the device in one transfer; ``grad_norm`` of theta unless a gradient scaler owns it."""
+        names = ["loss_inp", *(f"kd/{k}" for k in kd_losses if "/" in k)]
+        names += [f"kd/{k}" for k in kd_losses if "/" not in k and k != "total"] + ["kd/total", "loss_total"]
+        tensors = [l_inp, *(kd_losses[n[3:]] for n in names[1:-1]), l_tot]
+        if not self._scaled:
+            grads = [params[n].grad for n in self._theta_names if params[n].grad is not None]
+            if grads:
+                names.append("grad_norm")
+                tensors.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads])))
+        values = torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist()
+        return dict(zip(names, values))
+
+    def _judge(self, values: dict[str, float], device: torch.device) -> tuple[str, str] | None:
+        """``(term, reason)`` when the guard rejects this theta step; taken jointly over ranks."""
+        bad = self.guard.non_finite(values)
+        total = values["loss_total"]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # one rank's bad loss must skip the step everywhere (DDP would wait for its gradients); the explosion
+            # test runs on the ranks' mean loss, so that every rank keeps the same history and decision
+            flags = torch.tensor([float(bad is not None), 0.0 if bad else total], device=device, dtype=torch.float64)
+            dist.all_reduce(flags)
+            if flags[0].item() > 0:
+                return bad or ("other_rank", "a loss term or gradient is non-finite on another process")
+            total = flags[1].item() / dist.get_world_size()
+        if bad is None:
+            bad = self.guard.exploded("loss_total", total, self.guard.history, values)
+        if bad is None:
+            self.guard.record(total)
+        return bad
+
+    def _advance_schedule(self, steps: int, skipped: bool = False) -> None:
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():
+            if skipped:  # an all-skipped start calls the scheduler before the optimiser ever stepped, on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`", category=UserWarning)
+            for _ in range(steps):
+                self.scheduler.step()
 
     def _sgd(self, theta: dict, step: dict, correction: dict) -> dict[str, torch.Tensor]:
         """One differentiable SGD step. ``first_order``: the values follow SGD but gradients flow only through

@@ -95,11 +95,14 @@ class MetaSection:
 
 @dataclass
 class OptimSection:
-    """The paper: Adam, learning rate 1e-4, batch size 6."""
+    """The paper: Adam, learning rate 1e-4 (constant), batch size 6."""
 
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     batch_size: int = 6
+    schedule: str = "constant"  # theta's learning rate: constant (the paper) | cosine (to min_lr_ratio * lr at train.steps)
+    warmup_steps: int = 0  # linear warm-up from 0 over these theta steps (either schedule)
+    min_lr_ratio: float = 0.05  # where cosine ends, relative to lr
 
 
 @dataclass
@@ -107,6 +110,9 @@ class TrainSection:
     steps: int = 1000  # optimiser steps of the student stage (theta steps)
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    guard: bool = True  # skip a batch whose loss or gradient is NaN/inf or explodes (MetaLearner's DivergenceGuard)
+    max_bad_steps: int = 5  # consecutive skipped batches that stop the run as diverged (exit status 2)
+    explode_factor: Optional[float] = 50.0  # loss_total above this times its recent median is skipped; null: NaN/inf only
 
 
 @dataclass
@@ -147,6 +153,7 @@ _CHOICES = {
     ("data", "crop"): ("random", "center", "resize"),
     ("meta", "mode"): META_MODES,
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
+    ("optim", "schedule"): ("constant", "cosine"),
     ("masks", "hole"): ("white", "black", "auto"),
     ("losses", "gan_loss"): ("nsgan", "lsgan", "hinge"),
     ("losses", "recon_padding"): ("reflect", "zeros"),
@@ -209,7 +216,28 @@ def recipe_from_dict(data: dict) -> Recipe:
         )
     if recipe.optim.batch_size < 1 or recipe.train.steps < 0 or recipe.data.size % 8:
         raise ValueError("optim.batch_size must be >= 1, train.steps >= 0 and data.size a multiple of 8")
+    _check_schedule_and_guard(recipe)
     return recipe
+
+
+def _check_schedule_and_guard(recipe: Recipe) -> None:
+    o, t = recipe.optim, recipe.train
+    if not o.lr > 0:
+        raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ValueError(
+            f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}: lower it with the "
+            "steps (the learning rate would never reach optim.lr)"
+        )
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
+    if t.max_bad_steps < 1:
+        raise ValueError(f"train.max_bad_steps must be >= 1 (consecutive skipped batches before stopping), got {t.max_bad_steps}")
+    if t.explode_factor is not None and not t.explode_factor > 1:
+        raise ValueError(
+            f"train.explode_factor must be > 1 (a multiple of the recent median loss), got {t.explode_factor}; "
+            "null checks only for NaN/inf"
+        )
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -24,8 +24,14 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _table(markdown: str) -> dict[str, list[str]]:
-    """``{row title: cells}`` of a markdown table, the header row under the key ``"header"``."""
-    lines = [ln for ln in markdown.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    """``{row title: cells}`` of the first markdown table, the header row under the key ``"header"`` (a network's
+    evaluation prints the floor comparison as a second table)."""
+    lines: list[str] = []
+    for ln in markdown.splitlines():
+        if not ln.startswith("|") and lines:
+            break  # the end of the first table
+        if ln.startswith("|") and not ln.startswith("|---"):
+            lines.append(ln)
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
     return {"header" if i == 0 else c[0]: c[1:] for i, c in enumerate(cells)}
 

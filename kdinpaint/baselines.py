@@ -25,7 +25,10 @@ import torch
 
 from kdinpaint.masking import check_mask, composite
 
-__all__ = ["BASELINES", "NEEDS_OPENCV", "get_baseline", "baseline_unavailable", "biharmonic", "opencv_inpaint", "telea", "navier_stokes", "mean_fill"]
+__all__ = [
+    "BASELINES", "NEEDS_OPENCV", "get_baseline", "baseline_unavailable", "biharmonic", "opencv_inpaint", "telea",
+    "navier_stokes", "mean_fill",
+]
 
 Inpainter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -203,7 +203,8 @@ def test_cli_prints_the_floor_for_a_network(capsys, tmp_path):
 
 
 def test_cli_no_floor_floor_choice_and_baseline_alone(capsys, tmp_path):
-    code, out, err = run(capsys, "evaluate", "--adapter", "tiny-unet", *SMALL, "--no-floor", "--json", tmp_path / "n.json")
+    code, out, err = run(capsys, "evaluate", "--adapter", "tiny-unet", *SMALL, "--no-floor",
+                         "--json", tmp_path / "n.json")
     assert code == 0, err
     assert "biharmonic" not in out and "The floor" not in out and "Δ" not in out
     assert "floor" not in json.loads((tmp_path / "n.json").read_text())

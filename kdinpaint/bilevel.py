@@ -140,8 +140,7 @@ class DivergenceGuard:
             raise TrainingDiverged(
                 f"training diverged: {self.bad_streak} consecutive batches skipped, the last (batch {self.batches}) "
                 f"because {reason}. Lower the learning rates (recipe: optim.lr, meta.lr, meta.inner_lr), check the "
-                "data for NaN/inf pixels, or with fp16 mixed precision try bf16 or no; resume from the last good "
-                "checkpoint",
+                "data for NaN/inf pixels, or with fp16 mixed precision try bf16 or no",
                 term=term, reason=reason, batch=self.batches, bad_steps=self.bad_streak, logs=logs,
             )
         warnings.warn(
@@ -321,28 +320,35 @@ class MetaLearner:
                     l_tot = l_inp + self.lambda_d * kd_losses["total"]
                 self.last_output = pred.detach()
                 self.last_raw_output = _detached(out)
-                self.theta_optimizer.zero_grad(set_to_none=True)
-                if fused:
-                    grads = torch.autograd.grad(l_tot, list(theta0.values()), create_graph=True, allow_unused=True)
-                    first = {n: g if g is not None else torch.zeros_like(theta0[n]) for n, g in zip(theta0, grads)}
-                    for n, g in zip(theta0, grads):
-                        params[n].grad = None if g is None else g.detach()
-                else:
-                    self.backward(l_tot)
-                    for n in self._psi_names:  # Psi is not trained by the theta step
-                        params[n].grad = None
-                values = self._values(l_inp, l_tot, kd_losses, params) if self.guard is not None else {}
                 if t == 0:
                     logs.update({"loss_inp": l_inp.item(), "loss_total": l_tot.item()})
                     logs.update({f"kd/{k}": v.item() for k, v in kd_losses.items() if "/" not in k})
-                    if "grad_norm" in values:
-                        logs["grad_norm"] = values["grad_norm"]
-                bad = self._judge(values, l_tot.device) if self.guard is not None else None
+                # judged before backward: a NaN forward can break a backward (and one rank skipping it alone
+                # would leave DDP waiting), and a bad batch costs no backward
+                total, bad = self._judge(l_inp, l_tot, kd_losses) if self.guard is not None else (0.0, None)
+                self.theta_optimizer.zero_grad(set_to_none=True)
+                if bad is None:
+                    if fused:
+                        grads = torch.autograd.grad(l_tot, list(theta0.values()), create_graph=True, allow_unused=True)
+                        first = {n: g if g is not None else torch.zeros_like(theta0[n]) for n, g in zip(theta0, grads)}
+                        for n, g in zip(theta0, grads):
+                            params[n].grad = None if g is None else g.detach()
+                    else:
+                        self.backward(l_tot)
+                        for n in self._psi_names:  # Psi is not trained by the theta step
+                            params[n].grad = None
+                    if self.guard is not None and not self._scaled:  # the gradients are the same on every rank
+                        norm = self._grad_norm(params)
+                        logs.setdefault("grad_norm", norm)
+                        if not math.isfinite(norm):
+                            bad = ("grad_norm", f"grad_norm is {_describe(norm)} (the losses are finite)")
                 if bad is not None:  # the same theta on the same batch would fail again: drop the whole batch
                     self.theta_optimizer.zero_grad(set_to_none=True)
                     first = None
                     self._advance_schedule(self.steps - t, skipped=True)
                     break
+                if self.guard is not None:
+                    self.guard.record(total)
                 self.theta_optimizer.step()
                 self._advance_schedule(1)
             if self._updates_psi and bad is None:
@@ -374,37 +380,31 @@ class MetaLearner:
             self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
 
-    def _values(self, l_inp: torch.Tensor, l_tot: torch.Tensor, kd_losses: dict, params: dict) -> dict[str, float]:
-        """The guarded values of one theta step, most specific first (per-level distillation terms before their
-        sums), fetched from the device in one transfer; ``grad_norm`` of theta unless a gradient scaler owns it."""
+    def _judge(self, l_inp: torch.Tensor, l_tot: torch.Tensor, kd_losses: dict) -> tuple[float, tuple[str, str] | None]:
+        """``(loss_total, (term, reason))`` when the guard rejects this theta step's losses, ``(loss_total, None)``
+        when it may go on. The terms are fetched in one transfer and checked most specific first (per-level
+        distillation terms before their sums); under ``torch.distributed`` the decision and ``loss_total``
+        (the ranks' mean, so that every rank keeps the same history) are taken jointly."""
         names = ["loss_inp", *(f"kd/{k}" for k in kd_losses if "/" in k)]
         names += [f"kd/{k}" for k in kd_losses if "/" not in k and k != "total"] + ["kd/total", "loss_total"]
         tensors = [l_inp, *(kd_losses[n[3:]] for n in names[1:-1]), l_tot]
-        if not self._scaled:
-            grads = [params[n].grad for n in self._theta_names if params[n].grad is not None]
-            if grads:
-                names.append("grad_norm")
-                tensors.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads])))
-        values = torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist()
-        return dict(zip(names, values))
-
-    def _judge(self, values: dict[str, float], device: torch.device) -> tuple[str, str] | None:
-        """``(term, reason)`` when the guard rejects this theta step; taken jointly over ranks."""
+        values = dict(zip(names, torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist()))
         bad = self.guard.non_finite(values)
         total = values["loss_total"]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # one rank's bad loss must skip the step everywhere (DDP would wait for its gradients); the explosion
-            # test runs on the ranks' mean loss, so that every rank keeps the same history and decision
-            flags = torch.tensor([float(bad is not None), 0.0 if bad else total], device=device, dtype=torch.float64)
+            flags = torch.tensor([float(bad is not None), 0.0 if bad else total], device=l_tot.device, dtype=torch.float64)
             dist.all_reduce(flags)
             if flags[0].item() > 0:
-                return bad or ("other_rank", "a loss term or gradient is non-finite on another process")
+                return total, bad or ("other_rank", "a loss term is non-finite on another process")
             total = flags[1].item() / dist.get_world_size()
-        if bad is None:
-            bad = self.guard.exploded("loss_total", total, self.guard.history, values)
-        if bad is None:
-            self.guard.record(total)
-        return bad
+        return total, bad or self.guard.exploded("loss_total", total, self.guard.history, values)
+
+    def _grad_norm(self, params: dict[str, torch.Tensor]) -> float:
+        """The 2-norm of theta's gradient (NaN or inf when any entry is)."""
+        grads = [params[n].grad.detach() for n in self._theta_names if params[n].grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads])))
 
     def _advance_schedule(self, steps: int, skipped: bool = False) -> None:
         if self.scheduler is None:

@@ -16,6 +16,10 @@ A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.sa
 killed run resumes from the last complete one), ``metrics.jsonl``, ``samples/step_XXXXXXX.png``
 (masked | output | ground truth), ``student.safetensors`` (the exported network) and ``report.md``
 (the Table 1 layout on the evaluation set).
+
+A batch whose loss or gradient is NaN/inf or explodes is skipped (``train.guard``; ``skipped`` in
+``metrics.jsonl``); after ``train.max_bad_steps`` in a row the run stops as diverged: ``report.md`` and
+``report.json`` say so, nothing is exported, the checkpoints written before stay, and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -42,7 +47,7 @@ from torch.utils.data import DataLoader
 import kdinpaint
 from kdinpaint import data as kdata
 from kdinpaint import metrics
-from kdinpaint.bilevel import MetaLearner
+from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
@@ -51,12 +56,13 @@ from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
 from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
 from kdinpaint.plugins import get_loss
-from kdinpaint.recipe import Recipe, load_recipe
+from kdinpaint.recipe import OptimSection, Recipe, load_recipe
 from kdinpaint.teacher import autoencoder_call
 from kdinpaint.weights import read_weights
 
 log = logging.getLogger("kdinpaint.train")
 DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
+DIVERGED_EXIT = 2  # the exit status of a run stopped by the divergence guard (report.json tells it from a usage error)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -173,7 +179,22 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     accelerator.wait_for_everyone()
 
 
-def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None) -> None:
+def lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:
+    """The theta learning rate of theta step ``step`` (0-based) as a fraction of ``optim.lr``: a linear warm-up
+    from 0 over ``optim.warmup_steps``, then 1 (``constant``) or a half cosine from 1 down to
+    ``optim.min_lr_ratio`` at ``total_steps`` (``cosine``)."""
+    if step < optim.warmup_steps:
+        return step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_student(
+    recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None,
+    inject_nan_at: int | None = None,
+) -> None:
     adapter, variant, spec, student, teacher = parts
     if spec.uses_teacher:
         teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
@@ -209,6 +230,8 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     wrapped, theta_opt, *rest, loader = prepared
     meta_opt = rest.pop(0) if meta_opt is not None else None
     disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
+    # stepped by MetaLearner once per theta step; not through prepare, whose scheduler steps once per process
+    schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: lr_factor(k, recipe.optim, recipe.train.steps))
 
     objective_name = type(objective).__name__
 
@@ -242,8 +265,12 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
         kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps,
         inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
         forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
-        loss_input="prediction" if objective is None else "output",
+        loss_input="prediction" if objective is None else "output", scheduler=schedule,
+        guard=recipe.train.guard, max_bad_steps=recipe.train.max_bad_steps, explode_factor=recipe.train.explode_factor,
     )
+    accelerator.register_for_checkpointing(schedule)  # a resumed run continues the schedule exactly
+    if learner.guard is not None:
+        accelerator.register_for_checkpointing(learner.guard)  # ... and the guard's loss history
     call_kwargs = dict(objective.call_kwargs) if objective is not None else {}
 
     start = 0
@@ -257,12 +284,28 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     metrics_file = run / "metrics.jsonl"
     progress = _progress(accelerator, total, start // recipe.meta.steps)
     t0 = time.time()
+    skipped = 0  # batches the guard skipped since the last metrics record
     for block, batch in enumerate(loader, start=start // recipe.meta.steps + 1):
         image, mask = batch["image"], batch["mask"]
-        args, kwargs = kd._call.build(masked(image, mask), mask)
-        logs = learner.step(args, image, {**kwargs, **call_kwargs})
         step = block * recipe.meta.steps
-        if disc is not None:  # the discriminator step, on the last prediction of the block
+        if inject_nan_at is not None and step >= inject_nan_at:  # --inject-nan-at: a data fault, for the tests
+            image = torch.full_like(image, float("nan"))
+        args, kwargs = kd._call.build(masked(image, mask), mask)
+        try:
+            logs = learner.step(args, image, {**kwargs, **call_kwargs})
+        except TrainingDiverged as e:
+            progress.close()
+            if accelerator.is_main_process:
+                record = {"step": step, "time": round(time.time() - t0, 2), **_loggable(e.logs), "skipped": skipped + 1,
+                          "skipped_total": learner.guard.skipped_total, "diverged": True}
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            report_divergence(accelerator, run, e, step)
+            accelerator.end_training()
+            raise SystemExit(DIVERGED_EXIT) from None
+        bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
+        skipped += bad
+        if disc is not None and not bad:  # the discriminator step, on the last prediction of the block
             with accelerator.autocast():
                 if objective is not None:  # on the model's whole last output (detached)
                     d_terms = objective.discriminator_loss(learner.last_raw_output, image, mask)
@@ -278,15 +321,18 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
             disc_opt.step()
             logs["loss_d"] = d_loss.item()
         progress.update(1)
-        if accelerator.is_main_process and (step % recipe.log.every == 0 or block == total):
-            record = {"step": step, "time": round(time.time() - t0, 2), **{k: round(v, 6) for k, v in logs.items()}}
+        if accelerator.is_main_process and (step % recipe.log.every == 0 or block == total or bad):
+            record = {"step": step, "time": round(time.time() - t0, 2), **_loggable(logs)}
+            if learner.guard is not None:  # skipped batches since the previous record (a skipped one is always recorded)
+                record.update(skipped=skipped, skipped_total=learner.guard.skipped_total)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            accelerator.log(logs, step=step)
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step=step)
             progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
-        if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0:
+            skipped = 0
+        if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0 and not bad:
             sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and not bad:  # only good states get saved
             save_checkpoint(accelerator, run, step, recipe.checkpoint.keep)
         if stop_after is not None and step >= start + stop_after:
             accelerator.print(f"stopping abruptly after step {step} (--stop-after)")
@@ -297,6 +343,32 @@ def train_student(recipe: Recipe, accelerator: Accelerator, parts: tuple, loader
     progress.close()
     accelerator.wait_for_everyone()
     finish(recipe, accelerator, kd, spec, adapter, variant, run)
+
+
+def _loggable(logs: dict) -> dict:
+    """``logs`` for JSON: floats rounded, a non-finite one as null (the record says ``skipped`` beside it)."""
+    return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in logs.items()}
+
+
+def report_divergence(accelerator: Accelerator, run: Path, error: TrainingDiverged, step: int) -> None:
+    """``report.md`` / ``report.json`` of a run the guard stopped, in place of the evaluation (main process)."""
+    if not accelerator.is_main_process:
+        return
+    done = checkpoints_of(run)
+    last = f"checkpoints/{done[-1].name}" if done else None
+    (run / "report.json").write_text(json.dumps(
+        {"diverged": True, "step": step, "term": error.term, "reason": error.reason, "message": str(error),
+         "last_checkpoint": last}, indent=2) + "\n")
+    resume = (
+        f"The last good checkpoint is `{last}`; a run in this folder resumes from it with the learning rates saved "
+        "in it, so to train with a lower `optim.lr` start a new `checkpoint.dir`."
+        if last else "No checkpoint was written before the divergence."
+    )
+    (run / "report.md").write_text(
+        f"# Training DIVERGED at step {step}\n\n{error}.\n\nThe bad term: `{error.term}` ({error.reason}). "
+        f"Nothing was exported or evaluated.\n\n{resume}\n"
+    )
+    accelerator.print(f"\nDIVERGED at step {step}: {error}\n{resume}\nrun folder: {run}")
 
 
 def objective_from(recipe: Recipe, registered) -> TrainingObjective | None:
@@ -391,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: recipes/demo.yaml)")
     parser.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # resume tests: die after N steps
+    parser.add_argument("--inject-nan-at", type=int, default=None, help=argparse.SUPPRESS)  # guard tests: NaN images from step N
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.config, args.overrides)
@@ -437,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=d.workers)
         set_seed(recipe.train.seed + 2)  # the added modules start the same whether or not the teacher stage ran
         try:
-            train_student(recipe, accelerator, parts, loader, run, args.stop_after)
+            train_student(recipe, accelerator, parts, loader, run, args.stop_after, args.inject_nan_at)
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(
                 f"out of GPU memory at optim.batch_size={recipe.optim.batch_size} and data.size={d.size}: lower them, "

@@ -411,7 +411,7 @@ class MetaLearner:
             return
         with warnings.catch_warnings():
             if skipped:  # an all-skipped start calls the scheduler before the optimiser ever stepped, on purpose
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`", category=UserWarning)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
             for _ in range(steps):
                 self.scheduler.step()
 

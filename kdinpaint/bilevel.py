@@ -108,7 +108,9 @@ class DivergenceGuard:
                 return name, f"{name} is {_describe(v)}"
         return None
 
-    def exploded(self, name: str, value: float, history: deque, context: dict[str, float] | None = None) -> tuple[str, str] | None:
+    def exploded(
+        self, name: str, value: float, history: deque, context: dict[str, float] | None = None
+    ) -> tuple[str, str] | None:
         """``(name, reason)`` when ``|value|`` is more than ``explode_factor`` times the median of ``history``."""
         if self.explode_factor is None or len(history) < self.warmup:
             return None
@@ -116,7 +118,8 @@ class DivergenceGuard:
         if median <= 0 or abs(value) <= self.explode_factor * median:
             return None
         parts = ", ".join(f"{k} {v:.4g}" for k, v in (context or {}).items() if k in ("loss_inp", "kd/total"))
-        return name, f"{name} {value:.4g} is {abs(value) / median:.0f}x its recent median {median:.4g}" + (f" ({parts})" if parts else "")
+        reason = f"{name} {value:.4g} is {abs(value) / median:.0f}x its recent median {median:.4g}"
+        return name, reason + (f" ({parts})" if parts else "")
 
     def record(self, loss_total: float) -> None:
         self.history.append(abs(loss_total))
@@ -362,7 +365,9 @@ class MetaLearner:
             self.guard.end_batch(bad, logs)
         return logs
 
-    def _meta_step(self, theta0: dict, args: tuple, kwargs: dict, target: torch.Tensor, first: dict | None, params: dict, logs: dict) -> None:
+    def _meta_step(
+        self, theta0: dict, args: tuple, kwargs: dict, target: torch.Tensor, first: dict | None, params: dict, logs: dict
+    ) -> None:
         """The Psi step of Algorithm 1 along the (clipped) hypergradient; never a non-finite or exploded one."""
         grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
         norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))

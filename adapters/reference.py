@@ -51,6 +51,7 @@ from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
+from kdinpaint.ops.fill import harmonic_fill
 
 __all__ = ["ReferenceNet", "Compensation", "reference_net", "ADAPTER_SPEC", "VARIANT_BUILDERS", "register_adapters"]
 
@@ -82,6 +83,11 @@ class ReferenceNet(nn.Module):
         compensate: add residual 1×1 bottlenecks matching the parameters Net8 adds (the Baseline).
         act_layer: activation, a name or a class.
         completion_kernel_size: kernel size of the completion blocks / PGL that ``compensate`` matches.
+        prefill: start the holes from a weight-free smooth fill (:func:`kdinpaint.ops.fill.harmonic_fill`)
+            instead of zeros, and predict the output as a correction of that fill,
+            ``tanh(atanh(fill) + head(...))``, with the head's last convolution starting at zero (a fresh
+            network returns the fill). Not in the paper: see the README's Decisions.
+        prefill_iterations: Jacobi sweeps per pyramid level of the fill.
 
     Shapes: image ``(B, 3, H, W)`` in [-1, 1], mask ``(B, 1, H, W)`` with 1 = hole, ``H, W`` divisible by 8;
     returns the prediction ``(B, 3, H, W)`` in [-1, 1] (not composited with the input).
@@ -96,9 +102,12 @@ class ReferenceNet(nn.Module):
         compensate: bool = False,
         act_layer: LayerLike = "elu",
         completion_kernel_size: int = 3,
+        prefill: bool = False,
+        prefill_iterations: int = 64,
     ):
         super().__init__()
         w = width
+        self.prefill, self.prefill_iterations = bool(prefill), int(prefill_iterations)
         enc = [2 * w, 4 * w, 8 * w]
         self.stem = ConvAct(4, w, act_layer=act_layer, kernel_size=5)
         self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
@@ -108,6 +117,9 @@ class ReferenceNet(nn.Module):
         self.dec2 = nn.Sequential(ConvAct(enc[2] + enc[1], enc[1], act_layer=act_layer), ConvAct(enc[1], enc[1], act_layer=act_layer))
         self.dec1 = nn.Sequential(ConvAct(enc[1] + enc[0], enc[0], act_layer=act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
         self.head = nn.Sequential(ConvAct(enc[0] + w, w, act_layer=act_layer), nn.Conv2d(w, 3, 3, 1, 1))
+        if self.prefill:  # the output starts as the fill; training learns the correction
+            nn.init.zeros_(self.head[1].weight)
+            nn.init.zeros_(self.head[1].bias)
         dec = [enc[2], enc[1], enc[0]]  # att3, att2, att1
         make_att = (lambda c: PixelAttention(c)) if attention else (lambda c: nn.Identity())
         self.att3, self.att2, self.att1 = (make_att(c) for c in dec)
@@ -126,20 +138,46 @@ class ReferenceNet(nn.Module):
         if image.shape[-1] % 8 or image.shape[-2] % 8:
             raise ValueError(f"ReferenceNet needs H and W divisible by 8, got {tuple(image.shape[-2:])}; pad the input")
         up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
-        x0 = self.stem(torch.cat([masked(image, mask), mask], 1))  # (B, w, H, W)
+        start = harmonic_fill(image, mask, self.prefill_iterations) if self.prefill else masked(image, mask)
+        x0 = self.stem(torch.cat([start, mask], 1))  # (B, w, H, W)
         x1 = self._comp("comp_enc", 0, self.enc1(x0))  # (B, 2w, H/2, W/2)
         x2 = self._comp("comp_enc", 1, self.enc2(x1))  # (B, 4w, H/4, W/4)
         x3 = self._comp("comp_enc", 2, self.enc3(x2))  # (B, 8w, H/8, W/8)
         y = self._comp("comp_dec", 0, self.att3(self.dec3(x3)))  # (B, 8w, H/8, W/8)
         y = self._comp("comp_dec", 1, self.att2(self.dec2(torch.cat([up(y), x2], 1))))  # (B, 4w, H/4, W/4)
         y = self._comp("comp_dec", 2, self.att1(self.dec1(torch.cat([up(y), x1], 1))))  # (B, 2w, H/2, W/2)
-        return torch.tanh(self.head(torch.cat([up(y), x0], 1)))  # (B, 3, H, W)
+        out = self.head(torch.cat([up(y), x0], 1))  # (B, 3, H, W)
+        if self.prefill:  # a correction of the fill, in tanh's pre-activation (finite: the fill is clamped)
+            out = out + torch.atanh(start.clamp(-_PREFILL_LIMIT, _PREFILL_LIMIT))
+        return torch.tanh(out)
 
 
-def reference_net(width: int = 64, attention: bool = True, compensate: bool = False, act_layer: LayerLike = "elu") -> ReferenceNet:
-    """Build the student (and, with fresh weights, the teacher) of the ``reference`` adapter."""
-    return ReferenceNet(width=width, attention=attention, compensate=compensate, act_layer=act_layer)
+def reference_net(
+    width: int = 64,
+    attention: bool = True,
+    compensate: bool = False,
+    act_layer: LayerLike = "elu",
+    prefill: bool = False,
+    prefill_iterations: int = 64,
+) -> ReferenceNet:
+    """Build the student of the ``reference`` adapter."""
+    return ReferenceNet(
+        width=width, attention=attention, compensate=compensate, act_layer=act_layer, prefill=prefill,
+        prefill_iterations=prefill_iterations,
+    )
 
+
+def reference_teacher(**kwargs) -> ReferenceNet:
+    """The auxiliary network: the student's backbone with fresh weights, always without ``prefill``.
+
+    Its input has no hole, so a fill would change nothing, and a correction of its own input would let the
+    autoencoder return the ground truth without learning any feature (``head = 0``); the parameters (and so
+    the distilled feature shapes) are the same either way.
+    """
+    return reference_net(**{**kwargs, "prefill": False})
+
+
+_PREFILL_LIMIT = 0.999  # atanh(0.999) = 3.8: a saturated fill stays a finite pre-activation
 
 _LEVELS = ["enc1", "enc2", "enc3"]
 _ATTENTION = [{"module": m, "fusion": True} for m in ("att3", "att2", "att1")]
@@ -179,6 +217,7 @@ def register_adapters(register: Callable[[Adapter], None]) -> None:
             name="reference",
             spec=ADAPTER_SPEC,
             build_student=reference_net,
+            build_teacher=reference_teacher,
             description=ADAPTER_SPEC["description"],
             stride=ReferenceNet.stride,
             variant_builders=VARIANT_BUILDERS,

@@ -70,9 +70,13 @@ HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when data
 
 
 def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -> torch.Tensor | kdata.ImageFolder:
-    """``sample``: crops of the bundled photos (two of them, HELD_OUT, are kept for evaluation)."""
+    """``sample``: crops of the bundled photos (two of them, HELD_OUT, are kept for evaluation). Training
+    crops are drawn at random scales and places (``crop: random``, :class:`kdinpaint.data.SampleCrops`),
+    evaluation crops are the fixed :func:`kdinpaint.data.sample_images`."""
     if source == "sample":
         names = HELD_OUT if held_out else tuple(n for n in kdata.SAMPLE_NAMES if n not in HELD_OUT)
+        if crop == "random" and not held_out:
+            return kdata.SampleCrops(size, count, names=names)
         return kdata.sample_images(size, count, names=names)
     if not Path(source).exists():
         raise FileNotFoundError(f"data path {source!r} does not exist; give an image folder, a .flist, or 'sample'")

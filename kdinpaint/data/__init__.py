@@ -8,7 +8,7 @@ from kdinpaint.data.dataset import InpaintingDataset
 from kdinpaint.data.generators import EvalMasks, FreeFormMasks, RectangleMasks, rng_for
 from kdinpaint.data.images import IMAGE_EXTENSIONS, ImageFolder, list_images, read_image
 from kdinpaint.data.masks import MaskFolder, detect_hole_colour, read_mask
-from kdinpaint.data.samples import SAMPLE_NAMES, sample_images, sample_photo
+from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images, sample_photo
 from kdinpaint.data.training import TrainingStream
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "detect_hole_colour",
     "read_mask",
     "SAMPLE_NAMES",
+    "SampleCrops",
     "sample_images",
     "sample_photo",
     "TrainingStream",

@@ -32,8 +32,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-__all__ = ["SAMPLE_NAMES", "sample_images", "sample_photo"]
+__all__ = ["SAMPLE_NAMES", "SampleCrops", "sample_images", "sample_photo"]
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,51 @@ def sample_images(size: int = 256, count: int = 10, *, names: Sequence[str] | No
     if unknown or not chosen:
         raise ValueError(f"unknown sample photo(s) {unknown}; known: {list(SAMPLE_NAMES)}")
     return _cached(size, count, chosen).clone()
+
+
+class SampleCrops(Dataset):
+    """``count`` random crops of the bundled photos at random scales: a training set from a handful of photos.
+
+    Crop ``k`` is a pure function of ``(seed, k)``: a photo, a scale between the one whose short side is
+    ``size`` (the whole photo) and the photo's native resolution (log-uniform over ``levels`` pre-resized
+    copies), and a position. A small network trained on a few dozen fixed crops memorises them; drawn from
+    every scale and place, the same photos teach it how image content continues across a hole.
+
+    Items are float32 ``(3, size, size)`` in [-1, 1] (flips are left to :class:`TrainingStream`).
+    """
+
+    def __init__(self, size: int, count: int, *, names: Sequence[str] | None = None, seed: int = 0, levels: int = 6):
+        if not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an int >= 8, got {size!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        chosen = tuple(names) if names is not None else SAMPLE_NAMES
+        unknown = [n for n in chosen if n not in _LOADERS]
+        if unknown or not chosen:
+            raise ValueError(f"unknown sample photo(s) {unknown}; known: {list(SAMPLE_NAMES)}")
+        self.size, self.count, self.seed = size, count, int(seed)
+        self._levels: list[list[np.ndarray]] = []  # per photo, copies from whole-photo to native scale
+        for name in chosen:
+            photo = sample_photo(name)
+            h, w = photo.shape[:2]
+            lo = size / min(h, w)
+            copies = []
+            for j in range(levels):
+                s = min(1.0, lo ** (1 - j / max(1, levels - 1)))  # lo ... 1, geometric
+                nh, nw = max(size, round(h * s)), max(size, round(w * s))
+                copies.append(np.asarray(Image.fromarray(photo).resize((nw, nh), Image.BICUBIC)) if (nh, nw) != (h, w) else photo)
+            self._levels.append(copies)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        if not 0 <= k < self.count:
+            raise IndexError(f"crop {k} out of range for {self.count} crops")
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, k, 0xC209])))
+        copies = self._levels[int(rng.integers(len(self._levels)))]
+        img = copies[int(rng.integers(len(copies)))]
+        h, w = img.shape[:2]
+        top, left = int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))
+        crop = np.ascontiguousarray(img[top : top + self.size, left : left + self.size])
+        return torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size)

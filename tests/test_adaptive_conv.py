@@ -75,6 +75,32 @@ def test_second_derivatives_when_kernel_and_offset_depend_on_x():
     assert torch.autograd.gradgradcheck(block, (x,), eps=1e-6, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_offset_gives_nan_at_its_pixel_and_no_index_error(bad):
+    # a diverged offset must reach the loss as NaN, so that the divergence guard (or the hypergradient's
+    # non-finite check) can skip the step; the create_graph backward once cast a NaN position to int64's
+    # minimum and crashed with "index out of bounds"
+    x, kernel, offset = _inputs(1, 2, 5, 6, 3, seed=4)
+    clean = adaptive_conv(x, kernel, offset)
+    offset[0, 0, 2, 3] = bad  # tap 0's dy at pixel (2, 3)
+    leaves = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    out = adaptive_conv(*leaves)
+    hit = torch.zeros(1, 1, 5, 6, dtype=torch.bool)
+    hit[0, 0, 2, 3] = True
+    assert torch.equal(~torch.isfinite(out), hit.expand_as(out))  # only the pixel that read the bad tap
+    torch.testing.assert_close(out[~hit.expand_as(out)], clean[~hit.expand_as(clean)])
+    grad = torch.randn_like(out)
+    plain = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    graphed = torch.autograd.grad(out, leaves, grad, create_graph=True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5, equal_nan=True)
+    grad_x, grad_kernel, grad_offset = (g.detach() for g in graphed)
+    assert bool(torch.isfinite(grad_x).all())  # the bad tap reads no pixel
+    assert (~torch.isfinite(grad_kernel)).nonzero().tolist() == [[0, 0, 2, 3]]
+    bad_offsets = (~torch.isfinite(grad_offset)).nonzero().tolist()
+    assert bad_offsets and all(c in (0, 1) and (h, w) == (2, 3) for _, c, h, w in bad_offsets)
+
 def test_autocast_computes_in_float32():
     x, kernel, offset = _inputs(1, 3, 6, 6, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

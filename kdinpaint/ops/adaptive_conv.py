@@ -110,8 +110,10 @@ def _gather_form(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K:
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
             yy, xx = y0 + dy, x0 + dx
-            inside = (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)  # zero padding
-            index = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).long().view(B, 1, T * H * W)
+            inside = (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)  # zero padding; False at NaN
+            # a tap outside reads pixel 0 with weight 0; so does one at a NaN position, whose index would cast to
+            # int64's minimum (out of bounds): a diverged offset gives NaN gradients, as the kernel form, not a crash
+            index = torch.where(inside, yy * W + xx, torch.zeros_like(yy)).long().view(B, 1, T * H * W)
             corner = torch.gather(flat, 2, index.expand(B, C, T * H * W)).view(B, C, T, H, W)
             weight = torch.where(inside, wy * wx * kernel, torch.zeros_like(kernel))  # (B, T, H, W)
             out = out + (corner * weight.unsqueeze(1)).sum(2)
@@ -170,6 +172,9 @@ def adaptive_conv(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor) -
     Returns:
         ``(B, C, H, W)``; stride 1, dilation 1, zero padding. Differentiable (twice) in all three inputs.
         Under autocast it computes in float32 (as ``grid_sample`` does) and returns float32.
+        A non-finite offset or kernel weight (a diverged training) makes the pixels that use it non-finite, and their
+        gradients, in both backward forms; it raises nothing, so that the loss shows it and the divergence
+        guard (``train.guard``) skips the step.
     """
     K = check_adaptive_conv_args(x, kernel, offset)
     if torch.is_autocast_enabled(x.device.type):

@@ -5,7 +5,17 @@ Per batch: ``T`` ordinary optimiser steps of theta (the student, completion bloc
 ``d L_inp(theta_T) / d Psi``, where ``theta_T`` is the result of ``T`` differentiable SGD steps of size
 ``alpha`` from the theta the batch started with, on the same batch:
 
-    theta_{t+1} = theta_t - alpha * grad_theta L_tot(theta_t, Psi)
+    theta_{t+1} = theta_t - alpha * P * grad_theta L_tot(theta_t, Psi)
+
+``P`` is a constant diagonal preconditioner that makes each unrolled step the size of the step the real
+optimiser takes. With plain SGD it is 1 (the paper's update). With Adam (or AdamW) it is Adam's own
+``1 / (sqrt(v_hat) + eps)``, read from the optimiser's second-moment estimate at the start of the batch
+(from the first step's gradient on the very first batch), held constant through the unroll. Without it, the
+unroll takes SGD steps of size ``alpha`` on raw gradients while theta actually moves by Adam steps of about
+``alpha`` per parameter: where a gradient is large (hundreds to thousands for the distillation terms of a
+fresh student) the unrolled step is orders of magnitude longer than the real one, ``theta_T`` lands far from
+anything the model visits, and the hypergradient is 0 (saturated outputs), huge or NaN — which then steers Psi
+at random. ``inner_step="sgd"`` restores the plain update.
 
 Psi reaches ``L_inp`` only through these steps (``L_inp`` itself does not read the meta-networks), so the
 hypergradient is the second-order signal of Reverse-HG (Franceschi et al., 2017). It is computed by running
@@ -48,6 +58,7 @@ from kdinpaint.spec import META_MODES
 __all__ = ["MetaLearner", "DivergenceGuard", "TrainingDiverged", "META_MODES"]
 
 LOSS_INPUTS = ("prediction", "output")
+INNER_STEPS = ("auto", "adam", "sgd")
 
 InpaintLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -192,6 +203,9 @@ class MetaLearner:
         steps: T (default: the spec's ``meta.steps``, 2 as the paper).
         inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate,
             read at the start of every batch, so that it follows a learning-rate schedule).
+        inner_step: ``"auto"`` (``"adam"`` when the theta optimiser is Adam or AdamW, else ``"sgd"``),
+            ``"adam"`` (each unrolled step preconditioned by Adam's ``1 / (sqrt(v_hat) + eps)``, constant within
+            the batch, so it is the size of the real step) or ``"sgd"`` (raw gradients, the paper's update).
         lambda_d: weight of the distillation terms in ``L_tot`` (the paper: 20).
         meta_lr: learning rate of the default meta optimiser.
         forward_module: what the ordinary steps call (e.g. the DDP-wrapped Distiller, so that gradients are
@@ -240,6 +254,7 @@ class MetaLearner:
         guard: bool = True,
         max_bad_steps: int = 5,
         explode_factor: float | None = 50.0,
+        inner_step: str = "auto",
     ):
         mode = kd.spec.meta.mode if mode is None else mode
         if mode not in META_MODES:
@@ -266,6 +281,15 @@ class MetaLearner:
                 f"the theta optimiser holds {len(held)} meta-parameter(s); build it over "
                 "student.parameters() + kd.student_parameters() only (Psi is trained by MetaLearner)"
             )
+        if inner_step not in INNER_STEPS:
+            raise ValueError(f"inner_step {inner_step!r} is not one of {list(INNER_STEPS)}")
+        adam = isinstance(_base_optimizer(theta_optimizer), (torch.optim.Adam, torch.optim.AdamW))
+        if inner_step == "adam" and not adam:
+            raise ValueError(
+                f"inner_step='adam' preconditions the unroll with Adam's second moments, but the theta optimiser is "
+                f"{type(_base_optimizer(theta_optimizer)).__name__}: use inner_step='sgd' (or 'auto')"
+            )
+        self.inner_step = ("adam" if adam else "sgd") if inner_step == "auto" else inner_step
         self.inner_lr = float(theta_optimizer.param_groups[0]["lr"] if inner_lr is None else inner_lr)
         self._inner_lr_follows = inner_lr is None  # alpha tracks a scheduled learning rate
         self.scheduler = scheduler
@@ -281,6 +305,7 @@ class MetaLearner:
         theta_ids = {id(p) for group in theta_optimizer.param_groups for p in group["params"]}
         self._theta_names = [n for n, p in kd.named_parameters() if id(p) in theta_ids and p.requires_grad]
         self._updates_psi = mode != "frozen" and bool(self._psi_names)
+        self._theta_name_of = {id(p): n for n, p in kd.named_parameters() if n in set(self._theta_names)}
 
     # ---- one batch ------------------------------------------------------------------------------
     def step(self, inputs: tuple | dict, target: torch.Tensor, kwargs: dict | None = None) -> dict[str, float | str]:
@@ -302,6 +327,7 @@ class MetaLearner:
         kd = self.kd
         params = dict(kd.named_parameters())
         theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self._updates_psi else {}
+        precondition = self.preconditioner() if self._updates_psi else None  # the optimiser's state at theta0
         first: dict[str, torch.Tensor] | None = None
         lr = float(self.theta_optimizer.param_groups[0]["lr"])
         if self._inner_lr_follows:
@@ -355,7 +381,7 @@ class MetaLearner:
                 self.theta_optimizer.step()
                 self._advance_schedule(1)
             if self._updates_psi and bad is None:
-                self._meta_step(theta0, args, kwargs, target, first, params, logs)
+                self._meta_step(theta0, args, kwargs, target, first, params, logs, precondition)
             elif self._updates_psi:
                 logs["meta_skipped"] = 1.0
         if self.guard is not None:
@@ -366,10 +392,18 @@ class MetaLearner:
         return logs
 
     def _meta_step(
-        self, theta0: dict, args: tuple, kwargs: dict, target: torch.Tensor, first: dict | None, params: dict, logs: dict
+        self,
+        theta0: dict,
+        args: tuple,
+        kwargs: dict,
+        target: torch.Tensor,
+        first: dict | None,
+        params: dict,
+        logs: dict,
+        precondition: dict | None = None,
     ) -> None:
         """The Psi step of Algorithm 1 along the (clipped) hypergradient; never a non-finite or exploded one."""
-        grads = self.hypergradient(theta0, args, kwargs, target, first_step=first)
+        grads = self.hypergradient(theta0, args, kwargs, target, first_step=first, preconditioner=precondition)
         norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
         logs["hypergrad_norm"] = norm
         skip = None if math.isfinite(norm) else f"hypergrad_norm is {_describe(norm)}"
@@ -420,10 +454,35 @@ class MetaLearner:
             for _ in range(steps):
                 self.scheduler.step()
 
-    def _sgd(self, theta: dict, step: dict, correction: dict) -> dict[str, torch.Tensor]:
-        """One differentiable SGD step. ``first_order``: the values follow SGD but gradients flow only through
-        each step's Psi-dependence, accumulated in ``correction`` (added back after the last step)."""
+    def preconditioner(self) -> dict[str, torch.Tensor | None] | None:
+        """``P`` of the unrolled steps, by theta name, from the theta optimiser's state now: Adam's
+        ``1 / (sqrt(v_hat) + eps)`` (``None`` for a parameter with no state yet: the first unrolled step's
+        gradient stands in for ``v``); ``None`` altogether for ``inner_step="sgd"``."""
+        if self.inner_step == "sgd":
+            return None
+        base = _base_optimizer(self.theta_optimizer)
+        out: dict[str, torch.Tensor | None] = {n: None for n in self._theta_names}
+        for group in base.param_groups:
+            beta2, eps = group["betas"][1], group["eps"]
+            for p in group["params"]:
+                name = self._theta_name_of.get(id(p))
+                state = base.state.get(p, {})
+                if name is None or "exp_avg_sq" not in state or float(state["step"]) < 1:
+                    continue
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+                out[name] = 1 / (v_hat.sqrt() + eps)
+        return out
+
+    def _sgd(self, theta: dict, step: dict, correction: dict, precondition: dict | None) -> dict[str, torch.Tensor]:
+        """One differentiable (preconditioned) SGD step. ``first_order``: the values follow it but gradients flow
+        only through each step's Psi-dependence, accumulated in ``correction`` (added back after the last step)."""
         alpha = self.inner_lr
+        if precondition is not None:
+            eps = _base_optimizer(self.theta_optimizer).param_groups[0]["eps"]
+            for n in theta:
+                if precondition[n] is None:  # no Adam state yet: Adam's first step, g / |g|
+                    precondition[n] = 1 / (step[n].detach().abs() + eps)
+            step = {n: precondition[n] * g for n, g in step.items()}
         if self.mode == "reverse_hg":
             return {n: v - alpha * step[n] for n, v in theta.items()}
         for n in theta:
@@ -446,12 +505,16 @@ class MetaLearner:
         kwargs: dict,
         target: torch.Tensor,
         first_step: dict[str, torch.Tensor] | None = None,
+        preconditioner: dict[str, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name).
 
         ``first_step``: ``grad_theta L_tot(theta0)`` already computed with ``create_graph=True`` on the
         tensors of ``theta0`` (the fused first ordinary step); the unroll then starts from its second step.
+        ``preconditioner``: ``P`` of the steps (:meth:`preconditioner`, taken before the optimiser moved
+        theta0); default: the optimiser's state now (``inner_step="adam"``) or none.
         """
+        precondition = self.preconditioner() if preconditioner is None else dict(preconditioner)
         kd = self.kd
         params = dict(kd.named_parameters())
         psi = {n: params[n] for n in self._psi_names}
@@ -461,14 +524,14 @@ class MetaLearner:
         correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
         mask = kd._call.get(args, kwargs, "mask")
         if first_step is not None:
-            theta = self._sgd(dict(theta0), first_step, correction)
+            theta = self._sgd(dict(theta0), first_step, correction, precondition)
         with kd.reusing_teacher():
             for _ in range(self.steps - (first_step is not None)):
                 out, kd_losses = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, {**kwargs, "kd_target": target})
                 l_tot = self._loss(out, target, mask) + self.lambda_d * kd_losses["total"]
                 grads = torch.autograd.grad(l_tot, list(theta.values()), create_graph=True, allow_unused=True)
                 step = {n: (g if g is not None else torch.zeros_like(v)) for (n, v), g in zip(theta.items(), grads)}
-                theta = self._sgd(theta, step, correction)
+                theta = self._sgd(theta, step, correction, precondition)
             if self.mode == "first_order":
                 theta = {n: v + correction[n] for n, v in theta.items()}
             out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)
@@ -482,6 +545,11 @@ class MetaLearner:
                 dist.all_reduce(g)
                 g.div_(dist.get_world_size())
         return grads
+
+
+def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside an accelerate ``AcceleratedOptimizer`` (or the optimiser itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _detached(out: Any) -> Any:

@@ -88,6 +88,7 @@ class ReferenceNet(nn.Module):
             ``tanh(atanh(fill) + head(...))``, with the head's last convolution starting at zero (a fresh
             network returns the fill). Not in the paper: see the README's Decisions.
         prefill_iterations: Jacobi sweeps per pyramid level of the fill.
+        prefill_biharmonic: conjugate-gradient steps refining the fill towards the biharmonic interpolant.
 
     Shapes: image ``(B, 3, H, W)`` in [-1, 1], mask ``(B, 1, H, W)`` with 1 = hole, ``H, W`` divisible by 8;
     returns the prediction ``(B, 3, H, W)`` in [-1, 1] (not composited with the input).
@@ -104,10 +105,11 @@ class ReferenceNet(nn.Module):
         completion_kernel_size: int = 3,
         prefill: bool = False,
         prefill_iterations: int = 64,
+        prefill_biharmonic: int = 100,
     ):
         super().__init__()
         w = width
-        self.prefill, self.prefill_iterations = bool(prefill), int(prefill_iterations)
+        self.prefill, self.prefill_iterations, self.prefill_biharmonic = bool(prefill), int(prefill_iterations), int(prefill_biharmonic)
         enc = [2 * w, 4 * w, 8 * w]
         self.stem = ConvAct(4, w, act_layer=act_layer, kernel_size=5)
         self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
@@ -138,7 +140,10 @@ class ReferenceNet(nn.Module):
         if image.shape[-1] % 8 or image.shape[-2] % 8:
             raise ValueError(f"ReferenceNet needs H and W divisible by 8, got {tuple(image.shape[-2:])}; pad the input")
         up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
-        start = harmonic_fill(image, mask, self.prefill_iterations) if self.prefill else masked(image, mask)
+        if self.prefill:  # (B, 3, H, W), may overshoot [-1, 1] slightly (biharmonic)
+            start = harmonic_fill(image, mask, self.prefill_iterations, self.prefill_biharmonic).clamp(-1, 1)
+        else:
+            start = masked(image, mask)
         x0 = self.stem(torch.cat([start, mask], 1))  # (B, w, H, W)
         x1 = self._comp("comp_enc", 0, self.enc1(x0))  # (B, 2w, H/2, W/2)
         x2 = self._comp("comp_enc", 1, self.enc2(x1))  # (B, 4w, H/4, W/4)
@@ -159,11 +164,12 @@ def reference_net(
     act_layer: LayerLike = "elu",
     prefill: bool = False,
     prefill_iterations: int = 64,
+    prefill_biharmonic: int = 100,
 ) -> ReferenceNet:
     """Build the student of the ``reference`` adapter."""
     return ReferenceNet(
         width=width, attention=attention, compensate=compensate, act_layer=act_layer, prefill=prefill,
-        prefill_iterations=prefill_iterations,
+        prefill_iterations=prefill_iterations, prefill_biharmonic=prefill_biharmonic,
     )
 
 

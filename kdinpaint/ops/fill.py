@@ -7,10 +7,16 @@ cells with ``iterations`` Jacobi sweeps of the Laplace equation (every unknown c
 four neighbours; known cells stay fixed). Colour therefore flows into a hole from all of its border at
 every scale, and large holes fill in a handful of sweeps per level, not thousands.
 
-On 64×64 crops of photographs with free-form holes (10-50 %), 64 sweeps per level score within about
-0.3 dB of ``skimage.restoration.inpaint_biharmonic`` in PSNR, one to two orders of magnitude faster, and
-the cost is linear in the number of pixels at any size. It has no parameters and no gradient; networks
-use it to start the holes from a plausible colour instead of zeros (``ReferenceNet(prefill=True)``).
+``biharmonic_iterations`` then refines the fill towards the biharmonic (thin-plate) interpolant, the one
+``skimage.restoration.inpaint_biharmonic`` computes: conjugate-gradient steps on ``sum (Laplacian u)^2``
+over the hole pixels, known pixels fixed, each sample and channel its own system. The harmonic fill is a
+tent between the borders; the biharmonic one also continues their slopes.
+
+On 64×64 crops of photographs with free-form holes (10-50 %) the harmonic fill (64 sweeps) scores 0.3-2 dB
+below skimage's biharmonic fill in PSNR; with 100 conjugate-gradient steps it is within about 0.5 dB of it
+(and above it on some image sets: partly converged, it sits between the two interpolants), at a cost linear
+in the number of pixels per step. It has no parameters and no gradient; networks use it to start the holes
+from a plausible colour instead of zeros (``ReferenceNet(prefill=True)``).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ __all__ = ["harmonic_fill"]
 
 
 @torch.no_grad()
-def harmonic_fill(image: torch.Tensor, mask: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+def harmonic_fill(
+    image: torch.Tensor, mask: torch.Tensor, iterations: int = 64, biharmonic_iterations: int = 0
+) -> torch.Tensor:
     """Fill the holes of ``image`` smoothly from their borders; known pixels are returned unchanged.
 
     Args:
         image: ``(B, C, H, W)``, any range (the fill is a convex combination of known values).
         mask: ``(B, 1, H, W)``, 1 = hole.
         iterations: Jacobi sweeps per pyramid level (0 keeps the up-sampled coarse fill).
+        biharmonic_iterations: conjugate-gradient steps towards the biharmonic interpolant afterwards.
 
     Returns ``(B, C, H, W)``: ``image`` where known, the fill in the holes. A sample with no known pixel is
     filled with zeros.
@@ -38,8 +47,8 @@ def harmonic_fill(image: torch.Tensor, mask: torch.Tensor, iterations: int = 64)
             f"harmonic_fill needs image (B, C, H, W) and mask (B, 1, H, W) of the same size, got "
             f"{tuple(image.shape)} and {tuple(mask.shape)}"
         )
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if iterations < 0 or biharmonic_iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations} and biharmonic_iterations {biharmonic_iterations}")
     dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
     x, hole = image.to(dtype), mask.to(dtype)
     known = 1 - hole
@@ -63,4 +72,34 @@ def harmonic_fill(image: torch.Tensor, mask: torch.Tensor, iterations: int = 64)
             mean = F.conv2d(F.pad(cur, (1, 1, 1, 1), mode="replicate"), neighbours, groups=C)
             cur = cur + free * (mean - cur)
         fill = cur
-    return (x * known + fill * hole).to(image.dtype)
+    fill = x * known + fill * hole
+    if biharmonic_iterations:
+        fill = _biharmonic_refine(fill, hole, biharmonic_iterations)
+    return fill.to(image.dtype)
+
+
+def _laplacian(u: torch.Tensor) -> torch.Tensor:
+    """The 5-point Laplacian with replicate padding (zero flux at the image border): symmetric, so
+    ``hole * L(L(.))`` on hole pixels is symmetric positive semi-definite and conjugate gradients apply."""
+    C = u.shape[1]
+    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=u.dtype, device=u.device).expand(C, 1, 3, 3)
+    return F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), k, groups=C)
+
+
+def _biharmonic_refine(u: torch.Tensor, hole: torch.Tensor, steps: int) -> torch.Tensor:
+    """Conjugate gradients on ``min_u sum (L u)^2`` over the hole pixels of ``u`` (known pixels fixed),
+    started from ``u``; per sample and channel (the sums run over H, W only)."""
+    A = lambda v: hole * _laplacian(_laplacian(v))  # noqa: E731 — the normal operator on hole pixels
+    r = -A(u)  # residual (minus the gradient) at the start
+    p = r
+    rr = (r * r).sum((2, 3), keepdim=True)  # (B, C, 1, 1)
+    tiny = torch.finfo(u.dtype).tiny
+    for _ in range(steps):
+        Ap = A(p)
+        alpha = rr / (p * Ap).sum((2, 3), keepdim=True).clamp_min(tiny)
+        u = u + alpha * p
+        r = r - alpha * Ap
+        rr_next = (r * r).sum((2, 3), keepdim=True)
+        p = r + rr_next / rr.clamp_min(tiny) * p
+        rr = rr_next
+    return u

@@ -123,15 +123,24 @@ class ReferenceNet(nn.Module):
             nn.init.zeros_(self.head[1].weight)
             nn.init.zeros_(self.head[1].bias)
         dec = [enc[2], enc[1], enc[0]]  # att3, att2, att1
-        make_att = (lambda c: PixelAttention(c)) if attention else (lambda c: nn.Identity())
+        # attention refines the holes through a zero-initialised gate (README, Decisions)
+        make_att = (lambda c: PixelAttention(c, refine_holes=True)) if attention else (lambda c: nn.Identity())
         self.att3, self.att2, self.att1 = (make_att(c) for c in dec)
         self.compensate = compensate
         if compensate:  # what completion blocks, attention and PGL add to Net8, level by level
             k = completion_kernel_size
             cb = [sum(p.numel() for p in AdaptiveConv(c, k).parameters()) for c in enc]
-            att = [sum(p.numel() for p in (*PixelAttention(c).parameters(), *GlobalLocalFusion(c, k).parameters())) for c in dec]
+            att = [
+                sum(p.numel() for p in (*PixelAttention(c, refine_holes=True).parameters(), *GlobalLocalFusion(c, k).parameters()))
+                for c in dec
+            ]
             self.comp_enc = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(enc, cb))
             self.comp_dec = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(dec, att))
+
+    @staticmethod
+    def _attend(att: nn.Module, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A decoder attention (Net6-Net8) gets the mask, to refine the holes only; the identity does not."""
+        return att(d, mask) if isinstance(att, PixelAttention) else att(d)
 
     def _comp(self, which: str, i: int, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, which)[i](x) if self.compensate else x
@@ -148,9 +157,9 @@ class ReferenceNet(nn.Module):
         x1 = self._comp("comp_enc", 0, self.enc1(x0))  # (B, 2w, H/2, W/2)
         x2 = self._comp("comp_enc", 1, self.enc2(x1))  # (B, 4w, H/4, W/4)
         x3 = self._comp("comp_enc", 2, self.enc3(x2))  # (B, 8w, H/8, W/8)
-        y = self._comp("comp_dec", 0, self.att3(self.dec3(x3)))  # (B, 8w, H/8, W/8)
-        y = self._comp("comp_dec", 1, self.att2(self.dec2(torch.cat([up(y), x2], 1))))  # (B, 4w, H/4, W/4)
-        y = self._comp("comp_dec", 2, self.att1(self.dec1(torch.cat([up(y), x1], 1))))  # (B, 2w, H/2, W/2)
+        y = self._comp("comp_dec", 0, self._attend(self.att3, self.dec3(x3), mask))  # (B, 8w, H/8, W/8)
+        y = self._comp("comp_dec", 1, self._attend(self.att2, self.dec2(torch.cat([up(y), x2], 1)), mask))  # (B, 4w, H/4, W/4)
+        y = self._comp("comp_dec", 2, self._attend(self.att1, self.dec1(torch.cat([up(y), x1], 1)), mask))  # (B, 2w, H/2, W/2)
         out = self.head(torch.cat([up(y), x0], 1))  # (B, 3, H, W)
         if self.prefill:  # a correction of the fill, in tanh's pre-activation (finite: the fill is clamped)
             out = out + torch.atanh(start.clamp(-_PREFILL_LIMIT, _PREFILL_LIMIT))

@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from kdinpaint.masking import mask_at
 from kdinpaint.ops.attention import affinity, softmax_attention
 
 __all__ = ["PixelAttention", "QueryKey", "Affinity"]
@@ -57,15 +58,32 @@ class PixelAttention(nn.Module):
     Args:
         channels: ``C`` of the input feature.
         qk_channels: width of queries and keys (default ``max(8, C // 8)``).
+        refine_holes: return ``d + M ⊙ g ⊙ (a - d)`` instead of ``a``: the attention output enters at the
+            holes only (``M``, the mask max-pooled to the feature size, passed as ``forward(d, mask)``; the
+            whole map when no mask is given) through a per-channel gate ``g`` that starts at zero, so known
+            features are kept and a fresh module is the identity. The paper (§3.2): the attention "finds the
+            feature similarity of the holes with rest of the image, and then refines the holes by taking a
+            weighted sum of the similar features". ``False`` (default): ``a`` itself, Eq. (8) as written.
     """
 
-    def __init__(self, channels: int, qk_channels: int | None = None):
+    def __init__(self, channels: int, qk_channels: int | None = None, refine_holes: bool = False):
         super().__init__()
         self.channels = channels
         self.qk = QueryKey(channels, qk_channels or max(8, channels // 8))
         self.affinity = Affinity()
+        self.refine_holes = refine_holes
+        if refine_holes:
+            self.gate = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
+    def forward(self, d: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``d``: ``(B, C, H, W)``; ``mask``: ``(B, 1, H_img, W_img)`` with 1 = hole (used with ``refine_holes``)."""
+        a = self._attend(d)
+        if not self.refine_holes:
+            return a
+        change = self.gate * (a - d)  # (B, C, H, W)
+        return d + (change if mask is None else change * mask_at(mask, d.shape[-2:]).to(d.dtype))
+
+    def _attend(self, d: torch.Tensor) -> torch.Tensor:
         B, C, H, W = d.shape
         q, k = self.qk(d)  # (B, N, C_qk) each
         v = rearrange(d, "b c h w -> b (h w) c")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kdinpaint
+from kdinpaint.ops.fill import harmonic_fill
 from kdinpaint_adapters.reference import ReferenceNet
 from tiny import batch
 
@@ -63,3 +64,81 @@ def test_size_not_divisible_by_the_stride_is_named():
     net = ReferenceNet(width=4)
     with pytest.raises(ValueError, match="divisible by 8"):
         net(torch.zeros(1, 3, 30, 32), torch.zeros(1, 1, 30, 32))
+
+
+def test_fresh_prefill_net_returns_the_clamped_fill():
+    # tanh(atanh(clamp(fill)) + head) with the head's last conv at zero: the fill itself, known pixels included
+    image, mask = batch(2, 32)
+    net = ReferenceNet(width=4, prefill=True)
+    few = ReferenceNet(width=4, prefill=True, prefill_iterations=0, prefill_biharmonic=0)
+    with torch.no_grad():
+        out, out_few = net(image * (1 - mask), mask), few(image * (1 - mask), mask)
+    fill = harmonic_fill(image, mask, net.prefill_iterations, net.prefill_biharmonic)
+    assert bool((fill.abs() > 0.999).any())  # the clamp is exercised
+    torch.testing.assert_close(out, fill.clamp(-0.999, 0.999), atol=1e-5, rtol=0)
+    coarse = harmonic_fill(image, mask, 0)
+    torch.testing.assert_close(out_few, coarse.clamp(-0.999, 0.999), atol=1e-5, rtol=0)
+    assert (coarse - fill).abs().max() > 0.05  # the fill's arguments reach it
+
+
+def test_prefill_gradients_reach_every_parameter_once_the_head_moved():
+    torch.manual_seed(0)
+    net = ReferenceNet(width=4, prefill=True)
+    image, mask = batch(2, 32)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def moving() -> set[str]:
+        opt.zero_grad(set_to_none=True)
+        (net(image * (1 - mask), mask) - image).abs().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+        return {n for n, p in net.named_parameters() if p.grad is not None and bool(p.grad.ne(0).any())}
+
+    assert moving() == {"head.1.weight", "head.1.bias"}  # everything else sits behind the zero conv
+    for _ in range(2):  # the conv moves, then what sits behind the attention's zero-initialised gates
+        opt.step()
+        moving()
+    opt.step()
+    assert moving() == {n for n, _ in net.named_parameters()}
+
+
+def test_adapter_teacher_is_built_without_prefill():
+    adapter = kdinpaint.get_adapter("reference")
+    for variant in (None, "net8", "baseline"):
+        student = adapter.student(variant, width=4, prefill=True)
+        teacher = adapter.teacher(variant, width=4, prefill=True)
+        assert student.prefill and not teacher.prefill
+        shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+        assert shapes(teacher) == shapes(student)
+        assert bool(teacher.head[1].weight.ne(0).any())  # the ordinary initialisation, not the correction's zero
+
+
+def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    adapter = kdinpaint.get_adapter("reference")
+    kwargs = {"width": 4, "prefill": True}
+    student = adapter.student("net8", **kwargs)
+    kd = kdinpaint.attach(student, adapter.teacher("net8", **kwargs), adapter.spec.variant("net8"))
+    image, mask = batch(2, 32)
+    opt = torch.optim.Adam([*student.parameters(), *kd.student_parameters()], lr=1e-3)
+    pred = student(image * (1 - mask), mask)
+    losses = kd.losses(target=image)
+    loss = (pred - image).abs().mean() + 20 * losses["total"]
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(losses[t].item() > 0 for t in ("cross", "self", "att"))
+    exported = kd.export().eval()
+    with torch.no_grad():  # generic values where a fresh network starts at zero (head, blocks, fusion, gates)
+        for p in exported.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    path = tmp_path / "net8.safetensors"
+    kdinpaint.save_exported(exported, path, adapter="reference:net8", builder_kwargs=kwargs)
+    kd.detach()
+    model, which = kdinpaint.load_checkpoint(path, expected="reference")
+    assert which == "reference:net8" and model.model.prefill
+    with torch.no_grad():
+        expected = exported(image * (1 - mask), mask)
+        assert torch.equal(model.eval()(image * (1 - mask), mask), expected)
+        # the same weights without prefill compute something else: the builder arguments matter
+        plain = kdinpaint.load_exported(path, adapter.student("net8", width=4)).eval()
+        assert (plain(image * (1 - mask), mask) - expected).abs().max() > 1e-2

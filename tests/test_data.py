@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, list_images, sample_images
+from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, SampleCrops, list_images, sample_images
+from kdinpaint.data.samples import sample_photo
 
 
 def _png16(path, arr: np.ndarray) -> None:
@@ -155,3 +156,87 @@ def test_dataset_bad_inputs(tmp_path):
         InpaintingDataset(images, 3)
     with pytest.raises(ValueError, match="resize masks"):
         InpaintingDataset(images, [torch.zeros(1, 16, 16)])[0]
+
+
+def _scaled_copies(photo: np.ndarray, size: int, levels: int) -> list[np.ndarray]:
+    """The photo with its short side at ``size`` (whole photo) ... native, ``levels`` geometric steps, by PIL."""
+    h, w = photo.shape[:2]
+    out = []
+    for j in range(levels):
+        scale = (size / min(h, w)) ** (1 - j / (levels - 1))
+        shape = (max(size, round(w * scale)), max(size, round(h * scale)))  # PIL: (width, height)
+        out.append(np.asarray(Image.fromarray(photo).resize(shape, Image.BICUBIC)))
+    return out
+
+
+def _find(crop: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
+    """Every ``(top, left)`` where ``crop`` (uint8 ``(S, S, 3)``) sits in ``image`` exactly, unflipped."""
+    S, (H, W) = crop.shape[0], image.shape[:2]
+    pattern, data, found, start = crop[0].tobytes(), image.tobytes(), [], 0
+    while (i := data.find(pattern, start)) != -1:  # candidates from the first row, then the whole crop
+        start = i + 1
+        top, left = divmod(i // 3, W)
+        window = image[top : top + S, left : left + S]
+        if i % 3 == 0 and window.shape == crop.shape and np.array_equal(window, crop):
+            found.append((top, left))
+    return found
+
+
+def _u8(item: torch.Tensor) -> np.ndarray:
+    return ((item + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_sample_crops_are_deterministic_photo_crops_at_every_scale():
+    names, size, count = ("astronaut", "coffee"), 32, 200
+    crops = SampleCrops(size, count, names=names, seed=3)
+    items = [crops[k] for k in range(count)]
+    assert len(crops) == count
+    assert all(x.shape == (3, size, size) and x.dtype == torch.float32 for x in items)
+    assert min(float(x.min()) for x in items) >= -1 and max(float(x.max()) for x in items) <= 1
+    again = SampleCrops(size, count, names=names, seed=3)
+    assert all(torch.equal(again[k], items[k]) for k in reversed(range(count)))  # a function of (seed, k) only
+    other = SampleCrops(size, count, names=names, seed=4)
+    assert sum(torch.equal(other[k], items[k]) for k in range(count)) < count // 20
+    # each crop is an exact, unflipped window of one of the photos resized (independently, by PIL) to one of
+    # the documented scales: the whole photo at size ... native; over 200 crops every scale and photo occurs
+    copies = {n: _scaled_copies(sample_photo(n), size, 6) for n in names}
+    seen, places = set(), set()
+    for x in items:
+        hits = [(n, j, pos) for n in names for j, image in enumerate(copies[n]) for pos in _find(_u8(x), image)]
+        assert hits, "a crop that is no window of any scaled copy"
+        seen |= {(n, j) for n, j, _ in hits}
+        places |= {pos for _, _, pos in hits}
+    assert seen == {(n, j) for n in names for j in range(6)}
+    assert len(places) > count // 2  # random positions, not a few fixed ones
+    with pytest.raises(IndexError, match="out of range"):
+        crops[count]
+
+
+def test_sample_crops_of_a_photo_smaller_than_the_crop_keep_its_aspect():
+    # chelsea is 300 × 451: a 320 crop comes from the photo up-scaled to 320 × 481, not stretched to 320 × 451
+    photo = sample_photo("chelsea")
+    upscaled = np.asarray(Image.fromarray(photo).resize((481, 320), Image.BICUBIC))
+    crops = SampleCrops(320, 6, names=["chelsea"])
+    lefts = set()
+    for k in range(6):
+        found = _find(_u8(crops[k]), upscaled)
+        assert [top for top, _ in found] == [0]
+        lefts.add(found[0][1])
+    assert len(lefts) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(size=4, count=2), "size must be an int >= 8, got 4"),
+        (dict(size=32.0, count=2), "size must be an int"),
+        (dict(size=32, count=0), "count must be a positive int, got 0"),
+        (dict(size=32, count=2, names=["lena"]), r"unknown sample photo\(s\) \['lena'\]; known: \['astronaut'"),
+        (dict(size=32, count=2, names=[]), "unknown sample photo"),
+        (dict(size=32, count=2, names=["astronaut"], levels=0), "levels must be a positive int, got 0"),
+        (dict(size=32, count=2, names=["astronaut"], seed=-1), "seed must be an int >= 0, got -1"),
+    ],
+)
+def test_sample_crops_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SampleCrops(**kwargs)

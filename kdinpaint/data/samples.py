@@ -146,8 +146,9 @@ class SampleCrops(Dataset):
 
     Crop ``k`` is a pure function of ``(seed, k)``: a photo, a scale between the one whose short side is
     ``size`` (the whole photo) and the photo's native resolution (log-uniform over ``levels`` pre-resized
-    copies), and a position. A small network trained on a few dozen fixed crops memorises them; drawn from
-    every scale and place, the same photos teach it how image content continues across a hole.
+    copies; a photo whose short side is below ``size`` has one copy, up-scaled to it), and a position. A
+    small network trained on a few dozen fixed crops memorises them; drawn from every scale and place, the
+    same photos teach it how image content continues across a hole.
 
     Items are float32 ``(3, size, size)`` in [-1, 1] (flips are left to :class:`TrainingStream`).
     """
@@ -161,6 +162,10 @@ class SampleCrops(Dataset):
         unknown = [n for n in chosen if n not in _LOADERS]
         if unknown or not chosen:
             raise ValueError(f"unknown sample photo(s) {unknown}; known: {list(SAMPLE_NAMES)}")
+        if not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be a positive int, got {levels!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.size, self.count, self.seed = size, count, int(seed)
         self._levels: list[list[np.ndarray]] = []  # per photo, copies from whole-photo to native scale
         for name in chosen:
@@ -168,8 +173,8 @@ class SampleCrops(Dataset):
             h, w = photo.shape[:2]
             lo = size / min(h, w)
             copies = []
-            for j in range(levels):
-                s = min(1.0, lo ** (1 - j / max(1, levels - 1)))  # lo ... 1, geometric
+            for j in range(levels if lo < 1 else 1):  # a photo smaller than a crop: one copy, up-scaled
+                s = lo ** (1 - j / max(1, levels - 1))  # lo ... 1, geometric
                 nh, nw = max(size, round(h * s)), max(size, round(w * s))
                 copies.append(np.asarray(Image.fromarray(photo).resize((nw, nh), Image.BICUBIC)) if (nh, nw) != (h, w) else photo)
             self._levels.append(copies)
@@ -185,5 +190,5 @@ class SampleCrops(Dataset):
         img = copies[int(rng.integers(len(copies)))]
         h, w = img.shape[:2]
         top, left = int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))
-        crop = np.ascontiguousarray(img[top : top + self.size, left : left + self.size])
+        crop = img[top : top + self.size, left : left + self.size].copy()  # never a view of the read-only copies
         return torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size)

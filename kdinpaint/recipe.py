@@ -224,11 +224,8 @@ def _check_schedule_and_guard(recipe: Recipe) -> None:
     o, t = recipe.optim, recipe.train
     if not o.lr > 0:
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        raise ValueError(
-            f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}: lower it with the "
-            "steps (the learning rate would never reach optim.lr)"
-        )
+    if o.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0 (theta steps of linear warm-up), got {o.warmup_steps}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
     if t.max_bad_steps < 1:

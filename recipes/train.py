@@ -186,12 +186,14 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
 def lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:
     """The theta learning rate of theta step ``step`` (0-based) as a fraction of ``optim.lr``: a linear warm-up
     from 0 over ``optim.warmup_steps``, then 1 (``constant``) or a half cosine from 1 down to
-    ``optim.min_lr_ratio`` at ``total_steps`` (``cosine``)."""
-    if step < optim.warmup_steps:
-        return step / optim.warmup_steps
+    ``optim.min_lr_ratio`` at ``total_steps`` (``cosine``). A warm-up longer than half the run is cut to half
+    of it (a short test run of a recipe still reaches ``optim.lr``)."""
+    warmup = min(optim.warmup_steps, total_steps // 2)
+    if step < warmup:
+        return step / warmup
     if optim.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

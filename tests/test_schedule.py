@@ -84,8 +84,8 @@ def test_skipped_batches_advance_the_schedule_and_an_explicit_inner_lr_stays():
 def test_bad_schedule_keys_are_named():
     with pytest.raises(ValueError, match="not one of"):
         load_recipe(None, ["optim.schedule=linear"])
-    with pytest.raises(ValueError, match=r"optim.warmup_steps=50 must be between 0 and train.steps=10"):
-        load_recipe(None, ["optim.warmup_steps=50", "train.steps=10"])
+    with pytest.raises(ValueError, match=r"optim.warmup_steps must be >= 0"):
+        load_recipe(None, ["optim.warmup_steps=-1"])
     with pytest.raises(ValueError, match=r"optim.min_lr_ratio must be in \[0, 1\]"):
         load_recipe(None, ["optim.min_lr_ratio=2"])
     with pytest.raises(ValueError, match="train.max_bad_steps must be >= 1"):

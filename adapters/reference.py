@@ -18,8 +18,13 @@ Network (``image``, ``mask`` -> image in [-1, 1]; H, W divisible by 8)::
     dec1   up, concat enc1, 3×3, 3×3     -> att1 (+ PGL)     2w     H/2
     head   up, concat stem, 3×3, 3×3 -> tanh                 3      H
 
+The decoder attention refines the holes only (``PixelAttention(refine_holes=True)``, called with the mask:
+``d + M ⊙ g ⊙ (a - d)``, gate ``g`` starting at zero). With ``prefill=True`` (the demo recipe; not in the
+paper) the holes of the input start from :func:`kdinpaint.ops.fill.harmonic_fill` instead of zeros and the
+output is a correction of that fill. Both are explained in the README's Decisions.
+
 The auxiliary network (teacher) is the same backbone, fed the ground truth with an empty mask; it gets no
-completion blocks or PGL (attach adds those to the student only).
+completion blocks or PGL (attach adds those to the student only) and never the prefill.
 
 Table 3 variants (``reference:<variant>``; the default is Net8):
 

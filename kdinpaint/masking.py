@@ -12,6 +12,7 @@ toolkit speaks this one.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "hole_ratio",
     "at_least_fp32",
     "check_image_range",
+    "check_finite",
     "warn_if_inverted",
 ]
 
@@ -46,6 +48,11 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
             "add the channel axis with mask[:, None] or keep one channel with mask[:, :1]"
         )
     if image is not None:
+        if image.dim() != 4:
+            raise ValueError(
+                f"{name} is checked against an image of shape {tuple(image.shape)}, but images are (B, C, H, W); "
+                "add the batch axis with image[None]"
+            )
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(
                 f"{name} is {tuple(mask.shape[-2:])} (H, W) but the image is {tuple(image.shape[-2:])}; "
@@ -55,6 +62,7 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"{name} has batch size {mask.shape[0]} but the image has {image.shape[0]}")
     if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        check_finite(mask, name=name, fix="mark each pixel 0 (known) or 1 (hole); a NaN cannot be thresholded")
         hi = float(mask.max())
         hint = (
             "it looks like a 0/255 mask: divide it by 255" if hi > 1 else "threshold it, e.g. (mask > 0.5).float()"
@@ -63,29 +71,68 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor | None = None, *, name: s
     return mask
 
 
-def check_rgb_image(image: object, network: str = "the network") -> None:
-    """Refuse anything but a float ``(B, 3, H, W)`` tensor (values are not read), naming ``network`` and the fix."""
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError("image must be a float tensor (B, 3, H, W) in [-1, 1]")
+def check_rgb_image(image: object, network: str = "the network", *, name: str = "image") -> None:
+    """Refuse anything but a non-empty float ``(B, 3, H, W)`` tensor (values are not read), naming ``network`` and the fix."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a float tensor (B, 3, H, W) in [-1, 1], got {type(image).__name__}")
+    if not image.is_floating_point():
+        raise TypeError(
+            f"{name} must be a float tensor (B, 3, H, W) in [-1, 1], got {image.dtype}; "
+            "map uint8 images with x.float() / 127.5 - 1"
+        )
+    if image.dim() == 3:
+        raise ValueError(
+            f"{network} expects a batch of images (B, 3, H, W), got one image {tuple(image.shape)}; "
+            "add the batch axis with image[None]"
+        )
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(
             f"{network} expects RGB images (B, 3, H, W), got {tuple(image.shape)}; "
             "repeat a gray channel with image.expand(-1, 3, -1, -1) or drop alpha with image[:, :3]"
         )
+    if image.numel() == 0:
+        raise ValueError(
+            f"{name} is empty, shape {tuple(image.shape)}: {network} needs at least one image of at least 1x1 "
+            "pixel; check the batch before calling (an empty folder or a filter that kept nothing)"
+        )
 
 
 def check_image_range(image: torch.Tensor, *, name: str = "image", tol: float = 1e-3) -> None:
-    """Refuse values outside ``[-1 - tol, 1 + tol]`` (a [0, 1] or [0, 255] image), naming the conversion.
+    """Refuse NaN/inf values and values outside ``[-1 - tol, 1 + tol]`` (a [0, 1] or [0, 255] image), naming the fix.
+
+    Non-finite values are found by the same read-back as the range (``min``/``max`` propagate NaN), so the
+    check costs nothing more. An empty tensor has no values to refuse (its shape is :func:`check_rgb_image`'s
+    business). Skipped while ``torch.compile`` traces (the check reads values back to the host).
+    """
+    if torch.compiler.is_compiling() or image.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(image.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(
+            image, name=name,
+            fix="replace them (torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=-1.0)) or fix what produced "
+                "the image (a division by zero in normalisation, a corrupt file)",
+        )
+    if lo < -1.0 - tol or hi > 1.0 + tol:
+        raise ValueError(
+            f"{name} values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
+            "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
+        )
+
+
+def check_finite(x: torch.Tensor, *, name: str, fix: str) -> None:
+    """Refuse a tensor with NaN or inf values: ``ValueError`` naming ``name``, how many, where the first is, and ``fix``.
 
     Skipped while ``torch.compile`` traces (the check reads values back to the host).
     """
     if torch.compiler.is_compiling():
         return
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 - tol or hi > 1.0 + tol:
+    bad = ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        count, nan = int(bad.sum()), int(torch.isnan(x.detach()).sum())
+        first = tuple(bad.nonzero()[0].tolist())
         raise ValueError(
-            f"{name} values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
-            "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
+            f"{name} has {count} non-finite value(s) ({nan} NaN, {count - nan} inf; the first at index {first}): {fix}"
         )
 
 
@@ -128,16 +175,21 @@ def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def mask_at(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """The mask at a feature resolution: max-pool, so a feature pixel is a hole if any pixel under it is.
 
-    ``mask``: ``(B, 1, H, W)``; ``size``: the feature's ``(h, w)``. Returns ``(B, 1, h, w)``.
+    ``mask``: ``(B, 1, H, W)``; ``size``: the feature's ``(h, w)``, each at least 1. Returns ``(B, 1, h, w)``.
+    Cell ``i`` of an axis covers input pixels ``floor(i H / h)`` to ``ceil((i + 1) H / h) - 1`` (adaptive
+    max-pooling, which also upsamples), so the cells cover every input pixel and a hole is never lost,
+    whichever way each side changes.
     """
     size = tuple(size)
-    if tuple(mask.shape[-2:]) == size:
-        return mask
+    if len(size) != 2 or size[0] < 1 or size[1] < 1:
+        raise ValueError(f"mask_at needs a feature size (h, w) of at least 1x1, got {size}")
     H, W = mask.shape[-2:]
+    if H < 1 or W < 1:
+        raise ValueError(f"mask_at got an empty mask of shape {tuple(mask.shape)}; a mask needs at least 1x1 pixel")
+    if (H, W) == size:
+        return mask
     if H % size[0] == 0 and W % size[1] == 0:
-        return F.max_pool2d(mask, kernel_size=(H // size[0], W // size[1]))
-    if size[0] > H or size[1] > W:
-        return F.interpolate(mask, size=size, mode="nearest")
+        return F.max_pool2d(mask, kernel_size=(H // size[0], W // size[1]))  # the same cells, the fast kernel
     return F.adaptive_max_pool2d(mask, size)
 
 
@@ -147,5 +199,5 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hole_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of hole pixels per sample, ``(B,)``."""
-    return mask.flatten(1).mean(1)
+    """Fraction of hole pixels per sample, ``(B,)`` (float32 for a bool or integer mask)."""
+    return (mask if mask.is_floating_point() else mask.float()).flatten(1).mean(1)

@@ -47,12 +47,13 @@ from torch import nn
 from kdinpaint._modules import unwrap
 from kdinpaint.calling import CallConvention, select_output
 from kdinpaint.export import CompletedModel
-from kdinpaint.masking import check_image_range, check_mask, masked
+from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
 from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
 
 __all__ = [
     "Crop",
     "InferenceOutOfMemory",
+    "NonFiniteOutput",
     "Inpainter",
     "default_device",
     "resolve_device",
@@ -83,6 +84,10 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 class InferenceOutOfMemory(RuntimeError):
     """The device ran out of memory; the message names the batch size to lower."""
+
+
+class NonFiniteOutput(ValueError):
+    """The model returned NaN/inf: its weights are bad (a diverged run, a damaged file), not the image."""
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -164,6 +169,15 @@ def unpad(x: torch.Tensor, crop: Crop) -> torch.Tensor:
 
 
 # ---- the inpainter ------------------------------------------------------------------------------
+def _model_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer; ``None`` for a plain callable."""
+    if isinstance(model, nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return None
+
+
 def _model_device(model: Any) -> torch.device:
     if isinstance(model, nn.Module):
         for t in model.parameters():
@@ -186,8 +200,13 @@ class Inpainter:
         batch_size: images per forward.
         name: how tables and messages call it.
 
-    ``inpainter(image, mask)``: image ``(B, 3, H, W)`` in [-1, 1] on any device, mask ``(B or 1, 1, H, W)``
-    in {0, 1} with 1 = hole; returns the composite ``(B, 3, H, W)`` in [-1, 1] on the image's device.
+    ``inpainter(image, mask)``: image ``(B, 3, H, W)`` in [-1, 1] on any device and of any float dtype, mask
+    ``(B or 1, 1, H, W)`` in {0, 1} with 1 = hole; returns the composite ``(B, 3, H, W)`` in [-1, 1] on the
+    image's device in the image's dtype. The model sees its own dtype (a float64 or bfloat16 image is cast for
+    a float32 network); the known pixels of the result are the input's, bit for bit. Refused with
+    ``ValueError``: NaN/inf pixels, values outside [-1, 1], an empty batch, a bad mask; a model that returns
+    NaN/inf raises :class:`NonFiniteOutput`. A mask that is mostly hole (> 60 %) is warned about once per call:
+    it is usually inverted (1 = known).
     """
 
     def __init__(
@@ -251,8 +270,10 @@ class Inpainter:
         return cls(get_baseline(name), batch_size=batch_size, name=name)
 
     # -- running
-    def _forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, m, crop = pad_to_multiple(masked(image, mask), mask, self.stride)
+    def _forward(self, image: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+        """One batch (images ``start``, ...) on the model's device: the model runs in ``dtype``, the composite
+        is in the image's."""
+        x, m, crop = pad_to_multiple(masked(image, mask).to(dtype), mask.to(dtype), self.stride)
         if self._call is not None:
             args, kwargs = self._call.build(x, m)
             raw = self.model(*args, **kwargs)
@@ -262,16 +283,28 @@ class Inpainter:
         if pred.shape != image.shape:
             raise ValueError(f"{self.name} returned {tuple(pred.shape)} for an input of {tuple(image.shape)}; "
                              "set the spec's `output` to the image prediction")
-        # where(), not pred*M + image*(1-M): known pixels stay the input's bit for bit, even next to a NaN
-        return torch.where(mask.bool(), pred.to(image.dtype).clamp(-1, 1), image)
+        self._check_finite(pred, start)
+        # where(), not pred*M + image*(1-M): known pixels stay the input's bit for bit
+        return torch.where(mask.bool(), pred.clamp(-1, 1).to(image.dtype), image)
+
+    def _check_finite(self, pred: torch.Tensor, start: int) -> None:
+        """Refuse a prediction with NaN/inf anywhere: clamping would turn it into plausible-looking pixels."""
+        bad = ~torch.isfinite(pred).all(1)  # (b, H, W): a pixel is bad if any channel is
+        if bool(bad.any()):
+            half = " (or it overflowed in float16: run it in float32 with model.float())" if pred.dtype == torch.float16 else ""
+            images = f"image {start}" if len(pred) == 1 else f"images {start}-{start + len(pred) - 1}"
+            raise NonFiniteOutput(
+                f"{self.name} returned NaN/inf at {int(bad.sum())} of {bad.numel()} pixels ({images} of the batch): "
+                f"the checkpoint is probably from a diverged run or damaged{half}; use an earlier checkpoint of the "
+                "run (its log shows the step where the loss became NaN) or retrain"
+            )
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be a (B, 3, H, W) tensor in [-1, 1], got {getattr(image, 'shape', type(image))}")
-        if not image.is_floating_point():
-            raise TypeError(f"image must be a float tensor in [-1, 1], got {image.dtype}; map uint8 with x / 127.5 - 1")
+        check_rgb_image(image, self.name)
         check_image_range(image, tol=0.01)
         check_mask(mask, image)
+        warn_if_inverted(mask, stacklevel=2)
+        dtype = _model_dtype(self.model) or image.dtype
         mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
         out = torch.empty_like(image)
         module = self.model if isinstance(self.model, nn.Module) else None
@@ -284,7 +317,7 @@ class Inpainter:
                     x = image[s : s + self.batch_size].to(self.device)
                     m = mask[s : s + self.batch_size].to(self.device)
                     try:
-                        out[s : s + self.batch_size] = self._forward(x, m).to(out.device)
+                        out[s : s + self.batch_size] = self._forward(x, m, dtype, s).to(out.device)
                     except _OOM as e:
                         raise self._oom(x, e) from e
                     except RuntimeError as e:  # MPS and the CPU allocator raise plain RuntimeErrors

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from kdinpaint.losses.reconstruction import check_pair
-from kdinpaint.masking import check_image_range, check_mask, composite, hole_ratio
+from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, composite, hole_ratio
 
 __all__ = [
     "CONVENTIONS",
@@ -196,13 +196,13 @@ def evaluate(
     ``pred``, ``target``: ``(B, 3, H, W)`` in [-1, 1]; ``mask``: ``(B, 1, H, W)`` with 1 = hole. The
     composite ``pred ⊙ M + target ⊙ (1 - M)`` is scored unless ``use_composite=False``. Refused with
     ``ValueError``: an empty mask (nothing was inpainted; PSNR would be infinite), a hole ratio above
-    ``max_hole_ratio`` (almost surely an inverted mask), images not in [-1, 1].
+    ``max_hole_ratio`` (almost surely an inverted mask), images not in [-1, 1] or with NaN/inf values (a
+    score of NaN is never returned), an empty batch.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown metric convention {convention!r}; choose one of {list(CONVENTIONS)}")
+    check_rgb_image(pred, "evaluate", name="pred")
     check_pair(pred, target)
-    if pred.shape[1] != 3:
-        raise ValueError(f"images must be RGB (B, 3, H, W), got {tuple(pred.shape)}")
     check_mask(mask, pred)
     if mask.shape[0] != pred.shape[0]:
         mask = mask.expand(pred.shape[0], -1, -1, -1)

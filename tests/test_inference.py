@@ -13,6 +13,7 @@ from kdinpaint.data import FreeFormMasks, rng_for
 from kdinpaint.inference import (
     InferenceOutOfMemory,
     Inpainter,
+    NonFiniteOutput,
     evaluate_model,
     generated_masks,
     load_image,
@@ -89,14 +90,16 @@ def test_inpainter_pads_crops_and_keeps_known_pixels_exactly():
 
 
 def test_inpainter_never_lets_the_prediction_leak_into_known_pixels():
-    def nan_model(image, mask):
-        return torch.full_like(image, float("nan"))
+    def far_off(image, mask):
+        return torch.full_like(image, 5.0)
 
     image, mask = _image(2, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:8, 4:8] = 1
-    out = Inpainter(nan_model)(image, mask)  # a single mask broadcast over the batch
+    out = Inpainter(far_off)(image, mask)  # a single mask broadcast over the batch
     known = mask.expand_as(image) == 0
-    assert torch.equal(out[known], image[known]) and torch.isnan(out[~known]).all()
+    assert torch.equal(out[known], image[known]) and (out[~known] == 1).all()  # clamped to [-1, 1]
+    with pytest.raises(NonFiniteOutput, match=r"nan_model returned NaN/inf at 256 of 256 pixels \(image 0 of the batch\)"):  # refused, not composited
+        Inpainter(lambda i, m: torch.full_like(i, float("nan")), name="nan_model")(image, mask)
 
 
 def test_inpainter_hides_the_hole_from_the_model():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -214,27 +215,92 @@ def recipe_from_dict(data: dict) -> Recipe:
             "losses.objective_kwargs applies to a registered objective class; losses.objective is eq11, whose "
             "options are the other losses keys: remove objective_kwargs or name an objective"
         )
-    if recipe.optim.batch_size < 1 or recipe.train.steps < 0 or recipe.data.size % 8:
-        raise ValueError("optim.batch_size must be >= 1, train.steps >= 0 and data.size a multiple of 8")
-    _check_schedule_and_guard(recipe)
+    _check_ranges(recipe)
     return recipe
 
 
-def _check_schedule_and_guard(recipe: Recipe) -> None:
-    o, t = recipe.optim, recipe.train
-    if not o.lr > 0:
-        raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-    if o.warmup_steps < 0:
-        raise ValueError(f"optim.warmup_steps must be >= 0 (theta steps of linear warm-up), got {o.warmup_steps}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
-    if t.max_bad_steps < 1:
-        raise ValueError(f"train.max_bad_steps must be >= 1 (consecutive skipped batches before stopping), got {t.max_bad_steps}")
-    if t.explode_factor is not None and not t.explode_factor > 1:
+# ---- value ranges: one table, checked when the recipe is loaded, before any model or data is built ----
+_Range = tuple[str, Callable[[Any], bool], str]  # (the valid range in words, its test, what the key is)
+
+
+def _ge(lo: int | float, what: str = "") -> _Range:
+    return f">= {lo}", lambda v: v >= lo, what
+
+
+def _gt(lo: int | float, what: str = "") -> _Range:
+    return f"> {lo}", lambda v: v > lo, what
+
+
+def _within(lo: float, hi: float, what: str = "") -> _Range:
+    return f"in [{lo}, {hi}]", lambda v: lo <= v <= hi, what
+
+
+def _betas(v: list) -> bool:
+    return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+
+
+_RANGES: dict[tuple[str, str], _Range] = {
+    ("teacher", "steps"): _ge(0, "L1 steps of the teacher stage; 0 with teacher.weights skips it"),
+    ("teacher", "lr"): _gt(0, "Adam's learning rate of the teacher"),
+    ("data", "size"): (">= 8 and a multiple of 8", lambda v: v >= 8 and v % 8 == 0, "the crop side; the networks downsample by 8"),
+    ("data", "sample_count"): _ge(1, "crops per bundled photo"),
+    ("data", "eval_count"): _ge(1, "held-out images scored after training"),
+    ("data", "workers"): _ge(0, "DataLoader worker processes; 0 loads in the main process"),
+    ("masks", "seed"): _ge(0),
+    ("losses", "lambda_r"): _ge(0, "the weight of R_recon, Eq. 11"),
+    ("losses", "lambda_d"): _ge(0, "the weight of R_distil + R_att, Eq. 11"),
+    ("losses", "lambda_s"): _ge(0, "the weight of R_style, Eq. 11"),
+    ("losses", "adversarial"): _ge(0, "the weight of the adversarial term; 0 switches it off"),
+    ("losses", "d_lr_ratio"): _gt(0, "the discriminator's learning rate relative to optim.lr"),
+    ("meta", "steps"): _ge(1, "T, the theta steps of one Algorithm-1 block"),
+    ("meta", "lr"): _gt(0, "Adam's learning rate of Psi"),
+    ("meta", "inner_lr"): _gt(0, "alpha of the differentiable SGD steps; a negative one would ascend the loss"),
+    ("meta", "max_hypergrad_norm"): _gt(0, "the clipping norm of the hypergradient"),
+    ("optim", "lr"): _gt(0, "Adam's learning rate of theta"),
+    ("optim", "betas"): ("two numbers in [0, 1)", _betas, "Adam's (beta1, beta2), e.g. [0.9, 0.999]"),
+    ("optim", "batch_size"): _ge(1),
+    ("optim", "warmup_steps"): _ge(0, "theta steps of linear warm-up"),
+    ("optim", "min_lr_ratio"): _within(0, 1, "a fraction of optim.lr"),
+    ("train", "steps"): _ge(1, "theta steps of the student stage"),
+    ("train", "seed"): ("in [0, 2**31)", lambda v: 0 <= v < 2**31, "numpy takes seeds below 2**32"),
+    ("train", "max_bad_steps"): _ge(1, "consecutive skipped batches before stopping"),
+    ("train", "explode_factor"): _gt(1, "a multiple of the recent median loss; null checks only for NaN/inf"),
+    ("checkpoint", "every"): _ge(0, "steps between checkpoints; 0 saves none during the run"),
+    ("checkpoint", "keep"): _ge(1, "checkpoints kept; 0 would delete every one"),
+    ("log", "every"): _ge(1, "steps between log lines"),
+    ("log", "sample_every"): _ge(0, "steps between sample grids; 0 writes none"),
+}
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    """``ValueError`` naming the key, its value and the valid range for the first value out of range.
+
+    Every number of the recipe must be finite; the keys of ``_RANGES`` must lie in their range (``null``
+    where the key is optional); ``train.steps`` must cover at least one block of ``meta.steps``.
+    """
+    for section in dataclasses.fields(recipe):
+        values = getattr(recipe, section.name)
+        for f in dataclasses.fields(values):
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
+            rule = _RANGES.get((section.name, f.name))
+            if rule is None or (value is None and _optional(type(values), f.name)):
+                continue
+            text, ok, what = rule
+            if not ok(value):
+                null = " or null" if _optional(type(values), f.name) else ""
+                raise ValueError(f"{key} must be {text}{null}, got {value!r}" + (f" ({what})" if what else ""))
+    if recipe.train.steps < recipe.meta.steps:
         raise ValueError(
-            f"train.explode_factor must be > 1 (a multiple of the recent median loss), got {t.explode_factor}; "
-            "null checks only for NaN/inf"
+            f"train.steps={recipe.train.steps} is below meta.steps={recipe.meta.steps}: the student trains in blocks "
+            "of meta.steps theta steps, so it would train 0 steps; raise train.steps or lower meta.steps"
         )
+
+
+def _optional(cls: type, name: str) -> bool:
+    """Whether field ``name`` of dataclass ``cls`` may be ``None`` (``Optional[...]``)."""
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -111,8 +111,29 @@ def build_models(recipe: Recipe):
     name, _, variant = recipe.model.adapter.partition(":")
     adapter = kdinpaint.get_adapter(name)
     spec = adapter.spec.variant(variant or None)
-    student = adapter.student(variant or None, **recipe.model.kwargs)
-    teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
+    try:
+        student = adapter.student(variant or None, **recipe.model.kwargs)
+        teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        # the builder's named arguments, and those of what it forwards **kwargs to: the callable the error
+        # names (``StructureFlow.__init__() got ...``) and the classes of its return annotation
+        builder = adapter.build_student
+        module = inspect.getmodule(builder)
+        params = dict(inspect.signature(builder).parameters)
+        names = str(getattr(builder, "__annotations__", {}).get("return", "")).split("|")
+        names.append(str(e).partition("()")[0].removesuffix(".__init__"))
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            for target in {getattr(module, n.strip(), None) for n in names} - {None, builder}:
+                if callable(target):
+                    params.update(inspect.signature(target).parameters)
+        valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+        unknown = [k for k in recipe.model.kwargs if k not in valid] or sorted(recipe.model.kwargs)
+        raise ValueError(
+            f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); "
+            f"valid keyword names: {valid}"
+        ) from None
     if recipe.model.init:
         state = read_weights(recipe.model.init, f"{adapter.name} checkpoint (model.init)")
         raw = state

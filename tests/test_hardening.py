@@ -1,0 +1,308 @@
+"""Bad input gets a clear error (issue 14): non-finite values, dtype and shape edges, inverted masks, recipe ranges.
+
+Each refusal is checked for the words that name the problem and the fix; each thing that is handled instead of
+refused (a float64 image into a float32 model, a mask at another resolution) is checked against an independent
+reference. Two hypothesis properties: ``mask_at`` never loses a hole (100 examples) and matches the cell
+definition of its docstring; recipe values out of range are refused naming the key (100 examples) while
+values in range are accepted (50 examples).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from kdinpaint.inference import Inpainter, NonFiniteOutput
+from kdinpaint.masking import check_mask, check_rgb_image, mask_at, masked
+from kdinpaint.metrics import evaluate
+from kdinpaint.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PROPERTY = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _image(b: int = 1, h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _mask(b: int = 1, h: int = 8, w: int = 8) -> torch.Tensor:
+    mask = torch.zeros(b, 1, h, w)
+    mask[..., 2:5, 3:6] = 1  # 9 of 64 pixels
+    return mask
+
+
+def _identity(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+# ---- non-finite values -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_inpainter_refuses_a_non_finite_pixel_naming_the_fix(bad):
+    image = _image()
+    image[0, 1, 6, 7] = bad  # a known pixel: it would pass into the result unnoticed
+    with pytest.raises(ValueError, match=r"image has 1 non-finite value.*index \(0, 1, 6, 7\).*nan_to_num"):
+        Inpainter(_identity)(image, _mask())
+
+
+def test_evaluate_never_returns_nan_and_names_the_tensor():
+    target, mask = _image(), _mask()
+    pred = target.clone()
+    pred[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="pred has 1 non-finite"):
+        evaluate(pred, target, mask)
+    with pytest.raises(ValueError, match="target has 1 non-finite"):
+        evaluate(target, pred, mask)
+    nan_mask = mask.clone()
+    nan_mask[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"mask has 1 non-finite value.*0 \(known\) or 1 \(hole\)"):
+        evaluate(target, target, nan_mask)
+
+
+def test_a_model_returning_nan_is_refused_naming_the_model_and_the_pixel_count():
+    def diverged(image, mask):
+        out = image.clone()
+        out[0, 1, 2:4, 3] = float("nan")  # 2 pixels, one channel each
+        out[0, :, 5, 5] = float("inf")  # 1 pixel, every channel
+        return out
+
+    with pytest.raises(NonFiniteOutput, match=r"^broken-net returned NaN/inf at 3 of 64 pixels \(image 0 of the batch\).*diverged run"):
+        Inpainter(diverged, name="broken-net")(_image(), _mask())
+    assert issubclass(NonFiniteOutput, ValueError)  # the CLI prints ValueErrors as one line
+
+
+# ---- dtypes and shapes -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_an_image_of_another_dtype_runs_in_the_models_dtype_and_comes_back_in_its_own(dtype):
+    class Net(torch.nn.Module):  # a float32 network called as (image, mask)
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            seen.append((image.dtype, mask.dtype))
+            return self.conv(image)
+
+    seen: list = []
+    net = Net()
+    conv = net.conv
+    torch.nn.init.normal_(conv.weight, std=0.2, generator=torch.Generator().manual_seed(3))
+    image, mask = _image().to(dtype), _mask()
+    out = Inpainter(net)(image, mask)
+    assert out.dtype == dtype and seen == [(torch.float32, torch.float32)]
+    hole = mask.expand_as(image).bool()
+    assert torch.equal(out[~hole], image[~hole])  # known pixels are the input's, bit for bit
+    with torch.no_grad():  # the reference: the float32 network on the image cast up, cast back
+        ref = conv(masked(image.float(), mask)).clamp(-1, 1).to(dtype)
+    assert torch.equal(out[hole], ref[hole])
+
+
+def test_empty_batches_are_refused_clearly():
+    with pytest.raises(ValueError, match=r"image is empty, shape \(0, 3, 8, 8\).*at least one image"):
+        Inpainter(_identity)(torch.zeros(0, 3, 8, 8), torch.zeros(0, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"pred is empty"):
+        evaluate(torch.zeros(0, 3, 8, 8), torch.zeros(0, 3, 8, 8), torch.zeros(0, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"image is empty, shape \(1, 3, 0, 8\)"):
+        check_rgb_image(torch.zeros(1, 3, 0, 8))
+
+
+def test_a_single_image_without_batch_axis_is_refused_naming_the_fix():
+    image = _image()[0]  # (3, 8, 8): before, the mask's batch was compared with the 3 channels
+    with pytest.raises(ValueError, match=r"image\[None\]"):
+        check_mask(torch.zeros(3, 1, 8, 8), image)
+    with pytest.raises(ValueError, match=r"one image \(3, 8, 8\).*image\[None\]"):
+        Inpainter(_identity)(image, torch.zeros(1, 1, 8, 8))
+
+
+def test_mask_at_keeps_a_hole_when_one_side_grows_and_the_other_shrinks():
+    mask = torch.tensor([[0.0], [1.0]])[None, None]  # (1, 1, 2, 1): the hole is in the second row
+    assert torch.equal(mask_at(mask, (1, 2)), torch.ones(1, 1, 1, 2))
+    for size in [(0, 0), (4, 0), (2,)]:
+        with pytest.raises(ValueError, match="at least 1x1"):
+            mask_at(mask, size)
+    with pytest.raises(ValueError, match="empty mask"):
+        mask_at(torch.zeros(1, 1, 0, 4), (2, 2))
+
+
+def _cells(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """The docstring's cells: cell i of n_out covers pixels floor(i n_in / n_out) .. ceil((i + 1) n_in / n_out) - 1."""
+    return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+
+@settings(PROPERTY, max_examples=100)
+@given(
+    b=st.integers(1, 2), H=st.integers(1, 20), W=st.integers(1, 20), h=st.integers(1, 20), w=st.integers(1, 20),
+    density=st.floats(0.0, 0.3), seed=st.integers(0, 2**31 - 1),
+)
+def test_mask_at_never_loses_a_hole(b, H, W, h, w, density, seed):
+    mask = (torch.rand(b, 1, H, W, generator=torch.Generator().manual_seed(seed)) < density).float()
+    out = mask_at(mask, (h, w))
+    assert out.shape == (b, 1, h, w)
+    # every hole pixel maps, by its relative position, to a hole cell
+    bs, _, ys, xs = (mask > 0).nonzero(as_tuple=True)
+    assert bool((out[bs, 0, ys * h // H, xs * w // W] == 1).all())
+    # and the output is exactly the max over each cell (no hole invented beyond the cells), in numpy loops
+    m = mask.numpy()
+    ref = np.array([[[[m[k, 0, y0:y1, x0:x1].max() for x0, x1 in _cells(W, w)] for y0, y1 in _cells(H, h)]]
+                    for k in range(b)])
+    assert np.array_equal(out.numpy(), ref)
+
+
+# ---- inverted masks ----------------------------------------------------------------------------------
+def test_inpainter_warns_once_per_call_on_a_mostly_hole_mask():
+    image = _image(3)
+    inverted = 1 - _mask(3)  # 86 % hole: 1 = known by mistake
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Inpainter(_identity)(image, inverted)
+        Inpainter(_identity)(image, _mask(3))
+    assert len(caught) == 1 and "86% hole" in str(caught[0].message) and "1 - mask" in str(caught[0].message)
+    assert caught[0].filename == __file__  # it points at the caller's line
+
+
+def test_bool_and_integer_masks_still_work_with_the_warning_check():
+    image, mask = _image(), _mask()
+    reference = Inpainter(lambda i, m: -i)(image, mask)
+    for other in (mask.bool(), mask.to(torch.uint8)):
+        assert torch.equal(Inpainter(lambda i, m: -i)(image, other), reference)
+
+
+def test_cli_inpaint_warns_on_an_inverted_mask(tmp_path, capsys):
+    from kdinpaint.cli import main
+
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(tmp_path / "photo.png")
+    hole = np.full((16, 16), 255, np.uint8)
+    hole[4:8, 4:8] = 0  # white = hole: 94 % hole
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    with pytest.warns(UserWarning, match="94% hole"):
+        code = main(["inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), str(tmp_path / "out.png"),
+                     "--baseline", "mean", "--no-progress"])
+    assert code == 0 and (tmp_path / "out.png").is_file()
+
+
+# ---- recipe values -----------------------------------------------------------------------------------
+BAD_RECIPE_VALUES = [
+    ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+    ("optim.betas=[0.9]", r"optim.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas must be two numbers in \[0, 1\)"),
+    ("optim.batch_size=0", "optim.batch_size must be >= 1, got 0"),
+    ("meta.steps=0", "meta.steps must be >= 1, got 0"),
+    ("meta.lr=0", "meta.lr must be > 0, got 0.0"),
+    ("meta.inner_lr=-1", "meta.inner_lr must be > 0 or null, got -1.0"),
+    ("meta.max_hypergrad_norm=0", "meta.max_hypergrad_norm must be > 0 or null, got 0.0"),
+    ("log.every=0", "log.every must be >= 1, got 0"),
+    ("log.sample_every=-1", "log.sample_every must be >= 0, got -1"),
+    ("checkpoint.keep=0", "checkpoint.keep must be >= 1, got 0"),
+    ("checkpoint.every=-5", "checkpoint.every must be >= 0, got -5"),
+    ("teacher.steps=-1", "teacher.steps must be >= 0, got -1"),
+    ("teacher.lr=-0.001", "teacher.lr must be > 0, got -0.001"),
+    ("train.steps=1", "train.steps=1 is below meta.steps=2: .* 0 steps"),
+    ("data.size=0", "data.size must be >= 8 and a multiple of 8, got 0"),
+    ("data.size=12", "data.size must be >= 8 and a multiple of 8, got 12"),
+    ("data.eval_count=0", "data.eval_count must be >= 1, got 0"),
+    ("data.sample_count=0", "data.sample_count must be >= 1, got 0"),
+    ("data.workers=-1", "data.workers must be >= 0, got -1"),
+    ("losses.lambda_d=-20", "losses.lambda_d must be >= 0, got -20.0"),
+    ("losses.adversarial=-0.1", "losses.adversarial must be >= 0, got -0.1"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_RECIPE_VALUES, ids=[o for o, _ in BAD_RECIPE_VALUES])
+def test_recipe_values_out_of_range_are_refused_at_load(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(ROOT / "recipes" / "demo.yaml", [override])
+
+
+def test_recipe_nulls_are_accepted_where_documented():
+    recipe = load_recipe(None, ["meta.inner_lr=null", "meta.max_hypergrad_norm=null", "checkpoint.every=0",
+                                "log.sample_every=0", "teacher.steps=0", "losses.adversarial=0"])
+    assert recipe.meta.inner_lr is None and recipe.checkpoint.every == 0
+
+
+# (key, kind, lowest valid value, whether it is valid itself, highest valid value or None), written from the brief
+RANGES = [
+    ("optim.lr", float, 0, False, None), ("optim.batch_size", int, 1, True, None),
+    ("meta.steps", int, 1, True, None), ("meta.lr", float, 0, False, None), ("meta.inner_lr", float, 0, False, None),
+    ("meta.max_hypergrad_norm", float, 0, False, None), ("log.every", int, 1, True, None),
+    ("log.sample_every", int, 0, True, None), ("checkpoint.keep", int, 1, True, None),
+    ("checkpoint.every", int, 0, True, None), ("teacher.steps", int, 0, True, None),
+    ("teacher.lr", float, 0, False, None), ("data.eval_count", int, 1, True, None),
+    ("data.sample_count", int, 1, True, None), ("data.workers", int, 0, True, None),
+    ("losses.lambda_r", float, 0, True, None), ("losses.lambda_d", float, 0, True, None),
+    ("losses.lambda_s", float, 0, True, None), ("optim.min_lr_ratio", float, 0, True, 1),
+]
+
+
+@st.composite
+def _out_of_range(draw):
+    key, kind, lo, inclusive, hi = draw(st.sampled_from(RANGES))
+    if kind is int:
+        below = st.integers(-10**6, lo - 1 if inclusive else lo)
+        value = draw(below if hi is None else st.one_of(below, st.integers(hi + 1, hi + 10**6)))
+    else:
+        below = st.floats(-1e6, lo, exclude_max=inclusive, allow_nan=False)
+        bad = st.one_of(below, st.sampled_from([math.nan, math.inf, -math.inf]))
+        value = draw(bad if hi is None else st.one_of(bad, st.floats(hi, 1e6, exclude_min=True)))
+    return key, value
+
+
+def _yaml(value: int | float) -> str:
+    """``value`` as a YAML scalar that reads back exactly (PyYAML needs a dot and a signed exponent in floats)."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    return f"{value:.17e}"
+
+
+@settings(PROPERTY, max_examples=100)
+@given(case=_out_of_range())
+def test_random_out_of_range_recipe_values_are_refused_naming_the_key(case):
+    key, value = case
+    with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')} must be"):
+        load_recipe(None, [f"{key}={_yaml(value)}"])
+
+
+@st.composite
+def _in_range(draw):
+    key, kind, lo, inclusive, hi = draw(st.sampled_from(RANGES))
+    top = 10**6 if hi is None else hi
+    if kind is int:
+        return key, draw(st.integers(lo if inclusive else lo + 1, top))
+    return key, draw(st.floats(lo, top, exclude_min=not inclusive, allow_nan=False, allow_infinity=False))
+
+
+@settings(PROPERTY, max_examples=50)
+@given(case=_in_range())
+def test_random_in_range_recipe_values_are_accepted(case):
+    key, value = case
+    section, name = key.split(".")
+    blocks = [f"train.steps={value}"] if key == "meta.steps" else []  # train.steps covers one block of meta.steps
+    recipe = load_recipe(None, [f"{key}={_yaml(value)}", *blocks])
+    assert getattr(getattr(recipe, section), name) == value
+
+
+def test_a_model_kwargs_typo_names_the_valid_keywords():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        from train import build_models
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    recipe = load_recipe(None, ["model.adapter=tiny-unet", "model.kwargs={widht: 4}"])
+    with pytest.raises(ValueError, match=r"model.kwargs \['widht'\] .*valid keyword names: \['width', 'act_layer'\]"):
+        build_models(recipe)
+    recipe = load_recipe(None, ["model.adapter=gatedconv", "model.kwargs={cnun: 4}"])  # a builder forwarding **kwargs
+    with pytest.raises(ValueError, match=r"model.kwargs \['cnun'\] .*valid keyword names: \[.*'cnum'"):
+        build_models(recipe)

@@ -7,16 +7,18 @@ cells with ``iterations`` Jacobi sweeps of the Laplace equation (every unknown c
 four neighbours; known cells stay fixed). Colour therefore flows into a hole from all of its border at
 every scale, and large holes fill in a handful of sweeps per level, not thousands.
 
-``biharmonic_iterations`` then refines the fill towards the biharmonic (thin-plate) interpolant, the one
-``skimage.restoration.inpaint_biharmonic`` computes: conjugate-gradient steps on ``sum (Laplacian u)^2``
-over the hole pixels, known pixels fixed, each sample and channel its own system. The harmonic fill is a
-tent between the borders; the biharmonic one also continues their slopes.
+``biharmonic_iterations`` refines the fill at every level towards the biharmonic (thin-plate) interpolant, the
+one ``skimage.restoration.inpaint_biharmonic`` computes: conjugate-gradient steps on ``sum (Laplacian u)^2``
+over the cells with no known pixel under them (the others fixed), each sample and channel its own system.
+The harmonic fill is a tent between the borders; the biharmonic one also continues their slopes, and doing it
+coarse to fine carries them across large holes in a few steps per level.
 
-On 64×64 crops of photographs with free-form holes (10-50 %) the harmonic fill (64 sweeps) scores 0.3-2 dB
-below skimage's biharmonic fill in PSNR; with 100 conjugate-gradient steps it is within about 0.5 dB of it
-(and above it on some image sets: partly converged, it sits between the two interpolants), at a cost linear
-in the number of pixels per step. It has no parameters and no gradient; networks use it to start the holes
-from a plausible colour instead of zeros (``ReferenceNet(prefill=True)``).
+Measured on crops of photographs with free-form holes (10-50 %): at 64×64 the harmonic fill (64 sweeps)
+scores 0.3-2 dB below skimage's biharmonic fill in PSNR and 100 conjugate-gradient steps bring it to within
+0.5 dB of it, above it on some image sets (partly converged, it sits between the two interpolants); at
+256×256 (8 crops of four photos) it scored 24.0 dB / SSIM 0.852 against biharmonic's 23.2 / 0.847. The cost
+per step is linear in the number of pixels. It has no parameters and no gradient; networks use it to start
+the holes from a plausible colour instead of zeros (``ReferenceNet(prefill=True)``).
 """
 
 from __future__ import annotations
@@ -71,11 +73,11 @@ def harmonic_fill(
         for _ in range(iterations):
             mean = F.conv2d(F.pad(cur, (1, 1, 1, 1), mode="replicate"), neighbours, groups=C)
             cur = cur + free * (mean - cur)
+        if biharmonic_iterations:  # at every level (the coarse ones carry slopes across a large hole), over
+            # the cells with no known pixel under them; partly known cells keep their blend
+            cur = _biharmonic_refine(cur, (k == 0).to(dtype), biharmonic_iterations)
         fill = cur
-    fill = x * known + fill * hole
-    if biharmonic_iterations:
-        fill = _biharmonic_refine(fill, hole, biharmonic_iterations)
-    return fill.to(image.dtype)
+    return (x * known + fill * hole).to(image.dtype)
 
 
 def _laplacian(u: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,8 @@ def _biharmonic_refine(u: torch.Tensor, hole: torch.Tensor, steps: int) -> torch
     tiny = torch.finfo(u.dtype).tiny
     for _ in range(steps):
         Ap = A(p)
-        alpha = rr / (p * Ap).sum((2, 3), keepdim=True).clamp_min(tiny)
+        pAp = (p * Ap).sum((2, 3), keepdim=True)
+        alpha = torch.where(pAp > tiny, rr / pAp.clamp_min(tiny), torch.zeros_like(pAp))  # converged: stay
         u = u + alpha * p
         r = r - alpha * Ap
         rr_next = (r * r).sum((2, 3), keepdim=True)

@@ -14,6 +14,8 @@ stand in wherever a model is called with ``(image, mask)``: evaluation, the inpa
   or ``INPAINT_NS`` (Navier-Stokes, Bertalmio et al. 2001) on the 8-bit image, radius 3 by default.
   They need the optional extra ``pip install "kdinpaint[cv]"`` (opencv-python-headless).
 * ``mean``: every hole pixel gets the per-channel mean of the known pixels (a trivial floor).
+* ``pyramid``: :func:`kdinpaint.ops.fill.harmonic_fill` (coarse-to-fine harmonic fill refined towards the
+  biharmonic interpolant, in torch, linear in the pixels): the starting point of ``ReferenceNet(prefill=True)``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from kdinpaint.masking import check_mask, composite
 
 __all__ = [
     "BASELINES", "NEEDS_OPENCV", "get_baseline", "baseline_unavailable", "biharmonic", "opencv_inpaint", "telea",
-    "navier_stokes", "mean_fill",
+    "navier_stokes", "mean_fill", "pyramid_fill",
 ]
 
 Inpainter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,8 +112,19 @@ def mean_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return composite(mean.expand_as(image), image, mask)
 
 
+def pyramid_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`kdinpaint.ops.fill.harmonic_fill` with the settings ``ReferenceNet(prefill=True)`` starts from
+    (64 Jacobi sweeps and 100 biharmonic conjugate-gradient steps per level): what such a network adds to its
+    own starting point is its score minus this one."""
+    from kdinpaint.ops.fill import harmonic_fill
+
+    mask = _check(image, mask).to(image.dtype)
+    return composite(harmonic_fill(image, mask, 64, 100).clamp(-1, 1), image, mask)
+
+
 BASELINES: dict[str, Inpainter] = {
     "biharmonic": biharmonic,
+    "pyramid": pyramid_fill,
     "telea": telea,
     "ns": navier_stokes,
     "mean": mean_fill,

@@ -459,7 +459,7 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant:
     """Export the student, evaluate it on the held-out set beside the weight-free floor (biharmonic, Telea when
     OpenCV is installed, mean fill; same images and masks), write report.md / report.json (main process).
     ``spec``: the adapter's, whose ``output`` selects the prediction of a plain call."""
-    from kdinpaint.inference import evaluate_floor
+    from kdinpaint.inference import FLOOR_METHODS, evaluate_floor
 
     if not accelerator.is_main_process:
         return
@@ -470,7 +470,9 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant:
     inpainter = Inpainter(exported, stride=adapter.stride, spec=spec, device=accelerator.device, batch_size=4, name=name)
     names = [f"eval_{i}" for i in range(len(images))]
     rows, summary = evaluate_model(inpainter, images, masks, names=names)
-    floor = evaluate_floor(images, masks, names=names).compare(summary, name=name)  # biharmonic: ~0.3 s per 64x64 image
+    # a network that starts from a weight-free fill is also shown beside that fill (what training added)
+    methods = (*FLOOR_METHODS, "pyramid") if getattr(kd.student, "prefill", False) else FLOOR_METHODS
+    floor = evaluate_floor(images, masks, methods=methods, names=names).compare(summary, name=name)  # biharmonic: ~0.3 s per 64x64 image
     first = slice(0, 4)
     sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
     table = metrics.to_markdown(summary)

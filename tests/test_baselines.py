@@ -61,7 +61,7 @@ def test_telea_without_opencv_says_how_to_install(case):
 
 def test_registry_and_bad_inputs(case):
     image, mask = case
-    assert set(BASELINES) == {"biharmonic", "telea", "ns", "mean"}
+    assert set(BASELINES) == {"biharmonic", "telea", "ns", "mean", "pyramid"}
     assert get_baseline("mean") is mean_fill
     with pytest.raises(ValueError, match="unknown baseline"):
         get_baseline("lama")
@@ -75,3 +75,22 @@ def test_registry_and_bad_inputs(case):
         mean_fill(image[:, :1], mask)
     empty = biharmonic(image, torch.zeros_like(mask))
     assert torch.equal(empty, image)
+
+
+def test_pyramid_baseline_is_the_prefill_of_the_reference_network():
+    """``pyramid`` is exactly what ReferenceNet(prefill=True) starts from, composited: a fresh such network
+    (its correction is zero) gives the same holes up to the atanh clamp."""
+    from kdinpaint_adapters.reference import ReferenceNet
+
+    from kdinpaint.ops.fill import harmonic_fill
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    mask = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    out = get_baseline("pyramid")(image, mask)
+    assert torch.equal(out * (1 - mask), image * (1 - mask))
+    assert torch.allclose(out * mask, harmonic_fill(image, mask, 64, 100).clamp(-1, 1) * mask)
+    with torch.no_grad():
+        fresh = ReferenceNet(width=4, prefill=True)(image * (1 - mask), mask)
+    inside = (out.abs() < 0.999) & (mask > 0).expand_as(out)
+    assert inside.any() and torch.allclose(fresh[inside], out[inside], atol=1e-5)

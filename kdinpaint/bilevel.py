@@ -9,8 +9,9 @@ Per batch: ``T`` ordinary optimiser steps of theta (the student, completion bloc
 
 ``P`` is a constant diagonal preconditioner that makes each unrolled step the size of the step the real
 optimiser takes. With plain SGD it is 1 (the paper's update). With Adam (or AdamW) it is Adam's own
-``1 / (sqrt(v_hat) + eps)``, read from the optimiser's second-moment estimate at the start of the batch
-(from the first step's gradient on the very first batch), held constant through the unroll. Without it, the
+``1 / (sqrt(v_hat) + eps)``: the optimiser's second-moment estimate at the start of the batch updated with the
+first step's gradient, exactly as Adam's own first step of the batch computes it (so no unrolled step is more
+than about ``alpha / sqrt(1 - beta2)`` per parameter, Adam's bound), held constant through the unroll. Without it, the
 unroll takes SGD steps of size ``alpha`` on raw gradients while theta actually moves by Adam steps of about
 ``alpha`` per parameter: where a gradient is large (hundreds to thousands for the distillation terms of a
 fresh student) the unrolled step is orders of magnitude longer than the real one, ``theta_T`` lands far from
@@ -454,34 +455,43 @@ class MetaLearner:
             for _ in range(steps):
                 self.scheduler.step()
 
-    def preconditioner(self) -> dict[str, torch.Tensor | None] | None:
-        """``P`` of the unrolled steps, by theta name, from the theta optimiser's state now: Adam's
-        ``1 / (sqrt(v_hat) + eps)`` (``None`` for a parameter with no state yet: the first unrolled step's
-        gradient stands in for ``v``); ``None`` altogether for ``inner_step="sgd"``."""
+    def preconditioner(self) -> dict[str, tuple] | None:
+        """What ``P`` of the unrolled steps is made of, by theta name, from the theta optimiser's state now:
+        ``(v, steps, beta2, eps)``, Adam's second-moment estimate (``None`` before a parameter's first step) and
+        step count; ``None`` altogether for ``inner_step="sgd"``. The first unrolled step completes it with its
+        own gradient ``g0``, as Adam's update would: ``P = 1 / (sqrt(v_hat) + eps)`` with
+        ``v_hat = (beta2 v + (1 - beta2) g0^2) / (1 - beta2^(steps + 1))``, constant through the unroll. (Without
+        ``g0`` a parameter whose gradients had been tiny got ``P`` in the millions when one grew.)"""
         if self.inner_step == "sgd":
             return None
         base = _base_optimizer(self.theta_optimizer)
-        out: dict[str, torch.Tensor | None] = {n: None for n in self._theta_names}
+        out: dict[str, tuple] = {}
         for group in base.param_groups:
             beta2, eps = group["betas"][1], group["eps"]
             for p in group["params"]:
                 name = self._theta_name_of.get(id(p))
-                state = base.state.get(p, {})
-                if name is None or "exp_avg_sq" not in state or float(state["step"]) < 1:
+                if name is None:
                     continue
-                v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
-                out[name] = 1 / (v_hat.sqrt() + eps)
+                state = base.state.get(p, {})
+                if "exp_avg_sq" in state and float(state["step"]) >= 1:
+                    out[name] = (state["exp_avg_sq"].detach().clone(), float(state["step"]), beta2, eps)
+                else:
+                    out[name] = (None, 0.0, beta2, eps)
         return out
 
     def _sgd(self, theta: dict, step: dict, correction: dict, precondition: dict | None) -> dict[str, torch.Tensor]:
         """One differentiable (preconditioned) SGD step. ``first_order``: the values follow it but gradients flow
-        only through each step's Psi-dependence, accumulated in ``correction`` (added back after the last step)."""
+        only through each step's Psi-dependence, accumulated in ``correction`` (added back after the last step).
+        ``precondition`` (from :meth:`preconditioner`) is completed in place by the first step."""
         alpha = self.inner_lr
         if precondition is not None:
-            eps = _base_optimizer(self.theta_optimizer).param_groups[0]["eps"]
             for n in theta:
-                if precondition[n] is None:  # no Adam state yet: Adam's first step, g / |g|
-                    precondition[n] = 1 / (step[n].detach().abs() + eps)
+                entry = precondition[n]
+                if isinstance(entry, tuple):  # the first step: Adam's v_hat including this gradient
+                    v, steps, beta2, eps = entry
+                    g0 = step[n].detach()
+                    v_new = (1 - beta2) * g0 * g0 if v is None else beta2 * v + (1 - beta2) * g0 * g0
+                    precondition[n] = 1 / ((v_new / (1 - beta2 ** (steps + 1))).sqrt() + eps)
             step = {n: precondition[n] * g for n, g in step.items()}
         if self.mode == "reverse_hg":
             return {n: v - alpha * step[n] for n, v in theta.items()}
@@ -505,7 +515,7 @@ class MetaLearner:
         kwargs: dict,
         target: torch.Tensor,
         first_step: dict[str, torch.Tensor] | None = None,
-        preconditioner: dict[str, torch.Tensor | None] | None = None,
+        preconditioner: dict[str, tuple] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``d L_inp(theta_T) / d Psi`` after T differentiable SGD steps from ``theta0`` (by name).
 

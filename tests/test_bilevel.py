@@ -111,10 +111,14 @@ def test_adam_preconditioned_unroll_equals_finite_differences():
     for _ in range(2):  # some Adam state, then the theta the hypergradient starts from
         learner.step((masked, mask), gt)
     names = dict((id(p), n) for n, p in kd.named_parameters())
+    out = student(masked, mask)  # the batch's first gradient, which Adam folds into v before its step
+    g0 = torch.autograd.grad(_mse(out, gt, None) + 20.0 * kd.losses(target=gt)["total"], theta, allow_unused=True)
     precondition = []
-    for p in theta:  # Adam's v_hat, bias-corrected, computed here from the state by hand
+    for p, g in zip(theta, g0):  # Adam's v_hat, bias-corrected, computed here from the state by hand
         st = opt.state[p]
-        v_hat = st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))
+        g = torch.zeros_like(p) if g is None else g
+        v = 0.999 * st["exp_avg_sq"] + 0.001 * g * g
+        v_hat = v / (1 - 0.999 ** (float(st["step"]) + 1))
         precondition.append(1 / (v_hat.sqrt() + 1e-6))
     theta0 = {n: p.detach().clone() for n, p in kd.named_parameters() if n in learner._theta_names}
     hyper = learner.hypergradient(theta0, (masked, mask), {}, gt)

@@ -142,3 +142,26 @@ def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path):
         # the same weights without prefill compute something else: the builder arguments matter
         plain = kdinpaint.load_exported(path, adapter.student("net8", width=4)).eval()
         assert (plain(image * (1 - mask), mask) - expected).abs().max() > 1e-2
+
+
+def test_prefill_is_reused_for_the_same_tensors_only():
+    """Algorithm 1 calls the network several times on one batch: the fill is computed once for the same
+    image and mask objects, and again for a new or modified tensor (never a stale fill)."""
+    from unittest import mock
+
+    import kdinpaint_adapters.reference as ref
+
+    torch.manual_seed(0)
+    net = ref.ReferenceNet(width=4, prefill=True)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    mask = (torch.rand(1, 1, 16, 16) > 0.6).float()
+    with mock.patch.object(ref, "harmonic_fill", wraps=ref.harmonic_fill) as fill, torch.no_grad():
+        first = net(image, mask)
+        assert torch.equal(net(image, mask), first) and fill.call_count == 1
+        net(image.clone(), mask)  # equal values, another tensor
+        assert fill.call_count == 2
+        image.mul_(0.5)  # modified in place: its version changes
+        changed = net(image, mask)
+        assert fill.call_count == 3
+    expected = ref.harmonic_fill(image, mask, 64, 100).clamp(-0.999, 0.999)
+    assert torch.allclose(changed[mask.expand_as(changed) > 0], expected[mask.expand_as(expected) > 0], atol=1e-5)

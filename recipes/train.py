@@ -14,8 +14,9 @@ are refused.
 A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.safetensors``,
 ``checkpoints/step_XXXXXXX`` (accelerate ``save_state``, written to a temporary folder and renamed, so a
 killed run resumes from the last complete one), ``metrics.jsonl``, ``samples/step_XXXXXXX.png``
-(masked | output | ground truth), ``student.safetensors`` (the exported network) and ``report.md``
-(the Table 1 layout on the evaluation set).
+(masked | output | ground truth), ``student.safetensors`` (the exported network) and ``report.md`` /
+``report.json`` (the Table 1 layout on the evaluation set, beside the weight-free floor on the same images and
+masks: biharmonic, Telea with OpenCV, mean fill, and for a network with a prefill that fill itself).
 
 A batch whose loss or gradient is NaN/inf or explodes is skipped (``train.guard``; ``skipped`` in
 ``metrics.jsonl``); after ``train.max_bad_steps`` in a row the run stops as diverged: ``report.md`` and

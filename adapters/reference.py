@@ -146,7 +146,7 @@ class ReferenceNet(nn.Module):
         """The prefill of ``image`` (clamped: the biharmonic part may overshoot [-1, 1] slightly). Algorithm 1
         calls the network four times per batch on the same tensors, so the last fill is kept and reused while
         the same (unmodified) image and mask come back; the fill takes no gradient."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or image.is_inference() or mask.is_inference():  # no version counter
             return harmonic_fill(image, mask, self.prefill_iterations, self.prefill_biharmonic).clamp(-1, 1)
         # the cache holds the tensors themselves: identity, not an address that a new tensor could reuse
         cached = getattr(self, "_fill_cache", None)

@@ -124,12 +124,8 @@ def _cached(size: int, count: int, names: tuple[str, ...]) -> torch.Tensor:
     return batch / 127.5 - 1
 
 
-def sample_images(size: int = 256, count: int = 10, *, names: Sequence[str] | None = None) -> torch.Tensor:
-    """Crops of the bundled photos, float32 ``(count, 3, size, size)`` in [-1, 1].
-
-    ``names`` restricts (and orders) the photos, default :data:`SAMPLE_NAMES`. Deterministic and cached:
-    repeated calls cost a copy. The returned tensor is the caller's to modify.
-    """
+def _checked_names(size: int, count: int, names: Sequence[str] | None) -> tuple[str, ...]:
+    """Validate the crop size, the count and the photo names (default :data:`SAMPLE_NAMES`); the names."""
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an int >= 8, got {size!r}")
     if not isinstance(count, int) or count < 1:
@@ -138,7 +134,16 @@ def sample_images(size: int = 256, count: int = 10, *, names: Sequence[str] | No
     unknown = [n for n in chosen if n not in _LOADERS]
     if unknown or not chosen:
         raise ValueError(f"unknown sample photo(s) {unknown}; known: {list(SAMPLE_NAMES)}")
-    return _cached(size, count, chosen).clone()
+    return chosen
+
+
+def sample_images(size: int = 256, count: int = 10, *, names: Sequence[str] | None = None) -> torch.Tensor:
+    """Crops of the bundled photos, float32 ``(count, 3, size, size)`` in [-1, 1].
+
+    ``names`` restricts (and orders) the photos, default :data:`SAMPLE_NAMES`. Deterministic and cached:
+    repeated calls cost a copy. The returned tensor is the caller's to modify.
+    """
+    return _cached(size, count, _checked_names(size, count, names)).clone()
 
 
 class SampleCrops(Dataset):
@@ -154,14 +159,7 @@ class SampleCrops(Dataset):
     """
 
     def __init__(self, size: int, count: int, *, names: Sequence[str] | None = None, seed: int = 0, levels: int = 6):
-        if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size must be an int >= 8, got {size!r}")
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
-        chosen = tuple(names) if names is not None else SAMPLE_NAMES
-        unknown = [n for n in chosen if n not in _LOADERS]
-        if unknown or not chosen:
-            raise ValueError(f"unknown sample photo(s) {unknown}; known: {list(SAMPLE_NAMES)}")
+        chosen = _checked_names(size, count, names)
         if not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive int, got {levels!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:

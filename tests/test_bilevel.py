@@ -54,6 +54,30 @@ def _unrolled_inpaint_loss(student, kd, theta, inputs, target, alpha, steps, pre
                 p.copy_(s)
 
 
+def _central_difference(kd, direction, loss, eps=1e-5):
+    """``(loss(Psi + eps u) - loss(Psi - eps u)) / (2 eps)`` along ``direction`` (Psi restored afterwards)."""
+    psi = dict(kd.named_parameters())
+
+    def at(sign):
+        with torch.no_grad():
+            for n, u in direction.items():
+                psi[n].add_(sign * eps * u)
+        try:
+            return loss()
+        finally:
+            with torch.no_grad():
+                for n, u in direction.items():
+                    psi[n].sub_(sign * eps * u)
+
+    return (at(+1) - at(-1)) / (2 * eps)
+
+
+def _random_direction(kd, names, seed):
+    psi = dict(kd.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(psi[n].shape, generator=g, dtype=torch.float64) for n in names}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 2])
 def test_reverse_hg_equals_central_finite_differences(steps):
@@ -65,23 +89,9 @@ def test_reverse_hg_equals_central_finite_differences(steps):
     hyper = learner.hypergradient(theta0, (masked, mask), {}, gt)
     assert set(hyper) == set(learner._psi_names) and any(n.startswith("t.") for n in hyper)
 
-    psi = dict(kd.named_parameters())
-    g = torch.Generator().manual_seed(1)
-    direction = {n: torch.randn(psi[n].shape, generator=g, dtype=torch.float64) for n in hyper}
-    eps = 1e-5
-
-    def f(sign):
-        with torch.no_grad():
-            for n, u in direction.items():
-                psi[n].add_(sign * eps * u)
-        try:
-            return _unrolled_inpaint_loss(student, kd, theta, (masked, mask), gt, 0.01, steps)
-        finally:
-            with torch.no_grad():
-                for n, u in direction.items():
-                    psi[n].sub_(sign * eps * u)
-
-    fd = (f(+1) - f(-1)) / (2 * eps)
+    direction = _random_direction(kd, hyper, 1)
+    unrolled = lambda: _unrolled_inpaint_loss(student, kd, theta, (masked, mask), gt, 0.01, steps)  # noqa: E731
+    fd = _central_difference(kd, direction, unrolled)
     analytic = sum((hyper[n] * u).sum() for n, u in direction.items()).item()
     assert abs(fd) > 1e-8  # the meta-networks do move L_inp
     assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-10)
@@ -91,10 +101,7 @@ def test_reverse_hg_equals_central_finite_differences(steps):
     # per meta-network too (gamma, rho, phi, t each)
     for prefix in ("gamma.", "rho.", "phi.", "t."):
         sub = {n: u for n, u in direction.items() if n.startswith(prefix)}
-        keep = direction
-        direction = sub
-        fd_sub = (f(+1) - f(-1)) / (2 * eps)
-        direction = keep
+        fd_sub = _central_difference(kd, sub, unrolled)
         an_sub = sum((hyper[n] * u).sum() for n, u in sub.items()).item()
         assert an_sub == pytest.approx(fd_sub, rel=1e-4, abs=1e-9), prefix
     kd.detach()
@@ -110,7 +117,6 @@ def test_adam_preconditioned_unroll_equals_finite_differences():
     assert learner.inner_step == "adam"
     for _ in range(2):  # some Adam state, then the theta the hypergradient starts from
         learner.step((masked, mask), gt)
-    names = dict((id(p), n) for n, p in kd.named_parameters())
     out = student(masked, mask)  # the batch's first gradient, which Adam folds into v before its step
     g0 = torch.autograd.grad(_mse(out, gt, None) + 20.0 * kd.losses(target=gt)["total"], theta, allow_unused=True)
     precondition = []
@@ -122,26 +128,12 @@ def test_adam_preconditioned_unroll_equals_finite_differences():
         precondition.append(1 / (v_hat.sqrt() + 1e-6))
     theta0 = {n: p.detach().clone() for n, p in kd.named_parameters() if n in learner._theta_names}
     hyper = learner.hypergradient(theta0, (masked, mask), {}, gt)
-    ordered = [precondition[i] for i, p in enumerate(theta) if names[id(p)] in theta0]
-    assert len(ordered) == len(theta)
+    assert set(theta0) == set(learner._theta_names) and len(theta0) == len(theta)  # precondition's order is theta's
 
-    psi = dict(kd.named_parameters())
-    g = torch.Generator().manual_seed(2)
-    direction = {n: torch.randn(psi[n].shape, generator=g, dtype=torch.float64) for n in hyper}
-    eps = 1e-5
-
-    def f(sign):
-        with torch.no_grad():
-            for n, u in direction.items():
-                psi[n].add_(sign * eps * u)
-        try:
-            return _unrolled_inpaint_loss(student, kd, theta, (masked, mask), gt, 1e-3, 2, precondition)
-        finally:
-            with torch.no_grad():
-                for n, u in direction.items():
-                    psi[n].sub_(sign * eps * u)
-
-    fd = (f(+1) - f(-1)) / (2 * eps)
+    direction = _random_direction(kd, hyper, 2)
+    fd = _central_difference(
+        kd, direction, lambda: _unrolled_inpaint_loss(student, kd, theta, (masked, mask), gt, 1e-3, 2, precondition)
+    )
     analytic = sum((hyper[n] * u).sum() for n, u in direction.items()).item()
     assert abs(fd) > 1e-8
     assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-10)

@@ -56,7 +56,7 @@ from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
-from kdinpaint.ops.fill import harmonic_fill
+from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
 
 __all__ = ["ReferenceNet", "Compensation", "reference_net", "ADAPTER_SPEC", "VARIANT_BUILDERS", "register_adapters"]
 
@@ -109,8 +109,8 @@ class ReferenceNet(nn.Module):
         act_layer: LayerLike = "elu",
         completion_kernel_size: int = 3,
         prefill: bool = False,
-        prefill_iterations: int = 64,
-        prefill_biharmonic: int = 100,
+        prefill_iterations: int = PREFILL_SWEEPS,
+        prefill_biharmonic: int = PREFILL_BIHARMONIC,
     ):
         super().__init__()
         w = width
@@ -191,8 +191,8 @@ def reference_net(
     compensate: bool = False,
     act_layer: LayerLike = "elu",
     prefill: bool = False,
-    prefill_iterations: int = 64,
-    prefill_biharmonic: int = 100,
+    prefill_iterations: int = PREFILL_SWEEPS,
+    prefill_biharmonic: int = PREFILL_BIHARMONIC,
 ) -> ReferenceNet:
     """Build the student of the ``reference`` adapter."""
     return ReferenceNet(

@@ -116,10 +116,10 @@ def pyramid_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`kdinpaint.ops.fill.harmonic_fill` with the settings ``ReferenceNet(prefill=True)`` starts from
     (64 Jacobi sweeps and 100 biharmonic conjugate-gradient steps per level): what such a network adds to its
     own starting point is its score minus this one."""
-    from kdinpaint.ops.fill import harmonic_fill
+    from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
 
     mask = _check(image, mask).to(image.dtype)
-    return composite(harmonic_fill(image, mask, 64, 100).clamp(-1, 1), image, mask)
+    return composite(harmonic_fill(image, mask, PREFILL_SWEEPS, PREFILL_BIHARMONIC).clamp(-1, 1), image, mask)
 
 
 BASELINES: dict[str, Inpainter] = {

@@ -26,7 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["harmonic_fill"]
+__all__ = ["harmonic_fill", "PREFILL_SWEEPS", "PREFILL_BIHARMONIC"]
+
+PREFILL_SWEEPS = 64
+"""Jacobi sweeps per level of the fill networks start from (``ReferenceNet(prefill=True)``, baseline ``pyramid``)."""
+PREFILL_BIHARMONIC = 100
+"""Biharmonic conjugate-gradient steps per level of that fill."""
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def test_fused_backward_path_equals_the_full_matrix():
     from kdinpaint.ops.attention import _fused, _rows
 
     q, k, v = _qkv(seed=3)
-    _check_against_naive(lambda *a: rowwise(_rows, a[:1], a[1:], 3, whole=_fused, fused_backward=True), q, k, v)
+    _check_against_naive(lambda *a: rowwise(_rows, a[:1], a[1:], 3, kernel=_fused, fused_backward=True), q, k, v)
 
 
 def _check_against_naive(ours, q, k, v):
@@ -108,3 +108,48 @@ def test_bad_shapes_are_named():
         softmax_attention(q, k[:, :5], v)
     with pytest.raises(ValueError, match="at least one row input"):
         rowwise(lambda k: k, (), (k,), 2)
+
+
+def _largest_created(f, *args):
+    """The most elements of any tensor an operator creates while ``f(*args)`` runs (forward only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        f(*args)
+    return Largest.most
+
+
+@pytest.mark.parametrize("forward_rows", [1, 3, 7, 64])
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_blocks_equal_the_full_matrix(forward_rows, grad):
+    # the forward pass in blocks (the in-place kernel without autograd, and inside the differentiable op)
+    q, k, v = (t.detach().float().requires_grad_(grad) for t in _qkv(seed=4))
+    with torch.set_grad_enabled(grad):
+        ours = softmax_attention(q, k, v, rows=4, forward_rows=forward_rows)
+    torch.testing.assert_close(ours, naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    if grad:
+        g = torch.randn_like(ours)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(naive_attention(q, k, v), (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "training"])
+def test_no_full_affinity_is_created_in_the_forward_pass(mode):
+    # at inference and in an ordinary training forward, no intermediate has N×N entries, whatever
+    # scaled_dot_product_attention would pick on this machine
+    B, N = 1, 256
+    q, k, v = (t.detach().float().requires_grad_(mode == "training") for t in _qkv(B=B, N=N, c=4, C=8))
+    context = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "training": torch.enable_grad}[mode]
+    with context():
+        assert _largest_created(naive_attention, q, k, v) >= B * N * N  # the reference does create it
+        assert _largest_created(lambda *a: softmax_attention(*a, forward_rows=16), q, k, v) <= B * 16 * N

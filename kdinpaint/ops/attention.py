@@ -1,11 +1,18 @@
-"""Softmax attention ``softmax(q k^T) v`` (Eq. 7-8) that never stores the ``N×N`` affinity, not even when
-differentiated twice.
+"""Softmax attention ``softmax(q k^T) v`` (Eq. 7-8) that never stores the ``N×N`` affinity: not at
+inference, not in training, not when differentiated twice.
 
 Pixel attention over ``N`` positions has an ``N×N`` affinity: at H/2 of a 256×256 image ``N = 16384`` and
-one affinity is 1 GiB per image in float32. ``scaled_dot_product_attention`` does not store it in the
-forward pass, but an ordinary backward graph does, and Algorithm 1's Reverse-HG differentiates the backward
-pass once more: several ``N×N`` matrices per attention call and unrolled step. Here the forward pass is the
-fused kernel and both derivatives run block by block over the query rows (:func:`kdinpaint.ops.rowwise.rowwise`).
+one affinity is 1 GiB per image in float32; at H/2 of a 512×512 photo, 16 GiB. Whether
+``scaled_dot_product_attention`` stores it depends on the kernel torch picks (on the CPU, queries/keys narrower
+than the values take the math fallback, which does), so nothing here relies on it: every pass runs block by
+block over the query rows (:func:`kdinpaint.ops.rowwise.rowwise`), ``O(rows × N)`` transient memory. The
+forward blocks hold :data:`FORWARD_BLOCK_ELEMENTS` affinity entries (one intermediate alive), the
+differentiated ones :data:`BLOCK_ELEMENTS` (about ten alive).
+
+Without autograd on the CPU a block is computed in place (:func:`_rows_inplace`): ``exp(q k^T - max)`` in one
+buffer, then its product with ``v`` divided by the row sums, which skips softmax's own division pass over the
+``rows × N`` block (the normalisation is applied to the ``rows × C`` result instead): the same softmax, up to
+float rounding. On CUDA a block is one ``scaled_dot_product_attention`` call (a fused kernel where one fits).
 """
 
 from __future__ import annotations
@@ -15,19 +22,22 @@ import torch.nn.functional as F
 
 from kdinpaint.ops.rowwise import rowwise
 
-__all__ = ["affinity", "softmax_attention", "BLOCK_ELEMENTS", "block_rows"]
+__all__ = ["affinity", "softmax_attention", "BLOCK_ELEMENTS", "FORWARD_BLOCK_ELEMENTS", "block_rows"]
 
 #: affinity entries of one block of rows, whole batch: 2**20 floats = 4 MiB (a block keeps about ten such
 #: intermediates alive while it is differentiated)
 BLOCK_ELEMENTS = 1 << 20
+#: affinity entries of one forward block, whole batch: 2**24 floats = 64 MiB (one such buffer alive); fewer,
+#: larger blocks keep the CPU's matrix products efficient (64-row blocks at N = 16384 took several times longer)
+FORWARD_BLOCK_ELEMENTS = 1 << 24
 #: fewest rows per block (fewer make the Python loop the cost)
 MIN_BLOCK_ROWS = 32
 
 
-def block_rows(batch: int, n_keys: int, rows: int | None = None) -> int:
-    """Rows per block: ``rows`` if given, else as many as fit :data:`BLOCK_ELEMENTS` entries of
+def block_rows(batch: int, n_keys: int, rows: int | None = None, elements: int = BLOCK_ELEMENTS) -> int:
+    """Rows per block: ``rows`` if given, else as many as fit ``elements`` entries of
     ``batch × rows × n_keys``, at least :data:`MIN_BLOCK_ROWS`."""
-    return max(1, rows if rows is not None else max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, batch * n_keys)))
+    return max(1, rows if rows is not None else max(MIN_BLOCK_ROWS, elements // max(1, batch * n_keys)))
 
 
 def affinity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -44,19 +54,50 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows: int | None = None) -> torch.Tensor:
+def _rows_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`_rows` without autograd, one ``rows × N`` buffer: ``(exp(s - max) @ v) / sum exp(s - max)``."""
+    s = torch.bmm(q, k.transpose(1, 2))  # (B, rows, N)
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    total = s.sum(-1, keepdim=True)  # (B, rows, 1), >= 1 (the row maximum contributes exp(0))
+    return torch.bmm(s, v).div_(total)  # (B, rows, C)
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool((compiler is not None and compiler.is_compiling()) or torch.onnx.is_in_onnx_export())
+
+
+def _kernel(device: torch.device):
+    """The forward kernel of a block: functional while traced (torch.compile, torch.export, ONNX), fused SDPA
+    on CUDA, in place elsewhere (the forward pass records no graph: rowwise differentiates ``_rows`` there)."""
+    if _tracing():
+        return _rows
+    return _fused if device.type == "cuda" else _rows_inplace
+
+
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows: int | None = None, forward_rows: int | None = None
+) -> torch.Tensor:
     """``a_i = sum_j softmax_j(q_i . k_j) v_j`` (no scaling, as the paper).
 
     Args:
         q, k: ``(B, N, C_qk)`` queries and keys; v: ``(B, N, C)`` values (``C`` may differ from ``C_qk``).
         rows: query rows per block in the backward passes (default :func:`block_rows`).
+        forward_rows: query rows per block in the forward pass (default: :data:`FORWARD_BLOCK_ELEMENTS`
+            affinity entries).
 
-    Returns ``(B, N, C)``: one ``scaled_dot_product_attention`` call, differentiable twice in ``q, k, v``
-    with ``O(rows × N)`` transient memory.
+    Returns ``(B, N, C)``, differentiable twice in ``q, k, v``; ``O(rows × N)`` transient memory in every
+    pass (one block when traced with a dynamic ``N``).
     """
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"q and k must be (B, N, C_qk) of one shape and v (B, N, C), got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
-    return rowwise(_rows, (q,), (k, v), block_rows(k.shape[0], k.shape[1], rows), whole=_fused)
+    B, N = k.shape[:2]
+    if isinstance(N, torch.SymInt) or isinstance(B, torch.SymInt):
+        back = fwd = 1
+    else:
+        back = block_rows(B, N, rows)
+        fwd = block_rows(B, N, forward_rows, FORWARD_BLOCK_ELEMENTS)
+    return rowwise(_rows, (q,), (k, v), back, kernel=_kernel(q.device), forward_rows=fwd)

@@ -84,30 +84,39 @@ class _RowwiseBackward(torch.autograd.Function):
         return (None, None, None, grad_grad_out, *grads)
 
 
+def _blockwise(fn: RowFn, tensors: Sequence[torch.Tensor], n_rows: int, block_rows: int) -> torch.Tensor:
+    """``fn`` over the whole rows, one block of ``block_rows`` rows at a time (one call when they all fit)."""
+    rows = tensors[0].shape[1]
+    if isinstance(rows, torch.SymInt) or rows <= block_rows:  # a traced dynamic size cannot be split into blocks
+        return fn(*tensors)
+    return torch.cat([fn(*_slices(tensors, n_rows, slice(i, i + block_rows))) for i in range(0, rows, block_rows)], 1)
+
+
 class _Rowwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, whole, fused_backward, block_rows, n_rows, *tensors):  # type: ignore[override]  # noqa: ANN001
+    def forward(ctx, fn, kernel, fused_backward, block_rows, forward_rows, n_rows, *tensors):  # type: ignore[override]  # noqa: ANN001
         ctx.save_for_backward(*tensors)
         ctx.fn, ctx.block_rows, ctx.n_rows = fn, block_rows, n_rows
-        ctx.whole = whole if fused_backward else None
-        if whole is not None:
-            return whole(*tensors)
-        rows = tensors[0].shape[1]
-        return torch.cat([fn(*_slices(tensors, n_rows, slice(i, i + block_rows))) for i in range(0, rows, block_rows)], 1)
+        ctx.kernel = kernel if fused_backward else None
+        return _blockwise(kernel or fn, tensors, n_rows, forward_rows)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]  # noqa: ANN001, ANN205
         tensors = ctx.saved_tensors
-        if ctx.whole is not None and not torch.is_grad_enabled():
-            # an ordinary backward pass (no graph of it is built): differentiate the fused ``whole`` once,
-            # which is faster than the blocks where it has a fused backward kernel (attention)
-            leaves = [t.detach().requires_grad_() for t in tensors]
-            with torch.enable_grad():
-                out = ctx.whole(*leaves)
-            grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        if ctx.kernel is not None and not torch.is_grad_enabled():
+            # an ordinary backward pass (no graph of it is built): differentiate the fused ``kernel`` block by
+            # block, faster than ``fn`` where it has a fused backward kernel (attention on CUDA); per block, so
+            # that a kernel that does materialise its intermediates (a math fallback) stays bounded too
+            grads = [torch.zeros_like(t) for t in tensors]
+            for i in range(0, grad_out.shape[1], ctx.block_rows):
+                block = slice(i, i + ctx.block_rows)
+                leaves = _leaves(tensors, ctx.n_rows, block)
+                with torch.enable_grad():
+                    out = ctx.kernel(*leaves)
+                _scatter(grads, torch.autograd.grad(out, leaves, grad_out[:, block], allow_unused=True), ctx.n_rows, block)
         else:
             grads = _RowwiseBackward.apply(ctx.fn, ctx.block_rows, ctx.n_rows, grad_out, *tensors)
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def rowwise(
@@ -115,8 +124,9 @@ def rowwise(
     row_inputs: Sequence[torch.Tensor],
     shared_inputs: Sequence[torch.Tensor],
     block_rows: int,
-    whole: RowFn | None = None,
+    kernel: RowFn | None = None,
     fused_backward: bool | None = None,
+    forward_rows: int | None = None,
 ) -> torch.Tensor:
     """``fn(*row_inputs, *shared_inputs)``, differentiable twice without keeping ``fn``'s intermediates.
 
@@ -125,21 +135,27 @@ def rowwise(
             ``row_inputs`` and on all of the ``shared_inputs``; called on blocks of ``block_rows`` rows.
         row_inputs: ``(B, R, ...)`` tensors, rows on dimension 1 (at least one).
         shared_inputs: tensors every row reads.
-        block_rows: rows per block.
-        whole: computes the same output in one call without storing its intermediates (a fused kernel, such
-            as ``scaled_dot_product_attention``) for the forward pass; by default the forward runs ``fn``
-            block by block too.
-        fused_backward: let ordinary backward passes (no graph of them built) differentiate ``whole``,
-            recomputed, instead of the blocks: faster where ``whole`` has a fused backward kernel. Default:
-            on CUDA tensors. (On CPU the blocks took the same time for pixel attention and less memory.)
+        block_rows: rows per block in the backward passes.
+        kernel: computes ``fn``'s output for a block faster (a fused kernel such as
+            ``scaled_dot_product_attention``, or an in-place one that only works without autograd); used for
+            the forward pass instead of ``fn``.
+        fused_backward: let ordinary backward passes (no graph of them built) differentiate ``kernel`` block
+            by block instead of ``fn``: faster where ``kernel`` has a fused backward kernel. Default: on CUDA
+            tensors. (On CPU ``fn``'s blocks took the same time for pixel attention and less memory.)
+        forward_rows: rows per block in the forward pass (default ``block_rows``): the forward keeps one
+            block's intermediates alive, not ten, so its blocks may be larger.
 
-    Returns ``fn``'s output ``(B, R, ...)``. Without gradients it simply calls ``whole`` or ``fn``.
+    Returns ``fn``'s output ``(B, R, ...)``, computed block by block in every mode (with or without
+    gradients), so no ``R × N`` intermediate ever exists; only a traced dynamic row count (``torch.export``
+    with dynamic shapes) runs as one block.
     """
     if not row_inputs:
         raise ValueError("rowwise needs at least one row input")
     tensors = (*row_inputs, *shared_inputs)
+    block_rows = max(1, int(block_rows))
+    forward_rows = block_rows if forward_rows is None else max(1, int(forward_rows))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return whole(*tensors) if whole is not None else fn(*tensors)
+        return _blockwise(kernel or fn, tensors, len(row_inputs), forward_rows)
     if fused_backward is None:
         fused_backward = tensors[0].is_cuda
-    return _Rowwise.apply(fn, whole, bool(fused_backward and whole is not None), max(1, int(block_rows)), len(row_inputs), *tensors)
+    return _Rowwise.apply(fn, kernel, bool(fused_backward and kernel is not None), block_rows, forward_rows, len(row_inputs), *tensors)

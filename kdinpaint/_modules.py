@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fnmatch
+import functools
+import re
 from collections.abc import Iterator
 
 from torch import nn
@@ -33,18 +34,75 @@ def normalise_path(path: str) -> str:
     return path
 
 
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _segment_regex(segment: str) -> str:
+    """One path segment of a glob: ``*`` any run of characters without a dot, ``?`` one, ``[...]`` a class."""
+    out, i = [], 0
+    while i < len(segment):
+        c = segment[i]
+        if c == "*":
+            out.append("[^.]*")
+        elif c == "?":
+            out.append("[^.]")
+        elif c == "[":
+            end = segment.find("]", i + 2 if segment[i + 1 : i + 2] in ("!", "]") else i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = segment[i + 1 : end]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append(f"(?!\\.)[{body.replace(chr(92), chr(92) * 2)}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern:
+    """The regular expression of a module-path glob: ``*``, ``?`` and ``[...]`` stay within one dotted
+    segment; a segment ``**`` matches any number of segments (none between two others, at least one at the end)."""
+    segments = pattern.split(".")
+    out = ""
+    for i, seg in enumerate(segments):
+        first, last = i == 0, i == len(segments) - 1
+        if seg == "**":
+            if first and last:
+                out += r"[^.]+(?:\.[^.]+)*"
+            elif first:
+                out += r"(?:[^.]+\.)*"
+            elif last:
+                out += r"(?:\.[^.]+)+"
+            else:
+                out += r"(?:\.[^.]+)*"
+            continue
+        sep = "" if first or segments[i - 1] == "**" and i == 1 else r"\."
+        out += sep + _segment_regex(seg)
+    return re.compile(out + r"\Z")
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Whether the dotted module path ``name`` matches ``pattern`` (see :func:`glob_regex`)."""
+    return glob_regex(pattern).match(name) is not None
+
+
 def resolve(model: nn.Module, patterns: list[str], *, what: str) -> list[str]:
     """Expand paths and globs against ``model.named_modules()`` (in module order), or raise ``ValueError``.
 
-    A path that matches nothing is reported with the closest module names; duplicates are dropped.
+    Globs follow :func:`glob_regex`: ``*`` stays within one path segment, ``**`` spans segments. A path that
+    matches nothing is reported with the closest module names; duplicates are dropped.
     """
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
     out: list[str] = []
     for raw in patterns:
         pattern = normalise_path(raw)
-        if any(c in pattern for c in "*?["):
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if is_glob(pattern):
+            hits = [n for n in names if glob_match(n, pattern)]
             if not hits:
                 raise ValueError(
                     f"{what}: the glob {raw!r} matches no module of {type(model).__name__}; "

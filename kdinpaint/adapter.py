@@ -7,6 +7,7 @@ official weights, ``checkpoint_filter_fn``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +47,12 @@ class Adapter:
             raise ValueError(f"adapter name must be a non-empty string without ':', got {self.name!r}")
         if not isinstance(self.spec, AdapterSpec):
             self.spec = AdapterSpec.from_dict(self.spec)
+        if self.spec.name == "custom" or not self.spec.description:  # a spec written without them
+            self.spec = dataclasses.replace(
+                self.spec,
+                name=self.name if self.spec.name == "custom" else self.spec.name,
+                description=self.spec.description or self.description,
+            )
         unknown = [v for v in self.variant_builders if v not in self.spec.variants]
         if unknown:
             raise ValueError(f"adapter {self.name!r}: variant_builders for unknown variants {unknown}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -36,17 +37,20 @@ from kdinpaint import _modules
 import torch.nn.functional as F
 
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
-from kdinpaint.calling import CallConvention
+from kdinpaint.calling import convention, select_output
 from kdinpaint.losses._target import target as as_target
 from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
 from kdinpaint.losses.distillation import cross_distillation, self_distillation
-from kdinpaint.masking import check_mask
+from kdinpaint.masking import check_mask, mask_at, masked, masked_mean
 from kdinpaint.meta import ChannelWeights, FeatureTransform, PixelWeights
 from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
 
 __all__ = ["attach", "Distiller"]
 
 log = logging.getLogger(__name__)
+
+MAX_RESAMPLE = 8  # teacher and student levels further apart than this are refused as a wrong pairing
+PLAUSIBLE_LEVELS = 6  # more encoder levels than this (and than resolutions) is warned about
 
 # models that currently carry a Distiller (to refuse a second attach and deep copies of hooked models)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Distiller]" = weakref.WeakKeyDictionary()
@@ -82,6 +86,7 @@ class _Session:
     teacher: dict[Any, Any] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     teacher_running: bool = False
+    output: Any = None  # the student's output (kept only for output-level distillation)
 
     def reset(self) -> None:
         self.active = False
@@ -92,6 +97,7 @@ class _Session:
         self.teacher.clear()
         self.calls.clear()
         self.teacher_running = False
+        self.output = None
 
 
 @contextlib.contextmanager
@@ -136,10 +142,8 @@ class Distiller(nn.Module):
                 "pass one (kdinpaint.build_teacher(student) builds it from the student's architecture) or "
                 "switch them off in the spec"
             )
-        self._call = CallConvention(self._root, spec.image_arg, spec.mask_arg)
-        self._teacher_call = (
-            CallConvention(self._teacher_root, spec.image_arg, spec.mask_arg) if teacher is not None else None
-        )
+        self._call = convention(self._root, spec)
+        self._teacher_call = convention(self._teacher_root, spec, teacher=True) if teacher is not None else None
         self.levels = _modules.resolve(self._root, spec.encoder_levels, what=f"spec {spec.name!r} encoder_levels")
         self.sites = _modules.resolve(self._root, spec.sites, what=f"spec {spec.name!r} completion_sites") if spec.sites else []
         self.teacher_levels: list[str] = []
@@ -229,7 +233,7 @@ class Distiller(nn.Module):
                 handles.append(_modules.get(root, path).register_forward_hook(hook))
             try:
                 with _probing(root):
-                    root(*a, **kw)
+                    shapes["__output__"] = root(*a, **kw)
             finally:
                 for h in handles:
                     h.remove()
@@ -253,17 +257,12 @@ class Distiller(nn.Module):
         )
         teacher_shapes: dict[Any, Any] = {}
         teacher_att = [p for site in self.attention if site.transfer for p in (site.module, site.capture)]
-        if self.teacher is not None and (self.teacher_levels or teacher_att):
+        if self.teacher is not None and (self.teacher_levels or teacher_att or self.spec.output_distillation > 0):
             ta, tkw = self._teacher_args(args, kwargs, image, mask)
             teacher_shapes = run(
                 self._teacher_root, list(dict.fromkeys(self.teacher_levels + teacher_att)), ta, tkw, "teacher", tuple(teacher_att)
             )
-            for s_path, t_path in zip(self.levels, self.teacher_levels):
-                if shapes[s_path][-2:] != teacher_shapes[t_path][-2:]:
-                    raise ValueError(
-                        f"student level {s_path!r} is {tuple(shapes[s_path][-2:])} (H, W) but teacher level "
-                        f"{t_path!r} is {tuple(teacher_shapes[t_path][-2:])}; pair levels of the same resolution"
-                    )
+        self._check_pairs(shapes, teacher_shapes)
         for a, b in zip(self.levels, self.levels[1:]):
             (ha, wa), (hb, wb) = shapes[a][-2:], shapes[b][-2:]
             if self.spec.self_distillation and (ha % hb or wa % wb or ha // hb != wa // wb):
@@ -272,7 +271,61 @@ class Distiller(nn.Module):
                     f"{b!r} is {(hb, wb)}; order encoder_levels shallow to deep or switch self_distillation off"
                 )
         self._check_attention(shapes, teacher_shapes)
+        self._check_output(shapes, teacher_shapes)
+        self._warn_implausible_levels(shapes)
         return shapes, teacher_shapes
+
+    def _check_pairs(self, shapes: dict, teacher_shapes: dict) -> None:
+        """A teacher of another architecture (class) may have levels of another resolution: they are resampled
+        to the student's (bilinear, antialiased when shrinking) up to :data:`MAX_RESAMPLE` times apart. A
+        teacher of the student's own class must match level for level (a mismatch is a wrong pairing)."""
+        self._resampled: list[str] = []
+        same_class = type(self._teacher_root) is type(self._root)
+        for s_path, t_path in zip(self.levels, self.teacher_levels):
+            (hs, ws), (ht, wt) = shapes[s_path][-2:], teacher_shapes[t_path][-2:]
+            if (hs, ws) == (ht, wt):
+                continue
+            ratio = max(hs / ht, ht / hs, ws / wt, wt / ws)
+            if same_class:
+                raise ValueError(
+                    f"student level {s_path!r} is {(hs, ws)} (H, W) but teacher level {t_path!r} is {(ht, wt)}; "
+                    "pair levels of the same resolution (only a teacher of another architecture is resampled)"
+                )
+            if ratio > MAX_RESAMPLE:
+                raise ValueError(
+                    f"student level {s_path!r} is {(hs, ws)} (H, W) but teacher level {t_path!r} is {(ht, wt)}: "
+                    f"{ratio:g} times apart; pair levels of the same (or a close) resolution in teacher_levels"
+                )
+            self._resampled.append(s_path)
+        if self._resampled:
+            log.info("teacher features resampled to the student's size at levels %s", self._resampled)
+
+    def _check_output(self, shapes: dict, teacher_shapes: dict) -> None:
+        if self.spec.output_distillation <= 0:
+            return
+        pred = select_output(shapes["__output__"], self.spec.output)
+        t_pred = select_output(teacher_shapes["__output__"], self.spec.teacher_convention.output)
+        if pred.shape != t_pred.shape:
+            raise ValueError(
+                f"output_distillation compares the predictions, but the student returns {tuple(pred.shape)} and "
+                f"the teacher {tuple(t_pred.shape)}; set teacher_call.output to the teacher's image prediction"
+            )
+
+    def _warn_implausible_levels(self, shapes: dict) -> None:
+        """More encoder levels than resolutions: usually a glob that matched every layer of a level."""
+        sizes = [tuple(shapes[p][-2:]) for p in self.levels]
+        distinct = list(dict.fromkeys(sizes))
+        if len(self.levels) > max(len(distinct), PLAUSIBLE_LEVELS):
+            globbed = [p for p in self.spec.encoder_levels if _modules.is_glob(_modules.normalise_path(p))]
+            warnings.warn(
+                f"spec {self.spec.name!r}: encoder_levels expand to {len(self.levels)} modules at only {len(distinct)} "
+                f"resolutions {distinct}"
+                + (f" (from the glob(s) {globbed}; `*` matches one path segment, `**` any depth)" if globbed else "")
+                + "; the paper's levels are one module per resolution, the last before it halves: name those "
+                "(kdinpaint.suggest_spec proposes them)",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_attention(self, shapes: dict, teacher_shapes: dict) -> None:
         """Affinity layouts as the spec says, teacher and student alike; record each site's widths."""
@@ -406,7 +459,10 @@ class Distiller(nn.Module):
         s.active = True
 
     def _on_student_return(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._session.active = False
+        s = self._session
+        if s.active and self.spec.output_distillation > 0:
+            s.output = output
+        s.active = False
 
     def _make_student_hook(self, path: str, block: CompletionBlock | None, record: bool):
         clone = self.spec.clone_taps
@@ -469,12 +525,18 @@ class Distiller(nn.Module):
 
     # ---- training-time API ----------------------------------------------------------------------
     def _teacher_args(self, args: tuple, kwargs: dict, target: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, dict]:
+        """The teacher's call: ``teacher_input`` says what it sees; called like the student (its other arguments
+        kept) unless ``teacher_call`` gives its own convention."""
         mode = self.spec.teacher_input
         if mode == "image_only":
             return (target,), {}
+        image = masked(target, mask) if mode == "student_input" else target
+        hole = torch.zeros_like(mask) if mode == "empty_mask" else mask
         call = self._teacher_call
-        args, kwargs = call.replace(args, kwargs, "image", target)
-        return call.replace(args, kwargs, "mask", torch.zeros_like(mask) if mode == "empty_mask" else mask)
+        if self.spec.teacher_call is not None:
+            return call.build(image, hole)
+        args, kwargs = call.replace(args, kwargs, "image", image)
+        return call.replace(args, kwargs, "mask", hole)
 
     def run_teacher(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the frozen teacher on the ground truth of the last student call; its level features by path."""
@@ -496,9 +558,11 @@ class Distiller(nn.Module):
         s.teacher_running = True
         try:
             with torch.no_grad():
-                self.teacher(*args, **kwargs)
+                output = self.teacher(*args, **kwargs)
         finally:
             s.teacher_running = False
+        if self.spec.output_distillation > 0:
+            s.teacher["__output__"] = select_output(output, self.spec.teacher_convention.output)
         missing = [p for p in self.teacher_levels if p not in s.teacher]
         missing += [self.attention[i].module for i in range(len(self.attention)) if str(i) in self.t and ("att", i) not in s.teacher]
         if missing:
@@ -525,7 +589,9 @@ class Distiller(nn.Module):
             if missing:
                 raise RuntimeError(f"attention site(s) {missing} did not run in the last forward of the student")
             teacher: dict[Any, Any] = {}
-            if self.teacher is not None and (self.teacher_levels or len(self.t)):
+            if self.spec.output_distillation > 0 and s.output is None:
+                raise RuntimeError("output_distillation needs the student's prediction: call the attached model itself")
+            if self.teacher is not None and (self.teacher_levels or len(self.t) or self.spec.output_distillation > 0):
                 if target is None:
                     raise ValueError("kd.losses(target=...) needs the ground truth: the teacher is fed with it")
                 teacher = self.run_teacher(target)
@@ -538,11 +604,15 @@ class Distiller(nn.Module):
         zero = s.mask.new_zeros((), dtype=torch.promote_types(s.mask.dtype, torch.float32))
         feats = [s.student[p] for p in self.levels]
         t_feats = [teacher[p] for p in self.teacher_levels] if self.teacher_levels and teacher else []
+        t_feats = [_resample(t, f.shape[-2:]) for t, f in zip(t_feats, feats)]
+        scaled = self.spec.distill_scale == "feature"
         cross = zero
         for i, path in enumerate(self.levels):
             if str(i) not in self.gamma:
                 continue
             term = cross_distillation(feats[i], self.gamma[str(i)](t_feats[i]), self.rho[str(i)](t_feats[i]), s.mask)
+            if scaled:  # relative to the teacher feature's mean square (a constant: the teacher is frozen)
+                term = term / _mean_square(t_feats[i])
             out[f"cross/{path}"] = term
             cross = cross + term
         self_term = zero
@@ -552,6 +622,8 @@ class Distiller(nn.Module):
             deeper = feats[i + 1]
             reader = t_feats[i + 1] if t_feats else as_target(deeper)
             term = self_distillation(self.align[str(i)](feats[i]), deeper, self.phi[str(i)](reader), s.mask)
+            if scaled:  # relative to the deeper feature's mean square, a target like the feature itself
+                term = term / _mean_square(as_target(deeper))
             out[f"self/{path}"] = term
             self_term = self_term + term
         att = zero
@@ -573,6 +645,15 @@ class Distiller(nn.Module):
         out["self"] = self_term
         out["att"] = att
         out["total"] = cross + self_term + att
+        if self.spec.output_distillation > 0:
+            pred = select_output(s.output, self.spec.output)
+            t_pred = teacher["__output__"]
+            if pred.shape != t_pred.shape:
+                raise ValueError(f"student prediction {tuple(pred.shape)} and teacher prediction {tuple(t_pred.shape)} differ")
+            # L1 between the predictions in the holes, per hole pixel and channel (the teacher's is a constant)
+            term = masked_mean((pred.float() - t_pred.float()).abs(), mask_at(s.mask, pred.shape[-2:]).float())
+            out["output"] = term
+            out["total"] = out["total"] + self.spec.output_distillation * term
         return out
 
     def forward(self, *args: Any, kd_target: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -657,6 +738,20 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, levels={self.levels}, sites={self.sites}, attached={self.attached}"
+
+
+def _resample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """A teacher feature at the student's (H, W): bilinear, antialiased when shrinking (no gradient flows
+    into the frozen teacher, so the antialiased kernel's missing double backward does not matter)."""
+    if t.shape[-2:] == size:
+        return t
+    shrink = t.shape[-2] > size[0] or t.shape[-1] > size[1]
+    return F.interpolate(t.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink).to(t.dtype)
+
+
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x**2`` over every element, in at least float32, kept away from 0."""
+    return x.float().pow(2).mean().clamp_min(1e-8)
 
 
 def attach(

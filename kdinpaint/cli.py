@@ -101,6 +101,9 @@ def _spec_arguments(p: argparse.ArgumentParser) -> None:
     sug.add_argument("--shape", default=None, help="probe image shape B,C,H,W (default: the adapter's probe_shape or 1,3,64,64)")
     sug.add_argument("--image-arg", default=None, help="parameter name or position of the image (default: first argument)")
     sug.add_argument("--mask-arg", default=None, help="parameter name or position of the mask (default: second argument)")
+    sug.add_argument("--input", choices=("separate", "concat", "concat_mask_first"), default=None,
+                     help="how the model takes image and mask (default: the adapter's; for --model, concat when "
+                          "its forward takes one tensor: torch.cat([image * (1 - mask), mask], 1))")
     sug.add_argument("--min-reduction", type=int, default=2, help="keep levels at least this much smaller than the input")
     sug.set_defaults(run=cmd_spec_suggest)
 
@@ -124,6 +127,8 @@ def _load_factory(target: str) -> torch.nn.Module:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model {target!r} must look like 'package.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a module in the current folder, as `python -c` finds it
+        sys.path.insert(0, os.getcwd())
     obj = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -134,12 +139,11 @@ def _load_factory(target: str) -> torch.nn.Module:
 
 
 def cmd_spec_suggest(args: argparse.Namespace) -> int:
-    from kdinpaint.calling import CallConvention
-    from kdinpaint.suggest import analyse
+    from kdinpaint.suggest import analyse, example_call
 
     if (args.name is None) == (args.model is None):
         raise ValueError("spec suggest needs exactly one of NAME[:VARIANT] or --model package.module:callable")
-    image_arg, mask_arg, hand = _arg(args.image_arg), _arg(args.mask_arg), None
+    image_arg, mask_arg, hand, conv = _arg(args.image_arg), _arg(args.mask_arg), None, args.input
     shape = [1, 3, 64, 64]
     if args.name is not None:
         from kdinpaint.plugins import get_adapter
@@ -151,6 +155,7 @@ def cmd_spec_suggest(args: argparse.Namespace) -> int:
         shape = list(hand.probe_shape)
         image_arg = hand.image_arg if image_arg is None else image_arg
         mask_arg = hand.mask_arg if mask_arg is None else mask_arg
+        conv = hand.input if conv is None else conv
     else:
         model = _load_factory(args.model)
     if args.shape:
@@ -165,13 +170,9 @@ def cmd_spec_suggest(args: argparse.Namespace) -> int:
     image = torch.rand(B, C, H, W, generator=g) * 2 - 1
     mask = torch.zeros(B, 1, H, W)
     mask[..., H // 4 : H // 2, W // 4 : W // 2] = 1
-    call_args, call_kwargs = CallConvention(model, 0 if image_arg is None else image_arg,
-                                            1 if mask_arg is None else mask_arg).build(image, mask)
-    example = call_kwargs if call_kwargs and not call_args else call_args
-    if call_args and call_kwargs:
-        raise ValueError("spec suggest builds calls by position or by keyword, not both; give --image-arg and --mask-arg alike")
-    result = analyse(model, example, image_arg=image_arg, mask_arg=mask_arg, min_reduction=args.min_reduction,
-                     name=args.name or args.model)
+    example, conv = example_call(model, image, mask, image_arg=image_arg, mask_arg=mask_arg, input=conv)
+    result = analyse(model, example, image_arg=image_arg, mask_arg=mask_arg if conv == "separate" else None,
+                     input=conv, min_reduction=args.min_reduction, name=args.name or args.model)
     print(f"# draft spec traced from {type(model).__name__} on a {tuple(shape)} input; review before use")
     for level, size in zip(result.spec.encoder_levels, result.level_sizes):
         print(f"# level {level}: {size[0]}x{size[1]}")
@@ -504,7 +505,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: int = 1, warmup: int = 2,
                   repeats: int = 10, compile: bool = False) -> dict[str, Any]:
     """Median ms per image of the deployed model's forward at ``size``, and its parameter count."""
-    from kdinpaint.calling import CallConvention
+    from kdinpaint.calling import convention
     from kdinpaint.inference import deployed_model
     from kdinpaint.timing import median_seconds
 
@@ -516,7 +517,7 @@ def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: 
     image = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     mask = torch.zeros(batch_size, 1, side, side, device=device)
     mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1  # a centre hole of 25 %
-    call_args, call_kwargs = CallConvention(model.model, model.spec.image_arg, model.spec.mask_arg).build(image, mask)
+    call_args, call_kwargs = convention(model.model, model.spec).build(image, mask)
     with torch.inference_mode():
         seconds = median_seconds(lambda: runner(*call_args, **call_kwargs), device, repeats, warmup)
     return {"model": name, "params": params, "ms": seconds * 1000 / batch_size, "device": str(device), "size": side,

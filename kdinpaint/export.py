@@ -24,7 +24,7 @@ from torch import nn
 
 from kdinpaint import _modules
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
-from kdinpaint.calling import CallConvention
+from kdinpaint.calling import convention
 from kdinpaint.masking import check_mask
 from kdinpaint.spec import AdapterSpec
 
@@ -99,7 +99,7 @@ class CompletedModel(nn.Module):
         self.site_channels = [blocks[str(i)].conv.channels for i in range(len(sites))]
         self.fusion_channels = [fusions[str(i)].channels for i in range(len(fusion_sites))]
         self._context = _MaskContext()
-        self._call = CallConvention(model, spec.image_arg, spec.mask_arg)
+        self._call = convention(model, spec)
         wraps = [(p, lambda inner, i=i: CompletedSite(inner, blocks[str(i)], self._context)) for i, p in enumerate(sites)]
         wraps += [(p, lambda inner, i=i: FusedSite(inner, fusions[str(i)])) for i, p in enumerate(fusion_sites)]
         # wrap deeper paths first so a site inside another site keeps its path

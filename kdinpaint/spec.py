@@ -1,7 +1,9 @@
 """``AdapterSpec``: what kdinpaint hooks in a model, as validated data.
 
-A spec names modules by dotted path (as in ``model.named_modules()``; shell-style globs such as
-``encoder.*.conv`` allowed) and says how the model is called. A plain dict ``{"encoder_levels": [...]}`` is
+A spec names modules by dotted path (as in ``model.named_modules()``) and says how the model is called.
+Globs: ``*`` matches within one path segment (``encoder.layer*`` is ``encoder.layer1`` … ``encoder.layer4``,
+not their submodules), ``?`` one character of a segment, ``[...]`` a character class, and a whole segment
+``**`` any number of segments (``encoder.**.conv2``: every ``conv2`` below ``encoder``). A plain dict ``{"encoder_levels": [...]}`` is
 a complete spec; every other field has a default. Specs round-trip through YAML (``yaml.safe_load`` only),
 unknown keys are rejected with the list of valid ones, and named variants (the paper's ``*``, ``#``, ``†``
 of Table 4) are overrides applied with :meth:`AdapterSpec.variant`.
@@ -11,6 +13,7 @@ Example (YAML)::
     name: my-unet
     encoder_levels: [down1, down2, down3]   # the last module of each encoder level (Eq. 2, 3, 5)
     mask_arg: mask                          # the model is called as model(image, mask=...)
+    # input: concat                         # or: model(torch.cat([image * (1 - mask), mask], 1))
     variants:
       no-cb: {completion_sites: []}         # distillation without completion blocks
 """
@@ -25,9 +28,12 @@ from typing import Any, Union
 
 import yaml
 
-__all__ = ["AdapterSpec", "AttentionSite", "CompletionOptions", "MetaOptions", "load_spec"]
+__all__ = ["AdapterSpec", "AttentionSite", "CompletionOptions", "MetaOptions", "TeacherCall", "load_spec"]
 
-TEACHER_INPUTS = ("empty_mask", "same_mask", "image_only")
+# how the image and the mask reach the model: two arguments, or one tensor of image channels and the mask
+INPUTS = ("separate", "concat", "concat_mask_first")
+TEACHER_INPUTS = ("empty_mask", "same_mask", "image_only", "student_input")
+DISTILL_SCALES = ("plain", "feature")  # Eq. 2/3 as written, or each level normalised by its target's scale
 AFFINITY_LAYOUTS = ("queries_keys", "keys_hw")
 META_MODES = ("reverse_hg", "first_order", "frozen")  # Algorithm 1's Psi update: exact, first-order, none
 
@@ -96,6 +102,44 @@ class MetaOptions:
             raise ValueError(f"meta.steps (T of Algorithm 1) must be >= 1, got {self.steps}")
 
 
+def _check_call(owner: Any, where: str) -> None:
+    """``input``, ``image_arg``, ``mask_arg`` and ``output`` of a spec or a :class:`TeacherCall`."""
+    if owner.input not in INPUTS:
+        raise ValueError(
+            f"{where}.input {owner.input!r} is not one of {list(INPUTS)} (separate: model(image, mask); concat: "
+            "model(torch.cat([image * (1 - mask), mask], 1)); concat_mask_first: the mask channel first)"
+        )
+    _check_type(owner.image_arg, (str, int), "image_arg", where, "a parameter name or a position")
+    if owner.input == "separate":
+        if owner.mask_arg is None:
+            raise TypeError(
+                f"{where}.mask_arg must be a parameter name or a position, got None; a model called with one "
+                "tensor torch.cat([image * (1 - mask), mask], 1) needs `input: concat` instead"
+            )
+        _check_type(owner.mask_arg, (str, int), "mask_arg", where, "a parameter name or a position")
+    elif owner.mask_arg is not None:
+        _check_type(owner.mask_arg, (str, int), "mask_arg", where, "a parameter name, a position or null")
+    if owner.output is not None:
+        _check_type(owner.output, (str, int), "output", where, "an index, a key or null")
+
+
+@dataclass
+class TeacherCall:
+    """How a teacher of another architecture is called (fields as in :class:`AdapterSpec`).
+
+    ``None`` in the spec (the default): the teacher is called like the student. A compression teacher (a
+    trained network of another architecture teaching a small one) usually has its own convention.
+    """
+
+    input: str = "separate"
+    image_arg: Union[str, int] = 0
+    mask_arg: Union[str, int, None] = "mask"
+    output: Union[str, int, None] = None
+
+    def __post_init__(self) -> None:
+        _check_call(self, "teacher_call")
+
+
 @dataclass
 class AttentionSite:
     """A decoder attention whose affinity is transferred (Eq. 9) and/or fused with PGL (Eq. 10).
@@ -132,11 +176,24 @@ class AdapterSpec:
         completion_sites: where completion blocks (Eq. 5) go (default: the encoder levels; ``[]`` for none).
         cross_distillation / self_distillation: switch Eq. 2 / Eq. 3 on or off (Table 3's Net1/Net2/...).
         attention_sites: decoder attention modules (Eq. 7-10).
+        input: ``separate`` (the model takes the image and the mask as two arguments, ``image_arg`` and
+            ``mask_arg``), ``concat`` (one tensor ``torch.cat([image * (1 - mask), mask], 1)`` at
+            ``image_arg``; LaMa's convention) or ``concat_mask_first`` (the mask channel first).
         image_arg / mask_arg: where the image and the mask are in the model's call: a parameter name
-            (by position or keyword) or a position.
+            (by position or keyword) or a position. With ``input: concat`` ``image_arg`` places the one
+            tensor and ``mask_arg`` is unused.
+        output: index or key of the prediction when the model returns a tuple or dict.
         teacher_input: what the teacher is fed: ``empty_mask`` (ground truth, mask of zeros),
-            ``same_mask`` (ground truth, the student's mask; for patch attention that needs it) or
-            ``image_only`` (``teacher(ground_truth)``).
+            ``same_mask`` (ground truth, the student's mask; for patch attention that needs it),
+            ``image_only`` (``teacher(ground_truth)``) or ``student_input`` (the student's input: the ground
+            truth with the holes zeroed and the mask; a trained inpainting network as compression teacher).
+        teacher_call: how the teacher is called when its convention differs from the student's
+            (:class:`TeacherCall`); ``None``: like the student.
+        distill_scale: ``plain`` (Eq. 2/3 as written) or ``feature`` (each level's term divided by the mean
+            square of its target: the teacher feature for Eq. 2, the deeper feature for Eq. 3), so that
+            ``lambda_d`` weighs a relative error whatever the network's feature scale.
+        output_distillation: weight of an output-level term in ``total``: the L1 distance between the
+            student's and the teacher's predictions in the holes (0: off).
         clone_taps: clone every tapped feature (needed when an in-place op such as ``ReLU(inplace=True)``
             follows a tapped module and the pre-activation value is wanted; otherwise tap the activation).
         probe_shape: ``[B, C, H, W]`` of the dummy input used at attach time when no example is given.
@@ -149,10 +206,14 @@ class AdapterSpec:
     cross_distillation: bool = True
     self_distillation: bool = True
     attention_sites: list[AttentionSite] = field(default_factory=list)
+    input: str = "separate"
     image_arg: Union[str, int] = 0
-    mask_arg: Union[str, int] = "mask"
+    mask_arg: Union[str, int, None] = "mask"
     output: Union[str, int, None] = None
     teacher_input: str = "empty_mask"
+    teacher_call: TeacherCall | None = None
+    distill_scale: str = "plain"
+    output_distillation: float = 0.0
     clone_taps: bool = False
     completion: CompletionOptions = field(default_factory=CompletionOptions)
     meta: MetaOptions = field(default_factory=MetaOptions)
@@ -175,12 +236,21 @@ class AdapterSpec:
             self.completion_sites = _path_list(self.completion_sites, "completion_sites", where)
         for key in ("cross_distillation", "self_distillation", "clone_taps"):
             _check_type(getattr(self, key), (bool,), key, where, "true or false")
-        for key in ("image_arg", "mask_arg"):
-            _check_type(getattr(self, key), (str, int), key, where, "a parameter name or a position")
-        if self.output is not None:
-            _check_type(self.output, (str, int), "output", where, "an index, a key or null")
+        _check_call(self, where)
         if self.teacher_input not in TEACHER_INPUTS:
             raise ValueError(f"{where}.teacher_input {self.teacher_input!r} is not one of {list(TEACHER_INPUTS)}")
+        if isinstance(self.teacher_call, dict):
+            _reject_unknown(TeacherCall, self.teacher_call, f"{where}.teacher_call")
+            self.teacher_call = TeacherCall(**self.teacher_call)
+        if self.teacher_call is not None and not isinstance(self.teacher_call, TeacherCall):
+            raise TypeError(f"{where}.teacher_call must be a mapping (input, image_arg, mask_arg, output) or null, "
+                            f"got {self.teacher_call!r}")
+        if self.distill_scale not in DISTILL_SCALES:
+            raise ValueError(f"{where}.distill_scale {self.distill_scale!r} is not one of {list(DISTILL_SCALES)}")
+        _check_type(self.output_distillation, (int, float), "output_distillation", where, "a weight >= 0")
+        if not self.output_distillation >= 0 or self.output_distillation == float("inf"):
+            raise ValueError(f"{where}.output_distillation must be a finite weight >= 0, got {self.output_distillation!r}")
+        self.output_distillation = float(self.output_distillation)
         if isinstance(self.completion, dict):
             _reject_unknown(CompletionOptions, self.completion, f"{where}.completion")
             self.completion = CompletionOptions(**self.completion)
@@ -221,13 +291,24 @@ class AdapterSpec:
         return list(self.encoder_levels if self.completion_sites is None else self.completion_sites)
 
     @property
+    def teacher_convention(self) -> TeacherCall:
+        """How the teacher is called: :attr:`teacher_call`, or the student's own convention."""
+        if self.teacher_call is not None:
+            return self.teacher_call
+        return TeacherCall(self.input, self.image_arg, self.mask_arg, self.output)
+
+    @property
     def teacher_paths(self) -> list[str]:
         return list(self.encoder_levels if self.teacher_levels is None else self.teacher_levels)
 
     @property
     def needs_teacher(self) -> bool:
         """Cross-distillation and attention transfer read the teacher; self-distillation alone does not."""
-        return (bool(self.encoder_levels) and self.cross_distillation) or any(s.transfer for s in self.attention_sites)
+        return (
+            (bool(self.encoder_levels) and self.cross_distillation)
+            or any(s.transfer for s in self.attention_sites)
+            or self.output_distillation > 0
+        )
 
     @property
     def uses_teacher(self) -> bool:

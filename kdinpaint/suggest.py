@@ -19,6 +19,9 @@
   softmax or a fused ``scaled_dot_product_attention`` (which never materialises the affinity) is only
   reported in the notes, since kdinpaint cannot tap it as it is.
 
+- **Call convention**: a model called with one tensor whose last (or first) channel is a binary mask gets
+  ``input: concat`` (``concat_mask_first``), the convention ``torch.cat([image * (1 - mask), mask], 1)``.
+
 The result is a draft to read and edit (``kdinpaint spec suggest`` prints it as YAML with the notes).
 """
 
@@ -38,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from kdinpaint._modules import training_mode
 from kdinpaint.spec import AdapterSpec, AttentionSite
 
-__all__ = ["suggest_spec", "analyse", "Suggestion", "SoftmaxSite"]
+__all__ = ["suggest_spec", "analyse", "example_call", "Suggestion", "SoftmaxSite"]
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +183,53 @@ def _bind(model: nn.Module, example_inputs: tuple | dict) -> tuple[tuple, dict, 
     return args, kwargs, names
 
 
-def _find_args(args: tuple, kwargs: dict, names: list[str], image_arg: Any, mask_arg: Any) -> tuple[Any, Any, torch.Tensor]:
-    """The spec's image_arg / mask_arg (parameter names where known) and the image tensor."""
+def _is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all()) and bool((x == 1).any())
+
+
+def _concat_input(maps: list[tuple[Any, torch.Tensor]], mask_arg: Any) -> str | None:
+    """``concat`` / ``concat_mask_first`` when the call is one map with a binary last / first channel and no
+    separate 1-channel mask; ``None`` otherwise."""
+    if mask_arg is not None or any(v.shape[1] == 1 for _, v in maps) or len(maps) != 1 or maps[0][1].shape[1] < 2:
+        return None
+    x = maps[0][1]
+    if _is_binary(x[:, -1:]):
+        return "concat"
+    if _is_binary(x[:, :1]):
+        return "concat_mask_first"
+    return None
+
+
+def _find_args(
+    args: tuple, kwargs: dict, names: list[str], image_arg: Any, mask_arg: Any, input: str | None = None
+) -> tuple[Any, Any, torch.Tensor, str]:
+    """The spec's image_arg / mask_arg (parameter names where known), the image tensor and the input
+    convention (for ``concat``: the one tensor's place, ``mask_arg`` None, and its image channels)."""
     slots: list[tuple[Any, torch.Tensor]] = [(names[i] if i < len(names) else i, a) for i, a in enumerate(args)]
     slots += list(kwargs.items())
     maps = [(k, v) for k, v in slots if isinstance(v, torch.Tensor) and v.dim() == 4]
     lookup = dict(slots)
     lookup.update({i: a for i, a in enumerate(args)})
+    if input is None:
+        input = _concat_input(maps, mask_arg) or "separate"
+    if input != "separate":
+        if image_arg is None:
+            if not maps:
+                raise ValueError("no (B, C + 1, H, W) tensor among example_inputs; pass image_arg= (a parameter name or position)")
+            image_arg = maps[0][0]
+        if image_arg not in lookup:
+            raise ValueError(f"image_arg={image_arg!r} is not among the example inputs ({list(dict(slots))})")
+        x = lookup[image_arg]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] < 2:
+            raise ValueError(f"input: {input} needs one (B, C + 1, H, W) tensor at image_arg={image_arg!r}")
+        return image_arg, None, (x[:, :-1] if input == "concat" else x[:, 1:]), input
     if mask_arg is None:
         found = [k for k, v in maps if v.shape[1] == 1]
         if not found:
-            raise ValueError("no (B, 1, H, W) mask among example_inputs; pass mask_arg= (a parameter name or position)")
+            raise ValueError(
+                "no (B, 1, H, W) mask among example_inputs; pass mask_arg= (a parameter name or position), or, for a "
+                "model called with one tensor torch.cat([image * (1 - mask), mask], 1), input='concat'"
+            )
         mask_arg = found[0]
     if image_arg is None:
         found = [k for k, v in maps if k != mask_arg]
@@ -200,7 +239,42 @@ def _find_args(args: tuple, kwargs: dict, names: list[str], image_arg: Any, mask
     for arg, what in ((image_arg, "image_arg"), (mask_arg, "mask_arg")):
         if arg not in lookup:
             raise ValueError(f"{what}={arg!r} is not among the example inputs ({list(dict(slots))})")
-    return image_arg, mask_arg, lookup[image_arg]
+    return image_arg, mask_arg, lookup[image_arg], input
+
+
+def _takes_one_tensor(model: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def example_call(
+    model: nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    image_arg: str | int | None = None,
+    mask_arg: str | int | None = None,
+    input: str | None = None,
+) -> tuple[tuple | dict, str]:
+    """Example inputs of one call of ``model`` on ``(image, mask)`` for :func:`analyse`, and the convention.
+
+    ``input=None``: ``concat`` when the model's ``forward`` takes one required argument (and no mask place
+    is given), else ``separate``; the image is passed masked, as kdinpaint passes it.
+    """
+    from kdinpaint.calling import CallConvention
+    from kdinpaint.masking import masked
+
+    if input is None:
+        input = "concat" if mask_arg is None and _takes_one_tensor(model) else "separate"
+    call = CallConvention(model, 0 if image_arg is None else image_arg, 1 if mask_arg is None else mask_arg, input)
+    args, kwargs = call.build(masked(image, mask), mask)
+    if args and kwargs:
+        raise ValueError("the example call mixes positional and keyword arguments; give image_arg and mask_arg alike")
+    return (kwargs if kwargs and not args else args), input
 
 
 def _output_key(output: Any, image: torch.Tensor) -> tuple[Any, str | None]:
@@ -239,6 +313,7 @@ def analyse(
     *,
     image_arg: str | int | None = None,
     mask_arg: str | int | None = None,
+    input: str | None = None,
     min_reduction: int = 2,
     name: str = "suggested",
 ) -> Suggestion:
@@ -250,6 +325,9 @@ def analyse(
             ``(image, mask)`` with image ``(B, 3, H, W)`` in [-1, 1] and mask ``(B, 1, H, W)``, 1 = hole.
         image_arg / mask_arg: where the image / mask are (parameter name or position); ``None``: the mask is
             the first 1-channel map, the image the first other map.
+        input: the spec's ``input`` (``separate``, ``concat``, ``concat_mask_first``); ``None``: ``concat``
+            when the call is one tensor whose last channel is a binary mask (``concat_mask_first``: the first),
+            else ``separate``.
         min_reduction: keep levels at least this many times smaller than the input (1: keep full resolution).
         name: the draft spec's name.
     """
@@ -261,8 +339,10 @@ def analyse(
         raise TypeError("example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
                         f"got {type(example_inputs).__name__}; e.g. (image, mask)")
     args, kwargs, names = _bind(model, example_inputs)
-    image_arg, mask_arg, image = _find_args(args, kwargs, names, image_arg, mask_arg)
+    image_arg, mask_arg, image, input = _find_args(args, kwargs, names, image_arg, mask_arg, input)
     notes: list[str] = []
+    if input != "separate":
+        notes.append(f"input: {input}: the model takes one tensor of {image.shape[1]} image channels and the mask")
     with _traced(model) as (calls, softmaxes):
         output = model(*args, **kwargs)
     counts: dict[str, int] = {}
@@ -309,6 +389,7 @@ def analyse(
         description=f"draft from kdinpaint.suggest_spec ({type(model).__name__}); review before use",
         encoder_levels=[c.path for c in levels],
         attention_sites=attention,
+        input=input,
         image_arg=image_arg,
         mask_arg=mask_arg,
         output=out_key,

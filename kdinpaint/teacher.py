@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kdinpaint import _modules
-from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.calling import CallConvention, convention, select_output
 from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
 
 __all__ = ["build_teacher", "pretrain", "autoencoder_call"]
@@ -43,9 +43,10 @@ def build_teacher(student: nn.Module) -> nn.Module:
 
 
 def _batches(data: Iterable, steps: int) -> Iterator[torch.Tensor]:
-    done = 0
+    done, passes = 0, 0
     while done < steps:
         any_batch = False
+        passes += 1
         for batch in data:
             any_batch = True
             if isinstance(batch, dict):
@@ -56,6 +57,12 @@ def _batches(data: Iterable, steps: int) -> Iterator[torch.Tensor]:
             done += 1
             if done >= steps:
                 return
+        if not any_batch and passes > 1:
+            raise ValueError(
+                f"pretrain() ran out of data after {done} of {steps} steps: {type(data).__name__} yielded its "
+                "batches once and was empty when iterated again (an iterator or generator is used up by one pass); "
+                f"pass something that can be iterated again (a list, a DataLoader) or steps={done}"
+            )
         if not any_batch:
             raise ValueError("pretrain() got no data: the iterable of images is empty")
 
@@ -85,8 +92,8 @@ def pretrain(
         teacher: the auxiliary network (e.g. from :func:`build_teacher`).
         data: an iterable (re-iterated as needed) of image batches ``(B, 3, H, W)`` in [-1, 1], of dicts with
             an ``"image"`` key, or of tuples whose first item is the image.
-        spec: how to call the network (``image_arg``, ``mask_arg``, ``output``, ``teacher_input``);
-            default ``teacher(image, mask=zeros)``.
+        spec: how to call the network (``input``, ``image_arg``, ``mask_arg``, ``output``, ``teacher_input``,
+            or ``teacher_call`` for a teacher of another convention); default ``teacher(image, mask=zeros)``.
         steps, lr: optimisation steps and Adam learning rate (the paper: Adam, 1e-4).
         optimizer: an optimiser of your own over the teacher's parameters (``lr`` is then ignored).
         device: where to train (default: where the teacher's parameters are).
@@ -96,14 +103,14 @@ def pretrain(
     if device is None:
         p = next(iter(teacher.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    call = CallConvention(_modules.unwrap(teacher), spec.image_arg, spec.mask_arg)
+    call = convention(_modules.unwrap(teacher), spec, teacher=True)
     opt = optimizer or torch.optim.Adam(teacher.parameters(), lr=lr)
     teacher.train()
     history: list[float] = []
     for step, image in enumerate(_batches(data, steps), 1):
         image = image.to(device)
         args, kwargs = autoencoder_call(call, spec.teacher_input, image)
-        pred = select_output(teacher(*args, **kwargs), spec.output)
+        pred = select_output(teacher(*args, **kwargs), spec.teacher_convention.output)
         loss = (pred - image).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,7 +49,7 @@ import kdinpaint
 from kdinpaint import data as kdata
 from kdinpaint import metrics
 from kdinpaint.bilevel import MetaLearner, TrainingDiverged
-from kdinpaint.calling import CallConvention, select_output
+from kdinpaint.calling import convention, select_output
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
 from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
@@ -185,14 +185,14 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     opt = torch.optim.Adam(teacher.parameters(), lr=recipe.teacher.lr, betas=tuple(recipe.optim.betas))
     loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=recipe.data.workers)
     model, opt, loader = accelerator.prepare(teacher, opt, loader)
-    call = CallConvention(teacher, spec.image_arg, spec.mask_arg)
+    call = convention(teacher, spec, teacher=True)
     model.train()
     batches = iter(loader)
     for step in range(1, recipe.teacher.steps + 1):
         image = next(batches)["image"]
         args, kwargs = autoencoder_call(call, spec.teacher_input, image)
         with accelerator.autocast():
-            pred = select_output(model(*args, **kwargs), spec.output)
+            pred = select_output(model(*args, **kwargs), spec.teacher_convention.output)
             loss = (pred - image).abs().mean()
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)

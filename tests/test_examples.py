@@ -53,6 +53,23 @@ def test_attach_your_model_runs_with_falling_losses():
 
 
 @pytest.mark.slow
+def test_compression_example_runs_end_to_end():
+    """examples/compress_teacher.py: a reference network teaches tiny-unet; the output term falls and the
+    exported student reloads identically."""
+    env = {**os.environ, "KDINPAINT_EXAMPLE_STEPS": "40", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "compress_teacher.py"), "--size", "32"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("teacher reference:net4")
+    header = lines.index(next(line for line in lines if line.split()[:2] == ["step", "L1"]))
+    rows = [[float(x) for x in line.split()] for line in lines[header + 1 :] if line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [20, 40]
+    assert rows[-1][4] < rows[0][4] and rows[-1][1] < rows[0][1]  # output term and L1 fall
+    assert lines[-1].startswith("student tiny-unet") and lines[-1].endswith("reloaded export identical: True")
+
+
+@pytest.mark.slow
 def test_plugin_package_installs_and_registers(tmp_path, monkeypatch):
     """pip-install the example plugin into a target folder (no index, no build isolation) and load it."""
     pytest.importorskip("setuptools")

@@ -28,6 +28,9 @@ the unrolled steps through :func:`torch.func.functional_call` on the Distiller, 
   gradient ``grad_theta L_inp(theta_T)`` (one Hessian-free pass per step, cheaper);
 * ``frozen`` — Psi is never touched.
 
+``every=k`` (the recipe's ``meta.every``) takes the Psi step on every k-th batch only; the batches between
+are theta steps alone, as ``frozen``, so the hypergradient's cost is shared by k batches.
+
 Unrolled passes run on copies of the buffers (BatchNorm statistics move only in the ordinary steps), and
 the teacher runs once per batch (:meth:`Distiller.reusing_teacher`). Under ``torch.distributed`` the
 hypergradient is averaged over ranks.
@@ -202,6 +205,11 @@ class MetaLearner:
         meta_optimizer: the optimiser of Psi (default: Adam on ``kd.meta_parameters()``, lr ``meta_lr``).
         mode: ``reverse_hg`` | ``first_order`` | ``frozen`` (default: the spec's ``meta.mode``).
         steps: T (default: the spec's ``meta.steps``, 2 as the paper).
+        every: the Psi step (and its hypergradient) on every ``every``-th batch only, the first one included;
+            the other batches take their T theta steps alone, at the cost of ``frozen``. 1 (default) is
+            Algorithm 1; larger values amortise the hypergradient (``python recipes/bench_ops.py meta_step``
+            prints the cost per theta step for 1, 2, 4, 8). :attr:`batches` counts the batches seen; a
+            resumed run sets it to keep the schedule.
         inner_lr: alpha of the differentiable SGD steps (default: the theta optimiser's first learning rate,
             read at the start of every batch, so that it follows a learning-rate schedule).
         inner_step: ``"auto"`` (``"adam"`` when the theta optimiser is Adam or AdamW, else ``"sgd"``),
@@ -230,7 +238,8 @@ class MetaLearner:
         explode_factor: see ``guard``; ``None`` catches only non-finite values.
 
     After :meth:`step`, ``last_output`` holds the last ordinary step's prediction (detached), e.g. for a
-    discriminator step, and ``last_raw_output`` the model's whole output of that step (tensors detached).
+    discriminator step, ``last_raw_output`` the model's whole output of that step (tensors detached), and
+    ``last_loss_input`` whichever of the two ``inpaint_loss`` receives (``loss_input``).
     """
 
     def __init__(
@@ -242,6 +251,7 @@ class MetaLearner:
         *,
         mode: str | None = None,
         steps: int | None = None,
+        every: int = 1,
         inner_lr: float | None = None,
         lambda_d: float = 20.0,
         meta_lr: float = 1e-4,
@@ -268,6 +278,10 @@ class MetaLearner:
         self.steps = kd.spec.meta.steps if steps is None else int(steps)
         if self.steps < 1:
             raise ValueError(f"steps (T of Algorithm 1) must be >= 1, got {self.steps}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every (a Psi step on every k-th batch) must be an integer >= 1, got {every!r}")
+        self.every = every
+        self.batches = 0  # step() calls so far: the Psi step falls on batches 0, every, 2 * every, ...
         self.theta_optimizer = theta_optimizer
         self.forward_module = forward_module if forward_module is not None else kd
         self.backward = backward if backward is not None else torch.Tensor.backward
@@ -318,7 +332,7 @@ class MetaLearner:
 
         Logs: ``loss_inp``, ``loss_total``, ``kd/<term>`` and ``grad_norm`` of the first theta step, ``lr``
         (the theta learning rate of the first step), ``skipped`` (1 when the guard skipped the batch, with
-        ``skipped_term``), ``hypergrad_norm`` and ``meta_skipped`` when Psi is trained.
+        ``skipped_term``), ``hypergrad_norm`` and ``meta_skipped`` when Psi is trained on this batch.
         Raises :class:`TrainingDiverged` after ``max_bad_steps`` consecutive skipped batches.
         """
         if isinstance(inputs, dict):
@@ -327,8 +341,10 @@ class MetaLearner:
             args, kwargs = tuple(inputs), dict(kwargs or {})
         kd = self.kd
         params = dict(kd.named_parameters())
-        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if self._updates_psi else {}
-        precondition = self.preconditioner() if self._updates_psi else None  # the optimiser's state at theta0
+        psi_step = self._updates_psi and self.batches % self.every == 0  # meta.every: this batch's Psi step is due
+        self.batches += 1
+        theta0 = {n: params[n].detach().clone() for n in self._theta_names} if psi_step else {}
+        precondition = self.preconditioner() if psi_step else None  # the optimiser's state at theta0
         first: dict[str, torch.Tensor] | None = None
         lr = float(self.theta_optimizer.param_groups[0]["lr"])
         if self._inner_lr_follows:
@@ -339,7 +355,7 @@ class MetaLearner:
             mask = kd._call.get(args, kwargs, "mask")
             for t in range(self.steps):
                 with self.autocast():
-                    fused = t == 0 and self._updates_psi and self._can_fuse(target)
+                    fused = t == 0 and psi_step and self._can_fuse(target)
                     if fused:  # the unroll's first step is this very step: same theta, batch and loss
                         theta0 = {n: v.requires_grad_() for n, v in theta0.items()}
                         out, kd_losses = functional_call(kd, theta0, args, {**kwargs, "kd_target": target})
@@ -381,9 +397,9 @@ class MetaLearner:
                     self.guard.record(total)
                 self.theta_optimizer.step()
                 self._advance_schedule(1)
-            if self._updates_psi and bad is None:
+            if psi_step and bad is None:
                 self._meta_step(theta0, args, kwargs, target, first, params, logs, precondition)
-            elif self._updates_psi:
+            elif psi_step:
                 logs["meta_skipped"] = 1.0
         if self.guard is not None:
             logs["skipped"] = float(bad is not None)
@@ -391,6 +407,11 @@ class MetaLearner:
                 logs["skipped_term"] = bad[0]
             self.guard.end_batch(bad, logs)
         return logs
+
+    @property
+    def last_loss_input(self) -> Any:
+        """What ``inpaint_loss`` received in the last ordinary step, detached: the prediction or the whole output."""
+        return self.last_raw_output if self.loss_input == "output" else self.last_output
 
     def _meta_step(
         self,

@@ -69,7 +69,7 @@ class MaskSection:
 class LossSection:
     """Eq. (11): lambda_r R_recon + lambda_d (R_distil + R_att) + lambda_s R_style, plus the adversarial term."""
 
-    objective: str = "eq11"  # eq11 = the paper's R_recon + R_style; or a registered loss (kdinpaint.plugins.get_loss)
+    objective: str = "eq11"  # eq11 = the paper's (kdinpaint.objective.Eq11Objective); or a registered loss (kdinpaint.plugins.get_loss)
     objective_kwargs: dict = field(default_factory=dict)  # arguments of a registered TrainingObjective class
     lambda_r: float = 1.0
     lambda_d: float = 20.0
@@ -89,6 +89,7 @@ class MetaSection:
 
     mode: str = "reverse_hg"
     steps: int = 2
+    every: int = 1  # the Psi step on every k-th batch (block of `steps` theta steps), theta steps alone on the others
     lr: float = 1e-4
     inner_lr: Optional[float] = None  # alpha of the differentiable SGD steps (default: optim.lr)
     max_hypergrad_norm: Optional[float] = 1.0  # clip the hypergradient (non-finite ones are skipped)
@@ -253,6 +254,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("losses", "adversarial"): _ge(0, "the weight of the adversarial term; 0 switches it off"),
     ("losses", "d_lr_ratio"): _gt(0, "the discriminator's learning rate relative to optim.lr"),
     ("meta", "steps"): _ge(1, "T, the theta steps of one Algorithm-1 block"),
+    ("meta", "every"): _ge(1, "a Psi step on every k-th batch; 1 is Algorithm 1"),
     ("meta", "lr"): _gt(0, "Adam's learning rate of Psi"),
     ("meta", "inner_lr"): _gt(0, "alpha of the differentiable SGD steps; a negative one would ascend the loss"),
     ("meta", "max_hypergrad_norm"): _gt(0, "the clipping norm of the hypergradient"),

@@ -1,5 +1,7 @@
 """Algorithm 1: the Reverse-HG hypergradient against central finite differences, and the three modes."""
 
+import copy
+
 import pytest
 import torch
 from tiny import LEVELS, TinyAttentionUNet, batch
@@ -209,6 +211,35 @@ def test_step_modes():
     logs = learner.step((masked, mask), gt)
     assert logs["hypergrad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before_psi, kd.meta_parameters()))
+    kd.detach()
+
+
+def test_every_k_th_batch_steps_psi_and_the_others_are_frozen_steps():
+    """meta.every = 3: Psi moves on batches 0 and 3 only; a batch between them is exactly a frozen batch
+    (same theta after it as a ``frozen`` learner from the same state and optimiser state)."""
+    student, kd, masked, mask, gt = _setup(torch.float64, 16)
+    theta = [*student.parameters(), *kd.student_parameters()]
+    opt = torch.optim.Adam(theta, lr=1e-3)
+    learner = MetaLearner(kd, opt, _mse, mode="reverse_hg", steps=2, every=3, meta_lr=1e-2)
+    psi_moved, logged = [], []
+    for b in range(5):
+        psi = [p.detach().clone() for p in kd.meta_parameters()]
+        if b == 1:  # replay the next (non-due) batch with a frozen learner from the same state
+            state, opt_state = {k: v.clone() for k, v in kd.state_dict().items()}, copy.deepcopy(opt.state_dict())
+            twin_opt = torch.optim.Adam(theta, lr=1e-3)
+            twin_opt.load_state_dict(opt_state)
+            MetaLearner(kd, twin_opt, _mse, mode="frozen", steps=2).step((masked, mask), gt)
+            frozen_theta = [p.detach().clone() for p in theta]
+            kd.load_state_dict(state)
+        logs = learner.step((masked, mask), gt)
+        if b == 1:
+            assert all(torch.equal(a, p) for a, p in zip(frozen_theta, theta))
+        psi_moved.append(any(not torch.equal(a, p) for a, p in zip(psi, kd.meta_parameters())))
+        logged.append("hypergrad_norm" in logs)
+    assert psi_moved == [True, False, False, True, False] and logged == psi_moved
+    assert learner.batches == 5
+    with pytest.raises(ValueError, match="every"):
+        MetaLearner(kd, opt, _mse, every=0)
     kd.detach()
 
 

@@ -4,26 +4,43 @@ The attention branch of DeepFill v2's refinement network matches every foregroun
 ``3 x 3`` patches of the background features, both downsampled by ``rate``, and pastes the matching
 full-resolution ``2*rate x 2*rate`` background patches back with a transposed convolution.
 
-Numerics follow the official TensorFlow graph (JiahuiYu/generative_inpainting ``contextual_attention``,
-called with ``ksize=3, stride=1, rate=2`` and the defaults ``fuse_k=3, softmax_scale=10, fuse=True``):
+Two numerics, chosen with ``compat`` (:data:`COMPATS`):
+
+``"tf"`` (default): the official TensorFlow graph (JiahuiYu/generative_inpainting ``contextual_attention``,
+called with ``ksize=3, stride=1, rate=2`` and the defaults ``fuse_k=3, softmax_scale=10, fuse=True``),
+the graph the released weights were trained in. Nearest resizing is TF1's ``resize_nearest_neighbor``
+with ``align_corners=True``: source index ``roundf(i * s)`` with ``s = (n_in - 1) / (n_out - 1)``, both
+products in float32 (:func:`resize_nearest_tf`).
+
+``"nipponjo"``: the PyTorch port nipponjo/deepfillv2-pytorch (``model/networks_tf.py``), through which
+most users run the converted weights. It differs in one place inside this op: its nearest
+downsampling takes ``floor(linspace(0, n_in - 1, n_out) + 0.5)`` in float32, which picks another row
+than TF for a few sizes (58 -> 29 rows: output row 14 reads row 28 where TF reads 29; 54 -> 27:
+27 where TF reads 26). The port also calls the op with ``fuse=False`` and hands it the
+full-resolution mask (see :class:`~kdinpaint_adapters.gatedconv.GatedConvInpaint`, which sets both).
+
+Common to both:
 
 * TF ``"SAME"`` zero padding for every patch extraction (:func:`tf_same_pad`);
-* nearest downsampling with TF ``align_corners=True`` (:func:`resize_nearest_tf`);
 * background patches L2-normalised (norm clamped at ``1e-4``), foreground patches not;
 * ``fuse=True``: the score volume, seen as a ``(keys, queries)`` image, is convolved with a
   ``fuse_k x fuse_k`` identity kernel along its diagonal, once in row-major and once in column-major
-  flattening (favours coherent neighbouring matches). ``fuse=False`` skips this, as the PyTorch port
-  nipponjo/deepfillv2-pytorch does;
+  flattening (favours coherent neighbouring matches); ``fuse=False`` skips it;
+* patch validity: the mask is resized **straight** to the matching resolution (``H_b/rate``), and a
+  ``ksize x ksize`` patch there is valid iff it holds no hole. The official generator hands this op
+  the mask already resized to the background's resolution (so it is resized twice, ``H -> H/4 -> H/8``);
+  nipponjo's generator hands it the full-resolution mask (resized once, ``H -> H/8``). The two pick
+  different rows and disagree on a few patches near hole borders;
 * ``attention = softmax(scale * scores * valid) * valid``: invalid background patches get a logit of
   0 (not ``-inf``) and are zeroed after the softmax, so a row sums to exactly 1 only where every key
   is valid, and to less than 1 otherwise;
 * pasting divides by 4, the number of overlapping ``2r x 2r`` patches at stride ``r``.
 
-**Deviation from the official code (deliberate).** The official op computes the patch validity from
-the mask of batch element 0 only and applies it to every sample (the maintainer confirmed that masks
-are shared within a minibatch, generative_inpainting #233, #379). Here each sample uses its own mask,
-which a distillation recipe with per-sample masks needs. With one mask shared by the whole batch the
-two agree exactly.
+**Deviation from both (deliberate).** The official op and nipponjo's port compute the patch validity
+from the mask of batch element 0 only and apply it to every sample (the maintainer confirmed that
+masks are shared within a minibatch, generative_inpainting #233, #379). Here each sample uses its own
+mask, which a distillation recipe with per-sample masks needs. With one mask shared by the whole batch
+(or a batch of one) the results agree exactly.
 
 **Affinity for attention transfer.** The softmax over background patches is the submodule
 ``softmax`` (``nn.Softmax(dim=1)``) and the masked probabilities pass through the submodule
@@ -38,7 +55,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ContextualAttention", "tf_same_pad", "resize_nearest_tf"]
+__all__ = ["ContextualAttention", "COMPATS", "tf_same_pad", "resize_nearest_tf"]
+
+COMPATS = ("tf", "nipponjo")
+"""Numerics: the official TF graph, or nipponjo/deepfillv2-pytorch's port (see the module docstring)."""
 
 
 def tf_same_pad(x: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1) -> torch.Tensor:
@@ -59,27 +79,42 @@ def tf_same_pad(x: torch.Tensor, kernel_size: int, stride: int = 1, dilation: in
     return F.pad(x, pads)
 
 
-def _align_corners_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """Source indices of TF1 ``resize_nearest_neighbor(align_corners=True)``: ``round(i*(n_in-1)/(n_out-1))``.
+def check_compat(compat: str) -> str:
+    if compat not in COMPATS:
+        raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
+    return compat
 
-    Computed in integers with halves rounded up (TF's ``roundf`` on non-negative values).
+
+def _align_corners_index(n_in: int, n_out: int, device: torch.device, compat: str = "tf") -> torch.Tensor:
+    """Source indices of an ``align_corners`` nearest resize from ``n_in`` to ``n_out`` samples.
+
+    ``"tf"``: TF1 ``resize_nearest_neighbor``: ``roundf(float32(i) * float32((n_in - 1) / (n_out - 1)))``,
+    halves rounded away from zero, clamped to ``n_in - 1``. ``"nipponjo"``:
+    ``floor(torch.linspace(0, n_in - 1, n_out) + 0.5)`` in float32. Both give ``0`` for ``n_out == 1``.
     """
-    i = torch.arange(n_out, device=device)
+    check_compat(compat)
     if n_out == 1:
-        return torch.zeros_like(i)
-    idx = torch.div(2 * i * (n_in - 1) + (n_out - 1), 2 * (n_out - 1), rounding_mode="floor")
-    return idx.clamp_max(n_in - 1)
+        return torch.zeros(1, dtype=torch.long, device=device)
+    if compat == "nipponjo":
+        x = torch.linspace(0, n_in - 1, steps=n_out, device=device, dtype=torch.float32)
+        return (x + 0.5).floor().long()
+    scale = torch.tensor(float(n_in - 1), dtype=torch.float32) / torch.tensor(float(n_out - 1), dtype=torch.float32)
+    x = torch.arange(n_out, dtype=torch.float32) * scale  # float32 product, as TF's LegacyScaler
+    down = x.floor()
+    idx = down + (x - down >= 0.5).to(x.dtype)  # roundf: x - floor(x) is exact in float32
+    return idx.long().clamp_max(n_in - 1).to(device)
 
 
-def resize_nearest_tf(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of ``(B, C, H, W)`` to ``size = (h, w)`` with TF ``align_corners=True``.
+def resize_nearest_tf(x: torch.Tensor, size: tuple[int, int], compat: str = "tf") -> torch.Tensor:
+    """Nearest-neighbour resize of ``(B, C, H, W)`` to ``size = (h, w)`` with ``align_corners=True``.
 
-    This is how the official graph resizes features and masks (neuralgym ``resize``). For an exact
-    x2 upsampling it equals PyTorch's ``nearest`` mode; for downsampling it does not.
+    ``compat="tf"`` is how the official graph resizes features and masks (neuralgym ``resize``);
+    ``"nipponjo"`` is the port's ``linspace`` version (see :func:`_align_corners_index`). For an exact
+    x2 upsampling both equal PyTorch's ``nearest`` mode; for downsampling they do not.
     """
     h, w = int(size[0]), int(size[1])
-    rows = _align_corners_index(x.shape[-2], h, x.device)
-    cols = _align_corners_index(x.shape[-1], w, x.device)
+    rows = _align_corners_index(x.shape[-2], h, x.device, compat)
+    cols = _align_corners_index(x.shape[-1], w, x.device, compat)
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -91,8 +126,12 @@ class ContextualAttention(nn.Module):
         rate: downsampling factor for matching; pasted patches are ``2*rate`` wide (official 2).
         fuse_k: size of the identity kernel of the fusion step (official 3; odd).
         softmax_scale: temperature multiplier of the scores before the softmax (official 10).
-        fuse: apply the fusion step (``True`` = official TF graph, ``False`` = nipponjo's port).
+        fuse: apply the fusion step (``True`` in the official TF graph; nipponjo's generator calls the
+            op with ``False``).
         eps: lower bound of the background patch norms (official ``1e-4``).
+        compat: ``"tf"`` or ``"nipponjo"``, the nearest-resize rounding (see the module docstring).
+            Alone it does not reproduce nipponjo's generator: that also needs ``fuse=False`` and the
+            full-resolution mask, which ``GatedConvInpaint(compat="nipponjo")`` passes.
     """
 
     def __init__(
@@ -103,6 +142,7 @@ class ContextualAttention(nn.Module):
         softmax_scale: float = 10.0,
         fuse: bool = True,
         eps: float = 1e-4,
+        compat: str = "tf",
     ) -> None:
         super().__init__()
         if ksize < 1 or ksize % 2 == 0:
@@ -117,26 +157,27 @@ class ContextualAttention(nn.Module):
         self.softmax_scale = float(softmax_scale)
         self.fuse = bool(fuse)
         self.eps = float(eps)
+        self.compat = check_compat(compat)
         self.softmax = nn.Softmax(dim=1)  # over background patches (keys)
         self.affinity = nn.Identity()  # hook here: the masked attention, (B, L, h, w)
 
     def extra_repr(self) -> str:
         return (
             f"ksize={self.ksize}, rate={self.rate}, fuse_k={self.fuse_k}, "
-            f"softmax_scale={self.softmax_scale:g}, fuse={self.fuse}"
+            f"softmax_scale={self.softmax_scale:g}, fuse={self.fuse}, compat={self.compat!r}"
         )
 
     def patch_validity(self, mask: torch.Tensor | None, size: tuple[int, int], batch: int) -> torch.Tensor:
         """Per-sample validity of the background patches, ``(B, L, 1, 1)`` with 1 = usable.
 
-        ``mask``: ``(B or 1, 1, H_b, W_b)``, 1 = hole, at the background's resolution (or ``None``: all
-        valid). It is resized to the matching resolution ``size`` with TF nearest ``align_corners``; a
-        ``ksize x ksize`` patch (zero padded at the border) is valid iff it contains no hole.
+        ``mask``: ``(B or 1, 1, H_m, W_m)``, 1 = hole, at any resolution (or ``None``: all valid). It is
+        resized straight to the matching resolution ``size`` (nearest, ``align_corners``, this op's
+        ``compat``); a ``ksize x ksize`` patch (zero padded at the border) is valid iff it contains no hole.
         """
         L = size[0] * size[1]
         if mask is None:
             return torch.ones(batch, L, 1, 1)
-        m = resize_nearest_tf(mask, size)
+        m = resize_nearest_tf(mask, size, self.compat)
         patches = F.unfold(tf_same_pad(m, self.ksize), self.ksize)  # (B, k*k, L)
         valid = (patches == 0).all(dim=1).to(mask.dtype)  # (B, L)
         return valid.expand(batch, L).reshape(batch, L, 1, 1)
@@ -172,8 +213,10 @@ class ContextualAttention(nn.Module):
         Args:
             f: foreground features ``(B, C, H_f, W_f)``, any range.
             b: background features ``(B, C, H_b, W_b)``; ``H_b`` and ``W_b`` divisible by ``rate``.
-            mask: ``(B or 1, 1, H_b, W_b)``, 1 = hole: background patches touching a hole are not used.
-                Each sample uses its own mask (see the module docstring).
+            mask: ``(B or 1, 1, H_m, W_m)``, 1 = hole, at any resolution: resized straight to the
+                matching resolution ``(H_b // rate, W_b // rate)``; background patches touching a hole
+                there are not used. The official generator passes it at the background's size,
+                nipponjo's at the image's. Each sample uses its own mask (see the module docstring).
 
         Returns:
             ``(B, C, rate * (H_f // rate), rate * (W_f // rate))``: the attended background patches.
@@ -189,15 +232,17 @@ class ContextualAttention(nn.Module):
                 f"feature sizes must be divisible by rate={r}, got f {tuple(f.shape[-2:])} and b {(Hb, Wb)}; "
                 "pad the network input to a multiple of 8"
             )
-        if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (Hb, Wb)):
-            raise ValueError(f"mask must be (B, 1, {Hb}, {Wb}) at the background's size, got {tuple(mask.shape)}")
+        if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or min(mask.shape[-2:]) < 1):
+            raise ValueError(
+                f"mask must be (B, 1, H, W), e.g. (B, 1, {Hb}, {Wb}) at the background's size, got {tuple(mask.shape)}"
+            )
         if mask is not None and mask.shape[0] not in (1, B):
             raise ValueError(f"mask has batch size {mask.shape[0]} but the features have {B}")
 
         # Full-resolution background patches, pasted back at the end: (B, C*2r*2r, L).
         raw = F.unfold(tf_same_pad(b, 2 * r, r), 2 * r, stride=r)
-        fs = resize_nearest_tf(f, (f.shape[-2] // r, f.shape[-1] // r))
-        bs = resize_nearest_tf(b, (Hb // r, Wb // r))
+        fs = resize_nearest_tf(f, (f.shape[-2] // r, f.shape[-1] // r), self.compat)
+        bs = resize_nearest_tf(b, (Hb // r, Wb // r), self.compat)
         hf, wf = fs.shape[-2:]
         hb, wb = bs.shape[-2:]
         L = hb * wb

@@ -7,12 +7,26 @@ converted official weights: nipponjo/deepfillv2-pytorch's ``model/networks_tf.py
 under ``'G'``). ``GatedConvInpaint().load_state_dict(ckpt['G'], strict=True)`` works; use
 :func:`load_official` for a checked load with named missing/unexpected keys.
 
-Numerics follow the official TF graph (JiahuiYu/generative_inpainting v2.0.0): TF ``"SAME"`` padding
-(asymmetric for stride 2), TF ``align_corners`` nearest resizing of the mask and inside contextual
-attention, and contextual attention with ``fuse=True`` (``fuse=False`` gives nipponjo's port). One
-deliberate deviation: contextual attention uses each sample's own mask for patch validity, where the
-official code uses the mask of batch element 0 for the whole batch (see
-:mod:`kdinpaint_adapters.contextual_attention`).
+Two numerics, ``GatedConvInpaint(compat=...)``:
+
+``compat="tf"`` (default, and what :func:`load_official` / :func:`build_gatedconv` use): the official TF
+graph (JiahuiYu/generative_inpainting v2.0.0), the graph the weights in ``states_tf_*.pth`` were trained
+in: TF ``"SAME"`` padding (asymmetric for stride 2); the mask resized to the H/4 features and again to
+H/8 inside contextual attention (TF1 nearest, ``align_corners``, float32 rounding); contextual
+attention with ``fuse=True``; ``channel_order="bgr"``.
+
+``compat="nipponjo"``: nipponjo/deepfillv2-pytorch's ``networks_tf.Generator`` called as its
+``test.py`` / ``infer`` call it, to float rounding: the mask resized once, H -> H/8, inside contextual
+attention; its ``linspace`` nearest rounding; ``fuse=False``; ``channel_order="rgb"`` (it feeds the
+network PIL's RGB). The coarse stage is the same in both modes; the refined output is not: with
+random weights rescaled so that the attention is sharp, the two modes differ by up to 1.6 (images in
+[-1, 1], 256x256, free-form masks), and the mask resizing alone, which decides a few background
+patches next to the holes, by up to 0.9.
+
+In both modes one deliberate deviation remains: contextual attention uses each sample's own mask for
+patch validity, where the official code and the port use the mask of batch element 0 for the whole
+batch (see :mod:`kdinpaint_adapters.contextual_attention`); with one mask for the batch they agree.
+Images whose sides are not multiples of 8 are padded here (see below), where the port crops them.
 
 Conventions (toolkit <-> network), applied in :meth:`GatedConvInpaint.forward`:
 
@@ -36,9 +50,11 @@ Channel order. Evidence that the official weights expect **BGR**:
   outputs look plausible. That is weak evidence, since an inpainter that mostly copies colours from
   the context looks plausible in either order.
 
-Hence ``channel_order="bgr"`` is the default. The empirical check, running the converted weights on
-real photographs under a mask in both orders and keeping the one that reconstructs better, is still
-to be done: the weights could not be obtained when this adapter was written.
+Hence ``channel_order="bgr"`` is the default of ``compat="tf"``. Where the weights are at hand, the
+order is settled empirically by ``kdinpaint check-weights gatedconv states_tf_places2.pth``
+(:func:`kdinpaint_adapters.gatedconv_check.check_channel_order`): it inpaints the bundled photos in
+both orders and recommends the one with the higher PSNR on the holes; pass that order as
+``channel_order`` (it overrides the mode's preset).
 
 Adapter ``gatedconv`` (Table 4 of Suin et al., ICCV 2021), called as ``model(image, mask)``, stride 8:
 
@@ -104,6 +120,8 @@ __all__ = [
     "build_gatedconv_teacher",
     "gatedconv_loss",
     "COARSE_LEVELS",
+    "COMPAT_PRESETS",
+    "OFFICIAL_COMPAT",
     "ADAPTER_SPEC",
     "register_adapters",
     "GatedConvObjective",
@@ -113,6 +131,13 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _CHANNEL_ORDERS = ("rgb", "bgr")
+# What each numerics mode implies; ``channel_order`` / ``fuse`` given to GatedConvInpaint override it.
+COMPAT_PRESETS: dict[str, dict[str, object]] = {
+    "tf": {"channel_order": "bgr", "fuse": True},  # the official graph (cv2 images, fused scores)
+    "nipponjo": {"channel_order": "rgb", "fuse": False},  # networks_tf.Generator fed PIL images
+}
+# The mode the loaders of the converted official files use: the numerics the weights were trained in.
+OFFICIAL_COMPAT = "tf"
 GRID = 8  # the generator downsamples by 4 and contextual attention by 2 more
 
 
@@ -229,9 +254,15 @@ class GatedConvInpaint(nn.Module):
 
     Args:
         cnum: base width (official 48; must be divisible by 4). The converted weights need 48.
-        channel_order: image channel order the weights expect, ``"bgr"`` (default, see the module
-            docstring for the evidence) or ``"rgb"``. Toolkit images are always RGB.
-        fuse: contextual attention's fusion step (``True`` = official graph, ``False`` = nipponjo's port).
+        compat: ``"tf"`` (default: the official graph, the one the converted weights were trained in)
+            or ``"nipponjo"`` (nipponjo/deepfillv2-pytorch's ``networks_tf.Generator``); see the module
+            docstring. It presets ``channel_order`` and ``fuse`` and decides how the mask reaches
+            contextual attention (resized twice, H -> H/4 -> H/8, or once, H -> H/8).
+        channel_order: image channel order the weights expect, ``"bgr"`` or ``"rgb"``; default the
+            mode's (``"bgr"`` for ``"tf"``, see the module docstring for the evidence; ``"rgb"`` for
+            ``"nipponjo"``). Toolkit images are always RGB.
+        fuse: contextual attention's fusion step; default the mode's (``True`` for ``"tf"``, ``False``
+            for ``"nipponjo"``). Setting it alone does not give nipponjo's port (the mask resizing differs).
         act_layer: activation of the gated convolutions (official ``"elu"``).
 
     Module paths for hooks: coarse encoder ``conv1`` (H, cnum/2 ch), ``conv2_downsample`` / ``conv3``
@@ -244,16 +275,26 @@ class GatedConvInpaint(nn.Module):
         self,
         cnum: int = 48,
         *,
-        channel_order: str = "bgr",
-        fuse: bool = True,
+        compat: str = "tf",
+        channel_order: str | None = None,
+        fuse: bool | None = None,
         act_layer: str | type[nn.Module] = "elu",
     ) -> None:
         super().__init__()
         if cnum < 4 or cnum % 4:
             raise ValueError(f"cnum must be a positive multiple of 4, got {cnum}")
+        if compat not in COMPAT_PRESETS:
+            raise ValueError(
+                f"compat must be one of {tuple(COMPAT_PRESETS)} (the official TF graph, or nipponjo/deepfillv2-pytorch's "
+                f"networks_tf.Generator), got {compat!r}"
+            )
+        preset = COMPAT_PRESETS[compat]
+        channel_order = preset["channel_order"] if channel_order is None else channel_order
+        fuse = preset["fuse"] if fuse is None else fuse
         if channel_order not in _CHANNEL_ORDERS:
             raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {channel_order!r}")
         self.cnum = cnum
+        self.compat = compat
         self.channel_order = channel_order
         c, a = cnum, act_layer
 
@@ -296,7 +337,9 @@ class GatedConvInpaint(nn.Module):
         self.pmconv4_downsample = g(c, 2 * c, s=2)
         self.pmconv5 = g(2 * c, 2 * c)
         self.pmconv6 = g(2 * c, 2 * c, act="relu")
-        self.contextual_attention = ContextualAttention(ksize=3, rate=2, fuse_k=3, softmax_scale=10.0, fuse=fuse)
+        self.contextual_attention = ContextualAttention(
+            ksize=3, rate=2, fuse_k=3, softmax_scale=10.0, fuse=bool(fuse), compat=compat
+        )
         self.pmconv9 = g(2 * c, 2 * c)
         self.pmconv10 = g(2 * c, 2 * c)
         # Stage 2, merged decoder.
@@ -348,10 +391,13 @@ class GatedConvInpaint(nn.Module):
         x = self.pmconv2_downsample(self.pmconv1(xnow))
         x = self.pmconv4_downsample(self.pmconv3(x))
         x = self.pmconv6(self.pmconv5(x))
-        # The official graph resizes the mask to the H/4 features here (TF nearest, align_corners).
         vmask = mask if validity_mask is None else validity_mask
-        mask_s = resize_nearest_tf(vmask, x.shape[-2:])
-        x = self.contextual_attention(x, x, mask_s)
+        if self.compat == "tf":
+            # The official graph resizes the mask to the H/4 features here (TF nearest, align_corners);
+            # contextual attention resizes it again to H/8.
+            vmask = resize_nearest_tf(vmask, x.shape[-2:])
+        # nipponjo's port hands contextual attention the full-resolution mask (resized once, H -> H/8).
+        x = self.contextual_attention(x, x, vmask)
         pm = self.pmconv10(self.pmconv9(x))
 
         x = torch.cat([x_hallu, pm], dim=1)  # (B, 4*cnum, H/4, W/4)
@@ -553,14 +599,16 @@ def load_official(
     """Load ``states_tf_places2.pth`` / ``states_tf_celebahq.pth`` (generator under ``'G'``) strictly.
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs). ``model`` defaults
-    to a new ``GatedConvInpaint()``; a ``discriminator`` is filled from ``'D'`` (the file must have one).
+    to a new ``GatedConvInpaint(compat=OFFICIAL_COMPAT)`` (``"tf"``: the numerics the weights were
+    trained in; pass ``model=GatedConvInpaint(compat="nipponjo")`` to reproduce nipponjo's port instead);
+    a ``discriminator`` is filled from ``'D'`` (the file must have one).
     Raises ``ValueError`` naming the problem (unreadable file, no generator, missing/unexpected keys,
     shape mismatches). Returns the generator.
     """
     checkpoint = read_weights(
         path, "DeepFill v2 checkpoint (the converted official states_tf_places2.pth / states_tf_celebahq.pth)", map_location
     )
-    model = GatedConvInpaint() if model is None else model
+    model = GatedConvInpaint(compat=OFFICIAL_COMPAT) if model is None else model
     try:
         _load_checked(model, checkpoint_filter_fn(checkpoint), "generator")
         if discriminator is not None:
@@ -593,7 +641,9 @@ def save_official(
 
 def build_gatedconv(pretrained: str | PathLike | None = None, **kwargs: object) -> GatedConvInpaint:
     """GC, the DeepFill v2 generator. ``pretrained``: a converted official file (``states_tf_*.pth``);
-    ``kwargs`` go to :class:`GatedConvInpaint` (e.g. ``channel_order``, ``fuse``)."""
+    ``kwargs`` go to :class:`GatedConvInpaint` (e.g. ``compat``, ``channel_order``); ``compat`` defaults
+    to :data:`OFFICIAL_COMPAT` (``"tf"``, the numerics the official weights were trained in)."""
+    kwargs.setdefault("compat", OFFICIAL_COMPAT)
     model = GatedConvInpaint(**kwargs)  # type: ignore[arg-type]
     if pretrained is not None:
         load_official(pretrained, model=model)
@@ -652,7 +702,9 @@ class GatedConvTeacher(GatedConvInpaint):
 
 
 def build_gatedconv_teacher(pretrained: str | PathLike | None = None, **kwargs: object) -> GatedConvTeacher:
-    """The AN for GC* / GC†: :class:`GatedConvTeacher` with the student's keyword arguments."""
+    """The AN for GC* / GC†: :class:`GatedConvTeacher` with the student's keyword arguments (``compat``
+    defaults to :data:`OFFICIAL_COMPAT`, as the student's)."""
+    kwargs.setdefault("compat", OFFICIAL_COMPAT)
     model = GatedConvTeacher(**kwargs)  # type: ignore[arg-type]
     if pretrained is not None:
         load_official(pretrained, model=model)

@@ -10,6 +10,8 @@
                                                 images and masks, the gap to biharmonic): --floor M ..., --no-floor
     kdinpaint inpaint MODEL INPUT MASK OUTPUT   one image, or a folder (masks by file stem, or one mask for all)
     kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters)
+    kdinpaint check-weights gatedconv FILE      which channel order DeepFill v2 weights expect (PSNR on the holes
+                                                of the bundled photos in RGB and in BGR) and the setting to use
 
 MODEL is ``--checkpoint PATH`` (``--adapter NAME[:VARIANT]`` then checks what it is), ``--adapter`` alone
 (random weights, for smoke tests), or ``--baseline biharmonic|telea|ns|mean``. Running, padding and
@@ -557,12 +559,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---- kdinpaint check-weights --------------------------------------------------------------------
+def _check_weights_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", choices=("gatedconv",), help="the adapter whose weights to check (gatedconv: which "
+                                                           "channel order DeepFill v2 weights expect)")
+    p.add_argument("weights", help="the weights file, e.g. states_tf_places2.pth (generator under 'G')")
+    p.add_argument("--images", help="a folder of images or a .flist/.txt file list (default: the bundled sample photos)")
+    p.add_argument("--count", type=int, default=10, help="number of images (default 10)")
+    p.add_argument("--size", type=int, default=256, help="images are centre-cropped and resized to SIZE x SIZE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the free-form masks (mask i in Table 1 bucket i mod 4)")
+    p.add_argument("--compat", choices=("tf", "nipponjo"), default="tf",
+                   help="numerics: the official TF graph (default) or nipponjo/deepfillv2-pytorch's port")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward")
+    p.add_argument("--json", dest="json_path", help="also write the per-image PSNRs and the verdict as JSON here")
+
+
+def cmd_check_weights(args: argparse.Namespace) -> int:
+    from kdinpaint.inference import GeneratedMasks, resolve_device
+    from kdinpaint_adapters.gatedconv_check import check_channel_order
+
+    images, names, what_images = _evaluation_images(args)
+    masks = GeneratedMasks("freeform", len(images), args.size, args.seed)
+    result = check_channel_order(args.weights, [images[i] for i in range(len(images))],
+                                 [masks[i] for i in range(len(masks))], names=names, compat=args.compat,
+                                 batch_size=args.batch_size, device=resolve_device(args.device))
+    print(f"{args.weights}: PSNR on the holes in each channel order; {what_images} at {args.size}x{args.size}, "
+          f"free-form masks (seed {args.seed})\n")
+    print(result.to_markdown(), end="")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 add_command("adapters", "list installed adapters (name, variants, provider, description)", _adapters_arguments, cmd_adapters)
 add_command("spec", "show or suggest adapter specs", _spec_arguments, lambda args: 2)
 add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
 add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
 add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
+add_command("check-weights", "which channel order DeepFill v2 weights expect: PSNR on the holes in RGB and BGR",
+            _check_weights_arguments, cmd_check_weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

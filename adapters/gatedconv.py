@@ -19,9 +19,9 @@ attention with ``fuse=True``; ``channel_order="bgr"``.
 ``test.py`` / ``infer`` call it, to float rounding: the mask resized once, H -> H/8, inside contextual
 attention; its ``linspace`` nearest rounding; ``fuse=False``; ``channel_order="rgb"`` (it feeds the
 network PIL's RGB). The coarse stage is the same in both modes; the refined output is not: with
-random weights rescaled so that the attention is sharp, the two modes differ by up to 1.6 (images in
-[-1, 1], 256x256, free-form masks), and the mask resizing alone, which decides a few background
-patches next to the holes, by up to 0.9.
+random weights rescaled so that the attention is sharp, the two modes differ by up to 1.7 (images in
+[-1, 1], 256x256 and 232x216, free-form masks), and the mask resizing alone, which decides a few
+background patches next to the holes, by up to 1.3.
 
 In both modes one deliberate deviation remains: contextual attention uses each sample's own mask for
 patch validity, where the official code and the port use the mask of batch element 0 for the whole

@@ -33,6 +33,31 @@ def test_forward_and_gradients_match_deform_conv2d(B, C, H, W, K):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("B,C,H,W,K", [(3, 4, 7, 7, 3), (2, 3, 5, 6, 5), (2, 3, 8, 8, 3)])
+@pytest.mark.parametrize("offsets", ["zero", "integer"])
+def test_integer_sample_positions_take_deform_conv2ds_one_sided_gradient(B, C, H, W, K, offsets):
+    # at exactly integer positions (a fresh completion block has zero offsets) bilinear interpolation has a kink;
+    # both backward forms must take torchvision's side (the cell floor() picks) at every pixel, in float64
+    g = torch.Generator().manual_seed(B * 100 + H)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    kernel = torch.randn(B, K * K, H, W, generator=g, dtype=torch.float64)
+    offset = torch.zeros(B, 2 * K * K, H, W, dtype=torch.float64)
+    if offsets == "integer":
+        offset = torch.randint(-2, 3, offset.shape, generator=g).double()
+    grad = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    oracle = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+    ref = deform_conv2d(oracle[0], oracle[2], torch.ones(C, 1, K, K, dtype=torch.float64), padding=K // 2, mask=oracle[1])
+    theirs = torch.autograd.grad(ref, oracle, grad)
+    for create_graph in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, kernel, offset)]
+        out = adaptive_conv(*leaves)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        ours = torch.autograd.grad(out, leaves, grad, create_graph=create_graph)
+        for name, a, b in zip(("x", "kernel", "offset"), ours, theirs):
+            torch.testing.assert_close(a.detach(), b, atol=1e-12, rtol=1e-12,
+                                       msg=lambda m: f"grad of {name} (create_graph={create_graph}): {m}")
+
+
 def test_gradient_graph_form_equals_the_kernel_form():
     # with create_graph=True the backward differentiates the gather form; its values equal grid_sample's kernel
     x, kernel, offset = _inputs(2, 3, 7, 9, 3, seed=1)

@@ -15,6 +15,14 @@ ordinary one calls ``grid_sample``'s own backward kernel, and when a graph of th
 (``create_graph=True``) it differentiates an equivalent formulation that reads the four bilinear corners
 with ``gather`` (whose derivatives are ``scatter_add`` and ``gather`` again), about 3x cheaper to
 differentiate twice on CPU.
+
+At exactly integer sampling positions (zero or integer offsets: every fresh completion block) bilinear
+interpolation has a kink, and the offset gradient is the one-sided derivative towards the next pixel, as
+``deform_conv2d`` takes it (``floor`` of the position picks the cell). ``grid_sample`` finds the cell from
+normalised coordinates; normalised by the image size, an integer position came back from them on either side
+of the integer by round-off, so the side varied from pixel to pixel. Normalised by a power of two instead
+(the input zero-padded on the right and bottom up to one), integer positions are represented and recovered
+exactly, whatever order grid_sample's arithmetic takes.
 """
 
 from __future__ import annotations
@@ -45,8 +53,14 @@ def check_adaptive_conv_args(x: torch.Tensor, kernel: torch.Tensor, offset: torc
     return K
 
 
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n``: the size grid_sample's coordinates are normalised by."""
+    return 1 << (n - 1).bit_length()
+
+
 def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sampling positions without offsets, in grid_sample's normalised (x, y) units: ``(K*K, H, W, 2)``."""
+    """Sampling positions without offsets, in grid_sample's normalised (x, y) units of a
+    ``(_power_of_two(H), _power_of_two(W))`` input: ``(K*K, H, W, 2)``."""
     key = (K, H, W, device, dtype)
     grid = _TAP_CACHE.get(key)
     if grid is None:
@@ -60,9 +74,9 @@ def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype)
         xs = torch.arange(W, device=device, dtype=dtype)
         py = ys.view(1, H, 1) + dy.reshape(-1, 1, 1)  # (K*K, H, 1)
         px = xs.view(1, 1, W) + dx.reshape(-1, 1, 1)  # (K*K, 1, W)
-        # align_corners=False: pixel i sits at normalised (2 i + 1) / size - 1
-        gx = ((2 * px + 1) / W - 1).expand(-1, H, W)
-        gy = ((2 * py + 1) / H - 1).expand(-1, H, W)
+        # align_corners=False: pixel i sits at normalised (2 i + 1) / size - 1, exact for a power-of-two size
+        gx = ((2 * px + 1) / _power_of_two(W) - 1).expand(-1, H, W)
+        gy = ((2 * py + 1) / _power_of_two(H) - 1).expand(-1, H, W)
         grid = torch.stack((gx, gy), dim=-1)
         if len(_TAP_CACHE) > 64:
             _TAP_CACHE.clear()
@@ -71,13 +85,14 @@ def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype)
 
 
 def _pixel_scale(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Pixels -> grid_sample's normalised units, ``(2 / W, 2 / H)`` in (x, y) order; cached like the base grid."""
+    """Pixels -> grid_sample's normalised units of the padded input, ``(2 / W', 2 / H')`` in (x, y) order
+    (``W' = _power_of_two(W)``); cached like the base grid."""
     key = ("scale", H, W, device, dtype)
     scale = _TAP_CACHE.get(key)
     if scale is None:
         if len(_TAP_CACHE) > 64:
             _TAP_CACHE.clear()
-        scale = _TAP_CACHE[key] = torch.tensor([2.0 / W, 2.0 / H], device=device, dtype=dtype)
+        scale = _TAP_CACHE[key] = torch.tensor([2.0 / _power_of_two(W), 2.0 / _power_of_two(H)], device=device, dtype=dtype)
     return scale
 
 
@@ -91,6 +106,13 @@ def _grid(K: int, offset: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -
     scale = _pixel_scale(H, W, offset.device, dtype)
     grid = base.unsqueeze(0) + off.flip(2).permute(0, 1, 3, 4, 2) * scale  # (B, T, H, W, 2)
     return grid.reshape(B, T * H, W, 2)
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` zero-padded on the right and bottom to power-of-two sides (itself when they already are)."""
+    H, W = x.shape[-2:]
+    pad_h, pad_w = _power_of_two(H) - H, _power_of_two(W) - W
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 def _gather_form(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K: int) -> torch.Tensor:
@@ -127,7 +149,7 @@ class _AdaptiveConv(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K: int) -> torch.Tensor:  # type: ignore[override]
         B, C, H, W = x.shape
         grid = _grid(K, offset, x.shape, x.dtype)
-        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(_padded(x), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         ctx.save_for_backward(x, kernel, offset, grid, sampled)
         ctx.K = K
         return (sampled.view(B, C, K * K, H, W) * kernel.unsqueeze(1)).sum(2)
@@ -152,8 +174,10 @@ class _AdaptiveConv(torch.autograd.Function):
         if need[0] or need[2]:
             grad_sampled = (grad.unsqueeze(2) * kernel.unsqueeze(1)).view(B, C, T * H, W)
             grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                grad_sampled, x, grid, 0, 0, False, [need[0], need[2]]
+                grad_sampled, _padded(x), grid, 0, 0, False, [need[0], need[2]]
             )  # bilinear, zeros padding, align_corners=False
+            if need[0] and grad_x.shape[-2:] != (H, W):
+                grad_x = grad_x[..., :H, :W]
             if need[2]:
                 scale = _pixel_scale(H, W, x.device, x.dtype)
                 grad_offset = (grad_grid.view(B, T, H, W, 2) * scale).flip(-1).permute(0, 1, 4, 2, 3).reshape(B, 2 * T, H, W)

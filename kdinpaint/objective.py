@@ -1,7 +1,8 @@
-"""A network's own training objective: its generator losses and its discriminators, for ``recipes/train.py``.
+"""Training objectives: a network's generator losses and its discriminators, for ``recipes/train.py``.
 
 The paper's recipe trains every student with Eq. (11) (R_recon + R_style, Region Normalization's
-discriminator). An adapter can instead train its network with the objective the network was published
+discriminator): :class:`Eq11Objective`, registered as ``eq11`` (the default of ``losses.objective``). An
+adapter can instead train its network with the objective the network was published
 with (StructureFlow: L1, sampling correctness, VGG terms and two two-scale LSGAN discriminators) by
 registering a :class:`TrainingObjective` subclass through the ``register_losses`` hook::
 
@@ -24,7 +25,10 @@ The protocol, as ``recipes/train.py`` uses it:
 * :meth:`~TrainingObjective.discriminator_loss` receives the last theta step's output, detached, and
   returns the terms the discriminator optimiser (Adam over :meth:`discriminator_parameters`) minimises;
 * discriminators live in :attr:`~TrainingObjective.discriminators` (an ``nn.ModuleDict``): that is what
-  checkpoints hold; frozen networks (VGG) live elsewhere in the objective and are rebuilt, not saved.
+  checkpoints hold; frozen networks (VGG) live elsewhere in the objective and are rebuilt, not saved;
+* :attr:`~TrainingObjective.recipe_keys` names the ``losses`` keys of the recipe that fill constructor
+  arguments of the same name (``vgg`` and ``allow_random_vgg`` by default); ``losses.lambda_r`` multiplies
+  the generator loss of an objective that does not take ``lambda_r`` itself.
 
 Both losses return ``{term: scalar, ..., "total": scalar}``; :func:`total_of` checks that shape.
 """
@@ -41,9 +45,11 @@ import torch
 from torch import nn
 
 from kdinpaint._modules import training_mode
+from kdinpaint.hookspecs import hookimpl
 
 __all__ = [
-    "TrainingObjective", "is_training_objective", "build_objective", "total_of", "merge_weights", "SN_WARMUP_ITERATIONS",
+    "TrainingObjective", "Eq11Objective", "BatchMemo", "is_training_objective", "build_objective", "total_of",
+    "merge_weights", "register_losses", "SN_WARMUP_ITERATIONS",
 ]
 
 #: power iterations that settle a discriminator's spectral norms at construction (the default of
@@ -67,6 +73,14 @@ class TrainingObjective(nn.Module):
     #: where the prediction sits in the output of a call with ``call_kwargs`` (tuple index or dict key);
     #: used only when ``call_kwargs`` is not empty; ``None`` keeps the adapter spec's ``output``
     output_key: OutputKey = None
+    #: what :meth:`generator_loss` and :meth:`discriminator_loss` receive: ``"output"`` (the model's whole
+    #: output) or ``"prediction"`` (the image the adapter spec's ``output`` selects from it)
+    loss_input: str = "output"
+    #: Adam's betas of the discriminator optimiser; ``None``: the recipe's ``optim.betas``
+    discriminator_betas: tuple[float, float] | None = None
+    #: ``losses`` keys of the recipe passed to the constructor when it takes them (and the recipe's
+    #: ``objective_kwargs`` do not set them)
+    recipe_keys: tuple[str, ...] = ("vgg", "allow_random_vgg")
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,3 +172,118 @@ def merge_weights(defaults: Mapping[str, float], overrides: Mapping[str, float] 
     if unknown:
         raise ValueError(f"unknown {network} loss term(s) {unknown}; terms: {sorted(defaults)}")
     return {**defaults, **(overrides or {})}
+
+
+class BatchMemo:
+    """Values that depend only on the batch (its target and mask), computed once per batch: Algorithm 1
+    calls the inpainting loss up to 2T + 1 times with the same ones (GMCNN's confidence map is 7 blurs with a
+    65-tap kernel; the target's VGG features a VGG pass)."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._values: dict[str, Any] = {}
+
+    def get(self, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once for the batch ``key`` (its tensors, compared by identity; pass the same key
+        for every value of a batch: another key starts a new batch)."""
+        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
+            self._key, self._values = key, {}
+        if name not in self._values:
+            self._values[name] = compute()
+        return self._values[name]
+
+
+class Eq11Objective(TrainingObjective):
+    """The paper's L_inp, Eq. (11) without the distillation terms (the Distiller adds those):
+    ``lambda_r R_recon + lambda_s R_style + adversarial * L_adv``, registered as ``eq11``.
+
+    ``R_recon`` is GMCNN's spatially-varying L1 (:func:`~kdinpaint.losses.reconstruction.spatially_varying_l1`,
+    ``recon_padding``), ``R_style`` the Gram-matrix loss of :class:`~kdinpaint.losses.style.VGGStyleLoss`
+    (``style_preset``, ``vgg``; built only when ``lambda_s > 0``), ``L_adv`` the generator side of Region
+    Normalization's spectral-norm PatchGAN (:class:`~kdinpaint.losses.adversarial.PatchDiscriminator`, built
+    only when ``adversarial > 0``) on the composited prediction; its step minimises
+    :func:`~kdinpaint.losses.adversarial.discriminator_loss` (``gan_loss``) of the ground truth against the
+    detached composite, with Adam betas (0, 0.9).
+
+    ``loss``: a registered loss *function* ``fn(pred, target, mask)`` (an adapter's own generator loss) in
+    place of ``R_recon`` and ``R_style``; it gets ``vgg=`` (the style loss's VGG) when it takes one and
+    ``lambda_s > 0``. The adversarial term stays. ``recipes/train.py`` builds this for ``losses.objective``
+    naming such a function.
+
+    The confidence map and the target's VGG features are computed once per batch (:class:`BatchMemo`). The
+    discriminator runs in training mode in the generator loss too (its spectral-norm power iteration moves
+    there, as it always has in this recipe).
+    """
+
+    loss_input = "prediction"
+    discriminator_betas = (0.0, 0.9)
+    recipe_keys = ("lambda_r", "lambda_s", "style_preset", "vgg", "allow_random_vgg", "adversarial", "gan_loss", "recon_padding")
+
+    def __init__(
+        self,
+        lambda_r: float = 1.0,
+        lambda_s: float = 150.0,
+        style_preset: str = "pconv",
+        vgg: str | None = "vgg16.tv_in1k",
+        allow_random_vgg: bool = False,
+        adversarial: float = 0.1,
+        gan_loss: str = "nsgan",
+        recon_padding: str = "reflect",
+        loss: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        from kdinpaint.losses.adversarial import PatchDiscriminator
+        from kdinpaint.losses.style import VGGStyleLoss
+
+        super().__init__()
+        if loss is not None and (is_training_objective(loss) or not callable(loss)):
+            raise TypeError(f"Eq11Objective(loss=...) takes a loss function fn(pred, target, mask), got {loss!r}")
+        self.lambda_r, self.lambda_s, self.adversarial = lambda_r, lambda_s, adversarial
+        self.gan_loss, self.recon_padding, self.loss = gan_loss, recon_padding, loss
+        self._loss_takes_vgg = loss is not None and "vgg" in inspect.signature(loss).parameters
+        uses_style = lambda_s > 0 and (loss is None or self._loss_takes_vgg)
+        self.style = VGGStyleLoss(style_preset, weights=vgg, allow_random=allow_random_vgg) if uses_style else None
+        if adversarial > 0:
+            self.discriminators["patch"] = PatchDiscriminator()
+        self._memo = BatchMemo()
+
+    def generator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"recon" (or "loss"), "style", "adversarial", "total"}``, each term with its weight, on the prediction."""
+        from kdinpaint.losses.adversarial import generator_adv_loss
+        from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
+        from kdinpaint.masking import composite
+
+        key = (target, mask)
+        if self.loss is not None:
+            extra = {"vgg": self.style} if self._loss_takes_vgg and self.style is not None else {}
+            terms = {"loss": self.lambda_r * self.loss(output, target, mask, **extra)}
+        else:
+            weight = self._memo.get("confidence", key, lambda: confidence_weight(mask, padding=self.recon_padding))
+            terms = {"recon": self.lambda_r * spatially_varying_l1(output, target, mask, weight=weight)}
+        total = next(iter(terms.values()))
+        if self.style is not None and self.loss is None:
+            features = self._memo.get("vgg", key, lambda: self.style.target_features(target, mask))
+            terms["style"] = self.lambda_s * self.style(output, target, mask, features)["style"]
+            total = total + terms["style"]
+        if "patch" in self.discriminators:
+            logits = self.discriminators["patch"](composite(output, target, mask))[0]
+            terms["adversarial"] = self.adversarial * generator_adv_loss(logits, self.gan_loss)
+            total = total + terms["adversarial"]
+        terms["total"] = total
+        return terms
+
+    def discriminator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``{"total": D loss}``: the ground truth against the detached composite of the prediction."""
+        from kdinpaint.losses.adversarial import discriminator_loss
+        from kdinpaint.masking import composite
+
+        if "patch" not in self.discriminators:
+            return None
+        disc = self.discriminators["patch"]
+        fake = composite(output, target, mask)
+        return {"total": discriminator_loss(disc(target)[0], disc(fake.detach())[0], self.gan_loss)}
+
+
+@hookimpl
+def register_losses(register: Callable[[str, Callable[..., object]], None]) -> None:
+    """The built-in objective (registered by :mod:`kdinpaint.plugins` as the ``kdinpaint`` distribution's)."""
+    register("eq11", Eq11Objective)

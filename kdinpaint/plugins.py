@@ -99,6 +99,7 @@ def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Fa
         _state["loaded"] = False
     if not _state["loaded"]:
         _state["loaded"] = True
+        _register_builtins()
         env = os.environ.get(LOAD_ENV)
         wanted = None if env is None else {_norm(s.strip()) for s in env.split(",") if s.strip()}
         for ep in metadata.entry_points(group=GROUP):
@@ -121,6 +122,20 @@ def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Fa
             _providers[name] = (dist, version)
     _raise_if_strict(_failures, strict)
     return list(_failures)
+
+
+def _register_builtins() -> None:
+    """kdinpaint's own registrations outside the adapters: the ``eq11`` objective (:mod:`kdinpaint.objective`)."""
+    from kdinpaint import objective
+
+    name = f"{HOME}:objective"
+    if not pm.has_plugin(name):
+        pm.register(objective, name=name)
+    try:
+        version = metadata.version(HOME)
+    except metadata.PackageNotFoundError:
+        version = None
+    _providers[name] = (HOME, version)
 
 
 def plugin_failures(*, strict: bool | None = None) -> list[Failure]:

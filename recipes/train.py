@@ -5,10 +5,10 @@
     torchrun --nproc_per_node 2 recipes/train.py train.steps=20         # two processes (gloo on CPU)
 
 Stages (``--stage``): ``teacher`` pre-trains the auxiliary network as an L1 autoencoder of the ground
-truth (§4); ``student`` trains the inpainting network with Eq. (11), the meta-networks by Algorithm 1 and
-the discriminator (or, when ``losses.objective`` names an adapter's TrainingObjective, with that network's
-own losses and discriminators: :mod:`kdinpaint.objective`); ``all`` (default) runs the teacher stage when no
-teacher weights exist yet, then the student. Overrides are dotted ``section.key=value`` pairs; unknown keys
+truth (§4); ``student`` trains the inpainting network, the meta-networks by Algorithm 1 (the Psi step on
+every ``meta.every``-th batch) and the discriminators, with the objective ``losses.objective`` names
+(:mod:`kdinpaint.objective`): ``eq11``, the paper's Eq. (11), by default, or an adapter's own; ``all``
+(default) runs the teacher stage when no teacher weights exist yet, then the student. Overrides are dotted ``section.key=value`` pairs; unknown keys
 are refused.
 
 A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.safetensors``,
@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -51,11 +51,8 @@ from kdinpaint import metrics
 from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.calling import convention, select_output
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
-from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
-from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
-from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import composite, masked
-from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
+from kdinpaint.objective import Eq11Objective, TrainingObjective, build_objective, is_training_objective, total_of
 from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import OptimSection, Recipe, load_recipe
 from kdinpaint.teacher import autoencoder_call
@@ -227,79 +224,47 @@ def train_student(
     if spec.uses_teacher:
         teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
     L = recipe.losses
-    network_loss = get_loss(L.objective) if L.objective != "eq11" else None
-    objective = objective_from(recipe, network_loss)  # an adapter's own losses and discriminators, or None
-    network_loss = None if objective is not None else network_loss
-    train_spec = spec
-    if objective is not None:
-        objective.to(accelerator.device)
-        if objective.call_kwargs:  # the call returns more than the prediction: the objective says where it is
-            train_spec = dataclasses.replace(spec, output=objective.output_key)
+    cls, objective_kwargs = objective_class(recipe)
+    # the call returns more than the prediction: the objective says where the prediction is
+    train_spec = dataclasses.replace(spec, output=cls.output_key) if cls.call_kwargs else spec
     kd = kdinpaint.attach(student, teacher if spec.uses_teacher else None, train_spec)
     kd.to(accelerator.device)
-    # a registered loss function that takes `vgg=` applies its own style/perceptual weights to our VGG features
-    loss_takes_vgg = network_loss is not None and "vgg" in inspect.signature(network_loss).parameters
-    use_style = L.lambda_s > 0 and objective is None and (network_loss is None or loss_takes_vgg)
-    style = VGGStyleLoss(L.style_preset, weights=L.vgg, allow_random=L.allow_random_vgg).to(accelerator.device) if use_style else None
+    objective = build_objective(cls, objective_kwargs, {k: getattr(L, k) for k in cls.recipe_keys}).to(accelerator.device)
+    name = type(objective).__name__
+    lambda_r = 1.0 if "lambda_r" in cls.recipe_keys else L.lambda_r  # an adapter's objective: lambda_r scales it
 
     theta = [*student.parameters(), *kd.student_parameters()]
     theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
     meta_params = list(kd.meta_parameters())
     meta_opt = torch.optim.Adam(meta_params, lr=recipe.meta.lr) if meta_params else None
-    if objective is None:
-        disc = PatchDiscriminator() if L.adversarial > 0 else None
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=recipe.optim.lr * L.d_lr_ratio, betas=(0.0, 0.9)) if disc else None
-    else:  # its discriminators (prepared for checkpoints; called unwrapped, see average_gradients), optim.betas
-        d_params = objective.discriminator_parameters()
-        disc = objective.discriminators.to(accelerator.device) if d_params else None
-        disc_opt = torch.optim.Adam(d_params, lr=recipe.optim.lr * L.d_lr_ratio, betas=tuple(recipe.optim.betas)) if disc else None
+    # the discriminators are prepared (for checkpoints) but called unwrapped: see average_gradients
+    d_params = objective.discriminator_parameters()
+    disc = objective.discriminators if d_params else None
+    d_betas = objective.discriminator_betas or tuple(recipe.optim.betas)
+    disc_opt = torch.optim.Adam(d_params, lr=recipe.optim.lr * L.d_lr_ratio, betas=d_betas) if d_params else None
 
     prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], loader)
     wrapped, theta_opt, *rest, loader = prepared
     meta_opt = rest.pop(0) if meta_opt is not None else None
-    disc, disc_opt = (rest.pop(0), rest.pop(0)) if disc is not None else (None, None)
+    disc_opt = rest[1] if disc is not None else None
     # stepped by MetaLearner once per theta step; not through prepare, whose scheduler steps once per process
     schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: lr_factor(k, recipe.optim, recipe.train.steps))
 
-    objective_name = type(objective).__name__
-
-    per_batch = BatchMemo()
-
-    def inpaint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """L_inp of Eq. (11) without the distillation terms: reconstruction, style, adversarial.
-
-        With ``losses.objective`` naming a registered loss function (an adapter's own generator loss), that
-        loss, called as ``fn(pred, target, mask)`` (plus ``vgg=`` when it takes one and ``lambda_s > 0``),
-        replaces R_recon and R_style; the adversarial term stays. Naming a registered TrainingObjective class,
-        ``lambda_r`` times its generator loss is all of L_inp (it carries its own weights and adversarial
-        terms), and ``pred`` is the model's whole output.
-        """
-        if objective is not None:
-            return L.lambda_r * total_of(objective.generator_loss(pred, target, mask), objective_name + ".generator_loss")
-        if network_loss is not None:
-            extra = {"vgg": style} if loss_takes_vgg and style is not None else {}
-            loss = L.lambda_r * network_loss(pred, target, mask, **extra)
-        else:
-            weight = per_batch.get("confidence", (target, mask), lambda: confidence_weight(mask, padding=L.recon_padding))
-            loss = L.lambda_r * spatially_varying_l1(pred, target, mask, weight=weight)
-        if style is not None and network_loss is None:
-            target_features = per_batch.get("vgg", (target, mask), lambda: style.target_features(target, mask))
-            loss = loss + L.lambda_s * style(pred, target, mask, target_features)["style"]
-        if disc is not None:
-            loss = loss + L.adversarial * generator_adv_loss(disc(composite(pred, target, mask))[0], L.gan_loss)
-        return loss
+    def inpaint_loss(output: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L_inp of Eq. (11) without the distillation terms (or an adapter's own generator loss)."""
+        return lambda_r * total_of(objective.generator_loss(output, target, mask), name + ".generator_loss")
 
     learner = MetaLearner(
-        kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps,
+        kd, theta_opt, inpaint_loss, meta_opt, mode=recipe.meta.mode, steps=recipe.meta.steps, every=recipe.meta.every,
         inner_lr=recipe.meta.inner_lr, lambda_d=L.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
         forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
-        loss_input="prediction" if objective is None else "output", scheduler=schedule,
+        loss_input=objective.loss_input, scheduler=schedule,
         guard=recipe.train.guard, max_bad_steps=recipe.train.max_bad_steps, explode_factor=recipe.train.explode_factor,
     )
     accelerator.register_for_checkpointing(schedule)  # a resumed run continues the schedule exactly
     if learner.guard is not None:
         accelerator.register_for_checkpointing(learner.guard)  # ... and the guard's loss history
-    call_kwargs = dict(objective.call_kwargs) if objective is not None else {}
+    call_kwargs = dict(objective.call_kwargs)
 
     start = 0
     done = checkpoints_of(run)
@@ -308,12 +273,13 @@ def train_student(
         start = int(done[-1].name.split("_")[1])
         accelerator.print(f"resumed from {done[-1]} (step {start})")
     total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
-    loader = accelerator.skip_first_batches(loader, start // recipe.meta.steps) if start else loader
+    learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
+    loader = accelerator.skip_first_batches(loader, learner.batches) if start else loader
     metrics_file = run / "metrics.jsonl"
-    progress = _progress(accelerator, total, start // recipe.meta.steps)
+    progress = _progress(accelerator, total, learner.batches)
     t0 = time.time()
     skipped = 0  # batches the guard skipped since the last metrics record
-    for block, batch in enumerate(loader, start=start // recipe.meta.steps + 1):
+    for block, batch in enumerate(loader, start=learner.batches + 1):
         image, mask = batch["image"], batch["mask"]
         step = block * recipe.meta.steps
         if inject_nan_at is not None and step >= inject_nan_at:  # --inject-nan-at: a data fault, for the tests
@@ -333,19 +299,14 @@ def train_student(
             raise SystemExit(DIVERGED_EXIT) from None
         bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
         skipped += bad
-        if disc is not None and not bad:  # the discriminator step, on the last prediction of the block
+        if disc is not None and not bad:  # the discriminator step, on the block's last output (detached)
             with accelerator.autocast():
-                if objective is not None:  # on the model's whole last output (detached)
-                    d_terms = objective.discriminator_loss(learner.last_raw_output, image, mask)
-                    d_loss = total_of(d_terms, objective_name + ".discriminator_loss")
-                    logs.update({f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"})
-                else:
-                    fake = composite(learner.last_output, image, mask)
-                    d_loss = discriminator_loss(disc(image)[0], disc(fake.detach())[0], L.gan_loss)
+                d_terms = objective.discriminator_loss(learner.last_loss_input, image, mask)
+                d_loss = total_of(d_terms, name + ".discriminator_loss")
+            logs.update({f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"})
             disc_opt.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
-            if objective is not None:
-                average_gradients(accelerator, objective.discriminator_parameters())
+            average_gradients(accelerator, d_params)
             disc_opt.step()
             logs["loss_d"] = d_loss.item()
         progress.update(1)
@@ -399,26 +360,28 @@ def report_divergence(accelerator: Accelerator, run: Path, error: TrainingDiverg
     accelerator.print(f"\nDIVERGED at step {step}: {error}\n{resume}\nrun folder: {run}")
 
 
-def objective_from(recipe: Recipe, registered) -> TrainingObjective | None:
-    """The adapter's own objective when ``losses.objective`` names a registered TrainingObjective class.
+def objective_class(recipe: Recipe) -> tuple[type[TrainingObjective], dict]:
+    """The objective class ``losses.objective`` names and its keyword arguments (``losses.objective_kwargs``).
 
-    Built with ``losses.objective_kwargs``; ``vgg`` / ``allow_random_vgg`` default to ``losses.vgg`` /
-    ``losses.allow_random_vgg`` when the class takes them. ``lambda_s``, ``style_preset``, ``adversarial``
-    and ``gan_loss`` do not apply to it; ``lambda_r`` scales its generator loss, ``d_lr_ratio`` its
-    discriminators' learning rate (Adam with ``optim.betas``).
+    ``eq11`` (the default) is :class:`~kdinpaint.objective.Eq11Objective`, whose options are the other
+    ``losses`` keys; an adapter's registered TrainingObjective class (e.g. ``edgeconnect-gan``) brings its own
+    losses and discriminators (``lambda_r`` scales its generator loss, ``d_lr_ratio`` its discriminators'
+    learning rate; ``lambda_s``, ``style_preset``, ``adversarial`` and ``gan_loss`` do not apply); a registered
+    loss *function* (e.g. ``edgeconnect``) replaces R_recon and R_style inside Eq. (11).
     """
     L = recipe.losses
-    if not is_training_objective(registered):
-        if L.objective_kwargs:
-            raise ValueError(
-                f"losses.objective_kwargs is set, but losses.objective {L.objective!r} is a loss function, not an "
-                "objective class: remove objective_kwargs"
-            )
-        return None
-    objective = build_objective(registered, L.objective_kwargs, {"vgg": L.vgg, "allow_random_vgg": L.allow_random_vgg})
-    log.info("losses.objective %s: its own losses and %d discriminator(s); lambda_s, style_preset, adversarial and "
-             "gan_loss do not apply", L.objective, len(objective.discriminators))
-    return objective
+    registered = get_loss(L.objective)
+    if is_training_objective(registered):
+        if registered is not Eq11Objective:
+            log.info("losses.objective %s: its own losses and discriminators; lambda_s, style_preset, adversarial and "
+                     "gan_loss do not apply", L.objective)
+        return registered, dict(L.objective_kwargs)
+    if L.objective_kwargs:
+        raise ValueError(
+            f"losses.objective_kwargs is set, but losses.objective {L.objective!r} is a loss function, not an "
+            "objective class: remove objective_kwargs"
+        )
+    return Eq11Objective, {"loss": registered}
 
 
 def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -428,25 +391,6 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
         for p in params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
-class BatchMemo:
-    """Values that depend only on the batch (its target and mask), computed once per batch: Algorithm 1
-    calls the inpainting loss up to 2T + 1 times with the same ones (GMCNN's confidence map is 7 blurs with a
-    65-tap kernel; the target's VGG features a VGG pass)."""
-
-    def __init__(self) -> None:
-        self._key: tuple = ()
-        self._values: dict[str, Any] = {}
-
-    def get(self, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once for the batch ``key`` (its tensors, compared by identity; pass the same key
-        for every value of a batch: another key starts a new batch)."""
-        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
-            self._key, self._values = key, {}
-        if name not in self._values:
-            self._values[name] = compute()
-        return self._values[name]
 
 
 def _progress(accelerator: Accelerator, total: int, initial: int):

@@ -102,19 +102,3 @@ def test_objective_from_a_registered_loss(tmp_path):
     assert first["step"] == 2 and first["loss_inp"] > 0
     proc = _train(tmp_path / "bad", "train.steps=2", "losses.objective=no-such-loss", check=False)
     assert proc.returncode != 0 and "no-such-loss" in proc.stderr and "edgeconnect" in proc.stderr
-
-
-def test_batch_memo_computes_each_value_once_per_batch():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_memo", ROOT / "recipes" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)  # type: ignore[union-attr]
-    memo, calls = train.BatchMemo(), []
-    target, mask = torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4)
-    for _ in range(5):  # the 2T + 1 loss calls of one Algorithm-1 block, two values each
-        assert memo.get("a", (target, mask), lambda: calls.append("a") or 1) == 1
-        assert memo.get("b", (target, mask), lambda: calls.append("b") or 2) == 2
-    assert calls == ["a", "b"]
-    memo.get("a", (target.clone(), mask), lambda: calls.append("a") or 1)  # the next batch: new tensors
-    assert calls == ["a", "b", "a"]

@@ -303,3 +303,54 @@ def test_adapter_spec_without_a_name_takes_the_adapters():
     assert adapter.spec.name == "my-net" and adapter.spec.description == "mine"
     named = Adapter(name="x", spec={"name": "own", "description": "d", "encoder_levels": []}, build_student=TinyUNet)
     assert named.spec.name == "own" and named.spec.description == "d"
+
+
+def test_cli_spec_suggest_finds_a_one_tensor_model_in_the_current_folder(tmp_path, monkeypatch, capsys):
+    from kdinpaint.cli import main
+
+    (tmp_path / "mynets_issue15.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.down = nn.ModuleList([nn.Conv2d(4, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)])\n"
+        "        self.head = nn.Conv2d(8, 3, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        for d in self.down:\n"
+        "            x = torch.relu(d(x))\n"
+        "        return torch.nn.functional.interpolate(self.head(x), scale_factor=4.0)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    try:
+        assert main(["spec", "suggest", "--model", "mynets_issue15:Net", "--shape", "1,3,32,32"]) == 0
+    finally:
+        __import__("sys").modules.pop("mynets_issue15", None)
+    out = capsys.readouterr().out
+    spec = kdinpaint.AdapterSpec.from_dict({k: v for k, v in __import__("yaml").safe_load(out).items()})
+    assert spec.input == "concat" and spec.encoder_levels == ["down.0", "down.1"]
+
+
+def test_cli_spec_show_names_a_plugin_adapter(capsys):
+    from kdinpaint import plugins
+    from kdinpaint.adapter import Adapter
+    from kdinpaint.cli import main
+    from kdinpaint.hookspecs import hookimpl
+
+    class Plugin:
+        __name__ = "issue15-plugin"
+
+        @hookimpl
+        def register_adapters(self, register):
+            register(Adapter(name="issue15-net", spec={"encoder_levels": ["down1"]}, build_student=TinyUNet,
+                             description="a test network"))
+
+    plugins.load_plugins()
+    plugins.pm.register(Plugin(), name="issue15-plugin")
+    try:
+        assert main(["spec", "show", "issue15-net"]) == 0
+    finally:
+        plugins.pm.unregister(name="issue15-plugin")
+    out = capsys.readouterr().out
+    assert "name: issue15-net\n" in out and "description: a test network\n" in out

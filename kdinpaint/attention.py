@@ -10,9 +10,14 @@ Two submodules make the affinity reachable by forward hooks without changing the
 * ``qk`` (:class:`QueryKey`) returns ``(q, k)``, each ``(B, N, C_qk)``; attention transfer hooks it and
   computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention.attention_transfer`);
 * ``affinity`` (:class:`Affinity`) returns the full ``(B, N, N)`` matrix ``r``. It only runs when something
-  hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention`
-  (``scaled_dot_product_attention`` forward, blockwise backward), which never materialises ``N×N``, not even
-  when Algorithm 1 differentiates it twice.
+  hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention`, which runs every
+  pass block by block over the query rows and never materialises ``N×N``: not at inference, not in training,
+  not when Algorithm 1 differentiates it twice.
+
+With ``refine_holes`` and a mask, only the query rows in the holes are computed: the output is
+``d + M ⊙ g ⊙ (a - d)``, so ``a`` outside the holes is multiplied by zero; those rows take ``a = d`` instead,
+the same result for a fraction (the hole ratio) of the work. Traced (``torch.compile``, ``torch.export``,
+ONNX) every row is computed, since the hole rows are data-dependent.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from kdinpaint.masking import mask_at
-from kdinpaint.ops.attention import affinity, softmax_attention
+from kdinpaint.ops.attention import _tracing, affinity, softmax_attention
 
 __all__ = ["PixelAttention", "QueryKey", "Affinity"]
 
@@ -77,18 +82,28 @@ class PixelAttention(nn.Module):
 
     def forward(self, d: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``d``: ``(B, C, H, W)``; ``mask``: ``(B, 1, H_img, W_img)`` with 1 = hole (used with ``refine_holes``)."""
-        a = self._attend(d)
         if not self.refine_holes:
-            return a
+            return self._attend(d)
+        m = None if mask is None else mask_at(mask, d.shape[-2:]).to(d.dtype)  # (B or 1, 1, H, W)
+        a = self._attend(d, m)
         change = self.gate * (a - d)  # (B, C, H, W)
-        return d + (change if mask is None else change * mask_at(mask, d.shape[-2:]).to(d.dtype))
+        return d + (change if m is None else change * m)
 
-    def _attend(self, d: torch.Tensor) -> torch.Tensor:
+    def _attend(self, d: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. (8), ``a`` as ``(B, C, H, W)``; with ``rows`` (``(B or 1, 1, H, W)``) only where it is non-zero,
+        ``a = d`` elsewhere."""
         B, C, H, W = d.shape
         q, k = self.qk(d)  # (B, N, C_qk) each
         v = rearrange(d, "b c h w -> b (h w) c")
         if _hooked(self.affinity):
             a = self.affinity(q, k) @ v  # (B, N, N) @ (B, N, C)
-        else:  # never materialises N×N, not even differentiated twice (Reverse-HG); scale 1 as the paper
+        elif rows is None or _tracing():  # never materialises N×N, not even differentiated twice; scale 1 as the paper
             a = softmax_attention(q, k, v)
+        else:
+            keep = rows.expand(B, 1, H, W).flatten(1) != 0  # (B, N)
+            a = v.clone()  # (B, N, C): rows outside the holes are multiplied by M = 0 afterwards
+            for b in range(B):
+                idx = keep[b].nonzero().squeeze(1)  # (n_b,) hole rows of image b
+                if idx.numel():
+                    a[b, idx] = softmax_attention(q[b : b + 1, idx], k[b : b + 1], v[b : b + 1])[0]
         return rearrange(a, "b (h w) c -> b c h w", h=H, w=W)

@@ -192,3 +192,28 @@ def test_attention_bad_input():
     student(image, mask)
     assert kd.losses(target=image)["att"] > 0
     kd.detach()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_refine_holes_computes_the_hole_rows_only_and_equals_the_full_matrix(grad):
+    # d + M ⊙ g ⊙ (a - d) with a from the naive full affinity; the module computes the hole rows alone
+    torch.manual_seed(1)
+    att = PixelAttention(6, qk_channels=3, refine_holes=True)
+    with torch.no_grad():
+        att.gate.copy_(torch.randn(1, 6, 1, 1))
+    d = torch.randn(3, 6, 6, 8, requires_grad=grad)
+    mask = torch.zeros(3, 1, 12, 16)
+    mask[0, :, 2:7, 3:9] = 1  # a hole; image 1 has none; image 2 is all hole
+    mask[2] = 1
+    with torch.set_grad_enabled(grad):
+        out = att(d, mask)
+    m = F.max_pool2d(mask, 2)
+    a = torch.einsum("bij,bcj->bci", _naive_affinity(att, d), d.flatten(2)).view_as(d)
+    expected = d + m * att.gate * (a - d)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], d[1])  # no hole: the feature is kept exactly
+    if grad:
+        g = torch.randn_like(out)
+        params = [d, att.gate, *att.qk.parameters()]
+        for x, y in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -81,17 +81,18 @@ def softmax_attention(
     """``a_i = sum_j softmax_j(q_i . k_j) v_j`` (no scaling, as the paper).
 
     Args:
-        q, k: ``(B, N, C_qk)`` queries and keys; v: ``(B, N, C)`` values (``C`` may differ from ``C_qk``).
+        q: ``(B, N_q, C_qk)`` queries (all ``N`` positions, or some of them); k: ``(B, N, C_qk)`` keys;
+            v: ``(B, N, C)`` values (``C`` may differ from ``C_qk``).
         rows: query rows per block in the backward passes (default :func:`block_rows`).
         forward_rows: query rows per block in the forward pass (default: :data:`FORWARD_BLOCK_ELEMENTS`
             affinity entries).
 
-    Returns ``(B, N, C)``, differentiable twice in ``q, k, v``; ``O(rows × N)`` transient memory in every
+    Returns ``(B, N_q, C)``, differentiable twice in ``q, k, v``; ``O(rows × N)`` transient memory in every
     pass (one block when traced with a dynamic ``N``).
     """
-    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or v.shape[:2] != k.shape[:2]:
         raise ValueError(
-            f"q and k must be (B, N, C_qk) of one shape and v (B, N, C), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"q must be (B, N_q, C_qk), k (B, N, C_qk) and v (B, N, C), got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
     B, N = k.shape[:2]

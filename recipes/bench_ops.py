@@ -2,6 +2,7 @@
 
     python recipes/bench_ops.py                 # all, on the default device
     python recipes/bench_ops.py adaptive_conv --device cuda
+    python recipes/bench_ops.py meta_step --device cuda --autocast bf16
 
 adaptive_conv: forward+backward time of :func:`kdinpaint.ops.adaptive_conv` over the oracle
 ``torchvision.ops.deform_conv2d`` (all-one depthwise weight, kernel as modulation mask), B=2, C=128, 64×64,
@@ -19,7 +20,10 @@ cross/self-distillation and completion blocks, batch 4 at 64×64, L1 inpainting 
 turns, one batch each per round, and each figure is the median over the rounds (timings on a shared CPU
 drift; turns keep the ratio honest). Also printed: the hypergradient's share of a reverse_hg batch and its
 floor, the final forward at theta_T plus the backward of L_inp(theta_T) to Psi, which no reuse of the
-ordinary steps can remove. Target (reverse_hg): ratio <= 2.0.
+ordinary steps can remove. ``every_K_ratio`` (K = 2, 4, 8): ``reverse_hg`` with the Psi step on every K-th
+batch (``meta.every``), the time of K consecutive batches per theta step over ``frozen`` (K = 1 is
+``reverse_hg_ratio``). Target: every_4_ratio <= 1.5. ``--device cuda`` runs it on a GPU; ``--autocast
+bf16`` runs the ordinary steps of every mode under bf16 autocast (the hypergradient stays float32).
 """
 
 from __future__ import annotations
@@ -117,7 +121,10 @@ def bench_attention_memory(device: torch.device, repeats: int) -> dict:
     return {"hole_rows_MiB": hole / 2**20, "naive_MiB": naive / 2**20, "ratio": hole / naive}
 
 
-def bench_meta_step(device: torch.device, repeats: int) -> dict:
+EVERY = (2, 4, 8)  # meta.every values timed beside every batch (1)
+
+
+def bench_meta_step(device: torch.device, repeats: int, autocast: str = "none") -> dict:
     import kdinpaint
     from kdinpaint.bilevel import MetaLearner
     from kdinpaint_adapters.tiny import TinyInpaintUNet
@@ -135,7 +142,15 @@ def bench_meta_step(device: torch.device, repeats: int) -> dict:
         return (pred - target).abs().mean()
 
     theta = [*student.parameters(), *kd.student_parameters()]
-    learners = {mode: MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), l1, mode=mode, steps=2) for mode in ("frozen", "first_order", "reverse_hg")}
+    cast = None if autocast == "none" else (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+
+    def learner_of(mode: str, every: int = 1) -> MetaLearner:
+        return MetaLearner(kd, torch.optim.Adam(theta, lr=1e-4), l1, mode=mode, steps=2, every=every, autocast=cast)
+
+    learners = {mode: learner_of(mode) for mode in ("frozen", "first_order", "reverse_hg")}
+    # every K-th batch: K batches per round, so each round holds exactly one Psi step
+    learners.update({f"every_{k}": learner_of("reverse_hg", k) for k in EVERY})
+    batches = {name: int(name.split("_")[1]) if name.startswith("every_") else 1 for name in learners}
     inputs = (gt * (1 - mask), mask)
     parts: dict[str, list[float]] = {}
     hyper = learners["reverse_hg"].hypergradient
@@ -150,13 +165,18 @@ def bench_meta_step(device: torch.device, repeats: int) -> dict:
     times = {mode: [] for mode in learners}
     for round_ in range(repeats + 2):
         for mode, learner in learners.items():
-            seconds = median_seconds(lambda: learner.step(inputs, gt), device, 1, warmup=0)
+            def run(learner=learner, n=batches[mode]) -> None:
+                for _ in range(n):
+                    learner.step(inputs, gt)
+
+            seconds = median_seconds(run, device, 1, warmup=0)
             if round_ >= 2:  # warm-up rounds
-                times[mode].append(seconds)
+                times[mode].append(seconds / batches[mode])
     result = {f"{mode}_ms_per_theta_step": 1e3 * statistics.median(ts) / 2 for mode, ts in times.items()}
     frozen = result["frozen_ms_per_theta_step"]
-    result["first_order_ratio"] = result["first_order_ms_per_theta_step"] / frozen
-    result["reverse_hg_ratio"] = result["reverse_hg_ms_per_theta_step"] / frozen
+    for mode in learners:
+        if mode != "frozen":
+            result[f"{mode}_ratio"] = result[f"{mode}_ms_per_theta_step"] / frozen
     result["hypergradient_ms"] = 1e3 * statistics.median(parts["hypergradient"][2:])
     result["frozen_batch_ms"] = 2 * frozen
     result["floor_ms"] = 1e3 * statistics.median(_final_pass(learners["reverse_hg"], inputs, gt) for _ in range(repeats))
@@ -202,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {list(BENCHES)} (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                        help="meta_step: run the ordinary steps under bf16 autocast (default: none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -212,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
     for name in args.names or list(BENCHES):
-        result = BENCHES[name](device, args.repeats)
+        options = {"autocast": args.autocast} if name == "meta_step" else {}
+        result = BENCHES[name](device, args.repeats, **options)
         print(name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
 
 

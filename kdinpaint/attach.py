@@ -575,7 +575,10 @@ class Distiller(nn.Module):
         """Distillation losses of the last student forward; clears every captured tensor.
 
         Returns a dict of scalar tensors: ``cross`` (sum over levels of Eq. 2), ``self`` (sum of Eq. 3),
-        ``total`` (their sum, R_distil of Eq. 4), and per level ``cross/<path>``, ``self/<path>``.
+        ``att`` (Eq. 9), ``total`` (their sum, R_distil of Eq. 4, plus ``output_distillation`` times
+        ``output`` when the spec asks for it), and per level ``cross/<path>``, ``self/<path>``,
+        ``att/<path>``. With ``distill_scale: feature`` each level's term is divided by the mean square of
+        its target (the teacher feature for Eq. 2, the deeper feature for Eq. 3).
         ``target``: the ground truth ``(B, C, H, W)`` in [-1, 1]; needed when the spec uses the teacher.
         """
         s = self._session

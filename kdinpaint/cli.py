@@ -329,15 +329,20 @@ def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[to
     for j in range(len(folder)):  # skip masks with no hole or no known pixel (metrics refuse them)
         if len(usable) == count:
             break
-        hole = folder.hole(j)
+        try:
+            hole = folder.hole(j)
+        except ValueError:  # unreadable: named in folder.skipped, counted below
+            continue
         if hole.any() and not hole.all():
             usable.append(j)
         else:
             dropped += 1
     if not usable:
-        raise ValueError(f"every mask in {args.masks} is empty or full (holes read as {folder.hole_colour}); check --mask-hole")
+        raise ValueError(f"every mask in {args.masks} is empty, full or unreadable (holes read as {folder.hole_colour}); check --mask-hole")
     if dropped:
         print(f"warning: skipped {dropped} mask(s) with no hole or no known pixel", file=sys.stderr)
+    if folder.skipped:
+        print(f"warning: skipped {len(folder.skipped)} unreadable mask file(s), e.g. {folder.skipped[:3]}", file=sys.stderr)
     cycling = f", {len(usable)} cycled over {count} images" if len(usable) < count else ""
     return _Picked(folder, usable, count), f"masks from {args.masks} (holes {folder.hole_colour}{cycling})"
 

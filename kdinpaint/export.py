@@ -25,7 +25,7 @@ from torch import nn
 from kdinpaint import _modules
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import convention
-from kdinpaint.masking import check_mask
+from kdinpaint.masking import check_image_range, check_mask
 from kdinpaint.spec import AdapterSpec
 
 __all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint"]
@@ -111,16 +111,19 @@ class CompletedModel(nn.Module):
 
     @classmethod
     def from_distiller(cls, kd: "Any") -> "CompletedModel":
+        attached = kd.attached  # after detach() the student stays hook-free
         kd._uninstall()  # copy the student without the Distiller's hooks
         try:
             model = copy.deepcopy(kd._root)
         finally:
-            kd._install()
+            if attached:
+                kd._install()
         fusion_sites = [site.module for site in kd.attention if site.fusion]
         return cls(model, kd.spec, copy.deepcopy(kd.blocks), kd.sites, copy.deepcopy(kd.fusion), fusion_sites)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         image = self._call.get(args, kwargs, "image")
+        check_image_range(image, tol=0.01)  # a [0, 1] or [0, 255] image, or NaN, would pass through unnoticed
         self._context.mask = check_mask(self._call.get(args, kwargs, "mask"), image)
         try:
             return self.model(*args, **kwargs)
@@ -155,8 +158,14 @@ def save_exported(
 def _metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - SafetensorError (empty, truncated, not safetensors), OSError
+        raise ValueError(
+            f"{path} cannot be read as a safetensors file ({type(e).__name__}: {e}); it is empty, truncated or not "
+            "a model exported by kdinpaint: export it again (kdinpaint.save_exported)"
+        ) from None
     if "kdinpaint.spec" not in meta:
         raise ValueError(f"{path} was not written by kdinpaint.save_exported (no kdinpaint.spec in its metadata)")
     return meta
@@ -194,17 +203,41 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     blocks = build_completion_blocks(channels, spec.completion.kernel_size, spec.completion.share_predictors)
     fusion_sites = json.loads(meta.get("kdinpaint.fusion_sites", "[]"))
     fusions = build_fusions(json.loads(meta.get("kdinpaint.fusion_channels", "[]")), spec.completion.kernel_size)
+    origin = f" (exported from {meta['kdinpaint.adapter']!r})" if "kdinpaint.adapter" in meta else ""
+    fix = "pass a fresh instance of the exported model's class, built with the same arguments"
+    modules = dict(_modules.unwrap(model).named_modules())
+    absent = [p for p in [*sites, *fusion_sites] if p not in modules]
+    if absent:  # another architecture: its completion sites are not modules of this one
+        raise ValueError(
+            f"{path}{origin} does not fit {type(model).__name__}: its completion sites {absent[:5]} are not modules of "
+            f"{type(model).__name__}; {fix}"
+        )
     completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites, fusions, fusion_sites)
     try:
         missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
-    except RuntimeError as e:  # size mismatches
-        raise ValueError(
-            f"{path} does not fit {type(model).__name__} ({str(e).splitlines()[-1].strip()}); "
-            "pass a fresh instance of the exported model's class, built with the same arguments"
-        ) from None
+    except RuntimeError:  # shape mismatches: named one by one below
+        missing, unexpected = ["?"], []
     if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit {type(model).__name__}: missing keys {sorted(missing)[:5]}, "
-            f"unexpected keys {sorted(unexpected)[:5]}; pass a fresh instance of the exported model's class"
-        )
+        raise ValueError(f"{path}{origin} does not fit {type(model).__name__}: " + "; ".join(_file_report(path, completed)) + f"; {fix}")
     return completed
+
+
+def _file_report(path: Path, model: nn.Module) -> list[str]:
+    """:func:`kdinpaint.weights.key_report` of the tensors in the safetensors ``path`` against ``model``, read
+    as shapes only; a model key that shares its tensor with a stored one counts as present (safetensors
+    stores a shared tensor once)."""
+    from kdinpaint.weights import key_report
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    own = model.state_dict()
+    by_storage: dict[int, list[str]] = {}
+    for k, v in own.items():
+        if v.numel():
+            by_storage.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+    for names in by_storage.values():
+        present = [n for n in names if n in stored]
+        if present and len(names) > 1:
+            for n in names:
+                stored.setdefault(n, torch.empty(own[n].shape, device="meta"))
+    return key_report(stored, model) or ["the stored tensors do not load"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -115,6 +116,7 @@ class TrainSection:
     guard: bool = True  # skip a batch whose loss or gradient is NaN/inf or explodes (MetaLearner's DivergenceGuard)
     max_bad_steps: int = 5  # consecutive skipped batches that stop the run as diverged (exit status 2)
     explode_factor: Optional[float] = 50.0  # loss_total above this times its recent median is skipped; null: NaN/inf only
+    process_group_timeout: int = 600  # seconds a process waits for the others in a collective before failing (torch: 1800)
 
 
 @dataclass
@@ -162,6 +164,9 @@ _CHOICES = {
 }
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """``value`` converted to the annotated type, or a TypeError naming ``where``."""
     origin = typing.get_origin(hint)
@@ -172,6 +177,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         return _check(value, next(a for a in args if a is not type(None)), where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 3e-4 (no dot) as a string (YAML 1.1); it is the number everyone means
     if hint in (int, float, str, bool, list, dict) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise TypeError(f"recipe key {where} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
@@ -267,6 +274,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("train", "seed"): ("in [0, 2**31)", lambda v: 0 <= v < 2**31, "numpy takes seeds below 2**32"),
     ("train", "max_bad_steps"): _ge(1, "consecutive skipped batches before stopping"),
     ("train", "explode_factor"): _gt(1, "a multiple of the recent median loss; null checks only for NaN/inf"),
+    ("train", "process_group_timeout"): _ge(1, "seconds a process waits for the others before failing"),
     ("checkpoint", "every"): _ge(0, "steps between checkpoints; 0 saves none during the run"),
     ("checkpoint", "keep"): _ge(1, "checkpoints kept; 0 would delete every one"),
     ("log", "every"): _ge(1, "steps between log lines"),
@@ -317,7 +325,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ValueError(f"override {item!r}: {section!r} is not a section")
-        data[section][name] = yaml.safe_load(raw)
+        try:
+            data[section][name] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            where = f" ({e.problem})" if getattr(e, "problem", None) else ""
+            raise ValueError(
+                f"override {item!r}: the value {raw!r} is not a YAML value{where}; quote it as a whole on the command "
+                "line, e.g. 'model.kwargs={width: 8}'"
+            ) from None
     return data
 
 
@@ -328,7 +343,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     try:
         return recipe_from_dict(apply_overrides(data, list(overrides)))
     except (TypeError, ValueError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import nn
 # a state_dict key without DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes, in any order
 from kdinpaint._modules import normalise_path as strip_wrapper_prefixes
 
-__all__ = ["read_weights", "key_mismatches", "key_report", "load_reported", "strip_wrapper_prefixes"]
+__all__ = ["read_weights", "load_weights", "key_mismatches", "key_report", "load_reported", "strip_wrapper_prefixes"]
 
 
 def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
@@ -75,3 +75,28 @@ def load_reported(
         logger.warning("%s: %s", where, p)
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=strict)
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    what: str,
+    filter_fn: Callable[[Mapping[str, Any], nn.Module], Mapping[str, torch.Tensor]] | None = None,
+) -> None:
+    """Load the weight file ``path`` into ``model`` strictly, every failure a ``ValueError`` naming the file.
+
+    ``what`` says what the file should hold (``"reference student (model.init)"``); ``filter_fn`` (an
+    adapter's ``checkpoint_filter_fn``) remaps official keys first. Unreadable files are refused by
+    :func:`read_weights`, a file of another network by its :func:`key_report` (missing, unexpected and
+    mis-shaped keys by name), a filter that cannot make sense of the file by its error.
+    """
+    state = read_weights(path, what)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+            raise ValueError(f"{path} is not a {what}: its keys cannot be remapped ({type(e).__name__}: {e})") from None
+    problems = key_report(state, model)
+    if problems:
+        raise ValueError(f"{path} is not a {what}: " + "; ".join(problems) + "; pass a file written for this network")
+    model.load_state_dict(state)

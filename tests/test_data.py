@@ -111,7 +111,7 @@ def test_bad_sources(tmp_path):
     only_broken = tmp_path / "broken"
     only_broken.mkdir()
     (only_broken / "x.png").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match="none of the 1 files"):
+    with pytest.raises(ValueError, match="none of the 1 files"):
         ImageFolder(only_broken)[0]
 
 

@@ -214,6 +214,8 @@ BAD_RECIPE_VALUES = [
     ("data.workers=-1", "data.workers must be >= 0, got -1"),
     ("losses.lambda_d=-20", "losses.lambda_d must be >= 0, got -20.0"),
     ("losses.adversarial=-0.1", "losses.adversarial must be >= 0, got -0.1"),
+    ("train.process_group_timeout=0", "train.process_group_timeout must be >= 1, got 0"),
+    ("model.kwargs={width: 8", r"override 'model.kwargs=\{width: 8': the value .* is not a YAML value"),
 ]
 
 
@@ -306,3 +308,251 @@ def test_a_model_kwargs_typo_names_the_valid_keywords():
     recipe = load_recipe(None, ["model.adapter=gatedconv", "model.kwargs={cnun: 4}"])  # a builder forwarding **kwargs
     with pytest.raises(ValueError, match=r"model.kwargs \['cnun'\] .*valid keyword names: \[.*'cnum'"):
         build_models(recipe)
+
+
+
+# ---- files: masks, images, weights, exported models -------------------------------------------------
+def _mask_files(root: Path, holes: list[int], *, white_hole: bool = True, size: int = 16) -> list[Path]:
+    """Square holes of side ``holes[k]`` at the top left, drawn in white (or black) on the other colour."""
+    root.mkdir(exist_ok=True)
+    paths = []
+    for k, side in enumerate(holes):
+        hole = np.zeros((size, size), bool)
+        hole[:side, :side] = True
+        Image.fromarray(((hole if white_hole else ~hole) * 255).astype(np.uint8)).save(root / f"{k:02d}.png")
+        paths.append(root / f"{k:02d}.png")
+    return paths
+
+
+def _unreadable(root: Path) -> list[str]:
+    """A truncated PNG and a text file named .png; their paths."""
+    good = root / "00.png"
+    (root / "05_truncated.png").write_bytes(good.read_bytes()[:40])
+    (root / "06_text.png").write_text("not an image")
+    return [str(root / "05_truncated.png"), str(root / "06_text.png")]
+
+
+def test_mask_folder_skips_and_counts_unreadable_files_naming_them(tmp_path, caplog):
+    from kdinpaint.data import MaskFolder
+
+    _mask_files(tmp_path / "m", [4, 6, 8])
+    bad = _unreadable(tmp_path / "m")
+    with caplog.at_level("WARNING"):
+        folder = MaskFolder(tmp_path / "m", size=16, hole="auto")  # the probe meets both bad files
+        drawn = [folder.sample(np.random.default_rng(s), (16, 16)) for s in range(40)]
+    assert sorted(folder.skipped) == bad
+    assert all(any(b in r.getMessage() for r in caplog.records) for b in bad)
+    assert {int(d.sum()) for d in drawn} == {16, 36, 64}  # only the readable masks, read the way they were drawn
+    index = folder.paths.index(bad[0])
+    with pytest.raises(ValueError, match=r"cannot read mask '.*05_truncated.png'"):
+        folder[index]
+    bucketed = MaskFolder(tmp_path / "m", size=16, hole="white", ratio=(0.0, 1.0))  # the ratio pass skips them too
+    assert sorted(bucketed.skipped) == bad and len(bucketed) == 3
+
+
+def test_mask_folder_with_the_wrong_hole_colour_is_refused_or_warned(tmp_path, caplog):
+    from kdinpaint.data import MaskFolder
+
+    _mask_files(tmp_path / "black", [0, 0, 0])  # all black
+    with pytest.raises(ValueError, match=r"hole='white' every one of 3 probed masks .* is empty.*not masks with holes"):
+        MaskFolder(tmp_path / "black", size=16, hole="white")
+    _mask_files(tmp_path / "train", [4, 6, 8], white_hole=False)  # NVIDIA training style: black holes
+    with caplog.at_level("WARNING"):
+        folder = MaskFolder(tmp_path / "train", size=16, hole="white")
+    assert "pass hole='black'" in caplog.text and "holes cover 86 %" in caplog.text  # 1 - 36/256 of the median mask
+    assert folder.hole_colour == "white"
+
+
+def test_a_corrupt_mask_ratio_cache_is_named_with_the_fix(tmp_path):
+    from kdinpaint.data import MaskFolder
+
+    _mask_files(tmp_path / "m", [4, 6, 8])
+    cache = tmp_path / "ratios.json"
+    cache.write_text('{"16x16:white:0.5": {"a": 0.1')  # a run killed while writing
+    with pytest.raises(ValueError, match=r"mask ratio cache '.*ratios.json' is not valid JSON .*delete it"):
+        MaskFolder(tmp_path / "m", size=16, hole="white", ratio=(0.0, 0.5), cache=cache)
+
+
+def test_an_image_over_the_pixel_limit_is_a_clear_error_and_skipped_in_folders(tmp_path, monkeypatch):
+    from kdinpaint.data import ImageFolder
+    from kdinpaint.inference import load_image, load_mask
+
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(tmp_path / "big.png")  # 480 pixels
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")  # 64 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # PIL refuses more than twice the limit: 400
+    for load in (load_image, load_mask):
+        with pytest.raises(ValueError, match=r"'.*big.png' is too large to decode safely .*MAX_IMAGE_PIXELS"):
+            load(tmp_path / "big.png")
+    folder = ImageFolder(tmp_path, 8)
+    items = [folder[i] for i in range(len(folder))]
+    assert folder.skipped == [str(tmp_path / "big.png")] and all(it["path"].endswith("small.png") for it in items)
+
+
+def _exported(tmp_path: Path, width: int = 8) -> Path:
+    import kdinpaint
+    from tiny import LEVELS, TinyUNet
+
+    torch.manual_seed(0)
+    student = TinyUNet(width)
+    kd = kdinpaint.attach(student, kdinpaint.build_teacher(student), {"encoder_levels": LEVELS})
+    path = tmp_path / f"student{width}.safetensors"
+    kdinpaint.save_exported(kd.export(), path, adapter="tiny-unet")
+    kd.detach()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_unreadable_safetensors_name_the_file_in_the_api_and_the_cli(tmp_path, damage, capsys):
+    import kdinpaint
+    from kdinpaint.cli import main
+    from kdinpaint.weights import read_weights
+    from tiny import TinyUNet
+
+    good = _exported(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    data = good.read_bytes()
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello world, not tensors"}[damage])
+    name = r"bad\.safetensors"
+    with pytest.raises(ValueError, match=name + r" cannot be read as a safetensors file"):
+        kdinpaint.load_exported(bad, TinyUNet())
+    with pytest.raises(ValueError, match=name + r" cannot be read as a safetensors file"):
+        kdinpaint.load_checkpoint(bad)
+    with pytest.raises(ValueError, match=name + r" cannot be read as a tensors-only"):
+        read_weights(bad)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "photo.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask.png")
+    code = main(["inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), str(tmp_path / "out.png"),
+                 "--checkpoint", str(bad), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "bad.safetensors cannot be read" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_an_exported_file_of_another_network_names_the_file_and_the_keys(tmp_path):
+    import kdinpaint
+    from tiny import TinyUNet
+
+    path = _exported(tmp_path, width=8)
+    with pytest.raises(ValueError, match=r"student8.safetensors \(exported from 'tiny-unet'\) does not fit Sequential: "
+                                         r"its completion sites \['down1', 'down2'"):
+        kdinpaint.load_exported(path, torch.nn.Sequential(torch.nn.Conv2d(4, 3, 1)))
+    with pytest.raises(ValueError, match=r"does not fit TinyUNet: shape mismatches \(\d+\): model.stem.0.weight \(8, 4, 3, 3\) vs model \(4, 4, 3, 3\)"):
+        kdinpaint.load_exported(path, TinyUNet(4))
+
+
+def test_a_weight_file_of_another_network_names_the_file_and_the_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from kdinpaint.weights import load_weights
+    from tiny import TinyUNet
+
+    path = tmp_path / "w8.safetensors"
+    save_file(TinyUNet(8).state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"w8.safetensors is not a tiny teacher: shape mismatches \(\d+\): stem.0.weight \(8, 4, 3, 3\) vs model \(4, 4, 3, 3\)"):
+        load_weights(TinyUNet(4), path, "tiny teacher")
+    extra = {**TinyUNet(4).state_dict(), "gamma.0.weight": torch.zeros(1)}
+    save_file(extra, str(path))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): gamma.0.weight"):
+        load_weights(TinyUNet(4), path, "tiny teacher")
+    model = TinyUNet(4)
+    save_file(model.state_dict(), str(path))
+    fresh = TinyUNet(4)
+    load_weights(fresh, path, "tiny teacher")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_an_exported_model_refuses_a_0_255_image():
+    import kdinpaint
+    from tiny import LEVELS, TinyUNet, batch
+
+    student = TinyUNet()
+    kd = kdinpaint.attach(student, kdinpaint.build_teacher(student), {"encoder_levels": LEVELS})
+    exported = kd.export().eval()
+    image, mask = batch()
+    with pytest.raises(ValueError, match=r"image values must lie in \[-1, 1\], found .*x / 127.5 - 1"):
+        exported((image + 1) * 127.5, mask)
+
+
+# ---- hooks ---------------------------------------------------------------------------------------------
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_export_after_detach_leaves_the_student_hook_free_and_a_second_attach_single():
+    import kdinpaint
+    from tiny import LEVELS, TinyUNet, batch
+
+    student = TinyUNet()
+    teacher = kdinpaint.build_teacher(student)
+    kd = kdinpaint.attach(student, teacher, {"encoder_levels": LEVELS})
+    attached_hooks = _hook_count(student)
+    kd.detach()
+    image, mask = batch()
+    with torch.no_grad():
+        plain = student.eval()(image, mask)
+        exported = kd.export().eval()  # after detach: still allowed, and it must not hook the student again
+    assert _hook_count(student) == 0 and not kd.attached and not kdinpaint.attach.__module__ == ""
+    with torch.no_grad():
+        assert torch.equal(student(image, mask), plain)
+        assert exported(image, mask).shape == plain.shape
+    again = kdinpaint.attach(student, teacher, {"encoder_levels": LEVELS})
+    assert _hook_count(student) == attached_hooks
+    again.detach()
+    assert _hook_count(student) == 0
+
+
+# ---- the run folder ------------------------------------------------------------------------------------
+def _run_folder(tmp_path: Path, overrides: list[str]) -> Path:
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(load_recipe(None, overrides).to_dict(), sort_keys=False))
+    return run
+
+
+def test_resuming_with_another_recipe_is_refused_naming_the_keys(tmp_path):
+    from kdinpaint.runs import check_run_folder
+
+    run = _run_folder(tmp_path, ["data.size=32", "log.every=2"])
+    assert check_run_folder(run, load_recipe(None, ["data.size=32", "log.every=2"])) == []
+    assert check_run_folder(run, load_recipe(None, ["data.size=32", "log.every=5", "checkpoint.keep=4"])) == [
+        "checkpoint.keep", "log.every"]  # where and how often it logs and saves may change
+    changed = load_recipe(None, ["data.size=64", "optim.lr=3e-4", "log.every=2"])
+    with pytest.raises(ValueError, match=r"holds checkpoints \(up to step_0000004\) of another recipe \(data.size: 32 -> 64, "
+                                         r"optim.lr: 0.0001 -> 0.0003\).*--resume-changed"):
+        check_run_folder(run, changed)
+    assert check_run_folder(run, changed, allow_changed=True) == ["data.size", "optim.lr"]
+    with pytest.raises(ValueError, match=r"checkpoint.resume is false: a new run would collide .*another checkpoint.dir"):
+        check_run_folder(run, load_recipe(None, ["data.size=32", "log.every=2", "checkpoint.resume=false"]))
+    (run / "recipe.yaml").write_text("model: {adapter: [unclosed\n")
+    with pytest.raises(ValueError, match=r"recipe.yaml \(the recipe of the run to resume\) cannot be read"):
+        check_run_folder(run, load_recipe(None, []))
+
+
+def test_a_tampered_random_state_file_is_a_warning_naming_it(tmp_path, caplog):
+    import random
+
+    from kdinpaint.runs import check_random_states
+
+    states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+              "torch_manual_seed": torch.get_rng_state()}
+    torch.save(states, tmp_path / "random_states_0.pkl")  # as accelerate's save_state writes it
+    assert check_random_states(tmp_path, 0)
+    for tampered in (b"\x80\x04garbage", (tmp_path / "random_states_0.pkl").read_bytes()[:100]):
+        (tmp_path / "random_states_1.pkl").write_bytes(tampered)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert not check_random_states(tmp_path, 1)
+        assert "random_states_1.pkl cannot be loaded" in caplog.text and "fresh random states" in caplog.text
+    torch.save({**states, "torch_manual_seed": torch.zeros(3)}, tmp_path / "random_states_2.pkl")  # loads, wrong state
+    assert not check_random_states(tmp_path, 2)
+
+
+def test_process_group_timeout_reaches_accelerate():
+    from datetime import timedelta
+
+    from kdinpaint.runs import process_group_kwargs
+
+    recipe = load_recipe(None, [])
+    (handler,) = process_group_kwargs(recipe.train.process_group_timeout)
+    assert handler.timeout == timedelta(seconds=600)

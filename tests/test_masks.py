@@ -78,9 +78,12 @@ def test_folder_sampling_skips_empty_masks(tmp_path):
     folder = MaskFolder(tmp_path / "m", size=32, hole="white")
     for s in range(5):
         assert folder.sample(np.random.default_rng(s), (32, 32)).mean() == pytest.approx(0.3, abs=0.01)
-    _block_masks(tmp_path / "e", [0.0, 0.0])
-    with pytest.raises(ValueError, match="empty or full"):
-        MaskFolder(tmp_path / "e", size=32, hole="white").sample(np.random.default_rng(0), (8, 8))
+    _block_masks(tmp_path / "e", [0.0, 0.0])  # all black: refused when the folder is opened
+    with pytest.raises(ValueError, match=r"is empty \(no hole pixel\).*not masks with holes"):
+        MaskFolder(tmp_path / "e", size=32, hole="white")
+    _block_masks(tmp_path / "ef", [0.0, 1.0])  # one empty, one full: refused when a mask is drawn
+    with pytest.raises(ValueError, match="empty, full or unreadable"):
+        MaskFolder(tmp_path / "ef", size=32, hole="white").sample(np.random.default_rng(0), (8, 8))
 
 
 def test_rectangle_hand_computed():

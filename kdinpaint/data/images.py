@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "list_images", "read_image", "fit_image", "to_tensor"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "list_images", "open_image", "read_image", "fit_image", "to_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,27 @@ def _check_listed(entries: list[str], where: str) -> list[str]:
     return entries
 
 
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """``PIL.Image.open(path)``, with PIL's decompression-bomb refusal (more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 million pixels) as a ``ValueError`` that names the file and the fix.
+
+    Every image and mask file of the toolkit is opened here."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"image {os.fspath(path)!r} is too large to decode safely ({e}); resize it, or if the file is trusted "
+            "raise PIL.Image.MAX_IMAGE_PIXELS before loading"
+        ) from None
+
+
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
     """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit gray scaled to [0, 1]).
 
-    Raises the decoder's error (``OSError``, ``UnidentifiedImageError``, ...) for unreadable files.
+    Raises the decoder's error (``OSError``, ``UnidentifiedImageError``, ...) for unreadable files and a
+    ``ValueError`` naming the file for one over PIL's pixel limit (:func:`open_image`).
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         mode = im.mode
         if mode in _SIXTEEN_BIT_MODES:
@@ -208,7 +223,7 @@ class ImageFolder(Dataset):
                     log.warning("skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
                 continue
             return {"image": image, "path": self.paths[i], "index": index, "skipped": attempt}
-        raise RuntimeError(f"none of the {n} files is a readable image (first: {self.paths[0]!r})")
+        raise ValueError(f"none of the {n} files is a readable image (first: {self.paths[0]!r}); check the image source")
 
     def scan(self) -> list[str]:
         """Decode every file once, drop the unreadable ones from the dataset and return their paths."""

@@ -14,6 +14,13 @@ nearest-neighbour sampling. (Resizing bilinearly and thresholding at ``> 0``, as
 dilates the holes: on 512→256 stroke masks it adds 1.5 points on average and moves ~12 % of masks to
 another 10 % bin.) Buckets are half-open, ``[lo, hi)``. Masks with no hole or no known pixel are dropped
 and counted in :attr:`MaskFolder.dropped`.
+
+Unreadable files (truncated, not an image, over PIL's pixel limit) are treated like those of
+:class:`~kdinpaint.data.images.ImageFolder`: skipped wherever masks are drawn or measured, logged once with
+the file name and listed in :attr:`MaskFolder.skipped`; only indexing one file directly (``folder[i]``)
+raises, with the file name. A folder whose probed masks are all empty (or all hole) under an explicit
+``hole=`` colour is refused at construction: it is the other colour. A ratio cache that is not valid JSON
+is refused naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdinpaint.data.images import _SIXTEEN_BIT_MODES, _size2, list_images
+from kdinpaint.data.images import _DECODE_ERRORS, _SIXTEEN_BIT_MODES, _size2, list_images, open_image
 
 __all__ = ["MaskFolder", "read_mask", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
 
@@ -45,7 +52,7 @@ def _read_luminance(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     its floats (full scale 1); every other mode is flattened onto black (alpha and transparency dropped)
     and reduced to 8-bit ``L`` (``uint8``, full scale 255). Raises the decoder's error for unreadable files.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
             return np.asarray(im), (1.0 if im.mode == "F" else 65535.0)
@@ -93,27 +100,65 @@ def _check_bucket(ratio: tuple[float, float] | None) -> None:
 
 
 def _read_cache(cache: Path) -> object:
-    """The parsed JSON of a ratio cache file, ``{}`` when it does not exist yet."""
-    return json.loads(cache.read_text()) if cache.is_file() else {}
+    """The parsed JSON of a ratio cache file, ``{}`` when it does not exist yet; ``ValueError`` naming the file
+    when it is not JSON (a run killed while writing it, or another file at that path)."""
+    if not cache.is_file():
+        return {}
+    try:
+        return json.loads(cache.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"mask ratio cache {str(cache)!r} is not valid JSON ({e}); delete it (it is rebuilt from the masks) "
+            "or pass another cache path"
+        ) from None
 
 
-def detect_hole_colour(paths: Sequence[str], threshold: float = 0.5, probe: int = 32) -> Literal["white", "black"]:
-    """Guess which colour marks holes from the median white fraction of up to ``probe`` files.
+def _readable(paths: Sequence[str], skipped: list[str], threshold: float, probe: int) -> list[tuple[str, np.ndarray]]:
+    """``(path, white map)`` of up to ``probe`` readable files spread over ``paths``; unreadable files met on
+    the way are logged and added to ``skipped`` (the next file is tried in their place)."""
+    idx = np.unique(np.linspace(0, len(paths) - 1, min(probe, len(paths))).round().astype(int))
+    read: list[tuple[str, np.ndarray]] = []
+    taken = set()
+    for i in idx:
+        for j in [*range(int(i), len(paths)), *range(int(i))]:  # this file, else the next readable one
+            if j in taken:
+                continue
+            taken.add(j)
+            try:
+                read.append((paths[j], read_mask(paths[j], threshold=threshold)))
+                break
+            except _DECODE_ERRORS as exc:
+                _skip(paths[j], exc, skipped)
+    return read
+
+
+def _skip(path: str, exc: BaseException, skipped: list[str]) -> None:
+    if path not in skipped:
+        skipped.append(path)
+        log.warning("skipping unreadable mask %s (%s: %s)", path, type(exc).__name__, exc)
+
+
+def detect_hole_colour(
+    paths: Sequence[str], threshold: float = 0.5, probe: int = 32, skipped: list[str] | None = None
+) -> Literal["white", "black"]:
+    """Guess which colour marks holes from the median white fraction of up to ``probe`` readable files.
 
     Returns ``"white"`` when the median is below 0.4 and ``"black"`` above 0.6; raises ``ValueError``
-    in between (an ambiguous folder needs an explicit choice).
+    in between (an ambiguous folder needs an explicit choice). Unreadable files are passed over (and added
+    to ``skipped``).
     """
     if not paths:
         raise ValueError("no mask files to detect the hole colour from")
-    idx = np.unique(np.linspace(0, len(paths) - 1, min(probe, len(paths))).round().astype(int))
-    fractions = [float(read_mask(paths[i], threshold=threshold).mean()) for i in idx]
-    med = float(np.median(fractions))
+    read = _readable(paths, skipped if skipped is not None else [], threshold, probe)
+    if not read:
+        raise ValueError(f"none of the {len(paths)} mask files is a readable image (first: {paths[0]!r})")
+    med = float(np.median([float(white.mean()) for _, white in read]))
     if med < 0.4:
         return "white"
     if med > 0.6:
         return "black"
     raise ValueError(
-        f"cannot tell which colour marks holes: the median white fraction of {len(idx)} masks is {med:.2f}; "
+        f"cannot tell which colour marks holes: the median white fraction of {len(read)} masks is {med:.2f}; "
         "pass hole='white' (NVIDIA test masks, EdgeConnect) or hole='black' (NVIDIA training masks)"
     )
 
@@ -152,9 +197,13 @@ class MaskFolder:
         self.size = _size2(size)
         self.threshold = threshold
         self.paths = list_images(source)
-        self.hole_colour = detect_hole_colour(self.paths, threshold) if hole == "auto" else hole
+        self.skipped: list[str] = []  # unreadable files met so far (logged once each)
         if hole == "auto":
+            self.hole_colour = detect_hole_colour(self.paths, threshold, skipped=self.skipped)
             log.info("masks under %s: holes are %s (autodetected)", source, self.hole_colour)
+        else:
+            self.hole_colour = hole
+            self._check_colour(source)
         self.dropped: list[str] = []
         self.ratios: np.ndarray | None = None
         if ratio is not None:
@@ -163,20 +212,51 @@ class MaskFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _check_colour(self, source: object) -> None:
+        """Refuse an explicit hole colour under which every probed mask is empty (or every one all hole): the
+        folder marks holes in the other colour. Warn when holes cover most of the typical mask."""
+        read = _readable(self.paths, self.skipped, self.threshold, 32)
+        if not read:
+            raise ValueError(f"none of the {len(self.paths)} mask files under {source} is a readable image (first: {self.paths[0]!r})")
+        holes = [float(white.mean()) if self.hole_colour == "white" else 1 - float(white.mean()) for _, white in read]
+        other = "black" if self.hole_colour == "white" else "white"
+        if max(holes) == 0 or min(holes) == 1:
+            what = "empty (no hole pixel)" if max(holes) == 0 else "full (no known pixel)"
+            if all(h in (0.0, 1.0) for h in holes):  # one flat colour each: neither colour makes a usable mask
+                fix = "these files are flat black or white images, not masks with holes; check the folder"
+            else:
+                fix = f"these masks mark holes in {other}; pass hole={other!r} or hole='auto'"
+            raise ValueError(
+                f"with hole={self.hole_colour!r} every one of {len(read)} probed masks under {source} is {what}, "
+                f"e.g. {read[0][0]!r}: {fix}"
+            )
+        median = float(np.median(holes))
+        if median > 0.6:
+            log.warning(
+                "masks under %s: with hole=%r holes cover %.0f %% of the median mask; if they mark holes in %s, "
+                "pass hole=%r", source, self.hole_colour, 100 * median, other, other,
+            )
+
     def _hole_of(self, path: str, size: tuple[int, int] | None = None) -> np.ndarray:
         """The boolean hole array of the mask file ``path`` at ``size`` (default: the folder's size)."""
         white = read_mask(path, size or self.size, self.threshold)
         return white if self.hole_colour == "white" else ~white
 
     def hole(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
-        """The boolean hole array of file ``index`` at ``size`` (default: the folder's size)."""
-        return self._hole_of(self.paths[index], size)
+        """The boolean hole array of file ``index`` at ``size`` (default: the folder's size); a ``ValueError``
+        naming the file if it cannot be read (it is also added to :attr:`skipped`)."""
+        path = self.paths[index]
+        try:
+            return self._hole_of(path, size)
+        except _DECODE_ERRORS as exc:
+            _skip(path, exc, self.skipped)
+            raise ValueError(f"cannot read mask {path!r} ({type(exc).__name__}: {exc})") from None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return mask_to_tensor(self.hole(index))
 
     def compute_ratios(self) -> np.ndarray:
-        """Hole ratio of every file at the folder's size, float64 ``(N,)``."""
+        """Hole ratio of every file at the folder's size, float64 ``(N,)`` (an unreadable file raises, named)."""
         return np.array([float(self.hole(i).mean()) for i in range(len(self.paths))])
 
     def _filter(self, bucket: tuple[float, float], cache: str | os.PathLike[str] | None) -> None:
@@ -187,19 +267,26 @@ class MaskFolder:
             table = stored.get(key, {}) if isinstance(stored, dict) else {}
         todo = [p for p in self.paths if p not in table]
         for p in todo:
-            table[p] = float(self._hole_of(p).mean())
+            try:
+                table[p] = float(self._hole_of(p).mean())
+            except _DECODE_ERRORS as exc:  # not cached: a file fixed later is measured then
+                _skip(p, exc, self.skipped)
+        unreadable = set(self.skipped)
+        todo = [p for p in todo if p not in unreadable]
         if cache is not None and todo:
             # read again: the pass above can take minutes, and another run may have stored its own key meanwhile
             stored = _read_cache(Path(cache))
             stored[key] = table
             Path(cache).write_text(json.dumps(stored))
-        degenerate = [p for p in self.paths if table[p] in (0.0, 1.0)]
+        readable = [p for p in self.paths if p not in unreadable]
+        degenerate = [p for p in readable if table[p] in (0.0, 1.0)]
         self.dropped.extend(degenerate)
-        keep = [p for p in self.paths if 0 < table[p] < 1 and ratio_in(table[p], bucket)]
+        keep = [p for p in readable if 0 < table[p] < 1 and ratio_in(table[p], bucket)]
         if not keep:
             raise ValueError(
                 f"no mask has a hole ratio in [{bucket[0]}, {bucket[1]}) at size {self.size} "
-                f"(hole colour {self.hole_colour!r}, {len(degenerate)} empty/full masks dropped)"
+                f"(hole colour {self.hole_colour!r}, {len(degenerate)} empty/full masks dropped, "
+                f"{len(self.paths) - len(readable)} unreadable files skipped)"
             )
         self.paths = keep
         self.ratios = np.array([table[p] for p in keep])
@@ -210,12 +297,17 @@ class MaskFolder:
         return {f"{lo:g}-{hi:g}": int(((ratios >= lo) & (ratios < hi)).sum()) for lo, hi in edges}
 
     def sample(self, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-        """A random mask of the folder at ``size``; masks with no hole or no known pixel are skipped."""
+        """A random mask of the folder at ``size``; masks with no hole or no known pixel, and unreadable files
+        (:attr:`skipped`), are passed over for the next one."""
         n = len(self.paths)
         start = int(rng.integers(n))
         for k in range(n):
             i = (start + k) % n
-            hole = self.hole(i, size)
+            try:
+                hole = self._hole_of(self.paths[i], size)
+            except _DECODE_ERRORS as exc:
+                _skip(self.paths[i], exc, self.skipped)
+                continue
             if hole.any() and not hole.all():
                 return hole
             if self.paths[i] not in self.dropped:
@@ -223,7 +315,8 @@ class MaskFolder:
                 why = "no hole" if not hole.any() else "no known pixel"
                 log.warning("skipping mask %s: it has %s", self.paths[i], why)
         raise ValueError(
-            f"every mask of the source is empty or full (hole colour {self.hole_colour!r}); check hole="
+            f"every mask of the source is empty, full or unreadable (hole colour {self.hole_colour!r}, "
+            f"{len(self.skipped)} unreadable files skipped); check hole= and the files"
         )
 
     def __repr__(self) -> str:

@@ -1,0 +1,127 @@
+"""The run folder of ``recipes/train.py``: what may be resumed, and accelerate's settings for it.
+
+* :func:`check_run_folder` refuses, before any model or data is built, a folder with checkpoints that the
+  run would collide with (``checkpoint.resume: false``) or continue with another recipe (resuming mixes two
+  runs; the ``allow_changed`` override resumes anyway and the caller rewrites ``recipe.yaml``).
+* :func:`check_teacher_weights` refuses a ``teacher.weights`` file that does not load into the teacher,
+  before it is copied into the run folder.
+* :func:`process_group_kwargs` gives accelerate the recipe's process-group timeout (how long a rank waits
+  in a collective for the others before it fails, instead of torch's 30 minutes).
+* :func:`check_random_states` warns when a checkpoint's random-state file of this process cannot be loaded:
+  accelerate then resumes with fresh random states and logs that only at INFO level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from kdinpaint.recipe import Recipe
+from kdinpaint.weights import load_weights
+
+__all__ = [
+    "RESUME_MAY_CHANGE", "checkpoints_in", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
+    "check_random_states",
+]
+
+log = logging.getLogger(__name__)
+
+# recipe keys a resumed run may change: where and how often it logs and saves, and what it evaluates at the end
+RESUME_MAY_CHANGE = (
+    "log.*", "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.workers", "data.eval_images",
+    "data.eval_count", "masks.eval", "train.process_group_timeout",
+)
+
+
+def checkpoints_in(run: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints of a run folder (``checkpoints/step_XXXXXXX``), oldest first."""
+    return sorted((Path(run) / "checkpoints").glob("step_*"))
+
+
+def _flat(data: dict) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in data.items() if isinstance(section, dict) for k, v in section.items()}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in RESUME_MAY_CHANGE)
+
+
+def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_changed: bool = False) -> list[str]:
+    """Refuse a run folder the recipe cannot safely use; returns the changed keys a resume accepts.
+
+    ``ValueError`` when the folder holds checkpoints and ``checkpoint.resume`` is false (they would collide
+    with the new run's), and when it holds checkpoints and a ``recipe.yaml`` that differs from ``recipe`` in a
+    key outside :data:`RESUME_MAY_CHANGE`, unless ``allow_changed``; the message lists the differences.
+    """
+    run = Path(run)
+    done = checkpoints_in(run)
+    if not done:
+        return []
+    if not recipe.checkpoint.resume:
+        raise ValueError(
+            f"run folder {str(run)!r} already holds checkpoints (up to {done[-1].name}) and checkpoint.resume is false: "
+            f"a new run would collide with them; use another checkpoint.dir, delete {str(run / 'checkpoints')!r}, "
+            "or set checkpoint.resume=true to continue that run"
+        )
+    saved = run / "recipe.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{saved} (the recipe of the run to resume) cannot be read ({e}); restore it or use another checkpoint.dir") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{saved} (the recipe of the run to resume) is not a mapping of sections; restore it or use another checkpoint.dir")
+    before, now = _flat(old), _flat(recipe.to_dict())
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k, "<absent>") != now.get(k, "<absent>")]
+    refused = [k for k in changed if not _may_change(k)]
+    if refused and not allow_changed:
+        shown = ", ".join(f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in refused[:8])
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise ValueError(
+            f"run folder {str(run)!r} holds checkpoints (up to {done[-1].name}) of another recipe ({shown}{more}): resuming "
+            "would mix two runs; use another checkpoint.dir, or pass --resume-changed to resume with the new values"
+        )
+    return changed
+
+
+def check_teacher_weights(path: str | os.PathLike[str], teacher: nn.Module, adapter: str) -> None:
+    """A ``ValueError`` naming ``path`` unless it is a readable teacher of ``adapter`` (every key and shape)."""
+    load_weights(teacher, path, f"{adapter} teacher (teacher.weights)")
+
+
+def process_group_kwargs(timeout_s: int) -> list:
+    """accelerate ``kwargs_handlers`` that set the process-group timeout to ``timeout_s`` seconds."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+
+
+def check_random_states(checkpoint: str | os.PathLike[str], process_index: int) -> bool:
+    """Whether this process's random-state file of ``checkpoint`` loads the way accelerate loads it
+    (``torch.load(weights_only=True)``, then Python's, numpy's and torch's generator states); a warning naming
+    the file when not (accelerate would continue with fresh random states, logged at INFO level only)."""
+    from accelerate.utils.other import load
+
+    path = Path(checkpoint) / f"random_states_{process_index}.pkl"
+    try:
+        states = load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as e:  # noqa: BLE001 - any refusal is reported the same way
+        log.warning(
+            "%s cannot be loaded (%s: %s): the run resumes with fresh random states, so it will not repeat an "
+            "uninterrupted run exactly; resume from an earlier checkpoint for that", path, type(e).__name__, e,
+        )
+        return False
+    return True

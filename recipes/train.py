@@ -21,6 +21,12 @@ masks: biharmonic, Telea with OpenCV, mean fill, and for a network with a prefil
 A batch whose loss or gradient is NaN/inf or explodes is skipped (``train.guard``; ``skipped`` in
 ``metrics.jsonl``); after ``train.max_bad_steps`` in a row the run stops as diverged: ``report.md`` and
 ``report.json`` say so, nothing is exported, the checkpoints written before stay, and the exit status is 2.
+
+Everything is checked before the first step (recipe values, data, evaluation images and masks, weight files,
+the run folder): a folder with checkpoints is resumed only with the recipe it was trained with
+(``--resume-changed`` resumes with the new values; logging, checkpoint frequency and evaluation keys may always
+change) and never overwritten (``checkpoint.resume: false`` there is refused). A bad input ends the run with
+one ``train.py: error: ...`` line and exit status 1 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -54,13 +60,16 @@ from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
 from kdinpaint.objective import Eq11Objective, TrainingObjective, build_objective, is_training_objective, total_of
 from kdinpaint.plugins import get_loss
+from kdinpaint.plugins import PluginError
 from kdinpaint.recipe import OptimSection, Recipe, load_recipe
+from kdinpaint.runs import check_random_states, check_run_folder, check_teacher_weights, process_group_kwargs
 from kdinpaint.teacher import autoencoder_call
-from kdinpaint.weights import read_weights
+from kdinpaint.weights import load_weights
 
 log = logging.getLogger("kdinpaint.train")
 DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
 DIVERGED_EXIT = 2  # the exit status of a run stopped by the divergence guard (report.json tells it from a usage error)
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, PluginError)  # one line and exit status 1, unless --debug
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -91,8 +100,16 @@ def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | No
     return kdata.MaskFolder(kind, size, hole=hole, ratio=ratio)
 
 
-def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation images and fixed masks spread over the Table 1 buckets (10-20 % ... 40-50 %)."""
+def eval_set(recipe: Recipe, _memo: dict = {}) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: B006 - the memo
+    """Evaluation images and fixed masks spread over the Table 1 buckets (10-20 % ... 40-50 %); built once
+    (main() builds it before training, so a bad evaluation setting fails before the first step)."""
+    key = repr((recipe.data, recipe.masks))
+    if key not in _memo:
+        _memo[key] = _eval_set(recipe)
+    return _memo[key]
+
+
+def _eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     d, m = recipe.data, recipe.masks
     images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
     images = images if isinstance(images, torch.Tensor) else torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
@@ -132,16 +149,9 @@ def build_models(recipe: Recipe):
             f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); "
             f"valid keyword names: {valid}"
         ) from None
-    if recipe.model.init:
-        state = read_weights(recipe.model.init, f"{adapter.name} checkpoint (model.init)")
-        raw = state
-        if adapter.checkpoint_filter_fn is not None:
-            state = adapter.checkpoint_filter_fn(raw, student)
-            teacher_state = adapter.checkpoint_filter_fn(raw, teacher)
-        else:
-            teacher_state = state
-        student.load_state_dict(state)
-        teacher.load_state_dict(teacher_state)  # the teacher starts from the same weights, then learns to reconstruct
+    if recipe.model.init:  # the teacher starts from the same weights, then learns to reconstruct
+        for net, role in ((student, "student"), (teacher, "teacher")):
+            load_weights(net, recipe.model.init, f"{adapter.name} {role} (model.init)", adapter.checkpoint_filter_fn)
     return adapter, variant, spec, student, teacher
 
 
@@ -438,14 +448,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # resume tests: die after N steps
     parser.add_argument("--inject-nan-at", type=int, default=None, help=argparse.SUPPRESS)  # guard tests: NaN images from step N
+    parser.add_argument("--resume-changed", action="store_true", help="resume a run folder whose recipe.yaml differs")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.config, args.overrides)
 
     run = Path(recipe.checkpoint.dir)
+    changed = check_run_folder(run, recipe, allow_changed=args.resume_changed)  # before anything is written
     log_with = "tensorboard" if recipe.log.tensorboard and _has_tensorboard() else None
     accelerator = Accelerator(
-        mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=_no_accelerator()
+        mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=_no_accelerator(),
+        kwargs_handlers=process_group_kwargs(recipe.train.process_group_timeout),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
@@ -461,7 +475,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}, "
         f"mixed precision {recipe.train.mixed_precision}, run folder {run}"
     )
+    if changed:
+        accelerator.print(f"resuming with changed recipe keys {changed} (recipe.yaml rewritten)")
     parts = build_models(recipe)
+    eval_set(recipe)  # evaluation images and masks are read now, not after training
+    if recipe.checkpoint.resume and checkpoints_of(run):
+        check_random_states(checkpoints_of(run)[-1], accelerator.process_index)
     d, m = recipe.data, recipe.masks
     images = images_from(d.images, d.size, d.sample_count, d.crop, held_out=False)
     world = accelerator.num_processes
@@ -470,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(recipe.teacher.weights).is_file():
             raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
         teacher_path = Path(recipe.teacher.weights)
+    if parts[2].uses_teacher and teacher_path.is_file():  # refused before it is copied or trained with
+        check_teacher_weights(teacher_path, parts[4], parts[0].name)
     if args.stage in ("all", "teacher") and parts[2].uses_teacher and not teacher_path.is_file():
         stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), recipe.teacher.steps * recipe.optim.batch_size * world, seed=recipe.train.seed + 1)
         train_teacher(recipe, parts[4], parts[2], stream, teacher_path)
@@ -504,5 +525,19 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with an input error (USER_ERRORS) printed as one line and exit status 1; other errors are bugs
+    and keep their traceback, as does every error with ``--debug``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        print(f"train.py: error: {e}  (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

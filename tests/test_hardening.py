@@ -10,6 +10,7 @@ values in range are accepted (50 examples).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -556,3 +557,21 @@ def test_process_group_timeout_reaches_accelerate():
     recipe = load_recipe(None, [])
     (handler,) = process_group_kwargs(recipe.train.process_group_timeout)
     assert handler.timeout == timedelta(seconds=600)
+
+
+def test_train_refuses_a_bad_teacher_file_in_one_line_before_copying_it(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"not tensors")
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), "model.kwargs={width: 4}", "data.size=32", "train.steps=2",
+           f"teacher.weights={bad}", f"checkpoint.dir={run}", "log.tensorboard=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert line.startswith("train.py: error: ") and f"{bad} cannot be read as a tensors-only reference teacher (teacher.weights)" in line
+    assert not (run / "teacher.safetensors").exists()
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug keeps it

@@ -121,7 +121,8 @@ def check_random_states(checkpoint: str | os.PathLike[str], process_index: int) 
     except Exception as e:  # noqa: BLE001 - any refusal is reported the same way
         log.warning(
             "%s cannot be loaded (%s: %s): the run resumes with fresh random states, so it will not repeat an "
-            "uninterrupted run exactly; resume from an earlier checkpoint for that", path, type(e).__name__, e,
+            "uninterrupted run exactly; resume from an earlier checkpoint for that", path, type(e).__name__,
+            (str(e).splitlines() or [""])[0],
         )
         return False
     return True

@@ -2,9 +2,13 @@
 
 Each refusal is checked for the words that name the problem and the fix; each thing that is handled instead of
 refused (a float64 image into a float32 model, a mask at another resolution) is checked against an independent
-reference. Two hypothesis properties: ``mask_at`` never loses a hole (100 examples) and matches the cell
+reference. Hypothesis properties: ``mask_at`` never loses a hole (100 examples) and matches the cell
 definition of its docstring; recipe values out of range are refused naming the key (100 examples) while
-values in range are accepted (50 examples).
+values in range are accepted (50 examples); ``Inpainter`` over batch sizes, odd sizes, strides, image and
+model dtypes keeps known pixels bit for bit and fills holes with the model's output (80 examples), and refuses
+any NaN/inf in the image or mask (60) and any image outside [-1, 1] (60). Files and runs: unreadable mask
+files skipped and counted, wrong hole colour, corrupt caches, oversized images, damaged or foreign weight
+files, export after detach, the run folder, random-state files, ``recipes/train.py``'s one-line errors.
 """
 
 from __future__ import annotations
@@ -575,3 +579,70 @@ def test_train_refuses_a_bad_teacher_file_in_one_line_before_copying_it(tmp_path
     assert not (run / "teacher.safetensors").exists()
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug keeps it
+
+
+# ---- Inpainter over shapes, dtypes and values (hypothesis) ---------------------------------------------
+class _Pixelwise(torch.nn.Module):
+    """tanh(w_c x + b_c m): a network whose output at a pixel depends on that pixel only (padding cannot change it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -0.7, 0.9]).view(1, 3, 1, 1))
+        self.b = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.6]).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(image * self.w + mask * self.b)
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def _inpainting_case(draw):
+    b, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 19)), draw(st.integers(1, 19))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(b, 3, h, w, generator=g, dtype=torch.float64) * 2 - 1).to(draw(st.sampled_from(_DTYPES)))
+    mask_batch = draw(st.sampled_from([1, b]))  # one mask for all, or one per image
+    mask = (torch.rand(mask_batch, 1, h, w, generator=g) < draw(st.floats(0.0, 0.45))).float()
+    return image, mask, draw(st.sampled_from([1, 4, 8])), draw(st.sampled_from([torch.float32, torch.float64]))
+
+
+@settings(PROPERTY, max_examples=80)
+@given(case=_inpainting_case())
+def test_inpainter_keeps_known_pixels_and_fills_holes_from_the_model_in_its_dtype(case):
+    image, mask, stride, model_dtype = case
+    model = _Pixelwise().to(model_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a drawn mask may be mostly hole
+        out = Inpainter(model, stride=stride)(image, mask)
+    assert out.shape == image.shape and out.dtype == image.dtype
+    # the reference: the model once on the unpadded masked image in its own dtype, composited in the image's
+    m = mask.expand(image.shape[0], -1, -1, -1)
+    with torch.no_grad():
+        pred = model(masked(image, m.to(image.dtype)).to(model_dtype), m.to(model_dtype))
+    expected = torch.where(m.bool(), pred.clamp(-1, 1).to(image.dtype), image)
+    assert torch.equal(out, expected)
+    assert torch.equal(out[~m.bool().expand_as(out)], image[~m.bool().expand_as(image)])  # known pixels bit for bit
+
+
+@settings(PROPERTY, max_examples=60)
+@given(case=_inpainting_case(), bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+       where=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 18), st.integers(0, 18)), in_mask=st.booleans())
+def test_inpainter_refuses_any_non_finite_value_in_the_image_or_mask(case, bad, where, in_mask):
+    image, mask, stride, _ = case
+    target = mask if in_mask else image
+    index = tuple(min(i, s - 1) for i, s in zip(where, target.shape))
+    target[index] = bad
+    with pytest.raises(ValueError, match=r"(image|mask) has 1 non-finite value"):
+        Inpainter(_Pixelwise(), stride=stride)(image, mask)
+
+
+@settings(PROPERTY, max_examples=60)
+@given(case=_inpainting_case(), scale=st.floats(1.02, 255.0))
+def test_inpainter_refuses_images_outside_minus_one_one_naming_the_mapping(case, scale):
+    image, mask, stride, _ = case
+    image = image.double() * scale
+    image[0, 0, 0, 0] = scale  # at least one value outside [-1.01, 1.01]
+    with pytest.raises(ValueError, match=r"image values must lie in \[-1, 1\].*x / 127.5 - 1"):
+        Inpainter(_Pixelwise(), stride=stride)(image, mask)

@@ -9,7 +9,10 @@
                                                 for a network also the floor (weight-free baselines on the same
                                                 images and masks, the gap to biharmonic): --floor M ..., --no-floor
     kdinpaint inpaint MODEL INPUT MASK OUTPUT   one image, or a folder (masks by file stem, or one mask for all)
-    kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters)
+    kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters), each model's
+                                                time relative to Net8 in the same run, peak memory;
+                                                --size, --repeats, --device, --dtype, --compile
+    kdinpaint export --checkpoint PATH OUT      the deployed model as torch.export (.pt2) or ONNX (.onnx)
     kdinpaint check-weights gatedconv FILE      which channel order DeepFill v2 weights expect (PSNR on the holes
                                                 of the bundled photos in RGB and in BGR) and the setting to use
 
@@ -373,6 +376,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inpainter = _inpainter(args)
     images, names, what_images = _evaluation_images(args)
     masks, what_masks = _evaluation_masks(args, len(images))
+    inpainter.check_memory(args.size, args.size, option="--size")  # refuse before running what would not fit
     bar = _progress(len(images), "evaluate", not args.no_progress)
     try:
         rows, summary = evaluate_model(inpainter, images, masks, convention=args.compat, names=names, on_batch=bar.update)
@@ -409,6 +413,10 @@ def _inpaint_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     p.add_argument("--mask-hole", choices=("white", "black"), default="white", help="which colour marks holes in the masks")
     p.add_argument("--concat", action="store_true", help="write input | mask | result side by side")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="run the network on the image scaled down so its longer side is at most this (the result "
+                        "is scaled back up into the holes; known pixels stay the input's): for photos too large for "
+                        "memory. Images whose forward would not fit are refused before they run, naming the side that fits")
 
 
 def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
@@ -450,6 +458,18 @@ def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
     return jobs
 
 
+def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image (b, 3, H, W)`` and ``mask (b, 1, H, W)`` scaled down so the longer side is at most ``max_side``
+    (area averaging; a pixel is hole if any of the pixels it covers is); unchanged when they already fit."""
+    H, W = image.shape[-2:]
+    if max_side is None or max(H, W) <= max_side:
+        return image, mask
+    scale = max_side / max(H, W)
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    small = torch.nn.functional.interpolate(image, size=size, mode="area").clamp(-1, 1)
+    return small, (torch.nn.functional.interpolate(mask, size=size, mode="area") > 0).to(mask.dtype)
+
+
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from kdinpaint.inference import load_image, load_mask, mask_to_rgb, save_image
 
@@ -459,12 +479,24 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     pending: list[tuple[torch.Tensor, torch.Tensor, Path]] = []
     bar = _progress(len(jobs), "inpaint", not args.no_progress)
 
+    if args.max_side is not None and args.max_side < 16:
+        raise ValueError(f"--max-side must be at least 16, got {args.max_side}")
+    checked: set[tuple[int, int]] = set()
+
     def flush() -> None:
         if not pending:
             return
         image = torch.cat([p[0] for p in pending])  # (b, 3, H, W)
         mask = torch.cat([p[1] for p in pending])  # (b, 1, H, W)
-        result = inpainter(image, mask)
+        small_image, small_mask = _scaled_to(image, mask, args.max_side)
+        shape = tuple(small_image.shape[-2:])
+        if shape not in checked:  # refuse what would not fit before it runs (the CPU would be killed)
+            inpainter.check_memory(*shape, option="--max-side")
+            checked.add(shape)
+        result = inpainter(small_image, small_mask)
+        if result.shape != image.shape:  # scaled back up into the holes; known pixels are the input's
+            up = torch.nn.functional.interpolate(result, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            result = torch.where(mask.bool(), up.clamp(-1, 1), image)
         for i, (_, _, target) in enumerate(pending):
             view = torch.cat([image[i], mask_to_rgb(mask[i : i + 1])[0], result[i]], -1) if args.concat else result[i]
             save_image(target, view)  # (3, H, W) or (3, H, 3W)
@@ -498,67 +530,108 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 # ---- kdinpaint bench ----------------------------------------------------------------------------
+NET8 = "reference"  # the paper's final model (Table 3's Net8): every bench row is also given relative to it
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", nargs="*", default=None, help="NAME[:VARIANT] ... (default: every installed adapter)")
+    p.add_argument("--relative-to", default=NET8, metavar="NAME[:VARIANT]",
+                   help=f"the model every time is divided by, run first (default: {NET8}, the paper's Net8)")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available)")
     p.add_argument("--size", type=int, default=256, help="image side (Table 2: 256)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (Table 2: 1); ms are per image")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (compilation, caches)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the model's dtype (bfloat16 on a GPU for the fast path; float16 on CUDA only)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed forwards first (compilation, caches); default 2 on "
+                                                           "a GPU, 1 on the CPU")
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards, the median is reported; default 10 on a "
+                                                            "GPU, 3 on the CPU (a Net8 forward at 256x256 takes seconds there)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) (compilation happens in the warm-up)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (one more forward per model)")
     p.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
 
 
 def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: int = 1, warmup: int = 2,
-                  repeats: int = 10, compile: bool = False) -> dict[str, Any]:
-    """Median ms per image of the deployed model's forward at ``size``, and its parameter count."""
+                  repeats: int = 10, compile: bool = False, dtype: torch.dtype = torch.float32,
+                  memory: bool = True) -> dict[str, Any]:
+    """Median ms per image of the deployed model's forward at ``size`` (a centre hole of a quarter of the image),
+    its parameter count and the rise of peak memory during one forward (:func:`kdinpaint.memory.peak_bytes`)."""
     from kdinpaint.calling import convention
     from kdinpaint.inference import deployed_model
+    from kdinpaint.memory import peak_bytes
     from kdinpaint.timing import median_seconds
 
     model, stride = deployed_model(name)
     params = sum(p.numel() for p in model.parameters())
     side = -(-size // stride) * stride  # the size the model runs at after padding
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
     runner = torch.compile(model) if compile else model
-    image = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    mask = torch.zeros(batch_size, 1, side, side, device=device)
+    image = (torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
+    mask = torch.zeros(batch_size, 1, side, side, device=device, dtype=dtype)
     mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1  # a centre hole of 25 %
     call_args, call_kwargs = convention(model.model, model.spec).build(image, mask)
     with torch.inference_mode():
         seconds = median_seconds(lambda: runner(*call_args, **call_kwargs), device, repeats, warmup)
+        peak = peak_bytes(lambda: runner(*call_args, **call_kwargs), device) if memory else None
     return {"model": name, "params": params, "ms": seconds * 1000 / batch_size, "device": str(device), "size": side,
-            "batch_size": batch_size, "repeats": repeats, "compile": compile}
+            "batch_size": batch_size, "repeats": repeats, "warmup": warmup, "compile": compile,
+            "dtype": str(dtype).removeprefix("torch."), "peak_mib": None if peak is None else peak / 2**20}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdinpaint.inference import resolve_device
     from kdinpaint.plugins import list_adapters
 
+    device = resolve_device(args.device)
+    on_cpu = device.type == "cpu"
+    args.repeats = args.repeats if args.repeats is not None else (3 if on_cpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 2)
     for key in ("size", "batch_size", "repeats"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError(f"--dtype float16 runs on CUDA only (CPU convolutions lack it); use --dtype bfloat16 or float32 on {device}")
     names = [n for arg in args.adapters for n in arg.split(",") if n] if args.adapters else [a.name for a in list_adapters(strict=_strict(args))]
+    anchor = args.relative_to
+    same = {anchor, f"{NET8}:net8"} if anchor == NET8 else {anchor}
+    names = [anchor] + [n for n in dict.fromkeys(names) if n not in same]
     rows, failed = [], 0
-    for name in names:
+    for i, name in enumerate(names, 1):
+        print(f"bench [{i}/{len(names)}] {name}: {args.warmup} warm-up + {args.repeats} timed forwards at "
+              f"{args.size}x{args.size} on {device} ...", file=sys.stderr, flush=True)
         try:
-            rows.append(bench_adapter(name, device, args.size, args.batch_size, args.warmup, args.repeats, args.compile))
+            row = bench_adapter(name, device, args.size, args.batch_size, args.warmup, args.repeats, args.compile,
+                                dtype, not args.no_memory)
         except (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", MemoryError)) as e:  # type: ignore[misc]
             failed += 1
             print(f"kdinpaint bench: {name} ran out of memory on {device} at batch size {args.batch_size}: "
-                  f"lower --batch-size ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+                  f"lower --batch-size or --size ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+            continue
         except (ValueError, TypeError, RuntimeError) as e:  # one adapter failing (a compile error) keeps the table
             failed += 1
             print(f"kdinpaint bench: {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
-    label = f"ms / image ({args.size}×{args.size}, batch {args.batch_size}, {device}{', compiled' if args.compile else ''})"
-    print(f"| Model | Params (M) | {label} |\n|---|---|---|")
+            continue
+        rows.append(row)
+        print(f"bench [{i}/{len(names)}] {name}: {row['ms']:.1f} ms / image", file=sys.stderr, flush=True)
+    reference = next((r["ms"] for r in rows if r["model"] == anchor), None)
     for r in rows:
-        print(f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['ms']:.1f} |")
-    print(f"\nmedian of {args.repeats} forwards after {args.warmup} warm-up; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads; parameters of the deployed model (student + completion blocks + PGL)")
+        r["relative"] = None if reference is None else r["ms"] / reference
+        r["relative_to"] = anchor
+    label = "Net8" if anchor == NET8 else anchor
+    what = f"{args.size}×{args.size}, batch {args.batch_size}, {device}, {args.dtype}{', compiled' if args.compile else ''}"
+    print(f"| Model | Params (M) | ms / image ({what}) | × {label} | peak memory (MiB) |\n|---|---|---|---|---|")
+    for r in rows:
+        ratio = "" if r["relative"] is None else f"{r['relative']:.2f}"
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        print(f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['ms']:.1f} | {ratio} | {peak} |")
+    print(f"\nmedian of {args.repeats} forwards after {args.warmup} warm-up, a centre hole of 25 %; × {label}: ms over "
+          f"{anchor} in this run; peak memory: its rise during one forward ({'allocated' if device.type == 'cuda' else 'resident'}); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; parameters of the deployed model "
+          "(student + completion blocks + PGL)")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return 1 if failed else 0

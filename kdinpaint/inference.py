@@ -47,6 +47,7 @@ from torch import nn
 from kdinpaint._modules import unwrap
 from kdinpaint.calling import convention, select_output
 from kdinpaint.export import CompletedModel
+from kdinpaint.memory import MemoryModel
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
 from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
 
@@ -329,6 +330,75 @@ class Inpainter:
                 module.train(was_training)
         return out
 
+    # -- memory
+    def memory_model(self) -> "MemoryModel | None":
+        """How the model's peak memory grows with the pixel count at this batch size, from two probe forwards at
+        small sizes (:mod:`kdinpaint.memory`); ``None`` for a plain callable or where memory cannot be measured."""
+        from kdinpaint.attention import PixelAttention
+        from kdinpaint.memory import fit_linear, peak_bytes, small_attention_blocks
+        from kdinpaint.ops import attention
+
+        if getattr(self, "_memory", False) is not False:
+            return self._memory
+        self._memory = None
+        module = self.model if isinstance(self.model, nn.Module) else None
+        if module is None:
+            return None
+        dtype = _model_dtype(module) or torch.float32
+        side = -(-64 // self.stride) * self.stride
+        points = []
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode(), small_attention_blocks():
+                for s in (side, 2 * side):
+                    image = torch.zeros(self.batch_size, 3, s, s, device=self.device, dtype=dtype)
+                    mask = torch.zeros(self.batch_size, 1, s, s, device=self.device, dtype=dtype)
+                    mask[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+                    args, kwargs = self._call.build(image, mask) if self._call is not None else ((image, mask), {})
+                    peak = peak_bytes(lambda: module(*args, **kwargs), self.device)
+                    if peak is None:
+                        return None
+                    points.append((s * s, peak))
+        finally:
+            module.train(was_training)
+        has_attention = any(isinstance(m, PixelAttention) for m in module.modules())
+        # one forward block of the attention at its full size (the probes ran the smallest): its scores and output
+        extra = 2 * attention.FORWARD_BLOCK_ELEMENTS * torch.finfo(dtype).bits // 8 if has_attention else 0
+        self._memory = fit_linear(points, extra)
+        return self._memory
+
+    def check_memory(self, height: int, width: int, option: str = "--max-side") -> int | None:
+        """Refuse, with :class:`InferenceOutOfMemory`, images of ``height × width`` whose forward at this batch
+        size would need more memory than the device has free (on the CPU the kernel would kill the process).
+
+        ``option`` is the command-line option that makes images smaller (``--max-side`` for ``kdinpaint
+        inpaint``, ``--size`` for ``evaluate``): the message names it with the largest side that fits.
+        Returns the estimated bytes, or ``None`` where no estimate is possible (then nothing is checked).
+        """
+        from kdinpaint.memory import available_bytes, gib, side_that_fits
+
+        model = self.memory_model()
+        free = available_bytes(self.device)
+        if model is None or free is None:
+            return None
+        H, W = -(-height // self.stride) * self.stride, -(-width // self.stride) * self.stride
+        need = model.bytes(H * W)
+        if need <= free:
+            return need
+        fixes = []
+        side = side_that_fits(model, free, H, W, self.stride)
+        if side >= self.stride:
+            fixes.append(f"use {option} {side} (the longest side that fits)")
+        if self.batch_size > 1:
+            fixes.append(f"lower --batch-size from {self.batch_size}")
+        if self.device.type != "cpu":
+            fixes.append("or run on the CPU (--device cpu)")
+        raise InferenceOutOfMemory(
+            f"{self.name} would need about {gib(need)} for {H}x{W} images at batch size {self.batch_size} on "
+            f"{self.device}, but only {gib(free)} is free: {'; '.join(fixes) or 'free memory on this machine'}"
+        )
+
     def _oom(self, x: torch.Tensor, error: Exception) -> InferenceOutOfMemory:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -336,7 +406,8 @@ class Inpainter:
         if self.batch_size > 1:
             fix = f"lower --batch-size (batch_size=) from {self.batch_size} to {max(1, self.batch_size // 2)}"
         else:
-            fix = "the batch size is already 1: use smaller images (--size) or another device (--device cpu)"
+            fix = ("the batch size is already 1: use smaller images (kdinpaint inpaint --max-side, kdinpaint evaluate "
+                   "--size) or another device (--device cpu)")
         return InferenceOutOfMemory(f"{self.name} ran out of memory on {self.device} at batch size {self.batch_size} "
                                     f"({size} images): {fix}. ({str(error).splitlines()[0][:200]})")
 

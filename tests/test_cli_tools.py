@@ -160,8 +160,9 @@ def test_inpaint_masks_by_stem_single_file_and_missing_paths(capsys, tmp_path):
 
 
 def test_bench_row_for_tiny_unet(capsys, tmp_path):
-    code, out, err = run(capsys, "bench", "--repeats", 3, "--adapters", "tiny-unet", "--size", 64, "--warmup", 1,
-                         "--json", tmp_path / "b.json")
+    # every time relative to the first model (Net8 by default; here the small tiny-unet:wide, for speed)
+    code, out, err = run(capsys, "bench", "--repeats", 2, "--adapters", "tiny-unet", "--size", 64, "--warmup", 1,
+                         "--relative-to", "tiny-unet:wide", "--json", tmp_path / "b.json")
     assert code == 0, err
     # independently: the student with its completion blocks attached, then exported
     adapter = kdinpaint.get_adapter("tiny-unet")
@@ -171,11 +172,46 @@ def test_bench_row_for_tiny_unet(capsys, tmp_path):
     assert params > sum(p.numel() for p in adapter.student().parameters())  # the completion blocks count
     table = _table(out)
     assert table["header"][0] == "Params (M)" and "64×64" in table["header"][1] and "batch 1" in table["header"][1]
+    assert table["header"][2:] == ["× tiny-unet:wide", "peak memory (MiB)"]
     assert table["tiny-unet"][0] == f"{params / 1e6:.3f}" and float(table["tiny-unet"][1]) > 0
-    (row,) = json.loads((tmp_path / "b.json").read_text())
-    assert row["params"] == params and row["repeats"] == 3
-    code, _, err = run(capsys, "bench", "--adapters", "no-such-net", "--repeats", 1)
+    assert "bench [1/2] tiny-unet:wide" in err and "bench [2/2] tiny-unet" in err  # progress per model
+    wide, tiny = json.loads((tmp_path / "b.json").read_text())
+    assert wide["model"] == "tiny-unet:wide" and tiny["params"] == params and tiny["repeats"] == 2
+    assert table["tiny-unet:wide"][2] == "1.00" and table["tiny-unet"][2] == f"{tiny['ms'] / wide['ms']:.2f}"
+    assert tiny["peak_mib"] >= 0 and table["tiny-unet"][3] == f"{tiny['peak_mib']:.0f}"
+    code, _, err = run(capsys, "bench", "--adapters", "no-such-net", "--relative-to", "tiny-unet", "--repeats", 1,
+                       "--size", 32, "--no-memory")
     assert code == 1 and "no-such-net" in err
+    code, _, err = run(capsys, "bench", "--adapters", "tiny-unet", "--dtype", "float16", "--device", "cpu")
+    assert code == 1 and "float16 runs on CUDA only" in err
+
+
+def test_inpaint_refuses_what_would_not_fit_and_max_side_runs_it(capsys, tmp_path, monkeypatch):
+    import kdinpaint.memory as memory
+
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, (96, 64, 3), dtype=np.uint8)
+    _png(tmp_path / "p.png", photo)
+    hole = np.zeros((96, 64), np.uint8)
+    hole[30:60, 20:40] = 255
+    _png(tmp_path / "m.png", hole)
+    # a model needing 1 kB per pixel on a device with 2 MB free (1.25 safety margin): 96x64 does not fit,
+    # by hand the most pixels are 2e6 / 1.25 / 1000 = 1600, so the longest side is 96 * sqrt(1600 / 6144) = 48.99
+    from kdinpaint.inference import Inpainter
+
+    monkeypatch.setattr(Inpainter, "memory_model", lambda self: memory.MemoryModel(0.0, 1000.0))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2_000_000)
+    code, _, err = run(capsys, "inpaint", tmp_path / "p.png", tmp_path / "m.png", tmp_path / "o.png", "--adapter",
+                       "tiny-unet", "--no-progress")
+    stride = kdinpaint.get_adapter("tiny-unet").stride
+    side = 48 // stride * stride
+    assert code == 1 and f"--max-side {side} " in err and not (tmp_path / "o.png").exists()
+    assert "would need about 0.01 GiB" in err and "96x64" in err  # 1.25 * 6144 * 1000 B
+    code, _, err = run(capsys, "inpaint", tmp_path / "p.png", tmp_path / "m.png", tmp_path / "o.png", "--adapter",
+                       "tiny-unet", "--no-progress", "--max-side", side)
+    assert code == 0, err
+    out = np.asarray(Image.open(tmp_path / "o.png"))
+    assert out.shape == photo.shape and np.array_equal(out[hole == 0], photo[hole == 0])  # known pixels kept
 
 
 def test_evaluate_image_folder_with_a_mask_folder(capsys, tmp_path):
@@ -193,3 +229,18 @@ def test_evaluate_image_folder_with_a_mask_folder(capsys, tmp_path):
     assert "skipped 1 mask" in err
     # p -> m1 (25 %), q -> m2 (45 % of 64 rows = 29 rows, at 32: 14.5 -> 45.3 %), r -> m1 again (cycling)
     assert _table(out)["images"] == ["0", "2", "0", "1", "3"]
+
+
+def test_peak_bytes_and_the_linear_fit():
+    import kdinpaint.memory as memory
+
+    # a 40 MB tensor created and dropped inside the call: the peak rises by about that much
+    peak = memory.peak_bytes(lambda: torch.ones(10_000_000), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("peak resident memory cannot be measured here (not Linux)")
+    assert 0.9 * 40e6 <= peak <= 1.5 * 40e6
+    # least squares through three points on bytes = 100 + 3 x, by hand
+    fit = memory.fit_linear([(10, 130), (20, 160), (40, 220)], extra=50)
+    assert fit.intercept == pytest.approx(100) and fit.slope == pytest.approx(3)
+    assert fit.bytes(100) == int(1.25 * (100 + 300 + 50))
+    assert fit.max_pixels(int(1.25 * (100 + 300 + 50))) in (99, 100)

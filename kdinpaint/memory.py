@@ -1,0 +1,165 @@
+"""What a forward pass needs in memory, measured before it runs, so that a too-large image is refused with a
+message instead of the process being killed by the kernel (a CPU allocation beyond physical memory is not an
+exception: the out-of-memory killer ends the process, exit 137, no message).
+
+:func:`peak_bytes` measures the rise of peak memory during one call: on CUDA from
+``torch.cuda.max_memory_allocated``, on Linux from the process's peak resident set (``VmHWM`` of
+``/proc/self/status``, reset through ``/proc/self/clear_refs``). :func:`fit_linear` turns two such probes at
+small sizes into ``bytes = intercept + slope × pixels``: since the pixel attention keeps ``O(rows × N)``
+(:mod:`kdinpaint.ops.attention`), a network's memory is linear in the pixel count, and the probes run with the
+attention's smallest forward blocks so that their own attention buffers are linear too; the largest forward
+block (:data:`~kdinpaint.ops.attention.FORWARD_BLOCK_ELEMENTS`) is added once. :func:`available_bytes` is what
+the device can still give: ``MemAvailable`` bounded by the cgroup limit on Linux, the free memory on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["MemoryModel", "peak_bytes", "available_bytes", "fit_linear", "small_attention_blocks", "gib"]
+
+#: safety factor on the estimate (allocator fragmentation, the probes' measurement noise)
+MARGIN = 1.25
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def _mmap_threshold(nbytes: int, trim: bool = False) -> None:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)``: allocations from ``nbytes`` up are mapped and returned to the
+    system when freed; with ``trim``, ``malloc_trim(0)`` first returns the free pages the heap still holds (no-op
+    without glibc). glibc raises its threshold as large blocks are freed (up to 32 MiB) and reuses freed heap
+    memory, after which a repeated forward runs in memory already resident and its peak shows no rise."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+        if trim:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The rise of peak memory on ``device`` while ``fn()`` runs, in bytes; ``None`` where it cannot be measured
+    (not Linux, MPS). On the CPU, blocks from 64 KiB up are mapped afresh during the call (:func:`_mmap_threshold`),
+    so the figure is what the call's tensors need even when freed memory of earlier calls is still resident."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
+    if device.type != "cpu" or not _reset_peak_rss():
+        return None
+    _mmap_threshold(64 << 10, trim=True)
+    try:
+        _reset_peak_rss()
+        base = _status_kib("VmRSS") or 0
+        fn()
+        return max(0, ((_status_kib("VmHWM") or 0) - base) * 1024)
+    finally:
+        _mmap_threshold(32 << 20)  # glibc's own upper bound: large blocks are still returned when freed
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory the device can still give this process; ``None`` where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    if m is None:
+        return None
+    free = int(m.group(1)) * 1024
+    try:  # a container's limit (cgroup v2) may be far below the machine's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, free)
+
+
+@contextlib.contextmanager
+def small_attention_blocks() -> Iterator[None]:
+    """Pixel attention with its smallest forward blocks (their memory linear in ``N``), for the probes."""
+    from kdinpaint.ops import attention
+
+    saved = attention.FORWARD_BLOCK_ELEMENTS
+    attention.FORWARD_BLOCK_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        attention.FORWARD_BLOCK_ELEMENTS = saved
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """``bytes(pixels) = intercept + slope × pixels`` of one model at one batch size, on one device."""
+
+    intercept: float
+    slope: float
+    extra: float = 0.0
+
+    def bytes(self, pixels: int) -> int:
+        return int(MARGIN * (max(0.0, self.intercept) + self.slope * pixels + self.extra))
+
+    def max_pixels(self, available: int) -> int:
+        """The most pixels per image that fit ``available`` bytes."""
+        room = available / MARGIN - max(0.0, self.intercept) - self.extra
+        return max(0, int(room / self.slope)) if self.slope > 0 else 2**62
+
+
+def fit_linear(points: list[tuple[int, int]], extra: float = 0.0) -> MemoryModel:
+    """The line through ``(pixels, bytes)`` probes (least squares); a negative slope (noise) counts as the
+    largest probe's bytes per pixel."""
+    if len(points) < 2:
+        raise ValueError("fit_linear needs two probes or more")
+    xs, ys = [float(p) for p, _ in points], [float(b) for _, b in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    if slope <= 0:
+        p, b = max(points)
+        return MemoryModel(0.0, b / max(1, p), extra)
+    return MemoryModel(my - slope * mx, slope, extra)
+
+
+def side_that_fits(model: MemoryModel, available: int, height: int, width: int, multiple: int = 1) -> int:
+    """The longest side (a multiple of ``multiple``) an image of ``height × width``'s shape may be scaled to
+    and fit ``available`` bytes; 0 when none does."""
+    pixels = model.max_pixels(available)
+    longest = max(height, width)
+    scale = math.sqrt(pixels / max(1, height * width))
+    return int(longest * min(1.0, scale)) // multiple * multiple

@@ -8,6 +8,7 @@ official weights, ``checkpoint_filter_fn``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,3 +69,19 @@ class Adapter:
     def teacher(self, variant: str | None = None, **kwargs: Any) -> nn.Module:
         build = self.build_teacher or self.build_student
         return build(**{**self.variant_builders.get(variant or "", {}), **kwargs})
+
+    def keyword_names(self, error: str = "") -> list[str]:
+        """The keyword arguments ``build_student`` accepts: its named parameters and, when it forwards
+        ``**kwargs``, those of what it forwards them to: the callable a TypeError message ``error`` names
+        (``StructureFlow.__init__() got ...``) and the classes of its return annotation (for a message that
+        lists the valid names when a ``model.kwargs`` key is not one)."""
+        builder = self.build_student
+        module = inspect.getmodule(builder)
+        params = dict(inspect.signature(builder).parameters)
+        names = str(getattr(builder, "__annotations__", {}).get("return", "")).split("|")
+        names.append(error.partition("()")[0].removesuffix(".__init__"))
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            for target in {getattr(module, n.strip(), None) for n in names} - {None, builder}:
+                if callable(target):
+                    params.update(inspect.signature(target).parameters)
+        return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]

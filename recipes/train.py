@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -56,12 +55,13 @@ from kdinpaint import data as kdata
 from kdinpaint import metrics
 from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.calling import convention, select_output
+from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
-from kdinpaint.objective import Eq11Objective, TrainingObjective, build_objective, is_training_objective, total_of
-from kdinpaint.plugins import get_loss
+from kdinpaint.objective import build_objective, resolve_objective, total_of
 from kdinpaint.plugins import PluginError
 from kdinpaint.recipe import OptimSection, Recipe, load_recipe
+from kdinpaint.report import write_divergence_report, write_evaluation_report
 from kdinpaint.runs import check_random_states, check_run_folder, check_teacher_weights, process_group_kwargs
 from kdinpaint.teacher import autoencoder_call
 from kdinpaint.weights import load_weights
@@ -73,33 +73,6 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError, PluginError)  # one 
 
 
 # ---- data ------------------------------------------------------------------------------------------
-HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when data.images is "sample"
-
-
-def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -> torch.Tensor | kdata.ImageFolder:
-    """``sample``: crops of the bundled photos (two of them, HELD_OUT, are kept for evaluation). Training
-    crops are drawn at random scales and places (``crop: random``, :class:`kdinpaint.data.SampleCrops`),
-    evaluation crops are the fixed :func:`kdinpaint.data.sample_images`."""
-    if source == "sample":
-        names = HELD_OUT if held_out else tuple(n for n in kdata.SAMPLE_NAMES if n not in HELD_OUT)
-        if crop == "random" and not held_out:
-            return kdata.SampleCrops(size, count, names=names)
-        return kdata.sample_images(size, count, names=names)
-    if not Path(source).exists():
-        raise FileNotFoundError(f"data path {source!r} does not exist; give an image folder, a .flist, or 'sample'")
-    return kdata.ImageFolder(source, size, crop if not held_out else "center")
-
-
-def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None):
-    if kind == "freeform":
-        return kdata.FreeFormMasks(ratio=ratio)
-    if kind == "rect":
-        return kdata.RectangleMasks(ratio=ratio)
-    if not Path(kind).exists():
-        raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform' or 'rect'")
-    return kdata.MaskFolder(kind, size, hole=hole, ratio=ratio)
-
-
 def eval_set(recipe: Recipe, _memo: dict = {}) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: B006 - the memo
     """Evaluation images and fixed masks spread over the Table 1 buckets (10-20 % ... 40-50 %); built once
     (main() builds it before training, so a bad evaluation setting fails before the first step)."""
@@ -132,18 +105,7 @@ def build_models(recipe: Recipe):
     except TypeError as e:
         if "unexpected keyword" not in str(e):
             raise
-        # the builder's named arguments, and those of what it forwards **kwargs to: the callable the error
-        # names (``StructureFlow.__init__() got ...``) and the classes of its return annotation
-        builder = adapter.build_student
-        module = inspect.getmodule(builder)
-        params = dict(inspect.signature(builder).parameters)
-        names = str(getattr(builder, "__annotations__", {}).get("return", "")).split("|")
-        names.append(str(e).partition("()")[0].removesuffix(".__init__"))
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            for target in {getattr(module, n.strip(), None) for n in names} - {None, builder}:
-                if callable(target):
-                    params.update(inspect.signature(target).parameters)
-        valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+        valid = adapter.keyword_names(str(e))
         unknown = [k for k in recipe.model.kwargs if k not in valid] or sorted(recipe.model.kwargs)
         raise ValueError(
             f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); "
@@ -234,7 +196,7 @@ def train_student(
     if spec.uses_teacher:
         teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
     L = recipe.losses
-    cls, objective_kwargs = objective_class(recipe)
+    cls, objective_kwargs = resolve_objective(L.objective, L.objective_kwargs)
     # the call returns more than the prediction: the objective says where the prediction is
     train_spec = dataclasses.replace(spec, output=cls.output_key) if cls.call_kwargs else spec
     kd = kdinpaint.attach(student, teacher if spec.uses_teacher else None, train_spec)
@@ -354,44 +316,8 @@ def report_divergence(accelerator: Accelerator, run: Path, error: TrainingDiverg
     if not accelerator.is_main_process:
         return
     done = checkpoints_of(run)
-    last = f"checkpoints/{done[-1].name}" if done else None
-    (run / "report.json").write_text(json.dumps(
-        {"diverged": True, "step": step, "term": error.term, "reason": error.reason, "message": str(error),
-         "last_checkpoint": last}, indent=2) + "\n")
-    resume = (
-        f"The last good checkpoint is `{last}`; a run in this folder resumes from it with the learning rates saved "
-        "in it, so to train with a lower `optim.lr` start a new `checkpoint.dir`."
-        if last else "No checkpoint was written before the divergence."
-    )
-    (run / "report.md").write_text(
-        f"# Training DIVERGED at step {step}\n\n{error}.\n\nThe bad term: `{error.term}` ({error.reason}). "
-        f"Nothing was exported or evaluated.\n\n{resume}\n"
-    )
+    resume = write_divergence_report(run, error, step, f"checkpoints/{done[-1].name}" if done else None)
     accelerator.print(f"\nDIVERGED at step {step}: {error}\n{resume}\nrun folder: {run}")
-
-
-def objective_class(recipe: Recipe) -> tuple[type[TrainingObjective], dict]:
-    """The objective class ``losses.objective`` names and its keyword arguments (``losses.objective_kwargs``).
-
-    ``eq11`` (the default) is :class:`~kdinpaint.objective.Eq11Objective`, whose options are the other
-    ``losses`` keys; an adapter's registered TrainingObjective class (e.g. ``edgeconnect-gan``) brings its own
-    losses and discriminators (``lambda_r`` scales its generator loss, ``d_lr_ratio`` its discriminators'
-    learning rate; ``lambda_s``, ``style_preset``, ``adversarial`` and ``gan_loss`` do not apply); a registered
-    loss *function* (e.g. ``edgeconnect``) replaces R_recon and R_style inside Eq. (11).
-    """
-    L = recipe.losses
-    registered = get_loss(L.objective)
-    if is_training_objective(registered):
-        if registered is not Eq11Objective:
-            log.info("losses.objective %s: its own losses and discriminators; lambda_s, style_preset, adversarial and "
-                     "gan_loss do not apply", L.objective)
-        return registered, dict(L.objective_kwargs)
-    if L.objective_kwargs:
-        raise ValueError(
-            f"losses.objective_kwargs is set, but losses.objective {L.objective!r} is a loss function, not an "
-            "objective class: remove objective_kwargs"
-        )
-    return Eq11Objective, {"loss": registered}
 
 
 def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -430,15 +356,8 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant:
     floor = evaluate_floor(images, masks, methods=methods, names=names).compare(summary, name=name)  # biharmonic: ~0.3 s per 64x64 image
     first = slice(0, 4)
     sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
-    table = metrics.to_markdown(summary)
-    comparison = metrics.floor_to_markdown(summary, floor)
-    floor_title = f"Against the weight-free floor (same images and masks; gap to {floor['reference']})"
-    (run / "report.md").write_text(
-        f"# {name}: evaluation on {len(images)} held-out images\n\n{table}\n## {floor_title}\n\n{comparison}"
-    )
-    (run / "report.json").write_text(metrics.to_json(summary, rows, floor=floor))
-    accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{table}")
-    accelerator.print(f"{floor_title}:\n{comparison}")
+    text = write_evaluation_report(run, name, len(images), summary, rows, floor)
+    accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{text}")
     accelerator.print(f"run folder: {run}")
 
 

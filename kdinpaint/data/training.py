@@ -8,14 +8,46 @@ Training draws images and masks from an index, not from a random-number state: s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdinpaint.data.generators import rng_for
-from kdinpaint.data.masks import mask_to_tensor
+from kdinpaint.data.generators import FreeFormMasks, RectangleMasks, rng_for
+from kdinpaint.data.images import ImageFolder
+from kdinpaint.data.masks import MaskFolder, mask_to_tensor
+from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images
 
-__all__ = ["TrainingStream"]
+__all__ = ["TrainingStream", "HELD_OUT", "images_from", "mask_source"]
+
+HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when the images are "sample"
+
+
+def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -> torch.Tensor | ImageFolder:
+    """The images a recipe's ``data.images`` / ``data.eval_images`` names. ``sample``: crops of the bundled
+    photos (two of them, :data:`HELD_OUT`, are kept for evaluation); training crops are drawn at random scales
+    and places (``crop: random``, :class:`~kdinpaint.data.SampleCrops`), evaluation crops are the fixed
+    :func:`~kdinpaint.data.sample_images`. Otherwise a folder or ``.flist`` (held out: centre crops)."""
+    if source == "sample":
+        names = HELD_OUT if held_out else tuple(n for n in SAMPLE_NAMES if n not in HELD_OUT)
+        if crop == "random" and not held_out:
+            return SampleCrops(size, count, names=names)
+        return sample_images(size, count, names=names)
+    if not Path(source).exists():
+        raise FileNotFoundError(f"data path {source!r} does not exist; give an image folder, a .flist, or 'sample'")
+    return ImageFolder(source, size, crop if not held_out else "center")
+
+
+def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None):
+    """The masks a recipe's ``masks.train`` / ``masks.eval`` names: ``freeform``, ``rect`` or a mask folder."""
+    if kind == "freeform":
+        return FreeFormMasks(ratio=ratio)
+    if kind == "rect":
+        return RectangleMasks(ratio=ratio)
+    if not Path(kind).exists():
+        raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform' or 'rect'")
+    return MaskFolder(kind, size, hole=hole, ratio=ratio)
 
 
 class TrainingStream(Dataset):

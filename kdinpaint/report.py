@@ -1,0 +1,43 @@
+"""``report.md`` / ``report.json`` of a training run folder (``recipes/train.py``): the evaluation beside the
+weight-free floor, or what stopped a diverged run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdinpaint import metrics
+
+__all__ = ["write_evaluation_report", "write_divergence_report"]
+
+
+def write_evaluation_report(run: Path, name: str, count: int, summary: dict, rows: list, floor: dict) -> str:
+    """The Table 1 layout of ``summary`` (:func:`kdinpaint.inference.evaluate_model` on ``count`` held-out
+    images) and its comparison with ``floor`` (:meth:`FloorResult.compare`) into ``run/report.md``, every
+    row into ``run/report.json``; returns the text to print."""
+    table = metrics.to_markdown(summary)
+    comparison = metrics.floor_to_markdown(summary, floor)
+    floor_title = f"Against the weight-free floor (same images and masks; gap to {floor['reference']})"
+    (run / "report.md").write_text(
+        f"# {name}: evaluation on {count} held-out images\n\n{table}\n## {floor_title}\n\n{comparison}"
+    )
+    (run / "report.json").write_text(metrics.to_json(summary, rows, floor=floor))
+    return f"{table}\n{floor_title}:\n{comparison}"
+
+
+def write_divergence_report(run: Path, error, step: int, last_checkpoint: str | None) -> str:
+    """``report.md`` / ``report.json`` of a run the divergence guard stopped at ``step`` with ``error``
+    (:class:`kdinpaint.bilevel.TrainingDiverged`), in place of the evaluation; returns what to do next."""
+    (run / "report.json").write_text(json.dumps(
+        {"diverged": True, "step": step, "term": error.term, "reason": error.reason, "message": str(error),
+         "last_checkpoint": last_checkpoint}, indent=2) + "\n")
+    resume = (
+        f"The last good checkpoint is `{last_checkpoint}`; a run in this folder resumes from it with the learning "
+        "rates saved in it, so to train with a lower `optim.lr` start a new `checkpoint.dir`."
+        if last_checkpoint else "No checkpoint was written before the divergence."
+    )
+    (run / "report.md").write_text(
+        f"# Training DIVERGED at step {step}\n\n{error}.\n\nThe bad term: `{error.term}` ({error.reason}). "
+        f"Nothing was exported or evaluated.\n\n{resume}\n"
+    )
+    return resume

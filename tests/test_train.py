@@ -66,8 +66,9 @@ def test_missing_data_path_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    steps = ["train.steps=8", "meta.steps=2", "checkpoint.every=4"]
+@pytest.mark.parametrize("every", [1, 3])  # meta.every=3: the Psi steps fall on blocks 1 and 4, across the resume
+def test_killed_run_resumes_to_the_same_weights(tmp_path, every):
+    steps = ["train.steps=8", "meta.steps=2", "checkpoint.every=4", f"meta.every={every}"]
     _train(tmp_path / "whole", *steps)
     killed = _train(tmp_path / "resumed", *steps, "--stop-after", "6", check=False)
     assert killed.returncode == 3, killed.stderr[-2000:]

@@ -1,8 +1,9 @@
 """The plugin manager and the registries it fills: adapters, mask generators, losses.
 
 Plugins are modules exposed through the ``kdinpaint`` entry-point group; the built-in adapters use the same
-group (``pyproject.toml``). Nothing is imported until first use (:func:`load_plugins`, called by every
-registry function). Entry points load one at a time: a plugin that fails to import, fails validation, or
+group (``pyproject.toml``); kdinpaint registers its own objective, ``eq11`` (the paper's Eq. 11,
+:class:`kdinpaint.objective.Eq11Objective`), through the same ``register_losses`` hook. Nothing is imported
+until first use (:func:`load_plugins`, called by every registry function). Entry points load one at a time: a plugin that fails to import, fails validation, or
 whose hook raises is logged and recorded with its distribution name (:func:`plugin_failures`) and the
 others still load. Environment:
 

@@ -3,9 +3,9 @@
 Plugins are modules exposed through the ``kdinpaint`` entry-point group; the built-in adapters use the same
 group (``pyproject.toml``); kdinpaint registers its own objective, ``eq11`` (the paper's Eq. 11,
 :class:`kdinpaint.objective.Eq11Objective`), through the same ``register_losses`` hook. Nothing is imported
-until first use (:func:`load_plugins`, called by every registry function). Entry points load one at a time: a plugin that fails to import, fails validation, or
-whose hook raises is logged and recorded with its distribution name (:func:`plugin_failures`) and the
-others still load. Environment:
+until first use (:func:`load_plugins`, called by every registry function). Entry points load one at a
+time: a plugin that fails to import, fails validation, or whose hook raises is logged and recorded with its
+distribution name (:func:`plugin_failures`) and the others still load. Environment:
 
 - ``KDINPAINT_STRICT_PLUGINS=1`` (or ``strict=True``): any such failure raises :class:`PluginError` (CI).
 - ``KDINPAINT_LOAD_PLUGINS=dist-a,dist-b``: load only these third-party distributions (or entry-point

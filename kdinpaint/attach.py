@@ -551,7 +551,11 @@ class Distiller(nn.Module):
         cache = getattr(self, "_teacher_cache", None)
         key = (id(target), id(s.mask))
         if cache is not None and key in cache:
-            return dict(cache[key][2])
+            features = dict(cache[key][2])
+            if not torch.is_autocast_enabled(target.device.type):  # features cached under autocast (e.g. bf16),
+                # read by a full-precision pass (Algorithm 1's hypergradient): in the target's dtype
+                features = {k: _cast_floats(v, target.dtype) for k, v in features.items()}
+            return features
         args, kwargs = self._teacher_args(*s.call, target, s.mask)
         self.teacher.eval()
         s.teacher.clear()
@@ -755,6 +759,17 @@ def _resample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
 def _mean_square(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x**2`` over every element, in at least float32, kept away from 0."""
     return x.float().pow(2).mean().clamp_min(1e-8)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor in it (also inside tuples and lists) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_cast_floats(v, dtype) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
 
 
 def attach(

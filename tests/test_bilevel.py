@@ -243,6 +243,21 @@ def test_every_k_th_batch_steps_psi_and_the_others_are_frozen_steps():
     kd.detach()
 
 
+def test_reverse_hg_under_bf16_autocast():
+    """The ordinary steps under bf16 autocast cache the teacher's features in bf16; the hypergradient, in the
+    parameters' float32, reads them (the meta-networks' float32 convolutions refused bf16 input)."""
+    student, kd, masked, mask, gt = _setup(torch.float32, 16)
+    theta = [*student.parameters(), *kd.student_parameters()]
+    learner = MetaLearner(kd, torch.optim.Adam(theta, lr=1e-3), _mse, mode="reverse_hg", meta_lr=1e-2,
+                          autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    before = [p.detach().clone() for p in kd.meta_parameters()]
+    logs = learner.step((masked, mask), gt)
+    assert logs["hypergrad_norm"] > 0 and logs["meta_skipped"] == 0
+    assert all(p.dtype == torch.float32 for p in kd.meta_parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, kd.meta_parameters()))
+    kd.detach()
+
+
 def test_bad_configuration_is_named():
     student, kd, masked, mask, gt = _setup(torch.float32)
     with pytest.raises(ValueError, match="not one of"):

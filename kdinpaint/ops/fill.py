@@ -63,9 +63,6 @@ def harmonic_fill(
     while min(levels[-1][0].shape[-2:]) > 2:
         s, k = levels[-1]
         levels.append((F.avg_pool2d(s, 2, ceil_mode=True), F.avg_pool2d(k, 2, ceil_mode=True)))
-    C = x.shape[1]
-    neighbours = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=dtype, device=x.device) / 4
-    neighbours = neighbours.expand(C, 1, 3, 3)  # depthwise: one 4-neighbour mean per channel
     fill = None
     for s, k in reversed(levels):
         value = s / k.clamp_min(1e-12)  # mean of the known pixels under each cell
@@ -75,22 +72,31 @@ def harmonic_fill(
             start = F.interpolate(fill, size=s.shape[-2:], mode="bilinear", align_corners=False)
         cur = k * value + (1 - k) * start  # a partly known cell blends what is known with the coarser fill
         free = (k < 1).to(dtype)
-        for _ in range(iterations):
-            mean = F.conv2d(F.pad(cur, (1, 1, 1, 1), mode="replicate"), neighbours, groups=C)
-            cur = cur + free * (mean - cur)
+        quarter = free / 4
+        for _ in range(iterations):  # every free cell moves to the mean of its 4 neighbours: u + L(u) / 4
+            cur = cur + quarter * _laplacian(cur)
         if biharmonic_iterations:  # at every level (the coarse ones carry slopes across a large hole), over
-            # the cells with no known pixel under them; partly known cells keep their blend
-            cur = _biharmonic_refine(cur, (k == 0).to(dtype), biharmonic_iterations)
+            # the cells with no known pixel under them; partly known cells keep their blend. Conjugate
+            # gradients are exact after as many steps as there are cells (in exact arithmetic).
+            steps = min(biharmonic_iterations, cur.shape[-2] * cur.shape[-1])
+            cur = _biharmonic_refine(cur, (k == 0).to(dtype), steps)
         fill = cur
     return (x * known + fill * hole).to(image.dtype)
 
 
 def _laplacian(u: torch.Tensor) -> torch.Tensor:
-    """The 5-point Laplacian with replicate padding (zero flux at the image border): symmetric, so
-    ``hole * L(L(.))`` on hole pixels is symmetric positive semi-definite and conjugate gradients apply."""
-    C = u.shape[1]
-    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=u.dtype, device=u.device).expand(C, 1, 3, 3)
-    return F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), k, groups=C)
+    """The 5-point Laplacian with zero flux at the image border (a replicated border), as the sum of the
+    differences to the neighbours: symmetric, so ``hole * L(L(.))`` on hole pixels is symmetric positive
+    semi-definite and conjugate gradients apply. Differences of neighbours, not a depthwise 3×3
+    convolution: the same values, about twice as fast on a CPU at these sizes."""
+    out = torch.zeros_like(u)
+    dx = u[..., :, 1:] - u[..., :, :-1]  # (.., H, W - 1)
+    dy = u[..., 1:, :] - u[..., :-1, :]  # (.., H - 1, W)
+    out[..., :, :-1] += dx
+    out[..., :, 1:] -= dx
+    out[..., :-1, :] += dy
+    out[..., 1:, :] -= dy
+    return out
 
 
 def _biharmonic_refine(u: torch.Tensor, hole: torch.Tensor, steps: int) -> torch.Tensor:

@@ -107,6 +107,19 @@ class OptimSection:
     warmup_steps: int = 0  # linear warm-up from 0 over these theta steps (either schedule)
     min_lr_ratio: float = 0.05  # where cosine ends, relative to lr
 
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The theta learning rate of theta step ``step`` (0-based) as a fraction of ``lr``: a linear warm-up
+        from 0 over ``warmup_steps``, then 1 (``constant``) or a half cosine from 1 down to ``min_lr_ratio`` at
+        ``total_steps`` (``cosine``). A warm-up longer than half the run is cut to half of it (a short test run
+        of a recipe still reaches ``lr``)."""
+        warmup = min(self.warmup_steps, total_steps // 2)
+        if step < warmup:
+            return step / warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 @dataclass
 class TrainSection:

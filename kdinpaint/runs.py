@@ -7,6 +7,7 @@
   before it is copied into the run folder.
 * :func:`process_group_kwargs` gives accelerate the recipe's process-group timeout (how long a rank waits
   in a collective for the others before it fails, instead of torch's 30 minutes).
+* :func:`checkpoints_in` lists a run's complete checkpoints; :func:`save_checkpoint` writes one atomically.
 * :func:`check_random_states` warns when a checkpoint's random-state file of this process cannot be loaded:
   accelerate then resumes with fresh random states and logs that only at INFO level.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,24 @@ RESUME_MAY_CHANGE = (
 def checkpoints_in(run: str | os.PathLike[str]) -> list[Path]:
     """The complete checkpoints of a run folder (``checkpoints/step_XXXXXXX``), oldest first."""
     return sorted((Path(run) / "checkpoints").glob("step_*"))
+
+
+def save_checkpoint(accelerator: Any, run: str | os.PathLike[str], step: int, keep: int) -> None:
+    """accelerate ``save_state`` into ``checkpoints/.tmp_step_XXXXXXX``, then an atomic rename to
+    ``checkpoints/step_XXXXXXX``: only complete checkpoints get a name (a killed run resumes from the last
+    one); all but the newest ``keep`` are removed. Every process calls it."""
+    final = Path(run) / "checkpoints" / f"step_{step:07d}"
+    tmp = Path(run) / "checkpoints" / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for old in checkpoints_in(run)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def _flat(data: dict) -> dict[str, Any]:

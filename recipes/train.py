@@ -60,9 +60,11 @@ from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
 from kdinpaint.objective import build_objective, resolve_objective, total_of
 from kdinpaint.plugins import PluginError
-from kdinpaint.recipe import OptimSection, Recipe, load_recipe
+from kdinpaint.recipe import Recipe, load_recipe
 from kdinpaint.report import write_divergence_report, write_evaluation_report
-from kdinpaint.runs import check_random_states, check_run_folder, check_teacher_weights, process_group_kwargs
+from kdinpaint.runs import (
+    check_random_states, check_run_folder, check_teacher_weights, checkpoints_in, process_group_kwargs, save_checkpoint,
+)
 from kdinpaint.teacher import autoencoder_call
 from kdinpaint.weights import load_weights
 
@@ -117,26 +119,6 @@ def build_models(recipe: Recipe):
     return adapter, variant, spec, student, teacher
 
 
-def checkpoints_of(run: Path) -> list[Path]:
-    return sorted((run / "checkpoints").glob("step_*"))
-
-
-def save_checkpoint(accelerator: Accelerator, run: Path, step: int, keep: int) -> None:
-    """accelerate save_state into a temporary folder, then an atomic rename: only complete ones get a name."""
-    final = run / "checkpoints" / f"step_{step:07d}"
-    tmp = run / "checkpoints" / f".tmp_step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        for old in checkpoints_of(run)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
     """Rows of masked | output | ground truth, as PNG."""
     rows = torch.cat([masked_image, output, target], dim=-1)[:4]  # (B, 3, H, 3W)
@@ -174,20 +156,6 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     accelerator.wait_for_everyone()
 
 
-def lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:
-    """The theta learning rate of theta step ``step`` (0-based) as a fraction of ``optim.lr``: a linear warm-up
-    from 0 over ``optim.warmup_steps``, then 1 (``constant``) or a half cosine from 1 down to
-    ``optim.min_lr_ratio`` at ``total_steps`` (``cosine``). A warm-up longer than half the run is cut to half
-    of it (a short test run of a recipe still reaches ``optim.lr``)."""
-    warmup = min(optim.warmup_steps, total_steps // 2)
-    if step < warmup:
-        return step / warmup
-    if optim.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_student(
     recipe: Recipe, accelerator: Accelerator, parts: tuple, loader: DataLoader, run: Path, stop_after: int | None,
     inject_nan_at: int | None = None,
@@ -220,7 +188,7 @@ def train_student(
     meta_opt = rest.pop(0) if meta_opt is not None else None
     disc_opt = rest[1] if disc is not None else None
     # stepped by MetaLearner once per theta step; not through prepare, whose scheduler steps once per process
-    schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: lr_factor(k, recipe.optim, recipe.train.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: recipe.optim.lr_factor(k, recipe.train.steps))
 
     def inpaint_loss(output: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_inp of Eq. (11) without the distillation terms (or an adapter's own generator loss)."""
@@ -239,7 +207,7 @@ def train_student(
     call_kwargs = dict(objective.call_kwargs)
 
     start = 0
-    done = checkpoints_of(run)
+    done = checkpoints_in(run)
     if recipe.checkpoint.resume and done:
         accelerator.load_state(str(done[-1]))
         start = int(done[-1].name.split("_")[1])
@@ -315,7 +283,7 @@ def report_divergence(accelerator: Accelerator, run: Path, error: TrainingDiverg
     """``report.md`` / ``report.json`` of a run the guard stopped, in place of the evaluation (main process)."""
     if not accelerator.is_main_process:
         return
-    done = checkpoints_of(run)
+    done = checkpoints_in(run)
     resume = write_divergence_report(run, error, step, f"checkpoints/{done[-1].name}" if done else None)
     accelerator.print(f"\nDIVERGED at step {step}: {error}\n{resume}\nrun folder: {run}")
 
@@ -398,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"resuming with changed recipe keys {changed} (recipe.yaml rewritten)")
     parts = build_models(recipe)
     eval_set(recipe)  # evaluation images and masks are read now, not after training
-    if recipe.checkpoint.resume and checkpoints_of(run):
-        check_random_states(checkpoints_of(run)[-1], accelerator.process_index)
+    if recipe.checkpoint.resume and checkpoints_in(run):
+        check_random_states(checkpoints_in(run)[-1], accelerator.process_index)
     d, m = recipe.data, recipe.masks
     images = images_from(d.images, d.size, d.sample_count, d.crop, held_out=False)
     world = accelerator.num_processes

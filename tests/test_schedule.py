@@ -1,7 +1,6 @@
 """optim.schedule: the theta learning rate follows the closed-form warm-up / cosine values step by step, the
 inner SGD step of Algorithm 1 follows it, and a resumed run continues it exactly."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,13 +19,6 @@ from kdinpaint.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_schedule", ROOT / "recipes" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)  # type: ignore[union-attr]
-    return train
-
-
 def closed_form(k: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
     """The learning rate of theta step k (0-based) relative to optim.lr, written out independently."""
     if k < warmup:
@@ -38,7 +30,6 @@ def closed_form(k: int, schedule: str, warmup: int, total: int, min_ratio: float
 
 @pytest.mark.parametrize("schedule, warmup", [("constant", 0), ("constant", 4), ("cosine", 0), ("cosine", 3)])
 def test_lr_after_k_steps_is_the_closed_form(schedule, warmup):
-    train = _train_module()
     total, lr = 20, 1e-3
     recipe = load_recipe(None, [f"optim.schedule={schedule}", f"optim.warmup_steps={warmup}", "optim.min_lr_ratio=0.1",
                                 f"train.steps={total}", f"optim.lr={lr}"])
@@ -47,7 +38,7 @@ def test_lr_after_k_steps_is_the_closed_form(schedule, warmup):
     image, mask = batch(2, 16)
     kd = kdinpaint.attach(student, kdinpaint.build_teacher(student), {"encoder_levels": LEVELS}, example_inputs=(image, mask))
     opt = torch.optim.Adam([*student.parameters(), *kd.student_parameters()], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: train.lr_factor(k, recipe.optim, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: recipe.optim.lr_factor(k, total))
     learner = MetaLearner(kd, opt, lambda p, t, m: (p - t).pow(2).mean(), mode="first_order", steps=2, scheduler=sched)
     for block in range(total // 2):
         k = 2 * block  # theta steps done before this batch
@@ -63,14 +54,13 @@ def test_lr_after_k_steps_is_the_closed_form(schedule, warmup):
 
 
 def test_skipped_batches_advance_the_schedule_and_an_explicit_inner_lr_stays():
-    train = _train_module()
     recipe = load_recipe(None, ["optim.schedule=cosine", "train.steps=10"])
     torch.manual_seed(0)
     student = TinyUNet(width=4)
     image, mask = batch(2, 16)
     kd = kdinpaint.attach(student, kdinpaint.build_teacher(student), {"encoder_levels": LEVELS}, example_inputs=(image, mask))
     opt = torch.optim.Adam([*student.parameters(), *kd.student_parameters()], lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: train.lr_factor(k, recipe.optim, 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: recipe.optim.lr_factor(k, 10))
     learner = MetaLearner(kd, opt, lambda p, t, m: (p - t).pow(2).mean(), mode="first_order", steps=2, inner_lr=0.5,
                           scheduler=sched)
     with pytest.warns(RuntimeWarning, match="theta step skipped"):

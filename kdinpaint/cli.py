@@ -637,6 +637,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---- kdinpaint export ---------------------------------------------------------------------------
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="the file to write: NAME.pt2 (torch.export) or NAME.onnx (ONNX, needs kdinpaint[onnx])")
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="a file written by kdinpaint.save_exported(..., adapter='name:variant')")
+    g.add_argument("--adapter", help="NAME[:VARIANT]: with --checkpoint, the adapter it must belong to; alone, that "
+                                     "adapter with RANDOM weights (to try the export)")
+    p.add_argument("--size", type=int, nargs="+", default=[256], metavar="SIDE",
+                   help="H [W] of the images the graph is for (multiples of the adapter's stride; default 256): a "
+                        "graph is specialised to one size, export once per deployed size")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call (the graph is specialised to it)")
+    p.add_argument("--format", choices=("pt2", "onnx"), default=None, help="default: from the output's suffix")
+    p.add_argument("--no-check", action="store_true", help="skip reloading the file and comparing it with eager PyTorch")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdinpaint import deploy
+    from kdinpaint.export import load_checkpoint
+    from kdinpaint.inference import deployed_model
+    from kdinpaint.plugins import get_adapter
+
+    out = Path(args.output)
+    fmt = args.format or {".pt2": "pt2", ".onnx": "onnx"}.get(out.suffix)
+    if fmt is None:
+        raise ValueError(f"cannot tell the format of {str(out)!r}: name it .pt2 or .onnx, or pass --format pt2|onnx")
+    if len(args.size) > 2 or min(args.size) < 1:
+        raise ValueError(f"--size takes H or H W (positive), got {args.size}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    H, W = args.size[0], args.size[-1]
+    if args.checkpoint:
+        model, which = load_checkpoint(args.checkpoint, args.adapter)
+    elif args.adapter:
+        print(f"WARNING: --adapter {args.adapter} without --checkpoint exports RANDOM WEIGHTS", file=sys.stderr)
+        model, _ = deployed_model(args.adapter)
+        which = args.adapter
+    else:
+        raise ValueError("choose a model: --checkpoint PATH (or --adapter NAME[:VARIANT] for random weights)")
+    stride = get_adapter(which.partition(":")[0]).stride
+    model = model.eval().float()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt2":
+        deploy.save_program(deploy.export_program(model, H, W, stride, args.batch_size), out)
+    else:
+        deploy.export_onnx(model, out, H, W, stride, batch=args.batch_size)
+    print(f"wrote {out} ({fmt}, {which}, {args.batch_size}x3x{H}x{W}, {out.stat().st_size / 2**20:.1f} MiB)")
+    if not args.no_check:
+        image, mask = deploy.example_inputs(H, W, args.batch_size, seed=1)
+        with torch.inference_mode():
+            eager = deploy.Deployable(model)(image, mask)
+        with torch.no_grad():
+            got = deploy.load_program(out)(image, mask) if fmt == "pt2" else deploy.run_onnx(out, image, mask)
+        diff = float((got - eager).abs().max())
+        print(f"reloaded: max |{fmt} - eager| = {diff:.2e} on a random image with a centre hole")
+        if not diff <= 1e-3:
+            raise ValueError(f"the exported {fmt} differs from eager PyTorch by {diff:.2e}; report it with the command")
+    return 0
+
+
 # ---- kdinpaint check-weights --------------------------------------------------------------------
 def _check_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", choices=("gatedconv",), help="the adapter whose weights to check (gatedconv: which "
@@ -676,6 +735,8 @@ add_command("spec", "show or suggest adapter specs", _spec_arguments, lambda arg
 add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
 add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
 add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
+add_command("export", "the deployed model as a torch.export program (.pt2) or ONNX (.onnx) for one image size",
+            _export_arguments, cmd_export)
 add_command("check-weights", "which channel order DeepFill v2 weights expect: PSNR on the holes in RGB and BGR",
             _check_weights_arguments, cmd_check_weights)
 

@@ -58,11 +58,22 @@ def _power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _cache_key(*key: object) -> tuple | None:
+    """The cache key of a constant tensor, ``None`` while traced (torch.compile, torch.export: the tensor would be
+    a fake one). Tensors made under ``inference_mode`` cannot enter an autograd-tracked computation later
+    (training after an evaluation, an export), so they are cached apart."""
+    from torch._guards import detect_fake_mode
+
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return None
+    return (*key, torch.is_inference_mode_enabled())
+
+
 def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Sampling positions without offsets, in grid_sample's normalised (x, y) units of a
     ``(_power_of_two(H), _power_of_two(W))`` input: ``(K*K, H, W, 2)``."""
-    key = (K, H, W, device, dtype)
-    grid = _TAP_CACHE.get(key)
+    key = _cache_key(K, H, W, device, dtype)
+    grid = _TAP_CACHE.get(key) if key is not None else None
     if grid is None:
         r = K // 2
         dy, dx = torch.meshgrid(
@@ -78,21 +89,24 @@ def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype)
         gx = ((2 * px + 1) / _power_of_two(W) - 1).expand(-1, H, W)
         gy = ((2 * py + 1) / _power_of_two(H) - 1).expand(-1, H, W)
         grid = torch.stack((gx, gy), dim=-1)
-        if len(_TAP_CACHE) > 64:
-            _TAP_CACHE.clear()
-        _TAP_CACHE[key] = grid
+        if key is not None:
+            if len(_TAP_CACHE) > 64:
+                _TAP_CACHE.clear()
+            _TAP_CACHE[key] = grid
     return grid
 
 
 def _pixel_scale(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Pixels -> grid_sample's normalised units of the padded input, ``(2 / W', 2 / H')`` in (x, y) order
     (``W' = _power_of_two(W)``); cached like the base grid."""
-    key = ("scale", H, W, device, dtype)
-    scale = _TAP_CACHE.get(key)
+    key = _cache_key("scale", H, W, device, dtype)
+    scale = _TAP_CACHE.get(key) if key is not None else None
     if scale is None:
-        if len(_TAP_CACHE) > 64:
-            _TAP_CACHE.clear()
-        scale = _TAP_CACHE[key] = torch.tensor([2.0 / _power_of_two(W), 2.0 / _power_of_two(H)], device=device, dtype=dtype)
+        scale = torch.tensor([2.0 / _power_of_two(W), 2.0 / _power_of_two(H)], device=device, dtype=dtype)
+        if key is not None:
+            if len(_TAP_CACHE) > 64:
+                _TAP_CACHE.clear()
+            _TAP_CACHE[key] = scale
     return scale
 
 

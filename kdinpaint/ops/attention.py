@@ -62,6 +62,13 @@ def _rows_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return torch.bmm(s, v).div_(total)  # (B, rows, C)
 
 
+def _rows_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`_rows_inplace`'s arithmetic without in-place operations (traced graphs): the same rounding as eager."""
+    s = torch.bmm(q, k.transpose(1, 2))  # (B, rows, N)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return torch.bmm(e, v) / e.sum(-1, keepdim=True)
+
+
 def _tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool((compiler is not None and compiler.is_compiling()) or torch.onnx.is_in_onnx_export())
@@ -71,7 +78,7 @@ def _kernel(device: torch.device):
     """The forward kernel of a block: functional while traced (torch.compile, torch.export, ONNX), fused SDPA
     on CUDA, in place elsewhere (the forward pass records no graph: rowwise differentiates ``_rows`` there)."""
     if _tracing():
-        return _rows
+        return _rows_traced
     return _fused if device.type == "cuda" else _rows_inplace
 
 
@@ -96,8 +103,8 @@ def softmax_attention(
             f"{tuple(v.shape)}"
         )
     B, N = k.shape[:2]
-    if isinstance(N, torch.SymInt) or isinstance(B, torch.SymInt):
-        back = fwd = 1
+    if isinstance(N, torch.SymInt) or isinstance(B, torch.SymInt):  # a traced dynamic size: one block
+        back, fwd = block_rows(1, 1, 1), q.shape[1]
     else:
         back = block_rows(B, N, rows)
         fwd = block_rows(B, N, forward_rows, FORWARD_BLOCK_ELEMENTS)

@@ -1,0 +1,133 @@
+"""The exported student (:class:`~kdinpaint.export.CompletedModel`) as a graph: ``torch.compile``,
+``torch.export`` (a ``.pt2`` file that reloads without kdinpaint's classes) and ONNX (``kdinpaint[onnx]``).
+
+:class:`Deployable` is the traced function: ``(image, mask) -> prediction``, image ``(B, 3, H, W)`` in [-1, 1]
+and mask ``(B, 1, H, W)`` in {0, 1} (1 = hole), ``H`` and ``W`` multiples of the adapter's stride. It blanks
+the holes itself (the graph never sees the pixels under them) and returns the raw prediction (the spec's
+``output``); padding to the stride and compositing stay with the caller, as
+:class:`~kdinpaint.inference.Inpainter` does them. The input checks of ``CompletedModel`` (mask values, image
+range) read the data and cannot be traced: :meth:`~kdinpaint.inference.Inpainter` runs them before calling.
+
+Sizes. A graph is specialised to the ``H × W`` it was traced at (the batch size too, for ``torch.export``):
+the adaptive convolutions of the completion blocks and PGL normalise their sampling grid by the next power of
+two of each side, which a traced shape cannot express. Export once per deployed size (``kdinpaint export
+--size``); within it the pixel attention keeps its blocks of query rows (unrolled), so memory stays
+``O(rows × N)`` as in eager mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdinpaint.calling import convention, select_output
+from kdinpaint.export import CompletedModel
+from kdinpaint.masking import masked
+
+__all__ = ["Deployable", "example_inputs", "compile_model", "export_program", "save_program", "load_program", "export_onnx", "run_onnx"]
+
+
+class Deployable(nn.Module):
+    """``(image, mask) -> prediction`` of a :class:`CompletedModel`, traceable (no data-dependent checks)."""
+
+    def __init__(self, model: CompletedModel):
+        super().__init__()
+        if not isinstance(model, CompletedModel):
+            raise TypeError(f"Deployable takes the exported model (Distiller.export(), load_checkpoint), got {type(model).__name__}")
+        self.completed = model.eval()
+        self._call = convention(model.model, model.spec)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model = self.completed
+        model._context.mask = mask  # the completion sites read it
+        try:
+            args, kwargs = self._call.build(masked(image, mask), mask)
+            return select_output(model.model(*args, **kwargs), model.spec.output)
+        finally:
+            model._context.mask = None
+
+
+def example_inputs(height: int, width: int, batch: int = 1, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image in [-1, 1] and a centre hole of a quarter of the image, for tracing and parity checks."""
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(batch, 3, height, width, generator=g) * 2 - 1).to(device, dtype)
+    mask = torch.zeros(batch, 1, height, width, device=device, dtype=dtype)
+    mask[..., height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1
+    return image, mask
+
+
+def _check_size(height: int, width: int, stride: int) -> None:
+    if height % stride or width % stride or height < stride or width < stride:
+        raise ValueError(f"export size {height}x{width} is not a positive multiple of the network's stride {stride}; "
+                         f"use {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)}")
+
+
+def compile_model(model: CompletedModel, **compile_kwargs: Any) -> Any:
+    """``torch.compile`` of :class:`Deployable` ``(image, mask) -> prediction``."""
+    return torch.compile(Deployable(model), **compile_kwargs)
+
+
+def export_program(model: CompletedModel, height: int, width: int, stride: int, batch: int = 1) -> torch.export.ExportedProgram:
+    """``torch.export`` of :class:`Deployable` at ``batch × 3 × height × width`` (multiples of ``stride``)."""
+    _check_size(height, width, stride)
+    module = Deployable(model)
+    p = next(iter(model.parameters()), None)
+    args = example_inputs(height, width, batch, device=p.device if p is not None else "cpu",
+                          dtype=p.dtype if p is not None else torch.float32)
+    with torch.no_grad():
+        return torch.export.export(module, args)
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> None:
+    """Write a ``.pt2`` file (atomic); :func:`load_program` or plain ``torch.export.load(path).module()`` reads it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.export.save(program, str(tmp))
+    tmp.replace(path)
+
+
+def load_program(path: str | Path) -> nn.Module:
+    """The callable ``(image, mask) -> prediction`` of a ``.pt2`` file written by :func:`save_program`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported program {str(path)!r} does not exist")
+    return torch.export.load(str(path)).module()
+
+
+def export_onnx(model: CompletedModel, path: str | Path, height: int, width: int, stride: int, *, batch: int = 1,
+                opset: int = 18) -> Path:
+    """Write an ONNX file of :class:`Deployable` (inputs ``image``, ``mask``; output ``prediction``) for
+    ``batch × 3 × height × width`` images: :func:`export_program` converted by torch's ONNX exporter
+    (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``; all in the ``onnx`` extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx extra (onnx, onnxscript, onnxruntime): pip install 'kdinpaint[onnx]'") from None
+    path = Path(path)
+    program = export_program(model.float().cpu(), height, width, stride, batch)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx_program = torch.onnx.export(program, f=None, input_names=["image", "mask"], output_names=["prediction"],
+                                     opset_version=opset, dynamo=True, external_data=False)
+    onnx_program.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def run_onnx(path: str | Path, image: torch.Tensor, mask: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """Run an ONNX file of :func:`export_onnx` with onnxruntime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("running ONNX needs the onnx extra: pip install 'kdinpaint[onnx]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = session.run(["prediction"], {"image": image.detach().cpu().float().numpy(), "mask": mask.detach().cpu().float().numpy()})
+    return torch.from_numpy(out[0])
+

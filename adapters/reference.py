@@ -20,8 +20,9 @@ Network (``image``, ``mask`` -> image in [-1, 1]; H, W divisible by 8)::
 
 The decoder attention refines the holes only (``PixelAttention(refine_holes=True)``, called with the mask:
 ``d + M ⊙ g ⊙ (a - d)``, gate ``g`` starting at zero). With ``prefill=True`` (the demo recipe; not in the
-paper) the holes of the input start from :func:`kdinpaint.ops.fill.harmonic_fill` instead of zeros and the
-output is a correction of that fill. Both are explained in the README's Decisions.
+paper) the holes of the input start from :func:`kdinpaint.ops.fill.harmonic_fill` instead of zeros, the stem also
+sees how far the plain harmonic (membrane) fill lies from it (the guide: where the smooth and the slope-continuing
+interpolants disagree), and the output is a correction of that fill. Both are explained in the README's Decisions.
 
 The auxiliary network (teacher) is the same backbone, fed the ground truth with an empty mask; it gets no
 completion blocks or PGL (attach adds those to the student only) and never the prefill.
@@ -91,7 +92,9 @@ class ReferenceNet(nn.Module):
         prefill: start the holes from a weight-free smooth fill (:func:`kdinpaint.ops.fill.harmonic_fill`)
             instead of zeros, and predict the output as a correction of that fill,
             ``tanh(atanh(fill) + head(...))``, with the head's last convolution starting at zero (a fresh
-            network returns the fill). Not in the paper: see the README's Decisions.
+            network returns the fill). The stem then takes 7 channels: the fill, the guide ``harmonic - fill``
+            (the plain harmonic fill, no biharmonic steps, minus the fill) and the mask. Not in the paper: see
+            the README's Decisions.
         prefill_iterations: Jacobi sweeps per pyramid level of the fill.
         prefill_biharmonic: conjugate-gradient steps refining the fill towards the biharmonic interpolant.
 
@@ -116,7 +119,7 @@ class ReferenceNet(nn.Module):
         w = width
         self.prefill, self.prefill_iterations, self.prefill_biharmonic = bool(prefill), int(prefill_iterations), int(prefill_biharmonic)
         enc = [2 * w, 4 * w, 8 * w]
-        self.stem = ConvAct(4, w, act_layer=act_layer, kernel_size=5)
+        self.stem = ConvAct(7 if self.prefill else 4, w, act_layer=act_layer, kernel_size=5)
         self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
         self.enc2 = nn.Sequential(ConvAct(enc[0], enc[1], 2, act_layer), ConvAct(enc[1], enc[1], act_layer=act_layer))
         self.enc3 = nn.Sequential(ConvAct(enc[1], enc[2], 2, act_layer), ConvAct(enc[2], enc[2], act_layer=act_layer, dilation=2))
@@ -142,19 +145,25 @@ class ReferenceNet(nn.Module):
             self.comp_enc = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(enc, cb))
             self.comp_dec = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(dec, att))
 
-    def _fill(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prefill of ``image`` (clamped: the biharmonic part may overshoot [-1, 1] slightly). Algorithm 1
-        calls the network four times per batch on the same tensors, so the last fill is kept and reused while
-        the same (unmodified) image and mask come back; the fill takes no gradient."""
+    def _fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill of ``image`` and the guide ``harmonic - prefill`` (both clamped to [-1, 1] first: the
+        biharmonic part may overshoot slightly). Algorithm 1 calls the network four times per batch on the
+        same tensors, so the last fills are kept and reused while the same (unmodified) image and mask come
+        back; the fills take no gradient."""
         if torch.compiler.is_compiling() or image.is_inference() or mask.is_inference():  # no version counter
-            return harmonic_fill(image, mask, self.prefill_iterations, self.prefill_biharmonic).clamp(-1, 1)
+            return self._compute_fills(image, mask)
         # the cache holds the tensors themselves: identity, not an address that a new tensor could reuse
         cached = getattr(self, "_fill_cache", None)
         if cached is not None and cached[0] is image and cached[1] is mask and cached[2] == (image._version, mask._version):
             return cached[3]
+        fills = self._compute_fills(image, mask)
+        self._fill_cache = (image, mask, (image._version, mask._version), fills)
+        return fills
+
+    def _compute_fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = harmonic_fill(image, mask, self.prefill_iterations, self.prefill_biharmonic).clamp(-1, 1)
-        self._fill_cache = (image, mask, (image._version, mask._version), start)
-        return start
+        smooth = harmonic_fill(image, mask, self.prefill_iterations).clamp(-1, 1)
+        return start, smooth - start
 
     @staticmethod
     def _attend(att: nn.Module, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -168,11 +177,12 @@ class ReferenceNet(nn.Module):
         if image.shape[-1] % 8 or image.shape[-2] % 8:
             raise ValueError(f"ReferenceNet needs H and W divisible by 8, got {tuple(image.shape[-2:])}; pad the input")
         up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
-        if self.prefill:  # (B, 3, H, W)
-            start = self._fill(image, mask)
+        if self.prefill:  # (B, 3, H, W) each
+            start, guide = self._fills(image, mask)
+            x0 = self.stem(torch.cat([start, guide, mask], 1))  # (B, w, H, W)
         else:
             start = masked(image, mask)
-        x0 = self.stem(torch.cat([start, mask], 1))  # (B, w, H, W)
+            x0 = self.stem(torch.cat([start, mask], 1))  # (B, w, H, W)
         x1 = self._comp("comp_enc", 0, self.enc1(x0))  # (B, 2w, H/2, W/2)
         x2 = self._comp("comp_enc", 1, self.enc2(x1))  # (B, 4w, H/4, W/4)
         x3 = self._comp("comp_enc", 2, self.enc3(x2))  # (B, 8w, H/8, W/8)
@@ -205,8 +215,8 @@ def reference_teacher(**kwargs) -> ReferenceNet:
     """The auxiliary network: the student's backbone with fresh weights, always without ``prefill``.
 
     Its input has no hole, so a fill would change nothing, and a correction of its own input would let the
-    autoencoder return the ground truth without learning any feature (``head = 0``); the parameters (and so
-    the distilled feature shapes) are the same either way.
+    autoencoder return the ground truth without learning any feature (``head = 0``). The distilled feature
+    shapes are the same either way; only the stem's input channels differ (4 here, 7 with the fill's guide).
     """
     return reference_net(**{**kwargs, "prefill": False})
 

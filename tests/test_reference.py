@@ -113,8 +113,9 @@ def test_adapter_teacher_is_built_without_prefill():
         student = adapter.student(variant, width=4, prefill=True)
         teacher = adapter.teacher(variant, width=4, prefill=True)
         assert student.prefill and not teacher.prefill
-        shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
-        assert shapes(teacher) == shapes(student)
+        shapes = lambda m: {n: p.shape for n, p in m.named_parameters() if n != "stem.0.weight"}  # noqa: E731
+        assert shapes(teacher) == shapes(student)  # the distilled levels match; the stem's inputs do not:
+        assert student.stem[0].weight.shape[1] == 7 and teacher.stem[0].weight.shape[1] == 4  # fill, guide, mask
         assert bool(teacher.head[1].weight.ne(0).any())  # the ordinary initialisation, not the correction's zero
 
 
@@ -139,9 +140,9 @@ def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path):
     with torch.no_grad():
         expected = exported(image * (1 - mask), mask)
         assert torch.equal(model.eval()(image * (1 - mask), mask), expected)
-        # the same weights without prefill compute something else: the builder arguments matter
-        plain = kdinpaint.load_exported(path, adapter.student("net8", width=4)).eval()
-        assert (plain(image * (1 - mask), mask) - expected).abs().max() > 1e-2
+    # the builder arguments matter: the network without prefill has a 4-channel stem, and says so
+    with pytest.raises(ValueError, match=r"stem\.0\.weight \(4, 7, 5, 5\) vs model \(4, 4, 5, 5\)"):
+        kdinpaint.load_exported(path, adapter.student("net8", width=4))
 
 
 def test_prefill_is_reused_for_the_same_tensors_only():
@@ -157,13 +158,29 @@ def test_prefill_is_reused_for_the_same_tensors_only():
     mask = (torch.rand(1, 1, 16, 16) > 0.6).float()
     with mock.patch.object(ref, "harmonic_fill", wraps=ref.harmonic_fill) as fill, torch.no_grad():
         first = net(image, mask)
-        assert torch.equal(net(image, mask), first) and fill.call_count == 1
+        assert torch.equal(net(image, mask), first) and fill.call_count == 2  # the prefill and the guide's fill
         net(image.clone(), mask)  # equal values, another tensor
-        assert fill.call_count == 2
+        assert fill.call_count == 4
         image.mul_(0.5)  # modified in place: its version changes
         changed = net(image, mask)
-        assert fill.call_count == 3
+        assert fill.call_count == 6
     with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
         assert torch.equal(net(image.clone(), mask.clone()), changed)
     expected = ref.harmonic_fill(image, mask, 64, 100).clamp(-0.999, 0.999)
     assert torch.allclose(changed[mask.expand_as(changed) > 0], expected[mask.expand_as(expected) > 0], atol=1e-5)
+
+
+def test_prefill_stem_sees_the_fill_the_guide_and_the_mask():
+    """The stem's 7 input channels: the prefill, the plain harmonic fill minus it, and the mask."""
+    torch.manual_seed(0)
+    net = ReferenceNet(width=4, prefill=True)
+    image, mask = batch(2, 32)
+    seen = []
+    net.stem.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(image * (1 - mask), mask)
+    fill = harmonic_fill(image * (1 - mask), mask, net.prefill_iterations, net.prefill_biharmonic).clamp(-1, 1)
+    smooth = harmonic_fill(image * (1 - mask), mask, net.prefill_iterations, 0).clamp(-1, 1)
+    torch.testing.assert_close(seen[0], torch.cat([fill, smooth - fill, mask], 1))
+    assert (smooth - fill).abs().max() > 0.01  # the guide carries information
+    assert bool((seen[0][:, 3:6] * (1 - mask)).eq(0).all())  # and none where the pixels are known

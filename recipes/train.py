@@ -32,6 +32,7 @@ one ``train.py: error: ...`` line and exit status 1 (``--debug`` shows the trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,6 +54,7 @@ from torch.utils.data import DataLoader
 import kdinpaint
 from kdinpaint import data as kdata
 from kdinpaint import metrics
+from kdinpaint.averaging import WeightAverage
 from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.calling import convention, select_output
 from kdinpaint.data.training import images_from, mask_source
@@ -202,6 +204,10 @@ def train_student(
         guard=recipe.train.guard, max_bad_steps=recipe.train.max_bad_steps, explode_factor=recipe.train.explode_factor,
     )
     accelerator.register_for_checkpointing(schedule)  # a resumed run continues the schedule exactly
+    # the weights evaluated and exported: an average over the last blocks (train.average), else the last ones
+    average = WeightAverage(theta, recipe.train.average) if recipe.train.average > 0 else None
+    if average is not None:
+        accelerator.register_for_checkpointing(average)
     if learner.guard is not None:
         accelerator.register_for_checkpointing(learner.guard)  # ... and the guard's loss history
     call_kwargs = dict(objective.call_kwargs)
@@ -239,6 +245,8 @@ def train_student(
             raise SystemExit(DIVERGED_EXIT) from None
         bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
         skipped += bad
+        if average is not None and not bad:
+            average.update()
         if disc is not None and not bad:  # the discriminator step, on the block's last output (detached)
             with accelerator.autocast():
                 d_terms = objective.discriminator_loss(learner.last_loss_input, image, mask)
@@ -271,7 +279,8 @@ def train_student(
             break
     progress.close()
     accelerator.wait_for_everyone()
-    finish(recipe, accelerator, kd, spec, adapter, variant, run)
+    with average.applied() if average is not None else contextlib.nullcontext():
+        finish(recipe, accelerator, kd, spec, adapter, variant, run)
 
 
 def _loggable(logs: dict) -> dict:

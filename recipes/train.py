@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -132,9 +132,12 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     """Stage ``teacher``: L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN
     (the loop of :func:`kdinpaint.teacher.pretrain`, with accelerate's devices, mixed precision and processes).
 
-    It has an Accelerator of its own, so the student stage's checkpoints hold only the student's state.
+    It has an Accelerator of its own, so the student stage's checkpoints hold only the student's state. Its
+    DDP looks for unused parameters: fed the whole ground truth, a teacher may leave mask-driven parts idle
+    (the reference network's hole-refining attention computes nothing without a hole).
     """
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=_no_accelerator())
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=_no_accelerator(), kwargs_handlers=[unused])
     opt = torch.optim.Adam(teacher.parameters(), lr=recipe.teacher.lr, betas=tuple(recipe.optim.betas))
     loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=recipe.data.workers)
     model, opt, loader = accelerator.prepare(teacher, opt, loader)

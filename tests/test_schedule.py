@@ -95,7 +95,7 @@ def test_a_resumed_run_continues_the_schedule(tmp_path):
 
     def train(run, *extra):
         cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), *TINY, f"checkpoint.dir={run}", "train.steps=8",
-               "meta.steps=2", "checkpoint.every=4", "optim.schedule=cosine", "optim.warmup_steps=3", *extra]
+               "meta.steps=2", "checkpoint.every=4", "optim.schedule=cosine", "optim.warmup_steps=3", "optim.lr=0.002", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
@@ -109,7 +109,7 @@ def test_a_resumed_run_continues_the_schedule(tmp_path):
     def lrs(run):  # the last record of each step (the resumed run logs step 6 twice)
         return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
-    expected = {s: round(2e-3 * closed_form(s - 2, "cosine", 3, 8, 0.05), 6) for s in (2, 4, 6, 8)}  # demo.yaml: lr 2e-3
+    expected = {s: round(2e-3 * closed_form(s - 2, "cosine", 3, 8, 0.05), 6) for s in (2, 4, 6, 8)}
     assert lrs(tmp_path / "whole") == pytest.approx(expected) and lrs(tmp_path / "resumed") == lrs(tmp_path / "whole")
     a = load_file(str(tmp_path / "whole" / "student.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "student.safetensors"))

@@ -20,18 +20,10 @@ from kdinpaint.objective import is_training_objective
 from kdinpaint.plugins import get_loss
 from kdinpaint.recipe import load_recipe
 from kdinpaint_adapters.edgeconnect_loss import EC_LOSS_WEIGHTS, EdgeConnectObjective
+from tiny import loss_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _case(size: int = 32):
-    g = torch.Generator().manual_seed(0)
-    gt = torch.rand(2, 3, size, size, generator=g) * 2 - 1
-    pred = (torch.rand(2, 3, size, size, generator=g) * 2 - 1).requires_grad_()
-    mask = torch.zeros(2, 1, size, size)
-    mask[0, :, 4:20, 6:26] = 1
-    mask[1, :, 10:30, 2:14] = 1
-    return pred, gt, mask
 
 
 def _objective(**kwargs) -> EdgeConnectObjective:
@@ -51,7 +43,7 @@ def test_registered_as_an_objective_class():
 
 def test_generator_loss_is_edgeconnect_recomputed_and_changes_no_state():
     objective = _objective()
-    pred, gt, mask = _case()
+    pred, gt, mask = loss_case()
     before = {k: v.clone() for k, v in objective.state_dict().items()}
     terms = objective.generator_loss(pred, gt, mask)
     after = objective.state_dict()
@@ -79,7 +71,7 @@ def test_generator_loss_is_edgeconnect_recomputed_and_changes_no_state():
 
 def test_discriminator_loss_is_bce_on_raw_images_recomputed():
     objective = _objective()
-    pred, gt, mask = _case()
+    pred, gt, mask = loss_case()
     objective.discriminators.eval()  # no power iteration, so both computations see the same weights
     d_terms = objective.discriminator_loss(pred.detach(), gt, mask)
     real, fake = _logit(objective, gt), _logit(objective, pred.detach())  # the raw prediction, not composited
@@ -108,7 +100,7 @@ def test_spectral_norms_are_settled_at_construction():
 def test_switched_off_terms_and_bad_keys():
     objective = _objective(weights={"style": 0.0, "perceptual": 0.0, "adversarial": 0.0})
     assert objective.vgg is None
-    pred, gt, mask = _case()
+    pred, gt, mask = loss_case()
     terms = objective.generator_loss(pred, gt, mask)
     assert set(terms) == {"l1", "total"}
     with pytest.raises(ValueError, match="unknown EdgeConnect loss term"):

@@ -15,16 +15,8 @@ import torch.nn.functional as F
 from kdinpaint import plugins
 from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
 from kdinpaint.objective import BatchMemo, Eq11Objective, is_training_objective, total_of
+from tiny import loss_case
 
-
-def _batch(size: int = 32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    target = torch.rand(2, 3, size, size, generator=g) * 2 - 1
-    pred = (torch.rand(2, 3, size, size, generator=g) * 2 - 1).requires_grad_()
-    mask = torch.zeros(2, 1, size, size)
-    mask[0, :, 4:20, 6:26] = 1
-    mask[1, :, 10:30, 2:14] = 1
-    return pred, target, mask
 
 
 def test_eq11_is_registered_and_is_the_recipe_default():
@@ -38,7 +30,7 @@ def test_eq11_is_registered_and_is_the_recipe_default():
 def test_generator_and_discriminator_losses_recomputed():
     torch.manual_seed(0)
     obj = Eq11Objective(lambda_r=1.3, lambda_s=7.0, vgg=None, allow_random_vgg=True, adversarial=0.2, recon_padding="zeros")
-    pred, target, mask = _batch()
+    pred, target, mask = loss_case()
     twin = copy.deepcopy(obj)  # the discriminator's power iteration moves in training mode: the reference gets its own
     terms = obj.generator_loss(pred, target, mask)
 
@@ -62,7 +54,7 @@ def test_generator_and_discriminator_losses_recomputed():
 def test_switched_off_terms_build_nothing():
     obj = Eq11Objective(lambda_s=0.0, adversarial=0.0, recon_padding="zeros")
     assert obj.style is None and len(obj.discriminators) == 0 and obj.discriminator_parameters() == []
-    pred, target, mask = _batch()
+    pred, target, mask = loss_case()
     terms = obj.generator_loss(pred, target, mask)
     assert set(terms) == {"recon", "total"}
     assert obj.discriminator_loss(pred.detach(), target, mask) is None
@@ -76,7 +68,7 @@ def test_a_registered_loss_function_replaces_recon_and_style():
         return (pred - target).abs().mean()
 
     obj = Eq11Objective(lambda_r=2.0, lambda_s=5.0, vgg=None, allow_random_vgg=True, adversarial=0.0, loss=with_vgg)
-    pred, target, mask = _batch()
+    pred, target, mask = loss_case()
     terms = obj.generator_loss(pred, target, mask)
     assert set(terms) == {"loss", "total"} and calls == [obj.style] and obj.style is not None
     torch.testing.assert_close(terms["total"], 2.0 * (pred - target).abs().mean())

@@ -85,3 +85,14 @@ def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g))
     return module
+
+
+def loss_case(size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prediction (requiring grad), a target in [-1, 1] and two rectangular holes: inputs for loss tests."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+    pred = (torch.rand(2, 3, size, size, generator=g) * 2 - 1).requires_grad_()
+    mask = torch.zeros(2, 1, size, size)
+    mask[0, :, 4:20, 6:26] = 1
+    mask[1, :, 10:30, 2:14] = 1
+    return pred, target, mask

@@ -10,14 +10,21 @@
 * :func:`checkpoints_in` lists a run's complete checkpoints; :func:`save_checkpoint` writes one atomically.
 * :func:`check_random_states` warns when a checkpoint's random-state file of this process cannot be loaded:
   accelerate then resumes with fresh random states and logs that only at INFO level.
+* :func:`build_models` builds a recipe's adapter, spec, student and teacher; :func:`eval_set` its held-out
+  images and fixed masks.
+* :class:`MetricsLog` appends the records of ``metrics.jsonl``; :func:`average_gradients`,
+  :func:`no_accelerator` and :func:`tensorboard_installed` are the small pieces of accelerate plumbing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,8 @@ from kdinpaint.weights import load_weights
 
 __all__ = [
     "RESUME_MAY_CHANGE", "checkpoints_in", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
-    "check_random_states",
+    "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
+    "tensorboard_installed",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,3 +154,92 @@ def check_random_states(checkpoint: str | os.PathLike[str], process_index: int) 
         )
         return False
     return True
+
+
+# ---- what a recipe builds ------------------------------------------------------------------------------
+def build_models(recipe: Recipe):
+    """``(adapter, variant, spec, student, teacher)`` of ``recipe.model``: the adapter's builders with
+    ``model.kwargs`` (an unknown keyword is refused with the valid ones), both networks loaded from
+    ``model.init`` when it is set (the teacher starts from the same weights, then learns to reconstruct)."""
+    import kdinpaint
+
+    name, _, variant = recipe.model.adapter.partition(":")
+    adapter = kdinpaint.get_adapter(name)
+    spec = adapter.spec.variant(variant or None)
+    try:
+        student = adapter.student(variant or None, **recipe.model.kwargs)
+        teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        valid = adapter.keyword_names(str(e))
+        unknown = [k for k in recipe.model.kwargs if k not in valid] or sorted(recipe.model.kwargs)
+        raise ValueError(
+            f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); valid keyword names: {valid}"
+        ) from None
+    if recipe.model.init:
+        for net, role in ((student, "student"), (teacher, "teacher")):
+            load_weights(net, recipe.model.init, f"{adapter.name} {role} (model.init)", adapter.checkpoint_filter_fn)
+    return adapter, variant, spec, student, teacher
+
+
+_EVAL_SETS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out images of ``data.eval_images`` and their fixed masks, spread over the Table 1 buckets
+    (image ``i`` gets bucket ``i % 4``); built once per ``(data, masks)`` setting, so a run can build it before
+    training (a bad evaluation setting fails before the first step) and reuse it at the end."""
+    from kdinpaint import metrics
+    from kdinpaint.data import EvalMasks
+    from kdinpaint.data.training import images_from, mask_source
+
+    key = repr((recipe.data, recipe.masks))
+    if key not in _EVAL_SETS:
+        d, m = recipe.data, recipe.masks
+        images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
+        sources = [mask_source(m.eval, d.size, m.hole, lo_hi) for lo_hi in metrics.TABLE1_BUCKETS]  # a folder is read once
+        masks = [EvalMasks(sources[i % len(sources)], 1, size=d.size, seed=m.seed * 1000 + i)[0] for i in range(len(images))]
+        _EVAL_SETS[key] = (images, torch.stack(masks))
+    return _EVAL_SETS[key]
+
+
+# ---- logging and accelerate plumbing -------------------------------------------------------------------
+class MetricsLog:
+    """Appends one JSON record per call to ``path`` (``metrics.jsonl``) on the main process: ``step``, the
+    seconds since the log was made, and the values (floats rounded to 6 digits; a non-finite one as null,
+    which the record's ``skipped`` explains)."""
+
+    def __init__(self, path: str | os.PathLike[str], main_process: bool = True):
+        self.path, self.main_process, self.t0 = Path(path), main_process, time.time()
+
+    def write(self, step: int, logs: dict, **extra: Any) -> dict:
+        """The record written (also on other processes, where nothing is written)."""
+        clean = {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in logs.items()}
+        record = {"step": step, "time": round(time.time() - self.t0, 2), **clean, **extra}
+        if self.main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def average_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
+    """Average the gradients over processes: an objective calls its discriminators unwrapped (its losses are
+    methods, not a DDP forward), so DDP does not synchronise them."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def no_accelerator() -> bool:
+    """On a machine without GPU, several processes (torchrun, accelerate launch) become gloo ranks on the CPU."""
+    return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None

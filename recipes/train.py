@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +47,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 import kdinpaint
 from kdinpaint import data as kdata
-from kdinpaint import metrics
 from kdinpaint.averaging import WeightAverage
 from kdinpaint.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.calling import convention, select_output
@@ -65,10 +62,10 @@ from kdinpaint.plugins import PluginError
 from kdinpaint.recipe import Recipe, load_recipe
 from kdinpaint.report import write_divergence_report, write_evaluation_report
 from kdinpaint.runs import (
-    check_random_states, check_run_folder, check_teacher_weights, checkpoints_in, process_group_kwargs, save_checkpoint,
+    MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
+    checkpoints_in, eval_set, no_accelerator, process_group_kwargs, save_checkpoint, tensorboard_installed,
 )
 from kdinpaint.teacher import autoencoder_call
-from kdinpaint.weights import load_weights
 
 log = logging.getLogger("kdinpaint.train")
 DEFAULT_RECIPE = Path(__file__).with_name("demo.yaml")
@@ -76,58 +73,13 @@ DIVERGED_EXIT = 2  # the exit status of a run stopped by the divergence guard (r
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, PluginError)  # one line and exit status 1, unless --debug
 
 
-# ---- data ------------------------------------------------------------------------------------------
-def eval_set(recipe: Recipe, _memo: dict = {}) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: B006 - the memo
-    """Evaluation images and fixed masks spread over the Table 1 buckets (10-20 % ... 40-50 %); built once
-    (main() builds it before training, so a bad evaluation setting fails before the first step)."""
-    key = repr((recipe.data, recipe.masks))
-    if key not in _memo:
-        _memo[key] = _eval_set(recipe)
-    return _memo[key]
-
-
-def _eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    d, m = recipe.data, recipe.masks
-    images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
-    images = images if isinstance(images, torch.Tensor) else torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
-    sources = [mask_source(m.eval, d.size, m.hole, lo_hi) for lo_hi in metrics.TABLE1_BUCKETS]  # a folder is read once
-    masks = []
-    for i in range(len(images)):
-        fixed = kdata.EvalMasks(sources[i % len(sources)], 1, size=d.size, seed=m.seed * 1000 + i)
-        masks.append(fixed[0])
-    return images, torch.stack(masks)
-
-
-# ---- models ----------------------------------------------------------------------------------------
-def build_models(recipe: Recipe):
-    name, _, variant = recipe.model.adapter.partition(":")
-    adapter = kdinpaint.get_adapter(name)
-    spec = adapter.spec.variant(variant or None)
-    try:
-        student = adapter.student(variant or None, **recipe.model.kwargs)
-        teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
-    except TypeError as e:
-        if "unexpected keyword" not in str(e):
-            raise
-        valid = adapter.keyword_names(str(e))
-        unknown = [k for k in recipe.model.kwargs if k not in valid] or sorted(recipe.model.kwargs)
-        raise ValueError(
-            f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); "
-            f"valid keyword names: {valid}"
-        ) from None
-    if recipe.model.init:  # the teacher starts from the same weights, then learns to reconstruct
-        for net, role in ((student, "student"), (teacher, "teacher")):
-            load_weights(net, recipe.model.init, f"{adapter.name} {role} (model.init)", adapter.checkpoint_filter_fn)
-    return adapter, variant, spec, student, teacher
-
-
+# ---- stages ----------------------------------------------------------------------------------------
 def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
     """Rows of masked | output | ground truth, as PNG."""
     rows = torch.cat([masked_image, output, target], dim=-1)[:4]  # (B, 3, H, 3W)
     save_image(path, torch.cat(list(rows), dim=-2))  # (3, B*H, 3W)
 
 
-# ---- stages ----------------------------------------------------------------------------------------
 def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.TrainingStream, path: Path) -> None:
     """Stage ``teacher``: L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN
     (the loop of :func:`kdinpaint.teacher.pretrain`, with accelerate's devices, mixed precision and processes).
@@ -137,7 +89,7 @@ def train_teacher(recipe: Recipe, teacher: torch.nn.Module, spec, stream: kdata.
     (the reference network's hole-refining attention computes nothing without a hole).
     """
     unused = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=_no_accelerator(), kwargs_handlers=[unused])
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=no_accelerator(), kwargs_handlers=[unused])
     opt = torch.optim.Adam(teacher.parameters(), lr=recipe.teacher.lr, betas=tuple(recipe.optim.betas))
     loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=recipe.data.workers)
     model, opt, loader = accelerator.prepare(teacher, opt, loader)
@@ -224,9 +176,8 @@ def train_student(
     total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
     learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
     loader = accelerator.skip_first_batches(loader, learner.batches) if start else loader
-    metrics_file = run / "metrics.jsonl"
-    progress = _progress(accelerator, total, learner.batches)
-    t0 = time.time()
+    metrics_log = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process)
+    progress = tqdm(total=total, initial=learner.batches, disable=not accelerator.is_main_process, desc="student", unit="block")
     skipped = 0  # batches the guard skipped since the last metrics record
     for block, batch in enumerate(loader, start=learner.batches + 1):
         image, mask = batch["image"], batch["mask"]
@@ -238,12 +189,11 @@ def train_student(
             logs = learner.step(args, image, {**kwargs, **call_kwargs})
         except TrainingDiverged as e:
             progress.close()
+            metrics_log.write(step, e.logs, skipped=skipped + 1, skipped_total=learner.guard.skipped_total, diverged=True)
             if accelerator.is_main_process:
-                record = {"step": step, "time": round(time.time() - t0, 2), **_loggable(e.logs), "skipped": skipped + 1,
-                          "skipped_total": learner.guard.skipped_total, "diverged": True}
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            report_divergence(accelerator, run, e, step)
+                done = checkpoints_in(run)
+                resume = write_divergence_report(run, e, step, f"checkpoints/{done[-1].name}" if done else None)
+                accelerator.print(f"\nDIVERGED at step {step}: {e}\n{resume}\nrun folder: {run}")
             accelerator.end_training()
             raise SystemExit(DIVERGED_EXIT) from None
         bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
@@ -261,12 +211,9 @@ def train_student(
             disc_opt.step()
             logs["loss_d"] = d_loss.item()
         progress.update(1)
-        if accelerator.is_main_process and (step % recipe.log.every == 0 or block == total or bad):
-            record = {"step": step, "time": round(time.time() - t0, 2), **_loggable(logs)}
-            if learner.guard is not None:  # skipped batches since the previous record (a skipped one is always recorded)
-                record.update(skipped=skipped, skipped_total=learner.guard.skipped_total)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if step % recipe.log.every == 0 or block == total or bad:  # skipped batches since the last record
+            guarded = dict(skipped=skipped, skipped_total=learner.guard.skipped_total) if learner.guard is not None else {}
+            record = metrics_log.write(step, logs, **guarded)
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step=step)
             progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
             skipped = 0
@@ -284,35 +231,6 @@ def train_student(
     accelerator.wait_for_everyone()
     with average.applied() if average is not None else contextlib.nullcontext():
         finish(recipe, accelerator, kd, spec, adapter, variant, run)
-
-
-def _loggable(logs: dict) -> dict:
-    """``logs`` for JSON: floats rounded, a non-finite one as null (the record says ``skipped`` beside it)."""
-    return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in logs.items()}
-
-
-def report_divergence(accelerator: Accelerator, run: Path, error: TrainingDiverged, step: int) -> None:
-    """``report.md`` / ``report.json`` of a run the guard stopped, in place of the evaluation (main process)."""
-    if not accelerator.is_main_process:
-        return
-    done = checkpoints_in(run)
-    resume = write_divergence_report(run, error, step, f"checkpoints/{done[-1].name}" if done else None)
-    accelerator.print(f"\nDIVERGED at step {step}: {error}\n{resume}\nrun folder: {run}")
-
-
-def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients over processes: an objective calls its discriminators unwrapped (its losses are
-    methods, not a DDP forward), so DDP does not synchronise them."""
-    if accelerator.num_processes > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
-def _progress(accelerator: Accelerator, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="student", unit="block")
 
 
 @torch.no_grad()
@@ -355,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
 
     run = Path(recipe.checkpoint.dir)
     changed = check_run_folder(run, recipe, allow_changed=args.resume_changed)  # before anything is written
-    log_with = "tensorboard" if recipe.log.tensorboard and _has_tensorboard() else None
+    log_with = "tensorboard" if recipe.log.tensorboard and tensorboard_installed() else None
     accelerator = Accelerator(
-        mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=_no_accelerator(),
+        mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=no_accelerator(),
         kwargs_handlers=process_group_kwargs(recipe.train.process_group_timeout),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
@@ -411,17 +329,6 @@ def main(argv: list[str] | None = None) -> None:
                 "e.g. optim.batch_size=2"
             ) from None
     accelerator.end_training()
-
-
-def _no_accelerator() -> bool:
-    """On a machine without GPU, several processes (torchrun, accelerate launch) become gloo ranks on the CPU."""
-    return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -145,6 +145,7 @@ class CheckpointSection:
 class LogSection:
     every: int = 10
     sample_every: int = 500  # sample grids (masked | output | ground truth) as PNG
+    eval_every: int = 0  # held-out PSNR / SSIM of the exported weights (eval/psnr, eval/ssim); 0: at the end only
     tensorboard: bool = True  # when tensorboard is installed
 
 
@@ -294,6 +295,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("checkpoint", "keep"): _ge(1, "checkpoints kept; 0 would delete every one"),
     ("log", "every"): _ge(1, "steps between log lines"),
     ("log", "sample_every"): _ge(0, "steps between sample grids; 0 writes none"),
+    ("log", "eval_every"): _ge(0, "steps between held-out evaluations; 0 evaluates at the end only"),
 }
 
 

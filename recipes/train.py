@@ -217,6 +217,9 @@ def train_student(
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step=step)
             progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
             skipped = 0
+        if accelerator.is_main_process and recipe.log.eval_every and step % recipe.log.eval_every == 0 and not bad:
+            with average.applied() if average is not None else contextlib.nullcontext():  # the weights exported
+                metrics_log.write(step, held_out_scores(recipe, kd, spec, adapter, accelerator.device))
         if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0 and not bad:
             sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and not bad:  # only good states get saved
@@ -231,6 +234,15 @@ def train_student(
     accelerator.wait_for_everyone()
     with average.applied() if average is not None else contextlib.nullcontext():
         finish(recipe, accelerator, kd, spec, adapter, variant, run)
+
+
+@torch.no_grad()
+def held_out_scores(recipe: Recipe, kd, spec, adapter, device) -> dict[str, float]:
+    """``eval/psnr`` and ``eval/ssim`` of the student (exported now) on the held-out set of :func:`finish`."""
+    images, masks = eval_set(recipe)
+    inpainter = Inpainter(kd.export().eval(), stride=adapter.stride, spec=spec, device=device, batch_size=4)
+    summary = evaluate_model(inpainter, images, masks)[1]["buckets"]["all"]
+    return {"eval/psnr": float(summary["psnr"]), "eval/ssim": float(summary["ssim"])}
 
 
 @torch.no_grad()

@@ -87,6 +87,24 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, every):
     assert "| PSNR" in report and "10-20%" in report
 
 
+def test_eval_every_logs_the_exported_weights_without_changing_training(tmp_path):
+    """log.eval_every: held-out scores in metrics.jsonl during training; the last one is the final report's
+    (the same averaged weights, the same images and masks), and evaluating does not change what is trained."""
+    steps = ["model.kwargs={width: 4, prefill: true}", "train.steps=8", "train.average=0.5"]
+    _train(tmp_path / "plain", *steps)
+    _train(tmp_path / "eval", *steps, "log.eval_every=4")
+    records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in records if "eval/psnr" in r]
+    assert [r["step"] for r in scores] == [4, 8]
+    final = json.loads((tmp_path / "eval" / "report.json").read_text())["buckets"]["all"]
+    assert scores[-1]["eval/psnr"] == pytest.approx(final["psnr"], abs=1e-5)
+    assert scores[-1]["eval/ssim"] == pytest.approx(final["ssim"], abs=1e-5)
+    assert not any("eval/psnr" in json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
+    a = load_file(str(tmp_path / "plain" / "student.safetensors"))
+    b = load_file(str(tmp_path / "eval" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_two_processes_on_cpu(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")

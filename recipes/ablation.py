@@ -314,9 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         "# Table 3 over seeds (`recipes/ablation.py`)", "",
         f"- command: `{command}`",
-        f"- recipe: `{args.config}`; {recipe.data.size}×{recipe.data.size}, model.kwargs {recipe.model.kwargs}, "
+        f"- recipe: `{shown_path(args.config)}`; {recipe.data.size}×{recipe.data.size}, model.kwargs {recipe.model.kwargs}, "
         f"train.steps {recipe.train.steps}, teacher.steps {recipe.teacher.steps}, mixed precision {recipe.train.mixed_precision}",
-        f"- machine: {machine(args.device)}; {args.threads} threads per run, runs one at a time",
+        f"- machine: {machine(args.device)}; {args.threads} thread{'s' if args.threads != 1 else ''} per run, runs one at a time",
         f"- total wall time: {total:.0f} s ({total / 60:.1f} min) for {len(runs)} runs",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         "- 95 % intervals: t quantile from scipy.stats.t.ppf", "", "",
@@ -327,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text)
     print(f"written: {results}")
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (results.md names no machine's folders)."""
+    try:
+        return Path(path).resolve().relative_to(HERE.parent).as_posix()
+    except ValueError:
+        return path
 
 
 if __name__ == "__main__":

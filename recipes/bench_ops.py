@@ -22,7 +22,10 @@ drift; turns keep the ratio honest). Also printed: the hypergradient's share of 
 floor, the final forward at theta_T plus the backward of L_inp(theta_T) to Psi, which no reuse of the
 ordinary steps can remove. ``every_K_ratio`` (K = 2, 4, 8): ``reverse_hg`` with the Psi step on every K-th
 batch (``meta.every``), the time of K consecutive batches per theta step over ``frozen`` (K = 1 is
-``reverse_hg_ratio``). Target: every_4_ratio <= 1.5. ``--device cuda`` runs it on a GPU; ``--autocast
+``reverse_hg_ratio``). Target: every_4_ratio <= 1.5. ``--model demo`` times the main job's network instead
+(``reference`` Net8 at width 8 with its weight-free fill, an untrained teacher, batch 16 at 64×64), whose
+frozen batch is dearer (the fill, computed once per batch and reused by every call of Algorithm 1) so the
+Psi step weighs less. ``--device cuda`` runs it on a GPU; ``--autocast
 bf16`` runs the ordinary steps of every mode under bf16 autocast (the hypergradient stays float32).
 """
 
@@ -124,18 +127,23 @@ def bench_attention_memory(device: torch.device, repeats: int) -> dict:
 EVERY = (2, 4, 8)  # meta.every values timed beside every batch (1)
 
 
-def bench_meta_step(device: torch.device, repeats: int, autocast: str = "none") -> dict:
+def bench_meta_step(device: torch.device, repeats: int, autocast: str = "none", model: str = "tiny-unet") -> dict:
     import kdinpaint
     from kdinpaint.bilevel import MetaLearner
     from kdinpaint_adapters.tiny import TinyInpaintUNet
 
     torch.manual_seed(0)
-    student = TinyInpaintUNet(width=16).to(device)
-    teacher = kdinpaint.build_teacher(student)
-    kd = kdinpaint.attach(student, teacher, {"encoder_levels": ["enc1", "enc2", "enc3"]}).to(device)
+    if model == "demo":  # the main job's network: Net8 at width 8 with its fill, batches of 16
+        adapter = kdinpaint.get_adapter("reference")
+        student, teacher = adapter.student(None, width=8, prefill=True), adapter.teacher(None, width=8, prefill=True)
+        kd, batch = kdinpaint.attach(student, teacher, adapter.spec).to(device), 16
+    else:
+        student = TinyInpaintUNet(width=16).to(device)
+        teacher = kdinpaint.build_teacher(student)
+        kd, batch = kdinpaint.attach(student, teacher, {"encoder_levels": ["enc1", "enc2", "enc3"]}).to(device), 4
     g = torch.Generator().manual_seed(0)
-    gt = (torch.rand(4, 3, 64, 64, generator=g) * 2 - 1).to(device)
-    mask = torch.zeros(4, 1, 64, 64, device=device)
+    gt = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device)
+    mask = torch.zeros(batch, 1, 64, 64, device=device)
     mask[:, :, 16:40, 20:48] = 1
 
     def l1(pred, target, m):
@@ -166,8 +174,8 @@ def bench_meta_step(device: torch.device, repeats: int, autocast: str = "none") 
     for round_ in range(repeats + 2):
         for mode, learner in learners.items():
             def run(learner=learner, n=batches[mode]) -> None:
-                for _ in range(n):
-                    learner.step(inputs, gt)
+                for _ in range(n):  # a fresh input tensor per batch, as a data loader gives (the fill is cached per tensor)
+                    learner.step((inputs[0].clone(), inputs[1]), gt)
 
             seconds = median_seconds(run, device, 1, warmup=0)
             if round_ >= 2:  # warm-up rounds
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
                         help="meta_step: run the ordinary steps under bf16 autocast (default: none)")
+    parser.add_argument("--model", choices=("tiny-unet", "demo"), default="tiny-unet",
+                        help="meta_step: tiny-unet (width 16, batch 4) or demo (the main job's Net8, width 8, fill, batch 16)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
     for name in args.names or list(BENCHES):
-        options = {"autocast": args.autocast} if name == "meta_step" else {}
+        options = {"autocast": args.autocast, "model": args.model} if name == "meta_step" else {}
         result = BENCHES[name](device, args.repeats, **options)
         print(name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
 

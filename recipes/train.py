@@ -163,6 +163,7 @@ def train_student(
     average = WeightAverage(theta, recipe.train.average) if recipe.train.average > 0 else None
     if average is not None:
         accelerator.register_for_checkpointing(average)
+    exported_weights = average.applied if average is not None else contextlib.nullcontext  # evaluated and exported
     if learner.guard is not None:
         accelerator.register_for_checkpointing(learner.guard)  # ... and the guard's loss history
     call_kwargs = dict(objective.call_kwargs)
@@ -218,8 +219,9 @@ def train_student(
             progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
             skipped = 0
         if accelerator.is_main_process and recipe.log.eval_every and step % recipe.log.eval_every == 0 and not bad:
-            with average.applied() if average is not None else contextlib.nullcontext():  # the weights exported
-                metrics_log.write(step, held_out_scores(recipe, kd, spec, adapter, accelerator.device))
+            with exported_weights(), torch.no_grad():
+                summary = held_out(recipe, kd.export().eval(), spec, adapter, accelerator.device)[-1]["buckets"]["all"]
+            metrics_log.write(step, {"eval/psnr": float(summary["psnr"]), "eval/ssim": float(summary["ssim"])})
         if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0 and not bad:
             sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and not bad:  # only good states get saved
@@ -232,17 +234,17 @@ def train_student(
             break
     progress.close()
     accelerator.wait_for_everyone()
-    with average.applied() if average is not None else contextlib.nullcontext():
+    with exported_weights():
         finish(recipe, accelerator, kd, spec, adapter, variant, run)
 
 
 @torch.no_grad()
-def held_out_scores(recipe: Recipe, kd, spec, adapter, device) -> dict[str, float]:
-    """``eval/psnr`` and ``eval/ssim`` of the student (exported now) on the held-out set of :func:`finish`."""
+def held_out(recipe: Recipe, model: torch.nn.Module, spec, adapter, device, name: str | None = None):
+    """``(inpainter, images, masks, names, rows, summary)``: ``model`` scored on the held-out set (:func:`eval_set`)."""
     images, masks = eval_set(recipe)
-    inpainter = Inpainter(kd.export().eval(), stride=adapter.stride, spec=spec, device=device, batch_size=4)
-    summary = evaluate_model(inpainter, images, masks)[1]["buckets"]["all"]
-    return {"eval/psnr": float(summary["psnr"]), "eval/ssim": float(summary["ssim"])}
+    inpainter = Inpainter(model, stride=adapter.stride, spec=spec, device=device, batch_size=4, name=name)
+    names = [f"eval_{i}" for i in range(len(images))]
+    return inpainter, images, masks, names, *evaluate_model(inpainter, images, masks, names=names)
 
 
 @torch.no_grad()
@@ -257,10 +259,7 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant:
     exported = kd.export().eval()
     name = f"{adapter.name}:{variant}" if variant else adapter.name
     kdinpaint.save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
-    images, masks = eval_set(recipe)
-    inpainter = Inpainter(exported, stride=adapter.stride, spec=spec, device=accelerator.device, batch_size=4, name=name)
-    names = [f"eval_{i}" for i in range(len(images))]
-    rows, summary = evaluate_model(inpainter, images, masks, names=names)
+    inpainter, images, masks, names, rows, summary = held_out(recipe, exported, spec, adapter, accelerator.device, name)
     # a network that starts from a weight-free fill is also shown beside that fill (what training added)
     methods = (*FLOOR_METHODS, "pyramid") if getattr(kd.student, "prefill", False) else FLOOR_METHODS
     floor = evaluate_floor(images, masks, methods=methods, names=names).compare(summary, name=name)  # biharmonic: ~0.3 s per 64x64 image

@@ -216,7 +216,8 @@ class BatchMemo:
 
 class Eq11Objective(TrainingObjective):
     """The paper's L_inp, Eq. (11) without the distillation terms (the Distiller adds those):
-    ``lambda_r R_recon + lambda_s R_style + adversarial * L_adv``, registered as ``eq11``.
+    ``lambda_r R_recon + lambda_s R_style + adversarial * L_adv``, registered as ``eq11``; ``ssim > 0`` adds
+    ``ssim * (1 - SSIM)`` of the composite (not in the paper; see below).
 
     ``R_recon`` is GMCNN's spatially-varying L1 (:func:`~kdinpaint.losses.reconstruction.spatially_varying_l1`,
     ``recon_padding``), ``R_style`` the Gram-matrix loss of :class:`~kdinpaint.losses.style.VGGStyleLoss`
@@ -225,6 +226,12 @@ class Eq11Objective(TrainingObjective):
     only when ``adversarial > 0``) on the composited prediction; its step minimises
     :func:`~kdinpaint.losses.adversarial.discriminator_loss` (``gan_loss``) of the ground truth against the
     detached composite, with Adam betas (0, 0.9).
+
+    ``ssim``: the weight of ``1 - SSIM(composite, target)``, SSIM as :func:`kdinpaint.metrics.ssim` scores it
+    (11×11 Gaussian window, per channel, on [0, 1] images), a term the paper does not have. An L1 loss is
+    minimised by the per-pixel median and trades local structure for mean colour; the SSIM term asks for
+    the structure too (Zhao et al., "Loss Functions for Image Restoration with Neural Networks", 2017, mix
+    it with L1 for the same reason). 0 (the default and the paper) leaves it out.
 
     ``loss``: a registered loss *function* ``fn(pred, target, mask)`` (an adapter's own generator loss) in
     place of ``R_recon`` and ``R_style``; it gets ``vgg=`` (the style loss's VGG) when it takes one and
@@ -238,7 +245,9 @@ class Eq11Objective(TrainingObjective):
 
     loss_input = "prediction"
     discriminator_betas = (0.0, 0.9)
-    recipe_keys = ("lambda_r", "lambda_s", "style_preset", "vgg", "allow_random_vgg", "adversarial", "gan_loss", "recon_padding")
+    recipe_keys = (
+        "lambda_r", "lambda_s", "style_preset", "vgg", "allow_random_vgg", "adversarial", "gan_loss", "recon_padding", "ssim",
+    )
 
     def __init__(
         self,
@@ -250,6 +259,7 @@ class Eq11Objective(TrainingObjective):
         adversarial: float = 0.1,
         gan_loss: str = "nsgan",
         recon_padding: str = "reflect",
+        ssim: float = 0.0,
         loss: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         from kdinpaint.losses.adversarial import PatchDiscriminator
@@ -259,7 +269,9 @@ class Eq11Objective(TrainingObjective):
         if loss is not None and (is_training_objective(loss) or not callable(loss)):
             raise TypeError(f"Eq11Objective(loss=...) takes a loss function fn(pred, target, mask), got {loss!r}")
         self.lambda_r, self.lambda_s, self.adversarial = lambda_r, lambda_s, adversarial
-        self.gan_loss, self.recon_padding, self.loss = gan_loss, recon_padding, loss
+        if ssim < 0:
+            raise ValueError(f"ssim is the weight of 1 - SSIM and must be >= 0 (0 leaves the term out), got {ssim}")
+        self.gan_loss, self.recon_padding, self.loss, self.ssim = gan_loss, recon_padding, loss, float(ssim)
         self._loss_takes_vgg = loss is not None and "vgg" in inspect.signature(loss).parameters
         uses_style = lambda_s > 0 and (loss is None or self._loss_takes_vgg)
         self.style = VGGStyleLoss(style_preset, weights=vgg, allow_random=allow_random_vgg) if uses_style else None
@@ -268,10 +280,11 @@ class Eq11Objective(TrainingObjective):
         self._memo = BatchMemo()
 
     def generator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"recon" (or "loss"), "style", "adversarial", "total"}``, each term with its weight, on the prediction."""
+        """``{"recon" (or "loss"), "style", "ssim", "adversarial", "total"}``, each term with its weight, on the prediction."""
         from kdinpaint.losses.adversarial import generator_adv_loss
         from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
         from kdinpaint.masking import composite
+        from kdinpaint.metrics import ssim
 
         key = (target, mask)
         if self.loss is not None:
@@ -285,6 +298,10 @@ class Eq11Objective(TrainingObjective):
             features = self._memo.get("vgg", key, lambda: self.style.target_features(target, mask))
             terms["style"] = self.lambda_s * self.style(output, target, mask, features)["style"]
             total = total + terms["style"]
+        if self.ssim > 0:  # images in [-1, 1] -> [0, 1]; the metric's dtype (float64 on CPU), the loss's back
+            score = ssim((composite(output, target, mask) + 1) / 2, (target + 1) / 2, data_range=1.0)
+            terms["ssim"] = self.ssim * (1 - score.mean()).to(output.dtype)
+            total = total + terms["ssim"]
         if "patch" in self.discriminators:
             logits = self.discriminators["patch"](composite(output, target, mask))[0]
             terms["adversarial"] = self.adversarial * generator_adv_loss(logits, self.gan_loss)

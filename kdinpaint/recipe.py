@@ -80,6 +80,7 @@ class LossSection:
     vgg: Optional[str] = "vgg16.tv_in1k"  # timm name or a local weights file
     allow_random_vgg: bool = False  # random VGG weights (demos and tests only)
     adversarial: float = 0.1  # Region Normalization's discriminator; 0 switches it off
+    ssim: float = 0.0  # weight of 1 - SSIM of the composite (not in the paper; kdinpaint.objective.Eq11Objective)
     gan_loss: str = "nsgan"
     d_lr_ratio: float = 0.1
 
@@ -274,6 +275,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("losses", "lambda_d"): _ge(0, "the weight of R_distil + R_att, Eq. 11"),
     ("losses", "lambda_s"): _ge(0, "the weight of R_style, Eq. 11"),
     ("losses", "adversarial"): _ge(0, "the weight of the adversarial term; 0 switches it off"),
+    ("losses", "ssim"): _ge(0, "the weight of 1 - SSIM of the composite; 0 switches it off"),
     ("losses", "d_lr_ratio"): _gt(0, "the discriminator's learning rate relative to optim.lr"),
     ("meta", "steps"): _ge(1, "T, the theta steps of one Algorithm-1 block"),
     ("meta", "every"): _ge(1, "a Psi step on every k-th batch; 1 is Algorithm 1"),

@@ -60,6 +60,30 @@ def test_switched_off_terms_build_nothing():
     assert obj.discriminator_loss(pred.detach(), target, mask) is None
 
 
+def test_ssim_term_is_one_minus_skimage_ssim_of_the_composite():
+    from skimage.metrics import structural_similarity
+
+    obj = Eq11Objective(lambda_r=1.0, lambda_s=0.0, adversarial=0.0, recon_padding="zeros", ssim=2.5)
+    pred, target, mask = loss_case()
+    terms = obj.generator_loss(pred, target, mask)
+    composite = ((pred * mask + target * (1 - mask)).detach() + 1) / 2
+    reference = [  # the metric's convention: 11x11 Gaussian (sigma 1.5), population covariance, per channel
+        structural_similarity(
+            c.permute(1, 2, 0).double().numpy(), t.permute(1, 2, 0).double().numpy(), channel_axis=2,
+            data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        )
+        for c, t in zip(composite, (target + 1) / 2)
+    ]
+    expected = 2.5 * (1 - torch.tensor(reference).mean())
+    torch.testing.assert_close(terms["ssim"].double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(terms["total"], terms["recon"] + terms["ssim"])
+    terms["total"].backward()
+    assert terms["ssim"].dtype == pred.dtype and torch.isfinite(pred.grad).all()
+    assert pred.grad[mask.expand_as(pred) == 0].abs().max() == 0  # known pixels are the target's: no gradient
+    with pytest.raises(ValueError, match="ssim .* >= 0"):
+        Eq11Objective(lambda_s=0.0, adversarial=0.0, ssim=-1.0)
+
+
 def test_a_registered_loss_function_replaces_recon_and_style():
     calls = []
 

@@ -378,8 +378,9 @@ class Distiller(nn.Module):
         ref = next(iter(self._root.parameters()), None)
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None and ref.is_floating_point() else {}
         # theta: completion blocks (predictors shared between equal widths if asked) and f_l
+        c = spec.completion
         self.blocks = build_completion_blocks(
-            [shapes[p][1] for p in self.sites], spec.completion.kernel_size, spec.completion.share_predictors
+            [shapes[p][1] for p in self.sites], c.kernel_size, c.share_predictors, c.kernel_limit, c.offset_limit
         )
         self.align = nn.ModuleDict()
         self.gamma = nn.ModuleDict()
@@ -398,7 +399,9 @@ class Distiller(nn.Module):
                 self.gamma[str(i)] = FeatureTransform(ct, cs, spec.meta.gamma_kernel_size)
                 self.rho[str(i)] = ChannelWeights(ct, cs, hidden)
         fusion_sites = [i for i, site in enumerate(self.attention) if site.fusion]
-        self.fusion = build_fusions([self._att_info[i]["channels"] for i in fusion_sites], spec.completion.kernel_size)
+        self.fusion = build_fusions(
+            [self._att_info[i]["channels"] for i in fusion_sites], c.kernel_size, c.kernel_limit, c.offset_limit
+        )
         self._fusion_index = {i: str(j) for j, i in enumerate(fusion_sites)}
         self.t = nn.ModuleDict(
             {str(i): PixelWeights(info["teacher_channels"]) for i, info in enumerate(self._att_info) if self.attention[i].transfer}

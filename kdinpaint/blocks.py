@@ -3,7 +3,9 @@
 * :class:`AdaptiveConv` — Eq. (6): two convolutions predict, per pixel, ``K*K`` kernel weights (``f_ker``)
   and ``2*K*K`` offsets (``f_off``) from the input, applied to every channel by
   :func:`kdinpaint.ops.adaptive_conv`. Offsets start at zero, so the block first looks at the plain
-  ``K×K`` neighbourhood and learns where else to look.
+  ``K×K`` neighbourhood and learns where else to look. Kernel weights and offsets are soft-clamped,
+  ``L tanh(v / L)`` (``kernel_limit`` 1, ``offset_limit`` 3 pixels by default; ``None`` is Eq. (6) as
+  written, see :class:`AdaptiveConv`).
 * :class:`GlobalLocalFusion` — Eq. (10): attention and adaptive convolution mixed per pixel (PGL).
 * :class:`CompletionBlock` — Eq. (5): ``x + adaptive_conv(x) ⊙ M``, updating only the holes. Its kernel
   predictor starts at zero, so a freshly attached block is the identity and the model's output is unchanged
@@ -29,16 +31,39 @@ class AdaptiveConv(nn.Module):
         kernel_size: ``K`` of the adaptive kernel (odd).
         predictor_kernel_size: kernel size of the two predictor convolutions.
         zero_kernel: start the kernel predictor at zero (the block outputs 0 until trained).
+        kernel_limit: soft bound of every kernel weight, ``V = L tanh(f_ker(x) / L)``; ``None``: unbounded.
+        offset_limit: soft bound of every offset in pixels, ``Δ = L tanh(f_off(x) / L)``; ``None``: unbounded.
+
+    Why the bounds (not in the paper, whose ``V = f_ker(x')`` is a plain convolution): the kernel is linear
+    in the input it is applied to, so the output is quadratic in it, and in a residual block
+    ``x + y(x) ⊙ M`` that is a feedback loop. Unbounded, it ran away in training: kernel weights grew to
+    hundreds and offsets to 600-2000 pixels on 16×16 features within a few steps, and the features and the
+    distillation terms after them blew up (the reference network, Adam at 2e-3 and 3e-3). Offsets also drift
+    far beyond the feature map in long stable runs (a 99th percentile of 24 pixels on 8×8 features after
+    3000 steps), where they sample only the zero padding. ``L tanh(v / L)`` has slope 1 at 0, so small values
+    and a fresh block behave exactly as the plain form.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, predictor_kernel_size: int = 3, zero_kernel: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        predictor_kernel_size: int = 3,
+        zero_kernel: bool = False,
+        kernel_limit: float | None = 1.0,
+        offset_limit: float | None = 3.0,
+    ):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        for name, limit in (("kernel_limit", kernel_limit), ("offset_limit", offset_limit)):
+            if limit is not None and not limit > 0:
+                raise ValueError(f"{name} must be > 0 or None (unbounded), got {limit}")
         self.channels = channels
         self.kernel_size = kernel_size
+        self.kernel_limit, self.offset_limit = kernel_limit, offset_limit
         taps = kernel_size * kernel_size
         pad = predictor_kernel_size // 2
         self.f_ker = nn.Conv2d(channels, taps, predictor_kernel_size, padding=pad)
@@ -52,7 +77,15 @@ class AdaptiveConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"AdaptiveConv built for {self.channels} channels got a {x.shape[1]}-channel input")
-        return adaptive_conv(x, self.f_ker(x), self.f_off(x))
+        return adaptive_conv(x, _soft_clamp(self.f_ker(x), self.kernel_limit), _soft_clamp(self.f_off(x), self.offset_limit))
+
+    def extra_repr(self) -> str:
+        return f"kernel_limit={self.kernel_limit}, offset_limit={self.offset_limit}"
+
+
+def _soft_clamp(v: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """``limit * tanh(v / limit)``: ``v`` near 0, never beyond ``±limit``; ``v`` itself when ``limit`` is None."""
+    return v if limit is None else limit * torch.tanh(v / limit)
 
 
 class CompletionBlock(nn.Module):
@@ -71,18 +104,25 @@ class CompletionBlock(nn.Module):
         return x + self.conv(x) * m
 
 
-def build_completion_blocks(channels: list[int], kernel_size: int = 3, share_predictors: bool = True) -> nn.ModuleDict:
+def build_completion_blocks(
+    channels: list[int],
+    kernel_size: int = 3,
+    share_predictors: bool = True,
+    kernel_limit: float | None = 1.0,
+    offset_limit: float | None = 3.0,
+) -> nn.ModuleDict:
     """One :class:`CompletionBlock` per site (keys ``"0"``, ``"1"``, ...), widths ``channels``.
 
     With ``share_predictors`` all blocks of one width use the same :class:`AdaptiveConv` (the paper's shared
     kernel and offset predictors); the kernel predictors start at zero, so every block starts as the identity.
+    ``kernel_limit`` / ``offset_limit``: the soft bounds of :class:`AdaptiveConv`.
     """
     blocks = nn.ModuleDict()
     shared: dict[int, AdaptiveConv] = {}
     for i, c in enumerate(channels):
         conv = shared.get(c) if share_predictors else None
         if conv is None:
-            conv = shared[c] = AdaptiveConv(c, kernel_size, zero_kernel=True)
+            conv = shared[c] = AdaptiveConv(c, kernel_size, zero_kernel=True, kernel_limit=kernel_limit, offset_limit=offset_limit)
         blocks[str(i)] = CompletionBlock(conv)
     return blocks
 
@@ -95,13 +135,13 @@ class GlobalLocalFusion(nn.Module):
     :class:`AdaptiveConv`. Shapes: ``d``, ``att`` ``(B, C, h, w) -> (B, C, h, w)``.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    def __init__(self, channels: int, kernel_size: int = 3, kernel_limit: float | None = 1.0, offset_limit: float | None = 3.0):
         super().__init__()
         self.channels = channels
         self.f_w = nn.Conv2d(channels, 1, 3, padding=1)
         nn.init.zeros_(self.f_w.weight)
         nn.init.zeros_(self.f_w.bias)
-        self.local = AdaptiveConv(channels, kernel_size)
+        self.local = AdaptiveConv(channels, kernel_size, kernel_limit=kernel_limit, offset_limit=offset_limit)
 
     def forward(self, d: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         if att.shape != d.shape:
@@ -113,6 +153,10 @@ class GlobalLocalFusion(nn.Module):
         return att * w + self.local(d) * (1 - w)
 
 
-def build_fusions(channels: list[int], kernel_size: int = 3) -> nn.ModuleDict:
-    """One :class:`GlobalLocalFusion` per fusion site (keys ``"0"``, ``"1"``, ...)."""
-    return nn.ModuleDict({str(i): GlobalLocalFusion(c, kernel_size) for i, c in enumerate(channels)})
+def build_fusions(
+    channels: list[int], kernel_size: int = 3, kernel_limit: float | None = 1.0, offset_limit: float | None = 3.0
+) -> nn.ModuleDict:
+    """One :class:`GlobalLocalFusion` per fusion site (keys ``"0"``, ``"1"``, ...); limits: :class:`AdaptiveConv`."""
+    return nn.ModuleDict(
+        {str(i): GlobalLocalFusion(c, kernel_size, kernel_limit, offset_limit) for i, c in enumerate(channels)}
+    )

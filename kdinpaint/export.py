@@ -197,12 +197,17 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     """Rebuild a :class:`CompletedModel` around ``model`` (a fresh instance of the student's class)."""
     path = Path(path)
     meta = _metadata(path)
-    spec = AdapterSpec.from_dict(yaml.safe_load(meta["kdinpaint.spec"]))
+    stored = yaml.safe_load(meta["kdinpaint.spec"])
+    completion = stored.setdefault("completion", {})
+    for key in ("kernel_limit", "offset_limit"):  # files written before the bounds existed: unbounded, as trained
+        completion.setdefault(key, None)
+    spec = AdapterSpec.from_dict(stored)
     sites = json.loads(meta["kdinpaint.sites"])
     channels = json.loads(meta["kdinpaint.site_channels"])
-    blocks = build_completion_blocks(channels, spec.completion.kernel_size, spec.completion.share_predictors)
+    c = spec.completion
+    blocks = build_completion_blocks(channels, c.kernel_size, c.share_predictors, c.kernel_limit, c.offset_limit)
     fusion_sites = json.loads(meta.get("kdinpaint.fusion_sites", "[]"))
-    fusions = build_fusions(json.loads(meta.get("kdinpaint.fusion_channels", "[]")), spec.completion.kernel_size)
+    fusions = build_fusions(json.loads(meta.get("kdinpaint.fusion_channels", "[]")), c.kernel_size, c.kernel_limit, c.offset_limit)
     origin = f" (exported from {meta['kdinpaint.adapter']!r})" if "kdinpaint.adapter" in meta else ""
     fix = "pass a fresh instance of the exported model's class, built with the same arguments"
     modules = dict(_modules.unwrap(model).named_modules())

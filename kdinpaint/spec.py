@@ -24,7 +24,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -60,20 +60,31 @@ def _path_list(value: Any, key: str, where: str) -> list[str]:
 
 @dataclass
 class CompletionOptions:
-    """Completion blocks (Eq. 5-6): adaptive convolution kernel size and predictor sharing.
+    """Completion blocks (Eq. 5-6): adaptive convolution kernel size, predictor sharing and bounds.
 
     ``share_predictors``: one kernel/offset predictor pair for all blocks of equal width (the paper shares
-    them across blocks); blocks of another width get their own.
+    them across blocks); blocks of another width get their own. ``kernel_limit`` / ``offset_limit``: soft
+    bounds of the predicted kernel weights and offsets (pixels) of every adaptive convolution (completion
+    blocks and PGL), ``null`` for none (Eq. 6 as written); why: :class:`kdinpaint.blocks.AdaptiveConv`.
     """
 
     kernel_size: int = 3
     share_predictors: bool = True
+    kernel_limit: Optional[float] = 1.0
+    offset_limit: Optional[float] = 3.0
 
     def __post_init__(self) -> None:
         _check_type(self.kernel_size, (int,), "kernel_size", "completion", "an odd int >= 1")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"completion.kernel_size must be odd and >= 1, got {self.kernel_size}")
         _check_type(self.share_predictors, (bool,), "share_predictors", "completion", "true or false")
+        for key in ("kernel_limit", "offset_limit"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_type(value, (int, float), key, "completion", "a number > 0, or null for no bound")
+                if not value > 0:
+                    raise ValueError(f"completion.{key} must be > 0 (or null for no bound), got {value}")
+                setattr(self, key, float(value))
 
 
 @dataclass

@@ -193,3 +193,43 @@ def test_fresh_completion_block_is_identity_and_learns():
     assert torch.equal(out, x)
     out.square().sum().backward()
     assert blocks["0"].conv.f_ker.weight.grad.abs().sum() > 0
+
+
+def test_adaptive_conv_bounds_kernel_and_offsets_by_a_soft_clamp():
+    torch.manual_seed(0)
+    conv = AdaptiveConv(4, 3, kernel_limit=0.5, offset_limit=2.0)
+    with torch.no_grad():  # predictors far beyond the limits, as in a run that ran away
+        conv.f_ker.weight.normal_(0, 5.0)
+        conv.f_off.weight.normal_(0, 20.0)
+    plain = AdaptiveConv(4, 3, kernel_limit=None, offset_limit=None)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    kernel, offset = plain.f_ker(x), plain.f_off(x)
+    assert kernel.abs().max() > 5 and offset.abs().max() > 20
+    # the unbounded module is Eq. (6) as written: deform_conv2d with the raw predictions
+    ones = torch.ones(4, 1, 3, 3)
+    torch.testing.assert_close(plain(x), deform_conv2d(x, offset, ones, padding=1, mask=kernel), atol=1e-4, rtol=1e-4)
+    # the bounded one: the same with L * tanh(v / L) of each, within the limits
+    bounded_k, bounded_o = 0.5 * torch.tanh(kernel / 0.5), 2.0 * torch.tanh(offset / 2.0)
+    assert bounded_k.abs().max() <= 0.5 and bounded_o.abs().max() <= 2.0  # tanh saturates to 1 in float32
+    torch.testing.assert_close(conv(x), deform_conv2d(x, bounded_o, ones, padding=1, mask=bounded_k), atol=1e-4, rtol=1e-4)
+    assert conv(x).abs().max() <= 9 * 0.5 * x.abs().max()  # K*K taps of weight < 0.5: linear in x, not quadratic
+    # near zero the clamp is the identity to first order: a fresh block and small kernels behave as the plain form
+    small = torch.full((1,), 1e-3)
+    torch.testing.assert_close(0.5 * torch.tanh(small / 0.5), small, atol=1e-8, rtol=1e-5)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="kernel_limit must be > 0"):
+            AdaptiveConv(4, kernel_limit=bad)
+
+
+def test_spec_passes_the_bounds_to_every_adaptive_convolution():
+    from kdinpaint.spec import CompletionOptions
+
+    blocks = build_completion_blocks([4, 8], kernel_limit=0.25, offset_limit=None)
+    assert all(b.conv.kernel_limit == 0.25 and b.conv.offset_limit is None for b in blocks.values())
+    assert CompletionOptions().kernel_limit == 1.0 and CompletionOptions().offset_limit == 3.0
+    assert CompletionOptions(kernel_limit=None, offset_limit=2).offset_limit == 2.0
+    with pytest.raises(ValueError, match="completion.offset_limit must be > 0"):
+        CompletionOptions(offset_limit=0)
+    with pytest.raises(TypeError, match="completion.kernel_limit must be a number > 0, or null"):
+        CompletionOptions(kernel_limit="1")

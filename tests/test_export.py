@@ -113,3 +113,37 @@ def test_checkpoint_rebuilds_from_the_file_alone(tmp_path):
         kdinpaint.load_checkpoint(path, expected="reference")
     with pytest.raises(ValueError, match="but 'tiny-unet:wide' was expected"):
         kdinpaint.load_checkpoint(path, expected="tiny-unet:wide")
+
+
+def test_a_file_written_before_the_bounds_loads_unbounded(tmp_path):
+    """Files exported before ``completion.kernel_limit`` / ``offset_limit`` existed were trained unbounded and
+    load that way; new files keep the bounds they were trained with."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from kdinpaint.blocks import AdaptiveConv
+
+    student, kd = _attached()
+    with torch.no_grad():  # kernels beyond the default limit, so that the bound shows in the output
+        for block in kd.blocks.values():
+            block.conv.f_ker.weight.normal_(0, 3.0)
+    image, mask = batch()
+    path = tmp_path / "new.safetensors"
+    kdinpaint.save_exported(kd.export(), path)
+    new = kdinpaint.load_exported(path, TinyUNet()).eval()
+    convs = lambda m: [c for c in m.modules() if isinstance(c, AdaptiveConv)]  # noqa: E731
+    assert convs(new) and all(c.kernel_limit == 1.0 and c.offset_limit == 3.0 for c in convs(new))
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    spec = yaml.safe_load(meta["kdinpaint.spec"])
+    del spec["completion"]["kernel_limit"], spec["completion"]["offset_limit"]
+    meta["kdinpaint.spec"] = yaml.safe_dump(spec, sort_keys=False)
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=meta)
+    legacy = kdinpaint.load_exported(old, TinyUNet()).eval()
+    assert convs(legacy) and all(c.kernel_limit is None and c.offset_limit is None for c in convs(legacy))
+    with torch.no_grad():
+        assert not torch.allclose(legacy(image, mask), new(image, mask))

@@ -40,8 +40,8 @@ class AdaptiveConv(nn.Module):
     hundreds and offsets to 600-2000 pixels on 16×16 features within a few steps, and the features and the
     distillation terms after them blew up (the reference network, Adam at 2e-3 and 3e-3). Offsets also drift
     far beyond the feature map in long stable runs (a 99th percentile of 24 pixels on 8×8 features after
-    3000 steps), where they sample only the zero padding. ``L tanh(v / L)`` has slope 1 at 0, so small values
-    and a fresh block behave exactly as the plain form.
+    3000 steps), where they sample only the zero padding. ``L tanh(v / L)`` has slope 1 at 0: a fresh block is
+    exactly the plain form, and small values almost so.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """

@@ -298,12 +298,13 @@ class Eq11Objective(TrainingObjective):
             features = self._memo.get("vgg", key, lambda: self.style.target_features(target, mask))
             terms["style"] = self.lambda_s * self.style(output, target, mask, features)["style"]
             total = total + terms["style"]
+        filled = composite(output, target, mask) if self.ssim > 0 or "patch" in self.discriminators else None
         if self.ssim > 0:  # images in [-1, 1] -> [0, 1]; the metric's dtype (float64 on CPU), the loss's back
-            score = ssim((composite(output, target, mask) + 1) / 2, (target + 1) / 2, data_range=1.0)
+            score = ssim((filled + 1) / 2, (target + 1) / 2, data_range=1.0)
             terms["ssim"] = self.ssim * (1 - score.mean()).to(output.dtype)
             total = total + terms["ssim"]
         if "patch" in self.discriminators:
-            logits = self.discriminators["patch"](composite(output, target, mask))[0]
+            logits = self.discriminators["patch"](filled)[0]
             terms["adversarial"] = self.adversarial * generator_adv_loss(logits, self.gan_loss)
             total = total + terms["adversarial"]
         terms["total"] = total

@@ -87,6 +87,30 @@ def test_fresh_prefill_net_returns_the_clamped_fill():
     assert (coarse - fill).abs().max() > 0.05  # the fill's arguments reach it
 
 
+def test_biharmonic_prefill_starts_from_scikit_image_biharmonic_fill():
+    """``prefill="biharmonic"``: a fresh network returns skimage's inpaint_biharmonic (the oracle, called here on
+    its own), clamped as every prefill is; the stem's guide is still the plain harmonic fill minus the start."""
+    from skimage.restoration import inpaint_biharmonic
+
+    image, mask = batch(2, 32)
+    mask = mask.clone()
+    mask[1] = 1  # a sample that is all hole: nothing to fill from, zeros (as the pyramid fill gives)
+    net = ReferenceNet(width=4, prefill="biharmonic")
+    assert net.prefill and net.prefill_mode == "biharmonic"
+    with torch.no_grad():
+        out = net(image * (1 - mask), mask)
+    rgb = ((image[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    ref = torch.from_numpy(inpaint_biharmonic(rgb, mask[0, 0].numpy() > 0.5, channel_axis=-1)).permute(2, 0, 1)
+    ref = (ref.float().clamp(0, 1) * 2 - 1) * mask[0] + image[0] * (1 - mask[0])
+    torch.testing.assert_close(out[0], ref.clamp(-0.999, 0.999), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], torch.zeros_like(out[1]))
+    start, guide = net._compute_fills(image * (1 - mask), mask)
+    torch.testing.assert_close(guide[0], harmonic_fill(image, mask, net.prefill_iterations)[0].clamp(-1, 1) - start[0])
+    for bad in ("exact", 1, None):
+        with pytest.raises(ValueError, match="prefill must be false, true, 'pyramid' or 'biharmonic'"):
+            ReferenceNet(width=4, prefill=bad)
+
+
 def test_prefill_gradients_reach_every_parameter_once_the_head_moved():
     torch.manual_seed(0)
     net = ReferenceNet(width=4, prefill=True)

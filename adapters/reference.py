@@ -99,6 +99,11 @@ class ReferenceNet(nn.Module):
             biharmonic interpolant, :func:`kdinpaint.baselines.biharmonic` (scikit-image, on the CPU; the
             weight-free floor itself, so a fresh network scores exactly the floor; cheaper than 200 steps of the
             pyramid fill's refinement at 64×64, but seconds per image at 256×256 with large holes).
+        prefill_ramp: with ``prefill``, the correction fades in over this many pixels from the hole's border,
+            ``atanh(fill) + r ⊙ head(...)`` with ``r = 1/R, 2/R, ..., 1`` at chessboard distance ``1, 2, ..., R``
+            from the nearest known pixel (0 on known pixels); 0 applies the head everywhere. The fill meets
+            the known pixels continuously; a correction that does not vanish there leaves a seam at the
+            hole's border (README, Decisions).
         prefill_iterations: Jacobi sweeps per pyramid level of the fill (and of the guide's harmonic fill).
         prefill_biharmonic: conjugate-gradient steps refining the pyramid fill towards the biharmonic interpolant.
 
@@ -118,6 +123,7 @@ class ReferenceNet(nn.Module):
         prefill: bool | str = False,
         prefill_iterations: int = PREFILL_SWEEPS,
         prefill_biharmonic: int = PREFILL_BIHARMONIC,
+        prefill_ramp: int = 0,
     ):
         super().__init__()
         w = width
@@ -127,6 +133,9 @@ class ReferenceNet(nn.Module):
         self.prefill_mode: str | None = modes[prefill]
         self.prefill = self.prefill_mode is not None
         self.prefill_iterations, self.prefill_biharmonic = int(prefill_iterations), int(prefill_biharmonic)
+        if isinstance(prefill_ramp, bool) or not isinstance(prefill_ramp, int) or prefill_ramp < 0:
+            raise ValueError(f"prefill_ramp is a width in pixels, an int >= 0 (0: no ramp), got {prefill_ramp!r}")
+        self.prefill_ramp = prefill_ramp
         enc = [2 * w, 4 * w, 8 * w]
         self.stem = ConvAct(7 if self.prefill else 4, w, act_layer=act_layer, kernel_size=5)
         self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
@@ -203,6 +212,8 @@ class ReferenceNet(nn.Module):
         y = self._comp("comp_dec", 2, self._attend(self.att1, self.dec1(torch.cat([up(y), x1], 1)), mask))  # (B, 2w, H/2, W/2)
         out = self.head(torch.cat([up(y), x0], 1))  # (B, 3, H, W)
         if self.prefill:  # a correction of the fill, in tanh's pre-activation (finite: the fill is clamped)
+            if self.prefill_ramp:
+                out = out * border_ramp(mask, self.prefill_ramp).to(out.dtype)
             out = out + torch.atanh(start.clamp(-_PREFILL_LIMIT, _PREFILL_LIMIT))
         return torch.tanh(out)
 
@@ -215,11 +226,12 @@ def reference_net(
     prefill: bool | str = False,
     prefill_iterations: int = PREFILL_SWEEPS,
     prefill_biharmonic: int = PREFILL_BIHARMONIC,
+    prefill_ramp: int = 0,
 ) -> ReferenceNet:
     """Build the student of the ``reference`` adapter."""
     return ReferenceNet(
         width=width, attention=attention, compensate=compensate, act_layer=act_layer, prefill=prefill,
-        prefill_iterations=prefill_iterations, prefill_biharmonic=prefill_biharmonic,
+        prefill_iterations=prefill_iterations, prefill_biharmonic=prefill_biharmonic, prefill_ramp=prefill_ramp,
     )
 
 
@@ -231,6 +243,18 @@ def reference_teacher(**kwargs) -> ReferenceNet:
     shapes are the same either way; only the stem's input channels differ (4 here, 7 with the fill's guide).
     """
     return reference_net(**{**kwargs, "prefill": False})
+
+
+def border_ramp(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, 1, H, W)``: ``k / width`` on hole pixels at chessboard distance ``k`` from the nearest known pixel
+    (``k <= width``; 1 beyond), 0 on known pixels: the mean of the hole eroded ``0 .. width - 1`` times by a
+    3×3 square. An image without a known pixel has no border and gets 1 everywhere."""
+    hole = (mask > 0.5).to(torch.float32)
+    ramp = torch.zeros_like(hole)
+    for _ in range(width):
+        ramp = ramp + hole
+        hole = -F.max_pool2d(-hole, 3, 1, 1)  # erosion; the image's edge is not a border (max_pool pads with -inf)
+    return ramp / width
 
 
 def exact_biharmonic_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

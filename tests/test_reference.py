@@ -111,6 +111,43 @@ def test_biharmonic_prefill_starts_from_scikit_image_biharmonic_fill():
             ReferenceNet(width=4, prefill=bad)
 
 
+def test_border_ramp_is_the_clipped_chessboard_distance_to_the_known_pixels():
+    from kdinpaint_adapters.reference import border_ramp
+
+    torch.manual_seed(0)
+    mask = (torch.rand(2, 1, 12, 10) < 0.7).float()
+    mask[1, :, 3:11, 2:9] = 1  # a large hole too
+    for width in (1, 3, 5):
+        got = border_ramp(mask, width)
+        for b in range(2):
+            known = (mask[b, 0] == 0).nonzero().tolist()
+            for i in range(12):
+                for j in range(10):
+                    d = 0 if mask[b, 0, i, j] == 0 else min(max(abs(i - y), abs(j - x)) for y, x in known)
+                    assert got[b, 0, i, j].item() == pytest.approx(min(d / width, 1.0)), (b, i, j, width)
+
+
+def test_prefill_ramp_scales_the_correction_by_the_border_ramp():
+    """Same weights, ramp R against no ramp: the correction (pre-activation minus atanh of the fill) is
+    multiplied by the ramp, so it is 0 on known pixels and a quarter of itself next to them (R = 4)."""
+    from kdinpaint_adapters.reference import _PREFILL_LIMIT, border_ramp
+
+    torch.manual_seed(0)
+    image, mask = batch(2, 32)
+    plain, ramped = ReferenceNet(width=4, prefill=True), ReferenceNet(width=4, prefill=True, prefill_ramp=4)
+    torch.nn.init.normal_(plain.head[1].weight, std=0.1)  # a head that has moved
+    ramped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        fill = torch.atanh(plain._compute_fills(image * (1 - mask), mask)[0].clamp(-_PREFILL_LIMIT, _PREFILL_LIMIT))
+        c0 = torch.atanh(plain(image * (1 - mask), mask)) - fill
+        c4 = torch.atanh(ramped(image * (1 - mask), mask)) - fill
+    assert c0.abs().mean() > 0.01
+    torch.testing.assert_close(c4, c0 * border_ramp(mask, 4), atol=1e-3, rtol=1e-3)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_ramp is a width in pixels"):
+            ReferenceNet(width=4, prefill=True, prefill_ramp=bad)
+
+
 def test_prefill_gradients_reach_every_parameter_once_the_head_moved():
     torch.manual_seed(0)
     net = ReferenceNet(width=4, prefill=True)

@@ -163,6 +163,15 @@ class ReferenceNet(nn.Module):
             self.comp_enc = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(enc, cb))
             self.comp_dec = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(dec, att))
 
+    @property
+    def untraceable_reason(self) -> str | None:
+        """Why :mod:`kdinpaint.deploy` cannot trace this network, or None."""
+        if self.prefill_mode == "biharmonic":
+            return ("its prefill is scikit-image's biharmonic fill (prefill='biharmonic'), computed in NumPy outside the "
+                    "torch graph; run it in Python (kdinpaint inpaint / evaluate), or train a prefill=true network "
+                    "(the pyramid fill, pure torch) to deploy as a graph")
+        return None
+
     def _fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill of ``image`` and the guide ``harmonic - prefill`` (both clamped to [-1, 1] first: the
         biharmonic part may overshoot slightly). Algorithm 1 calls the network four times per batch on the

@@ -37,6 +37,9 @@ class Deployable(nn.Module):
         super().__init__()
         if not isinstance(model, CompletedModel):
             raise TypeError(f"Deployable takes the exported model (Distiller.export(), load_checkpoint), got {type(model).__name__}")
+        blocker = getattr(model.model, "untraceable_reason", None)  # a network may say it cannot be traced
+        if blocker:
+            raise ValueError(f"this model cannot be compiled or exported as a graph: {blocker}")
         self.completed = model.eval()
         self._call = convention(model.model, model.spec)
 

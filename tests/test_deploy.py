@@ -44,6 +44,13 @@ def test_deployable_is_the_completed_model(net8):
     torch.testing.assert_close(_eager(model, image, mask), expected, rtol=0, atol=0)
 
 
+def test_a_network_with_a_numpy_prefill_refuses_to_be_traced():
+    model, _ = deployed_model("reference", {"width": 4, "prefill": "biharmonic"})
+    with pytest.raises(ValueError, match="cannot be compiled or exported as a graph: its prefill is scikit-image"):
+        deploy.Deployable(model)
+    deploy.Deployable(deployed_model("reference", {"width": 4, "prefill": True})[0])  # the torch fill traces
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager(net8):
     model, _ = net8

@@ -180,10 +180,10 @@ def test_adapter_teacher_is_built_without_prefill():
         assert bool(teacher.head[1].weight.ne(0).any())  # the ordinary initialisation, not the correction's zero
 
 
-def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("kwargs", [{"width": 4, "prefill": True}, {"width": 4, "prefill": "biharmonic", "prefill_ramp": 3}])
+def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path, kwargs):
     torch.manual_seed(0)
     adapter = kdinpaint.get_adapter("reference")
-    kwargs = {"width": 4, "prefill": True}
     student = adapter.student("net8", **kwargs)
     kd = kdinpaint.attach(student, adapter.teacher("net8", **kwargs), adapter.spec.variant("net8"))
     image, mask, losses, loss = _one_step(student, kd)
@@ -198,6 +198,7 @@ def test_prefill_net8_trains_and_round_trips_through_a_checkpoint(tmp_path):
     kd.detach()
     model, which = kdinpaint.load_checkpoint(path, expected="reference")
     assert which == "reference:net8" and model.model.prefill
+    assert (model.model.prefill_mode, model.model.prefill_ramp) == (student.prefill_mode, student.prefill_ramp)
     with torch.no_grad():
         expected = exported(image * (1 - mask), mask)
         assert torch.equal(model.eval()(image * (1 - mask), mask), expected)

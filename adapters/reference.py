@@ -131,7 +131,6 @@ class ReferenceNet(nn.Module):
         if not isinstance(prefill, (bool, str)) or prefill not in modes:
             raise ValueError(f"prefill must be false, true, 'pyramid' or 'biharmonic', got {prefill!r}")
         self.prefill_mode: str | None = modes[prefill]
-        self.prefill = self.prefill_mode is not None
         self.prefill_iterations, self.prefill_biharmonic = int(prefill_iterations), int(prefill_biharmonic)
         if isinstance(prefill_ramp, bool) or not isinstance(prefill_ramp, int) or prefill_ramp < 0:
             raise ValueError(f"prefill_ramp is a width in pixels, an int >= 0 (0: no ramp), got {prefill_ramp!r}")
@@ -162,6 +161,11 @@ class ReferenceNet(nn.Module):
             ]
             self.comp_enc = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(enc, cb))
             self.comp_dec = nn.ModuleList(Compensation(c, _matching_hidden(c, n), act_layer) for c, n in zip(dec, att))
+
+    @property
+    def prefill(self) -> bool:
+        """Whether the holes start from a weight-free fill (``prefill_mode`` is ``"pyramid"`` or ``"biharmonic"``)."""
+        return self.prefill_mode is not None
 
     @property
     def untraceable_reason(self) -> str | None:
@@ -275,7 +279,7 @@ def exact_biharmonic_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     out = torch.zeros_like(image)
     ok = (mask.flatten(1).min(1).values < 1).nonzero().flatten()
     if len(ok):
-        out[ok] = biharmonic(image[ok].detach().clamp(-1, 1), mask[ok].detach())
+        out[ok] = biharmonic(image[ok], mask[ok])  # NumPy inside: no gradient, clamped to [-1, 1]
     return out
 
 

@@ -54,6 +54,7 @@ class DataSection:
     sample_count: int = 10  # crops per bundled photo set when images = sample
     eval_count: int = 10
     workers: int = 2
+    augment: list = field(default_factory=lambda: ["flip"])  # of the training images: flip | rot90 | channels
 
 
 @dataclass
@@ -63,6 +64,7 @@ class MaskSection:
     train: str = "freeform"
     eval: str = "freeform"
     hole: str = "auto"  # hole colour of a mask folder: white | black | auto
+    train_ratio: str = "any"  # training holes: any (the generator's own spread) | table1 (the 4 Table 1 buckets evenly)
     seed: int = 0
 
 
@@ -175,6 +177,7 @@ _CHOICES = {
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("optim", "schedule"): ("constant", "cosine"),
     ("masks", "hole"): ("white", "black", "auto"),
+    ("masks", "train_ratio"): ("any", "table1"),
     ("losses", "gan_loss"): ("nsgan", "lsgan", "hinge"),
     ("losses", "recon_padding"): ("reflect", "zeros"),
 }
@@ -259,6 +262,12 @@ def _within(lo: float, hi: float, what: str = "") -> _Range:
     return f"in [{lo}, {hi}]", lambda v: lo <= v <= hi, what
 
 
+def _augment(v: list) -> bool:
+    from kdinpaint.data.training import AUGMENTATIONS
+
+    return all(isinstance(a, str) and a in AUGMENTATIONS for a in v) and len(set(v)) == len(v)
+
+
 def _betas(v: list) -> bool:
     return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
 
@@ -270,6 +279,8 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("data", "sample_count"): _ge(1, "crops per bundled photo"),
     ("data", "eval_count"): _ge(1, "held-out images scored after training"),
     ("data", "workers"): _ge(0, "DataLoader worker processes; 0 loads in the main process"),
+    ("data", "augment"): ("a list of distinct names from [flip, rot90, channels]", _augment,
+                          "what is done to each training image; [] trains on the images as they are"),
     ("masks", "seed"): _ge(0),
     ("losses", "lambda_r"): _ge(0, "the weight of R_recon, Eq. 11"),
     ("losses", "lambda_d"): _ge(0, "the weight of R_distil + R_att, Eq. 11"),

@@ -57,6 +57,7 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
+from kdinpaint.metrics import TABLE1_BUCKETS
 from kdinpaint.objective import build_objective, resolve_objective, total_of
 from kdinpaint.plugins import PluginError
 from kdinpaint.recipe import Recipe, load_recipe
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         check_random_states(checkpoints_in(run)[-1], accelerator.process_index)
     d, m = recipe.data, recipe.masks
     images = images_from(d.images, d.size, d.sample_count, d.crop, held_out=False)
+    train_masks = mask_source(m.train, d.size, m.hole, buckets=TABLE1_BUCKETS if m.train_ratio == "table1" else None)
     world = accelerator.num_processes
     teacher_path = run / "teacher.safetensors"
     if recipe.teacher.weights:
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     if parts[2].uses_teacher and teacher_path.is_file():  # refused before it is copied or trained with
         check_teacher_weights(teacher_path, parts[4], parts[0].name)
     if args.stage in ("all", "teacher") and parts[2].uses_teacher and not teacher_path.is_file():
-        stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), recipe.teacher.steps * recipe.optim.batch_size * world, seed=recipe.train.seed + 1)
+        stream = kdata.TrainingStream(images, train_masks, recipe.teacher.steps * recipe.optim.batch_size * world,
+                                      seed=recipe.train.seed + 1, augment=d.augment)
         train_teacher(recipe, parts[4], parts[2], stream, teacher_path)
     if args.stage in ("all", "student"):
         if parts[2].uses_teacher and not teacher_path.is_file():
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copyfile(teacher_path, run / "teacher.safetensors")
         accelerator.wait_for_everyone()
         blocks = recipe.train.steps // recipe.meta.steps
-        stream = kdata.TrainingStream(images, mask_source(m.train, d.size, m.hole), blocks * recipe.optim.batch_size * world, seed=recipe.train.seed)
+        stream = kdata.TrainingStream(images, train_masks, blocks * recipe.optim.batch_size * world, seed=recipe.train.seed,
+                                      augment=d.augment)
         loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=d.workers)
         set_seed(recipe.train.seed + 2)  # the added modules start the same whether or not the teacher stage ran
         try:

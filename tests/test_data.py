@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, SampleCrops, list_images, sample_images
+from kdinpaint.data import (FreeFormMasks, ImageFolder, InpaintingDataset, SampleCrops, TrainingStream, list_images,
+                            sample_images)
 from kdinpaint.data.samples import sample_photo
 
 
@@ -240,3 +241,48 @@ def test_sample_crops_of_a_photo_smaller_than_the_crop_keep_its_aspect():
 def test_sample_crops_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SampleCrops(**kwargs)
+
+
+def _square_symmetries_and_channel_orders(image):
+    """All 48 images the full augmentation can give, keyed by (flipped, quarter turns, channel order)."""
+    import itertools
+
+    out = {}
+    for flipped in (False, True):
+        base = image.flip(-1) if flipped else image
+        for k in range(4):
+            turned = torch.rot90(base, k, (-2, -1))
+            for order in itertools.permutations(range(3)):
+                out[(flipped, k, order)] = turned[list(order)]
+    return out
+
+
+def test_training_stream_augmentations_are_square_symmetries_and_channel_orders():
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8) / 96 - 1  # every pixel distinct
+    refs = _square_symmetries_and_channel_orders(image[0])
+    full = TrainingStream(image, FreeFormMasks(), 96, augment=["flip", "rot90", "channels"])
+    seen = set()
+    for k in range(96):
+        out = full[k]["image"]
+        match = [key for key, ref in refs.items() if torch.equal(out, ref)]
+        assert len(match) == 1, f"sample {k} is not one symmetry and channel order of the image"
+        seen.add(match[0])
+    assert len(seen) >= 36  # 48 possible; 96 uniform draws leave about 6 unseen
+    assert {key[1] for key in seen} == {0, 1, 2, 3} and {key[0] for key in seen} == {False, True}
+    # Default: horizontal flips only, the stream as it always was; []: the images untouched.
+    default = [TrainingStream(image, FreeFormMasks(), 16)[k]["image"] for k in range(16)]
+    assert all(torch.equal(x, image[0]) or torch.equal(x, image[0].flip(-1)) for x in default)
+    assert any(torch.equal(x, image[0]) for x in default) and any(torch.equal(x, image[0].flip(-1)) for x in default)
+    assert all(torch.equal(TrainingStream(image, FreeFormMasks(), 4, augment=[])[k]["image"], image[0]) for k in range(4))
+    # A sample is a pure function of (seed, k), whatever was drawn before.
+    assert torch.equal(full[40]["image"], TrainingStream(image, FreeFormMasks(), 96, augment=["flip", "rot90", "channels"])[40]["image"])
+
+
+def test_training_stream_bad_augmentations():
+    image = torch.zeros(1, 3, 8, 12)
+    with pytest.raises(ValueError, match=r"at most once, got \['flip', 'rotate'\]"):
+        TrainingStream(image, FreeFormMasks(), 4, augment=["flip", "rotate"])
+    with pytest.raises(TypeError, match="list of names"):
+        TrainingStream(image, FreeFormMasks(), 4, augment="flip")
+    with pytest.raises(ValueError, match="rot90 needs square images, got \\(8, 12\\)"):
+        TrainingStream(image, FreeFormMasks(), 4, augment=["rot90"])[0]

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kdinpaint.data import EvalMasks, FreeFormMasks, MaskFolder, RectangleMasks, rng_for
+from kdinpaint.data import EvalMasks, FreeFormMasks, MaskFolder, MixedMasks, RectangleMasks, rng_for
+from kdinpaint.data.training import mask_source
+from kdinpaint.metrics import TABLE1_BUCKETS
 
 
 def _block_masks(root, ratios, *, white_hole=True, size=64, seed=0):
@@ -105,6 +107,26 @@ def test_ratio_buckets_are_honoured(bucket):
         assert all(bucket[0] <= r < bucket[1] for r in ratios)
     with pytest.raises(RuntimeError, match="found no mask"):
         RectangleMasks(side=(0.9, 0.95), ratio=(0.1, 0.2), max_tries=3).sample(np.random.default_rng(0), (32, 32))
+
+
+def test_mixed_masks_spread_training_holes_evenly_over_the_table1_buckets():
+    mixed = mask_source("freeform", 64, "auto", buckets=TABLE1_BUCKETS)  # masks.train_ratio: table1
+    ratios = [mixed.sample(np.random.default_rng(s), (64, 64)).mean() for s in range(200)]
+    counts = [sum(lo <= r < hi for r in ratios) for lo, hi in TABLE1_BUCKETS]
+    assert sum(counts) == 200  # every mask lies in one of the buckets
+    assert min(counts) >= 30  # 50 expected in each (binomial sd 6.1); plain strokes put 8 % of holes above 30 %
+    plain = [FreeFormMasks().sample(np.random.default_rng(s), (64, 64)).mean() for s in range(200)]
+    assert sum(r >= 0.3 for r in plain) < 40 < counts[2] + counts[3]
+    # The source is drawn first with the same generator, then its mask: a hand-made replay gives the same array.
+    rng = np.random.default_rng(5)
+    replay = FreeFormMasks(ratio=TABLE1_BUCKETS[int(rng.integers(4))]).sample(rng, (64, 64))
+    assert np.array_equal(mixed.sample(np.random.default_rng(5), (64, 64)), replay)
+    with pytest.raises(ValueError, match="at least one mask source"):
+        MixedMasks([])
+    with pytest.raises(TypeError, match="sample"):
+        MixedMasks([FreeFormMasks(), "freeform"])
+    with pytest.raises(ValueError, match="not both"):
+        mask_source("freeform", 64, "auto", (0.1, 0.2), buckets=TABLE1_BUCKETS)
 
 
 def test_free_form_strokes_look_like_deepfill():

@@ -5,7 +5,7 @@ masks ``(1, H, W)`` with 1 = hole.
 """
 
 from kdinpaint.data.dataset import InpaintingDataset
-from kdinpaint.data.generators import EvalMasks, FreeFormMasks, RectangleMasks, rng_for
+from kdinpaint.data.generators import EvalMasks, FreeFormMasks, MixedMasks, RectangleMasks, rng_for
 from kdinpaint.data.images import IMAGE_EXTENSIONS, ImageFolder, list_images, read_image
 from kdinpaint.data.masks import MaskFolder, detect_hole_colour, read_mask
 from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images, sample_photo
@@ -15,6 +15,7 @@ __all__ = [
     "InpaintingDataset",
     "EvalMasks",
     "FreeFormMasks",
+    "MixedMasks",
     "RectangleMasks",
     "rng_for",
     "IMAGE_EXTENSIONS",

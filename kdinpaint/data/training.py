@@ -1,25 +1,32 @@
 """The training stream: sample ``k`` of the whole run is a pure function of ``(seed, k)``.
 
 Training draws images and masks from an index, not from a random-number state: sample ``k`` takes image
-``permutation(seed, epoch)[k % N]`` (``epoch = k // N``), a horizontal flip and a mask from
-``rng_for(seed, k)``. A run resumed at step ``s`` therefore sees exactly the batches an uninterrupted run sees
-(skip the first ``s`` batches), on any number of data-loader workers.
+``permutation(seed, epoch)[k % N]`` (``epoch = k // N``), its augmentation (a horizontal flip; optionally a
+rotation by a multiple of 90° and an order of the colour channels) and a mask from ``rng_for(seed, k)``. A run
+resumed at step ``s`` therefore sees exactly the batches an uninterrupted run sees (skip the first ``s``
+batches), on any number of data-loader workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdinpaint.data.generators import FreeFormMasks, RectangleMasks, rng_for
+from kdinpaint.data.generators import FreeFormMasks, MixedMasks, RectangleMasks, rng_for
 from kdinpaint.data.images import ImageFolder
 from kdinpaint.data.masks import MaskFolder, mask_to_tensor
 from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images
 
-__all__ = ["TrainingStream", "HELD_OUT", "images_from", "mask_source"]
+__all__ = ["TrainingStream", "AUGMENTATIONS", "HELD_OUT", "images_from", "mask_source"]
+
+AUGMENTATIONS = ("flip", "rot90", "channels")
+"""What :class:`TrainingStream` can do to an image: a horizontal flip (probability 1/2), a rotation by a random
+multiple of 90° (with ``flip``, the eight symmetries of the square; square images only), a random order of the
+colour channels (any of the six)."""
 
 HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when the images are "sample"
 
@@ -39,8 +46,16 @@ def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -
     return ImageFolder(source, size, crop if not held_out else "center")
 
 
-def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None):
-    """The masks a recipe's ``masks.train`` / ``masks.eval`` names: ``freeform``, ``rect`` or a mask folder."""
+def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None,
+                buckets: Sequence[tuple[float, float]] | None = None):
+    """The masks a recipe's ``masks.train`` / ``masks.eval`` names: ``freeform``, ``rect`` or a mask folder.
+
+    ``ratio``: every mask in that hole-ratio bucket. ``buckets``: each mask in one of these buckets, drawn evenly
+    (:class:`~kdinpaint.data.MixedMasks`; ``masks.train_ratio: table1`` passes the Table 1 buckets)."""
+    if buckets is not None:
+        if ratio is not None:
+            raise ValueError("give ratio (one bucket) or buckets (several, drawn evenly), not both")
+        return MixedMasks([mask_source(kind, size, hole, tuple(b)) for b in buckets])
     if kind == "freeform":
         return FreeFormMasks(ratio=ratio)
     if kind == "rect":
@@ -59,15 +74,22 @@ class TrainingStream(Dataset):
             ``MaskFolder``, ``EvalMasks``).
         samples: length of the stream (steps × batch size × processes).
         seed: the stream's seed.
-        flip: random horizontal flips.
+        augment: names from :data:`AUGMENTATIONS`, applied in that tuple's order (default: horizontal flips only).
     """
 
-    def __init__(self, images: torch.Tensor | Dataset, masks: object, samples: int, *, seed: int = 0, flip: bool = True):
+    def __init__(self, images: torch.Tensor | Dataset, masks: object, samples: int, *, seed: int = 0,
+                 augment: Sequence[str] = ("flip",)):
         if len(images) == 0:
             raise ValueError("the image set is empty: give a folder or file list with readable images")
         if not hasattr(masks, "sample"):
             raise TypeError(f"masks must have sample(rng, (H, W)), got {type(masks).__name__}")
-        self.images, self.masks, self.samples, self.seed, self.flip = images, masks, int(samples), int(seed), flip
+        if isinstance(augment, str) or not all(isinstance(a, str) for a in augment):
+            raise TypeError(f"augment is a list of names from {list(AUGMENTATIONS)}, got {augment!r}")
+        unknown = [a for a in augment if a not in AUGMENTATIONS]
+        if unknown or len(set(augment)) != len(augment):
+            raise ValueError(f"augment takes each of {list(AUGMENTATIONS)} at most once, got {list(augment)}")
+        self.images, self.masks, self.samples, self.seed = images, masks, int(samples), int(seed)
+        self.augment = tuple(a for a in AUGMENTATIONS if a in augment)  # one fixed order: flip, rot90, channels
         self._perm: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -91,7 +113,14 @@ class TrainingStream(Dataset):
             torch.manual_seed(int(rng.integers(2**62)))
             item = self.images[self._image_index(k)]
         image = item["image"] if isinstance(item, dict) else item
-        if self.flip and rng.random() < 0.5:
+        if "flip" in self.augment and rng.random() < 0.5:
             image = image.flip(-1)
+        if "rot90" in self.augment:
+            if image.shape[-1] != image.shape[-2]:
+                raise ValueError(f"augment rot90 needs square images, got {tuple(image.shape[-2:])}; crop them square "
+                                 "(data.crop) or leave rot90 out")
+            image = torch.rot90(image, int(rng.integers(4)), (-2, -1))
+        if "channels" in self.augment:
+            image = image[torch.from_numpy(rng.permutation(image.shape[0]))]
         mask = mask_to_tensor(self.masks.sample(rng, (int(image.shape[-2]), int(image.shape[-1]))))
         return {"image": image, "mask": mask, "index": k}

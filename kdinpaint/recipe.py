@@ -134,6 +134,7 @@ class TrainSection:
     explode_factor: Optional[float] = 50.0  # loss_total above this times its recent median is skipped; null: NaN/inf only
     process_group_timeout: int = 600  # seconds a process waits for the others in a collective before failing (torch: 1800)
     average: float = 0.0  # decay of an average of the student's weights (per block), evaluated and exported; 0: off
+    threads: Optional[int] = None  # torch's CPU threads per process; null: the launcher's (accelerate: 1); 0: the cores shared
 
 
 @dataclass
@@ -303,6 +304,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("train", "max_bad_steps"): _ge(1, "consecutive skipped batches before stopping"),
     ("train", "explode_factor"): _gt(1, "a multiple of the recent median loss; null checks only for NaN/inf"),
     ("train", "process_group_timeout"): _ge(1, "seconds a process waits for the others before failing"),
+    ("train", "threads"): _ge(0, "torch's CPU threads per process; 0 shares this machine's cores among its processes"),
     ("train", "average"): ("in [0, 1)", lambda v: 0 <= v < 1, "the decay of the weight average per block; 0 switches it off"),
     ("checkpoint", "every"): _ge(0, "steps between checkpoints; 0 saves none during the run"),
     ("checkpoint", "keep"): _ge(1, "checkpoints kept; 0 would delete every one"),

@@ -40,7 +40,7 @@ from kdinpaint.weights import load_weights
 __all__ = [
     "RESUME_MAY_CHANGE", "checkpoints_in", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
     "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
-    "tensorboard_installed",
+    "cpu_threads", "tensorboard_installed",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # recipe keys a resumed run may change: where and how often it logs and saves, and what it evaluates at the end
 RESUME_MAY_CHANGE = (
     "log.*", "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.workers", "data.eval_images",
-    "data.eval_count", "masks.eval", "train.process_group_timeout",
+    "data.eval_count", "masks.eval", "train.process_group_timeout", "train.threads",
 )
 
 
@@ -237,6 +237,20 @@ def average_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
 def no_accelerator() -> bool:
     """On a machine without GPU, several processes (torchrun, accelerate launch) become gloo ranks on the CPU."""
     return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def cpu_threads(setting: int | None, local_processes: int, cores: int | None = None) -> int | None:
+    """torch's CPU threads per process for ``train.threads``: ``None`` leaves the launcher's setting (``accelerate
+    launch`` exports ``OMP_NUM_THREADS=1`` unless given ``--num_cpu_threads_per_process``), a positive number is
+    taken as it is, ``0`` shares the cores this process may run on (``cores``, default its CPU affinity) among the
+    ``local_processes`` of this machine, at least one each."""
+    if setting is None:
+        return None
+    if setting > 0:
+        return setting
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
 
 
 def tensorboard_installed() -> bool:

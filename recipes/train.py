@@ -64,7 +64,7 @@ from kdinpaint.recipe import Recipe, load_recipe
 from kdinpaint.report import write_divergence_report, write_evaluation_report
 from kdinpaint.runs import (
     MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
-    checkpoints_in, eval_set, no_accelerator, process_group_kwargs, save_checkpoint, tensorboard_installed,
+    checkpoints_in, cpu_threads, eval_set, no_accelerator, process_group_kwargs, save_checkpoint, tensorboard_installed,
 )
 from kdinpaint.teacher import autoencoder_call
 
@@ -301,8 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     if log_with:
         accelerator.init_trackers("kdinpaint", config={k: str(v) for k, v in recipe.to_dict().items()})
 
+    threads = cpu_threads(recipe.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    if threads is not None and accelerator.device.type == "cpu":
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    on_cpu = f" ({n} thread{'s' * (n != 1)})" if accelerator.device.type == "cpu" else ""
     accelerator.print(
-        f"{recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}, "
+        f"{recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
         f"mixed precision {recipe.train.mixed_precision}, run folder {run}"
     )
     if changed:

@@ -222,6 +222,7 @@ BAD_RECIPE_VALUES = [
     ("masks.train_ratio=table2", r"masks.train_ratio='table2' is not one of \['any', 'table1'\]"),
     ("losses.lambda_d=-20", "losses.lambda_d must be >= 0, got -20.0"),
     ("losses.adversarial=-0.1", "losses.adversarial must be >= 0, got -0.1"),
+    ("train.threads=-1", r"train.threads must be >= 0 or null, got -1"),
     ("train.process_group_timeout=0", "train.process_group_timeout must be >= 1, got 0"),
     ("model.kwargs={width: 8", r"override 'model.kwargs=\{width: 8': the value .* is not a YAML value"),
 ]

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdinpaint.recipe import Recipe, load_recipe
+from kdinpaint.runs import cpu_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
@@ -105,12 +106,25 @@ def test_eval_every_logs_the_exported_weights_without_changing_training(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cpu_threads_share_the_cores_among_local_processes():
+    assert cpu_threads(None, 1, cores=16) is None  # the launcher's setting stays
+    assert cpu_threads(3, 4, cores=2) == 3  # a number is taken as given
+    assert [cpu_threads(0, n, cores=16) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    assert cpu_threads(0, 1) == len(os.sched_getaffinity(0))
+
+
+def test_main_job_prints_its_threads(tmp_path):
+    proc = _train(tmp_path / "t", "train.steps=2", "train.threads=1")
+    assert "device cpu (1 thread)," in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_two_processes_on_cpu(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
     proc = _train(tmp_path / "ddp", "train.steps=4", launcher=launcher)
     out = proc.stdout + proc.stderr
     assert "world size 2" in out
+    assert f"({cpu_threads(0, 2)} thread" in out  # the demo's train.threads: 0 shares the cores between the ranks
     assert (tmp_path / "ddp" / "student.safetensors").is_file()
 
 

@@ -264,9 +264,9 @@ def _within(lo: float, hi: float, what: str = "") -> _Range:
 
 
 def _augment(v: list) -> bool:
-    from kdinpaint.data.training import AUGMENTATIONS
+    from kdinpaint.data.training import valid_augment
 
-    return all(isinstance(a, str) and a in AUGMENTATIONS for a in v) and len(set(v)) == len(v)
+    return valid_augment(v)
 
 
 def _betas(v: list) -> bool:

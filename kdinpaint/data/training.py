@@ -21,12 +21,19 @@ from kdinpaint.data.images import ImageFolder
 from kdinpaint.data.masks import MaskFolder, mask_to_tensor
 from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images
 
-__all__ = ["TrainingStream", "AUGMENTATIONS", "HELD_OUT", "images_from", "mask_source"]
+__all__ = ["TrainingStream", "AUGMENTATIONS", "HELD_OUT", "images_from", "mask_source", "valid_augment"]
 
 AUGMENTATIONS = ("flip", "rot90", "channels")
 """What :class:`TrainingStream` can do to an image: a horizontal flip (probability 1/2), a rotation by a random
 multiple of 90° (with ``flip``, the eight symmetries of the square; square images only), a random order of the
 colour channels (any of the six)."""
+
+
+def valid_augment(names: Sequence[str]) -> bool:
+    """Whether ``names`` lists distinct names from :data:`AUGMENTATIONS` (the stream's and the recipe's check)."""
+    names = list(names)
+    return all(isinstance(a, str) and a in AUGMENTATIONS for a in names) and len(set(names)) == len(names)
+
 
 HELD_OUT = ("chelsea", "coffee")  # bundled photos kept for evaluation when the images are "sample"
 
@@ -85,8 +92,7 @@ class TrainingStream(Dataset):
             raise TypeError(f"masks must have sample(rng, (H, W)), got {type(masks).__name__}")
         if isinstance(augment, str) or not all(isinstance(a, str) for a in augment):
             raise TypeError(f"augment is a list of names from {list(AUGMENTATIONS)}, got {augment!r}")
-        unknown = [a for a in augment if a not in AUGMENTATIONS]
-        if unknown or len(set(augment)) != len(augment):
+        if not valid_augment(augment):
             raise ValueError(f"augment takes each of {list(AUGMENTATIONS)} at most once, got {list(augment)}")
         self.images, self.masks, self.samples, self.seed = images, masks, int(samples), int(seed)
         self.augment = tuple(a for a in AUGMENTATIONS if a in augment)  # one fixed order: flip, rot90, channels

@@ -106,9 +106,6 @@ class ReferenceNet(nn.Module):
             hole's border (README, Decisions).
         prefill_iterations: Jacobi sweeps per pyramid level of the fill (and of the guide's harmonic fill).
         prefill_biharmonic: conjugate-gradient steps refining the pyramid fill towards the biharmonic interpolant.
-        prefill_correction: with ``prefill``, ``"rgb"`` corrects each channel on its own; ``"luma"`` adds one
-            correction to all three, the mean of the head's three outputs (in tanh's pre-activation): the
-            network changes the fill's brightness and the colour stays the fill's (README, Decisions).
 
     Shapes: image ``(B, 3, H, W)`` in [-1, 1], mask ``(B, 1, H, W)`` with 1 = hole, ``H, W`` divisible by 8;
     returns the prediction ``(B, 3, H, W)`` in [-1, 1] (not composited with the input).
@@ -127,7 +124,6 @@ class ReferenceNet(nn.Module):
         prefill_iterations: int = PREFILL_SWEEPS,
         prefill_biharmonic: int = PREFILL_BIHARMONIC,
         prefill_ramp: int = 0,
-        prefill_correction: str = "rgb",
     ):
         super().__init__()
         w = width
@@ -139,11 +135,6 @@ class ReferenceNet(nn.Module):
         if isinstance(prefill_ramp, bool) or not isinstance(prefill_ramp, int) or prefill_ramp < 0:
             raise ValueError(f"prefill_ramp is a width in pixels, an int >= 0 (0: no ramp), got {prefill_ramp!r}")
         self.prefill_ramp = prefill_ramp
-        if prefill_correction not in ("rgb", "luma"):
-            raise ValueError(
-                f"prefill_correction must be 'rgb' (each channel) or 'luma' (one correction for all three), got {prefill_correction!r}"
-            )
-        self.prefill_correction = prefill_correction
         enc = [2 * w, 4 * w, 8 * w]
         self.stem = ConvAct(7 if self.prefill else 4, w, act_layer=act_layer, kernel_size=5)
         self.enc1 = nn.Sequential(ConvAct(w, enc[0], 2, act_layer), ConvAct(enc[0], enc[0], act_layer=act_layer))
@@ -234,8 +225,6 @@ class ReferenceNet(nn.Module):
         y = self._comp("comp_dec", 2, self._attend(self.att1, self.dec1(torch.cat([up(y), x1], 1)), mask))  # (B, 2w, H/2, W/2)
         out = self.head(torch.cat([up(y), x0], 1))  # (B, 3, H, W)
         if self.prefill:  # a correction of the fill, in tanh's pre-activation (finite: the fill is clamped)
-            if self.prefill_correction == "luma":  # (B, 1, H, W): one correction for the three channels
-                out = out.mean(1, keepdim=True)
             if self.prefill_ramp:
                 out = out * border_ramp(mask, self.prefill_ramp).to(out.dtype)
             out = out + torch.atanh(start.clamp(-_PREFILL_LIMIT, _PREFILL_LIMIT))
@@ -251,13 +240,11 @@ def reference_net(
     prefill_iterations: int = PREFILL_SWEEPS,
     prefill_biharmonic: int = PREFILL_BIHARMONIC,
     prefill_ramp: int = 0,
-    prefill_correction: str = "rgb",
 ) -> ReferenceNet:
     """Build the student of the ``reference`` adapter."""
     return ReferenceNet(
         width=width, attention=attention, compensate=compensate, act_layer=act_layer, prefill=prefill,
         prefill_iterations=prefill_iterations, prefill_biharmonic=prefill_biharmonic, prefill_ramp=prefill_ramp,
-        prefill_correction=prefill_correction,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from kdinpaint.data.training import AUGMENTATIONS, valid_augment
 from kdinpaint.spec import META_MODES
 
 __all__ = ["Recipe", "load_recipe", "apply_overrides"]
@@ -263,12 +264,6 @@ def _within(lo: float, hi: float, what: str = "") -> _Range:
     return f"in [{lo}, {hi}]", lambda v: lo <= v <= hi, what
 
 
-def _augment(v: list) -> bool:
-    from kdinpaint.data.training import valid_augment
-
-    return valid_augment(v)
-
-
 def _betas(v: list) -> bool:
     return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
 
@@ -280,7 +275,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("data", "sample_count"): _ge(1, "crops per bundled photo"),
     ("data", "eval_count"): _ge(1, "held-out images scored after training"),
     ("data", "workers"): _ge(0, "DataLoader worker processes; 0 loads in the main process"),
-    ("data", "augment"): ("a list of distinct names from [flip, rot90, channels]", _augment,
+    ("data", "augment"): (f"a list of distinct names from [{', '.join(AUGMENTATIONS)}]", valid_augment,
                           "what is done to each training image; [] trains on the images as they are"),
     ("masks", "seed"): _ge(0),
     ("losses", "lambda_r"): _ge(0, "the weight of R_recon, Eq. 11"),

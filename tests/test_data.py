@@ -133,6 +133,27 @@ def test_sample_images_are_photos_and_cached():
         sample_images(64, 2, names=["lena"])
 
 
+def test_sample_images_cycle_eight_scales():
+    """Pass r crops the photo with its shorter side at size (1 + 0.35 (r mod 8)), bicubic, at a new place from
+    pass 8 on (found by search in a hand-resized copy), never enlarged past 3.45 times the whole photo."""
+    size, photo = 32, sample_photo("chelsea")  # (300, 451, 3)
+    crops = ((sample_images(size, 12, names=["chelsea"]) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+    def windows(r):  # every size x size window of the photo resized for pass r
+        short = size * (1 + 0.35 * (r % 8))
+        h, w = photo.shape[:2]
+        nh, nw = round(h * short / min(h, w)), round(w * short / min(h, w))
+        big = np.asarray(Image.fromarray(photo).resize((nw, nh), Image.BICUBIC))
+        return {(t, l): big[t:t + size, l:l + size] for t in range(nh - size + 1) for l in range(nw - size + 1)}
+
+    for r in (1, 2, 9, 10):
+        crop = crops[r][:, ::-1] if r % 2 == 1 else crops[r]  # odd passes are mirrored
+        found = [tl for tl, win in windows(r).items() if np.array_equal(win, crop)]
+        assert found, f"pass {r} is not a crop of the photo at scale {1 + 0.35 * (r % 8):.2f}"
+        if r >= 8:
+            assert not np.array_equal(crops[r], crops[r - 8])  # the same scale at another place
+
+
 def test_dataset_with_dataloader_workers():
     images = sample_images(32, 6, names=["astronaut", "coffee", "chelsea"])
     ds = InpaintingDataset(images, FreeFormMasks(), seed=3)

@@ -17,8 +17,10 @@ hubble                       ``skimage.data.hubble_deep_field`` HubbleSite
 
 :func:`sample_images` cuts them into square crops: crop ``k`` comes from photo ``k mod n``; the first
 pass takes the centre of each photo with its shorter side scaled to ``size``; later passes zoom in
-(shorter side ``size × (1 + 0.35 r)``), pick a position with a generator seeded by ``(photo, pass)``
-and flip every other pass. The result is deterministic and cached per ``(size, count, names)``.
+(shorter side ``size × (1 + 0.35 (r mod 8))`` on pass ``r``: eight scales, up to 3.45 times the whole photo,
+repeated at new places from pass 8 on rather than enlarged past the photos' resolution), pick a position with
+a generator seeded by ``(photo, pass)`` and flip every other pass. The result is deterministic and cached per
+``(size, count, names)``.
 """
 
 from __future__ import annotations
@@ -99,9 +101,13 @@ def sample_photo(name: str) -> np.ndarray:
     return arr
 
 
+CROP_SCALES = 8
+"""The scales :func:`sample_images` cycles through, one per pass over the photos."""
+
+
 def _crop(photo: np.ndarray, size: int, photo_index: int, pass_index: int) -> np.ndarray:
     h, w = photo.shape[:2]
-    target_short = size * (1 + 0.35 * pass_index)
+    target_short = size * (1 + 0.35 * (pass_index % CROP_SCALES))  # pass 8 on: the same scales at new places
     scale = target_short / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     img = Image.fromarray(photo)

@@ -391,7 +391,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         result.skipped.update(skipped)
-        floor = result.compare(summary, name=inpainter.name)
+        floor = result.compare(summary, name=inpainter.name, network_rows=rows)
     print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
     print(to_markdown(summary), end="")
     if floor is not None:

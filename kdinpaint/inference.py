@@ -533,11 +533,12 @@ class Floor:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def compare(self, network: dict[str, object], name: str = "network", reference: str | None = None,
-                keep_rows: bool = True) -> dict[str, object]:
+                keep_rows: bool = True, network_rows: Sequence[MetricRow] | None = None) -> dict[str, object]:
         """:func:`~kdinpaint.metrics.compare_floor` of a network's summary on the same images and masks
-        (the gap to biharmonic, the verdict line); ``keep_rows`` keeps the floor's per-image rows for the JSON."""
+        (the gap to biharmonic, the verdict line); ``keep_rows`` keeps the floor's per-image rows for the JSON;
+        ``network_rows`` (the network's per-image rows) adds the standard error of the gap."""
         return compare_floor(network, self.summaries, name=name, reference=reference, skipped=self.skipped,
-                             rows=self.rows if keep_rows else None)
+                             rows=self.rows, network_rows=network_rows, keep_rows=keep_rows)
 
 
 def evaluate_floor(
@@ -587,7 +588,7 @@ def evaluate_with_floor(
     """
     rows, summary = evaluate_model(inpainter, images, masks, convention=convention, names=names, on_batch=on_batch)
     floor = evaluate_floor(images, masks, methods, convention=convention, names=names, on_batch=on_floor_batch)
-    return rows, summary, floor.compare(summary, name=inpainter.name)
+    return rows, summary, floor.compare(summary, name=inpainter.name, network_rows=rows)
 
 
 class GeneratedMasks(Sequence):

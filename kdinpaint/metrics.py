@@ -68,6 +68,7 @@ __all__ = [
     "FLOOR_REFERENCE",
     "floor_gap",
     "floor_verdict",
+    "gap_standard_error",
     "compare_floor",
     "floor_to_markdown",
     "floor_to_csv",
@@ -367,11 +368,14 @@ def floor_gap(network: dict[str, object], reference: dict[str, object]) -> dict[
     return gap
 
 
-def floor_verdict(gap: Mapping[str, Mapping[str, float]], name: str, reference: str, count: int | None = None) -> str:
+def floor_verdict(gap: Mapping[str, Mapping[str, float]], name: str, reference: str, count: int | None = None,
+                  standard_error: Mapping[str, float] | None = None) -> str:
     """One line on the ``all`` bucket of a :func:`floor_gap`: is the network above or below the reference?
 
     E.g. ``"net is above biharmonic overall: +0.80 dB PSNR / +0.012 SSIM (8 images)"``; when PSNR and SSIM
-    disagree, each gets its own word. Signs are read on the printed (rounded) values.
+    disagree, each gets its own word. Signs are read on the printed (rounded) values. ``standard_error``
+    (:func:`gap_standard_error`) adds how precisely these images measure the gap, e.g.
+    ``"; standard error of the gap 0.05 dB / 0.0004 SSIM"``.
     """
     dp, ds = round(gap["all"]["psnr"], 2), round(gap["all"]["ssim"], 3)
     if math.isnan(dp) or math.isnan(ds):
@@ -381,9 +385,34 @@ def floor_verdict(gap: Mapping[str, Mapping[str, float]], name: str, reference: 
         return "above" if d > 0 else "below" if d < 0 else "level with"
 
     images = f" ({count} images)" if count is not None else ""
+    if standard_error is not None and not math.isnan(standard_error["psnr"]):
+        images = (f" ({count} images; standard error of the gap {standard_error['psnr']:.2f} dB / "
+                  f"{standard_error['ssim']:.4f} SSIM)" if count is not None else
+                  f" (standard error of the gap {standard_error['psnr']:.2f} dB / {standard_error['ssim']:.4f} SSIM)")
     if word(dp) == word(ds):
         return f"{name} is {word(dp)} {reference} overall: {dp:+.2f} dB PSNR / {ds:+.3f} SSIM{images}"
     return f"{name} vs {reference} overall: {dp:+.2f} dB PSNR ({word(dp)}) / {ds:+.3f} SSIM ({word(ds)}){images}"
+
+
+def gap_standard_error(network: Sequence[MetricRow], reference: Sequence[MetricRow]) -> dict[str, float]:
+    """Standard error of the overall gap, from the per-image differences of two methods on the same images
+    and masks: ``{"psnr": dB, "ssim"}``, ``std(d, ddof=1) / sqrt(n)`` of ``d = network - reference`` per image
+    (NaN for fewer than 2 images). How far another draw of as many images from the same photos could move the
+    gap, about: a gap smaller than its standard error says little either way.
+    """
+    if len(network) != len(reference) or any(a.name != b.name for a, b in zip(network, reference)):
+        raise ValueError("the per-image rows of the network and the reference differ in images; score both on the "
+                         "same images and masks, in the same order")
+    out = {}
+    for key in ("psnr", "ssim"):
+        d = [getattr(a, key) - getattr(b, key) for a, b in zip(network, reference)]
+        n = len(d)
+        if n < 2:
+            out[key] = math.nan
+            continue
+        mean = sum(d) / n
+        out[key] = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+    return out
 
 
 def compare_floor(
@@ -394,6 +423,8 @@ def compare_floor(
     reference: str | None = None,
     skipped: Mapping[str, str] | None = None,
     rows: Mapping[str, Sequence[MetricRow]] | None = None,
+    network_rows: Sequence[MetricRow] | None = None,
+    keep_rows: bool = True,
 ) -> dict[str, object]:
     """A network's :func:`summarize` result against the floor methods' on the same images and masks.
 
@@ -404,11 +435,13 @@ def compare_floor(
         reference: the method the gap is measured against; default :data:`FLOOR_REFERENCE` when present,
             else the first method.
         skipped: ``{method: why}`` for methods that could not run (Telea without OpenCV); printed as notes.
-        rows: ``{method: per-image rows}`` to keep in the JSON (optional).
+        rows: ``{method: per-image rows}`` to keep in the JSON (optional; ``keep_rows=False`` leaves them out).
+        network_rows: the network's per-image rows; with the reference's in ``rows``, the result gets the
+            standard error of the overall gap (:func:`gap_standard_error`) under ``"gap_se"`` and in the verdict.
 
     Returns ``{"network": name, "convention", "reference", "methods": {method: summary (+ "rows")},
     "gap": floor_gap(network, methods[reference]), "verdict": floor_verdict(...), "skipped": {...}}``, the
-    ``"floor"`` entry of ``to_json``. Refused with ``ValueError``: no method, a reference that is not one of
+    ``"floor"`` entry of ``to_json`` (and ``"gap_se"`` with ``network_rows``). Refused with ``ValueError``: no method, a reference that is not one of
     them, summaries of other conventions or of other images (bucket counts differ).
     """
     if not floors:
@@ -431,17 +464,24 @@ def compare_floor(
     methods: dict[str, dict] = {}
     for method, summary in floors.items():
         methods[method] = dict(summary)
-        if rows is not None and method in rows:
+        if keep_rows and rows is not None and method in rows:
             methods[method]["rows"] = [asdict(r) for r in rows[method]]
-    return {
+    se = None
+    if network_rows is not None and rows is not None and reference in rows:
+        se = gap_standard_error(network_rows, rows[reference])
+    count = net_buckets["all"]["count"] if "all" in net_buckets else None
+    out = {
         "network": name,
         "convention": network["convention"],
         "reference": reference,
         "methods": methods,
         "gap": gap,
-        "verdict": floor_verdict(gap, name, reference, net_buckets["all"]["count"] if "all" in net_buckets else None),
+        "verdict": floor_verdict(gap, name, reference, count, standard_error=se),
         "skipped": dict(skipped or {}),
     }
+    if se is not None:
+        out["gap_se"] = se
+    return out
 
 
 def floor_to_markdown(network: dict[str, object], floor: Mapping[str, object]) -> str:

@@ -27,6 +27,7 @@ from kdinpaint.metrics import (
     floor_to_csv,
     floor_to_markdown,
     floor_verdict,
+    gap_standard_error,
     summarize,
     to_json,
     to_markdown,
@@ -116,7 +117,12 @@ def test_gap_is_network_minus_biharmonic_and_verdict(data):
             assert floor["gap"][label][key] == pytest.approx(want, abs=1e-12)
     dp, ds = floor["gap"]["all"]["psnr"], floor["gap"]["all"]["ssim"]
     assert dp < 0 and ds < 0  # grey is below biharmonic on photos
-    assert floor["verdict"] == f"grey is below biharmonic overall: {dp:+.2f} dB PSNR / {ds:+.3f} SSIM (4 images)"
+    # the standard error of the gap: numpy's sample deviation of the per-image differences over sqrt(n)
+    ref_rows = floor["methods"]["biharmonic"]["rows"]
+    se = {k: np.std([getattr(r, k) - b[k] for r, b in zip(rows, ref_rows)], ddof=1) / 2 for k in ("psnr", "ssim")}
+    assert floor["gap_se"] == pytest.approx(se, rel=1e-9)
+    assert floor["verdict"] == (f"grey is below biharmonic overall: {dp:+.2f} dB PSNR / {ds:+.3f} SSIM (4 images; "
+                                f"standard error of the gap {se['psnr']:.2f} dB / {se['ssim']:.4f} SSIM)")
     assert len(floor["methods"]["mean"]["rows"]) == 4  # per-image rows kept for the JSON
     # another reference when biharmonic is not among the methods
     floor2 = evaluate_floor(images, masks, ("mean",)).compare(summary, name="grey")
@@ -135,6 +141,16 @@ def test_verdict_words():
     assert floor_verdict(gap(-1.234, 0.0101), "net", "biharmonic") == \
         "net vs biharmonic overall: -1.23 dB PSNR (below) / +0.010 SSIM (above)"
     assert "level with" in floor_verdict(gap(0.001, -0.0001), "net", "mean")
+    # per-image gaps 1, 2, 3 dB and 0, 0, 0.003 SSIM: sample deviations 1 and 0.0017320508, over sqrt(3)
+    net = [MetricRow(f"i{k}", 0.15, 20.0 + 2 * k, 0.5 + (0.003 if k == 2 else 0), 0.1) for k in range(3)]
+    ref = [MetricRow(f"i{k}", 0.15, 19.0 + k, 0.5, 0.1) for k in range(3)]
+    se = gap_standard_error(net, ref)
+    assert se["psnr"] == pytest.approx(1 / 3**0.5) and se["ssim"] == pytest.approx(0.001, rel=1e-6)
+    assert floor_verdict(gap(2.0, 0.001), "net", "biharmonic", 3, standard_error=se) == \
+        "net is above biharmonic overall: +2.00 dB PSNR / +0.001 SSIM (3 images; standard error of the gap 0.58 dB / 0.0010 SSIM)"
+    assert math.isnan(gap_standard_error(net[:1], ref[:1])["psnr"])
+    with pytest.raises(ValueError, match="same images and masks"):
+        gap_standard_error(net, ref[::-1])
 
 
 def test_markdown_json_csv_of_the_comparison():

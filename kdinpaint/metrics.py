@@ -384,11 +384,10 @@ def floor_verdict(gap: Mapping[str, Mapping[str, float]], name: str, reference: 
     def word(d: float) -> str:
         return "above" if d > 0 else "below" if d < 0 else "level with"
 
-    images = f" ({count} images)" if count is not None else ""
+    notes = [f"{count} images"] if count is not None else []
     if standard_error is not None and not math.isnan(standard_error["psnr"]):
-        images = (f" ({count} images; standard error of the gap {standard_error['psnr']:.2f} dB / "
-                  f"{standard_error['ssim']:.4f} SSIM)" if count is not None else
-                  f" (standard error of the gap {standard_error['psnr']:.2f} dB / {standard_error['ssim']:.4f} SSIM)")
+        notes.append(f"standard error of the gap {standard_error['psnr']:.2f} dB / {standard_error['ssim']:.4f} SSIM")
+    images = f" ({'; '.join(notes)})" if notes else ""
     if word(dp) == word(ds):
         return f"{name} is {word(dp)} {reference} overall: {dp:+.2f} dB PSNR / {ds:+.3f} SSIM{images}"
     return f"{name} vs {reference} overall: {dp:+.2f} dB PSNR ({word(dp)}) / {ds:+.3f} SSIM ({word(ds)}){images}"
@@ -403,16 +402,11 @@ def gap_standard_error(network: Sequence[MetricRow], reference: Sequence[MetricR
     if len(network) != len(reference) or any(a.name != b.name for a, b in zip(network, reference)):
         raise ValueError("the per-image rows of the network and the reference differ in images; score both on the "
                          "same images and masks, in the same order")
-    out = {}
-    for key in ("psnr", "ssim"):
-        d = [getattr(a, key) - getattr(b, key) for a, b in zip(network, reference)]
-        n = len(d)
-        if n < 2:
-            out[key] = math.nan
-            continue
-        mean = sum(d) / n
-        out[key] = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
-    return out
+    n = len(network)
+    if n < 2:
+        return {"psnr": math.nan, "ssim": math.nan}
+    diffs = {key: [getattr(a, key) - getattr(b, key) for a, b in zip(network, reference)] for key in ("psnr", "ssim")}
+    return {key: float(np.std(d, ddof=1)) / math.sqrt(n) for key, d in diffs.items()}
 
 
 def compare_floor(
@@ -441,8 +435,9 @@ def compare_floor(
 
     Returns ``{"network": name, "convention", "reference", "methods": {method: summary (+ "rows")},
     "gap": floor_gap(network, methods[reference]), "verdict": floor_verdict(...), "skipped": {...}}``, the
-    ``"floor"`` entry of ``to_json`` (and ``"gap_se"`` with ``network_rows``). Refused with ``ValueError``: no method, a reference that is not one of
-    them, summaries of other conventions or of other images (bucket counts differ).
+    ``"floor"`` entry of ``to_json`` (and ``"gap_se"`` with ``network_rows``). Refused with ``ValueError``: no
+    method, a reference that is not one of them, summaries of other conventions or of other images (bucket counts
+    differ).
     """
     if not floors:
         raise ValueError("no floor method to compare with; give at least one of biharmonic, telea, ns, mean")

@@ -264,7 +264,8 @@ def finish(recipe: Recipe, accelerator: Accelerator, kd, spec, adapter, variant:
     # a network that starts from the pyramid fill is also shown beside that fill (what training added); one that
     # starts from the biharmonic fill is compared with its start by the floor's first row
     methods = (*FLOOR_METHODS, "pyramid") if getattr(kd.student, "prefill_mode", None) == "pyramid" else FLOOR_METHODS
-    floor = evaluate_floor(images, masks, methods=methods, names=names).compare(summary, name=name, network_rows=rows)  # biharmonic: ~0.3 s per 64x64 image
+    floor = evaluate_floor(images, masks, methods=methods, names=names)  # biharmonic: ~0.3 s per 64x64 image
+    floor = floor.compare(summary, name=name, network_rows=rows)
     first = slice(0, 4)
     sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
     text = write_evaluation_report(run, name, len(images), summary, rows, floor)

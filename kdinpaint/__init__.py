@@ -5,14 +5,19 @@
     loss = recon(pred, gt) + 20 * kd.losses(target=gt)["total"]
 """
 
-from kdinpaint.adapter import Adapter
+from kdinpaint import _moved
+
+_moved.install()  # old import paths of moved modules (kdinpaint.objective, ...) warn and keep working
+
+from kdinpaint.adapter import Adapter  # noqa: E402
 from kdinpaint.attach import Distiller, attach
 from kdinpaint.attention import PixelAttention
-from kdinpaint.bilevel import MetaLearner, TrainingDiverged
+from kdinpaint.train.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.export import CompletedModel, load_checkpoint, load_exported, save_exported
 from kdinpaint.hookspecs import hookimpl
 from kdinpaint.plugins import get_adapter, list_adapters
-from kdinpaint.spec import AdapterSpec, AttentionSite, load_spec
+from kdinpaint.plugins import resolve_spec as load_spec
+from kdinpaint.spec import AdapterSpec, AttentionSite
 from kdinpaint.suggest import suggest_spec
 from kdinpaint.teacher import build_teacher, pretrain
 

@@ -24,6 +24,7 @@ Psi (trained by Algorithm 1) = gamma, rho, phi.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 import weakref
@@ -43,7 +44,8 @@ from kdinpaint.losses.attention import attention_transfer, attention_transfer_fr
 from kdinpaint.losses.distillation import cross_distillation, self_distillation
 from kdinpaint.masking import check_mask, mask_at, masked, masked_mean
 from kdinpaint.meta import ChannelWeights, FeatureTransform, PixelWeights
-from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
+from kdinpaint.plugins import resolve_spec
+from kdinpaint.spec import AdapterSpec, SpecLike
 
 __all__ = ["attach", "Distiller"]
 
@@ -691,6 +693,28 @@ class Distiller(nn.Module):
         finally:
             self._teacher_cache = None
 
+    # ---- what training and export use ------------------------------------------------------------
+    @property
+    def call(self) -> Any:
+        """The student's calling convention (:class:`kdinpaint.calling.Convention`): ``call.build(image, mask)``
+        gives the ``(args, kwargs)`` of one call in toolkit conventions, ``call.get(args, kwargs, "mask")`` finds
+        an input again."""
+        return self._call
+
+    def student_copy(self) -> nn.Module:
+        """A deep copy of the student's root module without the Distiller's hooks (the hooks stay on the original)."""
+        attached = self.attached
+        self._uninstall()
+        try:
+            return copy.deepcopy(self._root)
+        finally:
+            if attached:
+                self._install()
+
+    def drop_captures(self) -> None:
+        """Forget the features captured by the last call (a call whose losses are not wanted)."""
+        self._session.reset()
+
     # ---- parameters -----------------------------------------------------------------------------
     def student_parameters(self) -> Iterator[nn.Parameter]:
         """Theta added by kdinpaint (completion blocks, f_l, PGL); optimise them with ``student.parameters()``."""
@@ -794,4 +818,4 @@ def attach(
     """
     if spec is None:
         raise ValueError("attach() needs a spec: an AdapterSpec, a dict like {'encoder_levels': [...]}, a YAML path or an adapter name")
-    return Distiller(model, teacher, load_spec(spec), example_inputs)
+    return Distiller(model, teacher, resolve_spec(spec), example_inputs)

@@ -111,13 +111,7 @@ class CompletedModel(nn.Module):
 
     @classmethod
     def from_distiller(cls, kd: "Any") -> "CompletedModel":
-        attached = kd.attached  # after detach() the student stays hook-free
-        kd._uninstall()  # copy the student without the Distiller's hooks
-        try:
-            model = copy.deepcopy(kd._root)
-        finally:
-            if attached:
-                kd._install()
+        model = kd.student_copy()  # without the Distiller's hooks
         fusion_sites = [site.module for site in kd.attention if site.fusion]
         return cls(model, kd.spec, copy.deepcopy(kd.blocks), kd.sites, copy.deepcopy(kd.fusion), fusion_sites)
 

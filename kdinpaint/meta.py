@@ -1,7 +1,7 @@
 """The meta-networks Psi of the paper: gamma (Eq. 2), rho (Eq. 2), phi (Eq. 3) and t (Eq. 9).
 
 They read the auxiliary network's (teacher's) features, exist only during training, and are updated by the
-bilevel scheme of Algorithm 1 (:mod:`kdinpaint.bilevel`), never by the ordinary optimiser step on theta.
+bilevel scheme of Algorithm 1 (:mod:`kdinpaint.train.bilevel`), never by the ordinary optimiser step on theta.
 """
 
 from __future__ import annotations

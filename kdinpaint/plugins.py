@@ -2,7 +2,7 @@
 
 Plugins are modules exposed through the ``kdinpaint`` entry-point group; the built-in adapters use the same
 group (``pyproject.toml``); kdinpaint registers its own objective, ``eq11`` (the paper's Eq. 11,
-:class:`kdinpaint.objective.Eq11Objective`), through the same ``register_losses`` hook. Nothing is imported
+:class:`kdinpaint.train.objective.Eq11Objective`), through the same ``register_losses`` hook. Nothing is imported
 until first use (:func:`load_plugins`, called by every registry function). Entry points load one at a
 time: a plugin that fails to import, fails validation, or whose hook raises is logged and recorded with its
 distribution name (:func:`plugin_failures`) and the others still load. Environment:
@@ -17,6 +17,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from pathlib import Path
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -25,10 +27,14 @@ import pluggy
 
 from kdinpaint import hookspecs
 from kdinpaint.adapter import Adapter
+from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.train import objective
+from kdinpaint.train.objective import Eq11Objective, TrainingObjective, is_training_objective
 
 __all__ = ["pm", "hookimpl", "PluginError", "Failure", "load_plugins", "plugin_failures", "list_adapters",
-           "get_adapter", "list_mask_generators", "get_mask_generator", "list_losses", "get_loss"]
+           "get_adapter", "list_mask_generators", "get_mask_generator", "list_losses", "get_loss",
+           "resolve_objective", "resolve_spec"]
 
 log = logging.getLogger(__name__)
 GROUP, HOME = "kdinpaint", "kdinpaint"
@@ -127,8 +133,6 @@ def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Fa
 
 def _register_builtins() -> None:
     """kdinpaint's own registrations outside the adapters: the ``eq11`` objective (:mod:`kdinpaint.objective`)."""
-    from kdinpaint import objective
-
     name = f"{HOME}:objective"
     if not pm.has_plugin(name):
         pm.register(objective, name=name)
@@ -230,3 +234,30 @@ def list_losses(*, strict: bool | None = None) -> dict[str, Callable]:
 
 def get_loss(name: str, *, strict: bool | None = None) -> Callable:
     return _get("register_losses", "loss", name, strict).value
+
+
+def resolve_objective(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[type[TrainingObjective], dict]:
+    """The objective class a recipe's ``losses.objective`` names (a registered loss) and its keyword arguments.
+
+    ``eq11`` (the default) is :class:`Eq11Objective`, whose options are the recipe's other ``losses`` keys;
+    an adapter's registered TrainingObjective class (e.g. ``edgeconnect-gan``) brings its own losses and
+    discriminators and takes ``kwargs`` (``losses.objective_kwargs``); a registered loss *function* (e.g.
+    ``edgeconnect``) replaces R_recon and R_style inside Eq. (11): ``(Eq11Objective, {"loss": fn})``.
+    """
+    registered = get_loss(name)
+    if is_training_objective(registered):
+        return registered, dict(kwargs or {})
+    if kwargs:
+        raise ValueError(
+            f"losses.objective_kwargs is set, but losses.objective {name!r} is a loss function, not an "
+            "objective class: remove objective_kwargs"
+        )
+    return Eq11Objective, {"loss": registered}
+
+
+def resolve_spec(spec: SpecLike) -> AdapterSpec:
+    """:func:`kdinpaint.spec.load_spec`, and also a registered adapter's name ``name[:variant]``: its spec."""
+    if isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and not Path(spec).is_file():
+        name, _, variant = spec.partition(":")
+        return get_adapter(name).spec.variant(variant or None)
+    return load_spec(spec)

@@ -381,7 +381,7 @@ SpecLike = Union[AdapterSpec, dict, str, Path]
 
 
 def load_spec(spec: SpecLike) -> AdapterSpec:
-    """An ``AdapterSpec`` from a spec, a dict, a YAML path, or a registered adapter name ``name[:variant]``."""
+    """An ``AdapterSpec`` from a spec, a dict or a YAML path (a registered adapter's name: :func:`kdinpaint.plugins.resolve_spec`)."""
     if isinstance(spec, AdapterSpec):
         return spec
     if isinstance(spec, dict):
@@ -389,10 +389,10 @@ def load_spec(spec: SpecLike) -> AdapterSpec:
     if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or Path(spec).is_file())):
         return AdapterSpec.from_yaml(spec)
     if isinstance(spec, str):
-        from kdinpaint.plugins import get_adapter  # lazy: plugins load on first use
-
-        name, _, variant = spec.partition(":")
-        return get_adapter(name).spec.variant(variant or None)
+        raise ValueError(
+            f"spec {spec!r} is not a YAML file; for a registered adapter's spec use kdinpaint.load_spec (which "
+            "resolves names such as 'reference' or 'gatedconv:star')"
+        )
     raise TypeError(
         f"spec must be an AdapterSpec, a dict, a YAML path or a registered adapter name, got {type(spec).__name__}"
     )

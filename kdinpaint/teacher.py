@@ -17,7 +17,8 @@ from torch import nn
 
 from kdinpaint import _modules
 from kdinpaint.calling import CallConvention, convention, select_output
-from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
+from kdinpaint.plugins import resolve_spec
+from kdinpaint.spec import AdapterSpec, SpecLike
 
 __all__ = ["build_teacher", "pretrain", "autoencoder_call"]
 
@@ -99,7 +100,7 @@ def pretrain(
         device: where to train (default: where the teacher's parameters are).
         log_every: log the loss every this many steps (0: never).
     """
-    spec = load_spec(spec) if spec is not None else AdapterSpec()
+    spec = resolve_spec(spec) if spec is not None else AdapterSpec()
     if device is None:
         p = next(iter(teacher.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")

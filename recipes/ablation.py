@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--device cuda, but torch finds no GPU here")
     # --mixed-precision comes last, so it wins over a train.mixed_precision override
     overrides = list(args.overrides) + ([f"train.mixed_precision={args.mixed_precision}"] if args.mixed_precision else [])
-    from kdinpaint.recipe import load_recipe
+    from kdinpaint.train.recipe import load_recipe
 
     try:  # unknown keys and bad values fail here, before the first run
         recipe = load_recipe(args.config, overrides)

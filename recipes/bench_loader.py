@@ -51,7 +51,7 @@ def reference_step(size: int, batch: int, mode: str, device: torch.device) -> Ca
     """One training step of the reference recipe (Net8, width 64): an Algorithm 1 block of T=2 theta steps
     (``mode`` for Psi) on GMCNN + style + adversarial + distillation, then a discriminator step."""
     import kdinpaint
-    from kdinpaint.bilevel import MetaLearner
+    from kdinpaint.train.bilevel import MetaLearner
     from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
     from kdinpaint.losses.reconstruction import spatially_varying_l1
     from kdinpaint.losses.style import VGGStyleLoss

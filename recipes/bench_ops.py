@@ -14,7 +14,7 @@ feature with 64 channels (queries/keys of 8 channels), 30 % holes. Each variant 
 on CPU the figure is the rise of the peak resident set size over the resident size just before the
 computation, on CUDA ``torch.cuda.max_memory_allocated`` over the allocation before it. Target: ratio <= 0.45.
 
-meta_step: amortised time per theta-step of Algorithm 1 (:class:`kdinpaint.bilevel.MetaLearner`) with
+meta_step: amortised time per theta-step of Algorithm 1 (:class:`kdinpaint.train.bilevel.MetaLearner`) with
 ``reverse_hg`` and ``first_order`` over ``frozen``, T=2, on the built-in ``tiny-unet`` (width 16) with
 cross/self-distillation and completion blocks, batch 4 at 64×64, L1 inpainting loss. The modes run in
 turns, one batch each per round, and each figure is the median over the rounds (timings on a shared CPU
@@ -129,7 +129,7 @@ EVERY = (2, 4, 8)  # meta.every values timed beside every batch (1)
 
 def bench_meta_step(device: torch.device, repeats: int, autocast: str = "none", model: str = "tiny-unet") -> dict:
     import kdinpaint
-    from kdinpaint.bilevel import MetaLearner
+    from kdinpaint.train.bilevel import MetaLearner
     from kdinpaint_adapters.tiny import TinyInpaintUNet
 
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def _final_pass(learner, inputs: tuple, target: torch.Tensor) -> float:
         t0 = time.perf_counter()
         out = functional_call(kd, {**rest, **buffers, **psi, **theta}, inputs)
         loss = learner._loss(out, target, inputs[1])
-        kd._session.reset()
+        kd.drop_captures()
         with differentiate_targets():
             torch.autograd.grad(loss, list(psi.values()))
         synchronize(target.device)

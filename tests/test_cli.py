@@ -13,7 +13,8 @@ import yaml
 
 from kdinpaint import plugins
 from kdinpaint.cli import main
-from kdinpaint.spec import AdapterSpec, load_spec
+from kdinpaint import load_spec
+from kdinpaint.spec import AdapterSpec
 from test_plugins import BROKEN, example_plugin_dist, make_dist
 from tiny import LEVELS
 

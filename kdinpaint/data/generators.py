@@ -208,7 +208,7 @@ class MixedMasks:
     """Each mask from one of ``sources``, chosen uniformly with the same generator.
 
     With one source per hole-ratio bucket (``MixedMasks([FreeFormMasks(ratio=b) for b in TABLE1_BUCKETS])``),
-    training masks are spread evenly over the buckets, as the evaluation masks are (:func:`kdinpaint.runs.eval_set`
+    training masks are spread evenly over the buckets, as the evaluation masks are (:func:`kdinpaint.train.runs.eval_set`
     gives image ``i`` bucket ``i mod 4``). Free-form strokes alone put most holes below 30 % at 64 px.
     """
 

@@ -4,7 +4,7 @@ Self-distillation (Eq. 3) regresses a shallower feature onto the deeper one, whi
 gradient from the term: ``target(x)`` is ``x.detach()`` for every ordinary backward. But an SGD step built on
 that gradient is still a function of the target's value, which moves with theta and Psi; Algorithm 1
 differentiates through such steps. Inside :func:`differentiate_targets` (used by
-:meth:`kdinpaint.bilevel.MetaLearner.hypergradient` for its outer backward) the same node passes gradients
+:meth:`kdinpaint.train.bilevel.MetaLearner.hypergradient` for its outer backward) the same node passes gradients
 through, so the hypergradient is the exact derivative of the unrolled steps.
 """
 

@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from kdinpaint.recipe import Recipe
+from kdinpaint.train.recipe import Recipe
 from kdinpaint.weights import load_weights
 
 __all__ = [

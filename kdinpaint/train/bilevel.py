@@ -352,7 +352,7 @@ class MetaLearner:
         logs: dict[str, float | str] = {"lr": lr}
         bad: tuple[str, str] | None = None
         with kd.reusing_teacher():
-            mask = kd._call.get(args, kwargs, "mask")
+            mask = kd.call.get(args, kwargs, "mask")
             for t in range(self.steps):
                 with self.autocast():
                     fused = t == 0 and psi_step and self._can_fuse(target)
@@ -553,7 +553,7 @@ class MetaLearner:
         buffers = {n: b.clone() for n, b in kd.named_buffers()}  # the unroll must not move BN statistics
         theta = {n: v.detach().requires_grad_() for n, v in theta0.items()}
         correction = {n: torch.zeros_like(v) for n, v in theta0.items()}
-        mask = kd._call.get(args, kwargs, "mask")
+        mask = kd.call.get(args, kwargs, "mask")
         if first_step is not None:
             theta = self._sgd(dict(theta0), first_step, correction, precondition)
         with kd.reusing_teacher():
@@ -567,7 +567,7 @@ class MetaLearner:
                 theta = {n: v + correction[n] for n, v in theta.items()}
             out = functional_call(kd, {**frozen, **buffers, **psi, **theta}, args, kwargs)
             l_inp = self._loss(out, target, mask)
-            kd._session.reset()  # the final call computed no distillation losses: drop its captures
+            kd.drop_captures()  # the final call computed no distillation losses: drop its captures
             with differentiate_targets():  # the steps depend on the self-distillation targets' values too
                 hyper = torch.autograd.grad(l_inp, list(psi.values()), allow_unused=True)
         grads = {n: (g if g is not None else torch.zeros_like(psi[n])).detach() for n, g in zip(psi, hyper)}

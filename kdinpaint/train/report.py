@@ -27,7 +27,7 @@ def write_evaluation_report(run: Path, name: str, count: int, summary: dict, row
 
 def write_divergence_report(run: Path, error, step: int, last_checkpoint: str | None) -> str:
     """``report.md`` / ``report.json`` of a run the divergence guard stopped at ``step`` with ``error``
-    (:class:`kdinpaint.bilevel.TrainingDiverged`), in place of the evaluation; returns what to do next."""
+    (:class:`kdinpaint.train.bilevel.TrainingDiverged`), in place of the evaluation; returns what to do next."""
     (run / "report.json").write_text(json.dumps(
         {"diverged": True, "step": step, "term": error.term, "reason": error.reason, "message": str(error),
          "last_checkpoint": last_checkpoint}, indent=2) + "\n")

@@ -73,7 +73,7 @@ class MaskSection:
 class LossSection:
     """Eq. (11): lambda_r R_recon + lambda_d (R_distil + R_att) + lambda_s R_style, plus the adversarial term."""
 
-    objective: str = "eq11"  # eq11 = the paper's (kdinpaint.objective.Eq11Objective); or a registered loss (kdinpaint.plugins.get_loss)
+    objective: str = "eq11"  # eq11 = the paper's (kdinpaint.train.objective.Eq11Objective); or a registered loss (kdinpaint.plugins.get_loss)
     objective_kwargs: dict = field(default_factory=dict)  # arguments of a registered TrainingObjective class
     lambda_r: float = 1.0
     lambda_d: float = 20.0
@@ -83,7 +83,7 @@ class LossSection:
     vgg: Optional[str] = "vgg16.tv_in1k"  # timm name or a local weights file
     allow_random_vgg: bool = False  # random VGG weights (demos and tests only)
     adversarial: float = 0.1  # Region Normalization's discriminator; 0 switches it off
-    ssim: float = 0.0  # weight of 1 - SSIM of the composite (not in the paper; kdinpaint.objective.Eq11Objective)
+    ssim: float = 0.0  # weight of 1 - SSIM of the composite (not in the paper; kdinpaint.train.objective.Eq11Objective)
     gan_loss: str = "nsgan"
     d_lr_ratio: float = 0.1
 

@@ -49,7 +49,7 @@ from kdinpaint.hookspecs import hookimpl
 
 __all__ = [
     "TrainingObjective", "Eq11Objective", "BatchMemo", "is_training_objective", "build_objective", "total_of",
-    "merge_weights", "resolve_objective", "register_losses", "SN_WARMUP_ITERATIONS",
+    "merge_weights", "register_losses", "SN_WARMUP_ITERATIONS",
 ]
 
 #: power iterations that settle a discriminator's spectral norms at construction (the default of
@@ -147,27 +147,6 @@ def build_objective(
     if not isinstance(getattr(objective, "discriminators", None), nn.ModuleDict):
         raise TypeError(f"{cls.__name__}.__init__ must call super().__init__() (it sets self.discriminators)")
     return objective
-
-
-def resolve_objective(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[type[TrainingObjective], dict]:
-    """The objective class a recipe's ``losses.objective`` names (a registered loss) and its keyword arguments.
-
-    ``eq11`` (the default) is :class:`Eq11Objective`, whose options are the recipe's other ``losses`` keys;
-    an adapter's registered TrainingObjective class (e.g. ``edgeconnect-gan``) brings its own losses and
-    discriminators and takes ``kwargs`` (``losses.objective_kwargs``); a registered loss *function* (e.g.
-    ``edgeconnect``) replaces R_recon and R_style inside Eq. (11): ``(Eq11Objective, {"loss": fn})``.
-    """
-    from kdinpaint.plugins import get_loss
-
-    registered = get_loss(name)
-    if is_training_objective(registered):
-        return registered, dict(kwargs or {})
-    if kwargs:
-        raise ValueError(
-            f"losses.objective_kwargs is set, but losses.objective {name!r} is a loss function, not an "
-            "objective class: remove objective_kwargs"
-        )
-    return Eq11Objective, {"loss": registered}
 
 
 def total_of(terms: object, source: str | Callable) -> torch.Tensor:

@@ -13,11 +13,8 @@ an adapter's student with its completion blocks (:func:`deployed_model`), or a w
 4. the prediction (the spec's ``output``) is cropped back, clamped to [-1, 1] and composited:
    ``pred ⊙ M + image ⊙ (1 - M)``; known pixels are the input's, bit for bit.
 
-Padding: the border is split evenly (the odd pixel goes bottom/right) and both image and mask are mirrored
-(``reflect``, the edge pixel not repeated; ``replicate`` when the image is too small to mirror). The mask is
-mirrored rather than padded as known: a mirrored hole stays a hole, so the padding never shows the network
-content that the mask hides. The padded area never counts as hole anywhere else: it is cropped away before
-compositing and before any metric (hole ratios are those of the unpadded mask).
+Padding (:mod:`kdinpaint.padding`): the border is split evenly and both image and mask are mirrored, so a
+mirrored hole stays a hole; the padded area is cropped away before compositing and before any metric.
 
 The floor (:func:`evaluate_floor`, :func:`evaluate_with_floor`): the weight-free baselines scored on the same
 images and masks as a network, so that every score comes with what needs no training (biharmonic, Telea when
@@ -31,7 +28,6 @@ nearest-neighbour sampling to the image size, so a mask of another size is adapt
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
@@ -50,6 +45,8 @@ from kdinpaint.export import CompletedModel
 from kdinpaint.memory import MemoryModel
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
 from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
+# the padding helpers moved to kdinpaint.padding; imported here, so the old import paths still work
+from kdinpaint.padding import Crop, crop_top_left, pad_bottom_right, pad_to_multiple, unpad  # noqa: F401
 
 __all__ = [
     "Crop",
@@ -76,9 +73,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Crop = tuple[int, int, int, int]
-"""``(top, left, height, width)`` of the original image inside a padded one."""
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -117,56 +111,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {name!r} requested but MPS is not available here; use --device {default_device()}")
     return device
-
-
-# ---- padding ------------------------------------------------------------------------------------
-def pad_to_multiple(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, Crop]:
-    """Pad ``image`` ``(B, C, H, W)`` and ``mask`` ``(B or 1, 1, H, W)`` so H and W are multiples of ``multiple``.
-
-    Both are mirrored (see the module docstring for why the mask is mirrored too); returns the padded
-    image ``(B, C, H', W')``, mask ``(., 1, H', W')`` with ``H' = ceil(H / multiple) * multiple`` and the
-    :data:`Crop` that :func:`unpad` takes. Nothing is copied when no padding is needed.
-    """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"image is {tuple(image.shape[-2:])} but mask is {tuple(mask.shape[-2:])} (H, W)")
-    H, W = image.shape[-2:]
-    ph, pw = (-H) % multiple, (-W) % multiple
-    top, left = ph // 2, pw // 2
-    crop = (top, left, H, W)
-    if ph == 0 and pw == 0:
-        return image, mask, crop
-    pad = (left, pw - left, top, ph - top)  # F.pad order: (left, right, top, bottom)
-    mode = "reflect" if max(top, ph - top) < H and max(left, pw - left) < W else "replicate"
-    return F.pad(image, pad, mode=mode), F.pad(mask, pad, mode=mode), crop
-
-
-def pad_bottom_right(x: torch.Tensor, multiple: int, min_size: int = 0) -> torch.Tensor:
-    """Pad ``(..., H, W)`` at the bottom/right to a multiple of ``multiple`` and at least ``min_size``.
-
-    Reflect padding, replicate where the map is too small to reflect; undo with :func:`crop_top_left`.
-    Adapters whose networks pad internally (EdgeConnect, StructureFlow, DeepFill v2) use this one.
-    """
-    H, W = x.shape[-2:]
-    th = max(math.ceil(H / multiple), math.ceil(min_size / multiple)) * multiple
-    tw = max(math.ceil(W / multiple), math.ceil(min_size / multiple)) * multiple
-    ph, pw = th - H, tw - W
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
-def crop_top_left(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Undo :func:`pad_bottom_right`: the top-left ``size = (H, W)`` of ``(..., H', W')``."""
-    return x[..., : size[0], : size[1]]
-
-
-def unpad(x: torch.Tensor, crop: Crop) -> torch.Tensor:
-    """The original ``(…, H, W)`` window of a tensor padded by :func:`pad_to_multiple`."""
-    top, left, H, W = crop
-    return x[..., top : top + H, left : left + W]
 
 
 # ---- the inpainter ------------------------------------------------------------------------------

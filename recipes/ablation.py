@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: a GPU when there is one (accelerate's choice); cpu forces the CPU")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="train.mixed_precision")
     parser.add_argument("--reuse", action="store_true", help="keep runs whose folder already has a report.json")
-    parser.add_argument("--results", default=str(HERE / "results.md"), help="markdown written at the end")
+    parser.add_argument("--results", default=str(HERE / "results" / f"{datetime.date.today().isoformat()}-table3.md"),
+                        help="markdown written at the end (default: recipes/results/<today>-table3.md)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, section.key=value")
     options, overrides = split_overrides(argv)
     args = parser.parse_args(options + (["--", *overrides] if overrides else []))

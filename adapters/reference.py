@@ -201,8 +201,9 @@ class ReferenceNet(nn.Module):
 
     @staticmethod
     def _attend(att: nn.Module, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A decoder attention (Net6-Net8) gets the mask, to refine the holes only; the identity does not."""
-        return att(d, mask) if isinstance(att, PixelAttention) else att(d)
+        """A decoder attention (Net6-Net8) gets the mask, to refine the holes only; the identity does not. Not a
+        test of PixelAttention: the exported model wraps it (with its PGL fusion), and the wrapper must get the mask too."""
+        return att(d) if isinstance(att, nn.Identity) else att(d, mask)
 
     def _comp(self, which: str, i: int, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, which)[i](x) if self.compensate else x

@@ -45,6 +45,30 @@ def test_export_is_bit_identical_and_standalone(tmp_path):
         assert torch.equal(reloaded(image, mask), attached_out)
 
 
+def test_exported_reference_net8_attends_to_the_holes_as_attached():
+    # the decoder attention of the reference network refines the holes only; wrapped by its PGL fusion site in
+    # the exported model it must still get the mask (a trained, non-zero gate shows the difference)
+    from kdinpaint.plugins import get_adapter
+
+    adapter = get_adapter("reference")
+    torch.manual_seed(0)
+    student = adapter.student(None, width=4)
+    kd = kdinpaint.attach(student, adapter.teacher(None, width=4), adapter.spec)
+    with torch.no_grad():
+        for name, p in [*student.named_parameters(), *kd.named_parameters()]:
+            if name.endswith("gate") or "fusion" in name:
+                p.normal_(0, 0.3)
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 8:20, 4:28] = 1
+    mask[1, :, 16:32, 0:12] = 1
+    exported = kd.export().eval()
+    student.eval()
+    with torch.no_grad():
+        assert torch.equal(exported(image * (1 - mask), mask), student(image * (1 - mask), mask))
+    kd.detach()
+
+
 class _ReadsAttributes(TinyUNet):
     def __init__(self):
         super().__init__()

@@ -38,7 +38,7 @@ from kdinpaint.train.recipe import Recipe
 from kdinpaint.weights import load_weights
 
 __all__ = [
-    "RESUME_MAY_CHANGE", "checkpoints_in", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
+    "RESUME_MAY_CHANGE", "TRAINER_STATE", "checkpoints_in", "load_trainer_state", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
     "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
     "cpu_threads", "tensorboard_installed",
 ]
@@ -57,22 +57,113 @@ def checkpoints_in(run: str | os.PathLike[str]) -> list[Path]:
     return sorted((Path(run) / "checkpoints").glob("step_*"))
 
 
-def save_checkpoint(accelerator: Any, run: str | os.PathLike[str], step: int, keep: int) -> None:
-    """accelerate ``save_state`` into ``checkpoints/.tmp_step_XXXXXXX``, then an atomic rename to
-    ``checkpoints/step_XXXXXXX``: only complete checkpoints get a name (a killed run resumes from the last
-    one); all but the newest ``keep`` are removed. Every process calls it."""
+TRAINER_STATE = "trainer_state"  # <checkpoint>/trainer_state.json and .safetensors: states beside accelerate's
+
+
+def save_checkpoint(accelerator: Any, run: str | os.PathLike[str], step: int, keep: int,
+                    states: dict[str, Any] | None = None) -> Path:
+    """accelerate ``save_state`` into ``checkpoints/.tmp_step_XXXXXXX`` with the ``state_dict()`` of each of
+    ``states`` (learning-rate schedule, weight average, divergence guard) as ``trainer_state.json`` and
+    ``trainer_state.safetensors``, then an atomic rename to ``checkpoints/step_XXXXXXX``: only complete checkpoints
+    get a name (a killed run resumes from the last one); all but the newest ``keep`` are removed. Every process
+    calls it; returns the checkpoint's path.
+
+    A full disk (or any failure while writing) leaves the earlier checkpoints as they were and raises an
+    ``OSError`` that says so."""
     final = Path(run) / "checkpoints" / f"step_{step:07d}"
     tmp = Path(run) / "checkpoints" / f".tmp_step_{step:07d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process and states:
+            _write_states(tmp, states)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = checkpoints_in(run)
+        kept = f"the last complete checkpoint, {done[-1]}, is kept" if done else "no earlier checkpoint exists"
+        raise OSError(
+            f"writing the checkpoint of step {step} into {tmp} failed ({type(e).__name__}: {e}); is the disk full? "
+            f"{kept}; free some space and resume the run"
+        ) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, final)
         for old in checkpoints_in(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return final
+
+
+def _split(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """``value`` with every tensor replaced by ``{"tensor": name}`` (the tensor goes to ``tensors[name]``)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {str(k): _split(v, tensors, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{key}: a {type(value).__name__} cannot be saved as JSON or safetensors")
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"tensor"} and isinstance(value["tensor"], str):
+            return tensors[value["tensor"]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def _write_states(folder: Path, states: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain = {name: _split(obj.state_dict(), tensors, name) for name, obj in states.items()}
+    (folder / f"{TRAINER_STATE}.json").write_text(json.dumps(plain))
+    save_file(tensors, str(folder / f"{TRAINER_STATE}.safetensors"))
+
+
+def load_trainer_state(checkpoint: str | os.PathLike[str], states: dict[str, Any]) -> None:
+    """Load the ``trainer_state`` files of ``checkpoint`` into ``states`` (see :func:`save_checkpoint`).
+
+    JSON and safetensors only: nothing in a run folder is unpickled with code. A checkpoint that holds pickled
+    states instead (``custom_checkpoint_*.pkl``, which accelerate loads with ``weights_only=False``) is refused:
+    a crafted one would run code on resume."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds pickled training states ({', '.join(pickles)}); they are not loaded, "
+            "because a pickle can run code: resume only checkpoints written by this version (JSON and safetensors), "
+            "or start a new run (another checkpoint.dir)"
+        )
+    if not states:
+        return
+    js, st = checkpoint / f"{TRAINER_STATE}.json", checkpoint / f"{TRAINER_STATE}.safetensors"
+    if not js.is_file() or not st.is_file():
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} has no {js.name} / {st.name} (the learning-rate schedule, weight average "
+            "and divergence guard of the run): it is incomplete or from another program; resume from another "
+            "checkpoint or start a new run"
+        )
+    try:
+        plain = json.loads(js.read_text())
+        tensors = load_file(str(st))
+        for name, obj in states.items():
+            obj.load_state_dict(_join(plain[name], tensors))
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError, RuntimeError) as e:
+        raise ValueError(
+            f"{js} / {st.name} do not fit this run ({type(e).__name__}: {e}); resume with the recipe that wrote the "
+            "checkpoint, or start a new run"
+        ) from None
 
 
 def _flat(data: dict) -> dict[str, Any]:

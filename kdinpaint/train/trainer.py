@@ -1,0 +1,433 @@
+"""The :class:`Trainer`: a recipe's teacher stage, student stage and report, with :class:`Callback` hooks.
+
+    kdinpaint train recipes/demo.yaml train.seed=1             # the CLI
+    accelerate launch recipes/train.py                         # the main job (recipes/demo.yaml)
+    Trainer(load_recipe("recipes/demo.yaml")).fit()           # Python
+
+Stages: ``teacher`` pre-trains the auxiliary network as an L1 autoencoder of the ground truth (§4);
+``student`` trains the inpainting network, the meta-networks by Algorithm 1 (the Psi step on every
+``meta.every``-th batch) and the discriminators; ``all`` (default) runs the teacher stage when no teacher
+weights exist yet, then the student. The whole objective of Eq. (11) is the trainer's:
+
+    L_tot = lambda_r * L_gen(output, target, mask) + lambda_d * (R_distil + R_att)
+
+where ``L_gen`` is :class:`~kdinpaint.train.objective.Eq11Objective`'s generator loss (R_recon, lambda_s R_style,
+adversarial, SSIM terms with their recipe weights) or an adapter's own objective (then ``lambda_r`` scales it as a
+whole), and the distillation terms come from the :class:`~kdinpaint.attach.Distiller`. :meth:`Trainer.inpaint_loss`
+is ``lambda_r * L_gen``, the loss Algorithm 1's outer step differentiates; :attr:`Trainer.lambda_d` weighs the rest.
+
+A run folder (``checkpoint.dir``) gets: ``recipe.yaml`` (resolved), ``teacher.safetensors``,
+``checkpoints/step_XXXXXXX`` (accelerate ``save_state`` plus ``trainer_state.json`` / ``.safetensors``, written to
+a temporary folder and renamed), ``metrics.jsonl``, ``samples/``, ``student.safetensors`` and ``report.md`` /
+``report.json`` (the Table 1 layout on the evaluation set beside the weight-free floor on the same images and masks).
+
+A batch whose loss or gradient is NaN/inf or explodes is skipped (``train.guard``); after ``train.max_bad_steps``
+in a row :class:`~kdinpaint.train.bilevel.TrainingDiverged` stops the run: ``report.md`` / ``report.json`` say so,
+nothing is exported, and :func:`main` exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kdinpaint import data as kdata
+from kdinpaint.attach import attach
+from kdinpaint.calling import convention, select_output
+from kdinpaint.data.training import images_from, mask_source
+from kdinpaint.export import save_exported
+from kdinpaint.inference import FLOOR_METHODS, Inpainter, evaluate_floor, evaluate_model, save_image
+from kdinpaint.masking import composite, masked
+from kdinpaint.metrics import TABLE1_BUCKETS
+from kdinpaint.plugins import PluginError, resolve_objective
+from kdinpaint.teacher import autoencoder_call
+from kdinpaint.train.averaging import WeightAverage
+from kdinpaint.train.bilevel import MetaLearner, TrainingDiverged
+from kdinpaint.train.objective import build_objective, total_of
+from kdinpaint.train.recipe import Recipe, load_recipe
+from kdinpaint.train.report import write_divergence_report, write_evaluation_report
+from kdinpaint.train.runs import (
+    MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
+    checkpoints_in, cpu_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs, save_checkpoint,
+    tensorboard_installed,
+)
+
+__all__ = ["Trainer", "Callback", "main", "DIVERGED_EXIT"]
+
+log = logging.getLogger("kdinpaint.train")
+DIVERGED_EXIT = 2  # the exit status of a run stopped by the divergence guard (report.json tells it from a usage error)
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, PluginError)  # one line and exit status 1, unless --debug
+
+
+class Callback:
+    """Hooks into :meth:`Trainer.fit`; override what you need (every method does nothing by default).
+
+    ``on_batch`` may return a replacement batch (a dict with ``image`` and ``mask``), e.g. to inject a fault.
+    """
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_batch(self, trainer: "Trainer", step: int, batch: dict) -> dict | None: ...
+
+    def on_step_end(self, trainer: "Trainer", step: int, logs: dict) -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
+    """Rows of masked | output | ground truth, as PNG."""
+    rows = torch.cat([masked_image, output, target], dim=-1)[:4]  # (B, 3, H, 3W)
+    save_image(path, torch.cat(list(rows), dim=-2))  # (3, B*H, 3W)
+
+
+class Trainer:
+    """Trains what ``recipe`` describes in the run folder ``recipe.checkpoint.dir``.
+
+    Args:
+        recipe: a validated :class:`~kdinpaint.train.recipe.Recipe` (:func:`~kdinpaint.train.recipe.load_recipe`).
+        callbacks: :class:`Callback` objects, called in order.
+        stage: ``all`` | ``teacher`` | ``student``.
+        resume_changed: resume a run folder whose ``recipe.yaml`` differs (``recipe.yaml`` is rewritten).
+    """
+
+    def __init__(self, recipe: Recipe, *, callbacks: Sequence[Callback] = (), stage: str = "all",
+                 resume_changed: bool = False):
+        if stage not in ("all", "teacher", "student"):
+            raise ValueError(f"stage {stage!r} is not one of ['all', 'teacher', 'student']")
+        self.recipe, self.callbacks, self.stage = recipe, list(callbacks), stage
+        self.run = Path(recipe.checkpoint.dir)
+        self.changed = check_run_folder(self.run, recipe, allow_changed=resume_changed)  # before anything is written
+        self.accelerator: Accelerator | None = None
+        self.step = 0
+
+    def _callback(self, name: str, *args: Any) -> list:
+        return [getattr(cb, name)(self, *args) for cb in self.callbacks]
+
+    # ---- the whole run ---------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Teacher stage (when needed), student stage and report. Raises :class:`TrainingDiverged` after the
+        divergence report is written."""
+        recipe, run = self.recipe, self.run
+        log_with = "tensorboard" if recipe.log.tensorboard and tensorboard_installed() else None
+        accelerator = self.accelerator = Accelerator(
+            mixed_precision=recipe.train.mixed_precision, log_with=log_with, project_dir=str(run), cpu=no_accelerator(),
+            kwargs_handlers=process_group_kwargs(recipe.train.process_group_timeout),
+        )
+        set_seed(recipe.train.seed)
+        if accelerator.is_main_process:
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        accelerator.wait_for_everyone()
+        if log_with:
+            accelerator.init_trackers("kdinpaint", config={k: str(v) for k, v in recipe.to_dict().items()})
+        self._set_threads()
+        if self.changed:
+            accelerator.print(f"resuming with changed recipe keys {self.changed} (recipe.yaml rewritten)")
+        parts = build_models(recipe)
+        eval_set(recipe)  # evaluation images and masks are read now, not after training
+        if recipe.checkpoint.resume and checkpoints_in(run):
+            check_random_states(checkpoints_in(run)[-1], accelerator.process_index)
+        d, m = recipe.data, recipe.masks
+        images = images_from(d.images, d.size, d.sample_count, d.crop, held_out=False)
+        train_masks = mask_source(m.train, d.size, m.hole, buckets=TABLE1_BUCKETS if m.train_ratio == "table1" else None)
+        world = accelerator.num_processes
+        spec, teacher = parts[2], parts[4]
+        teacher_path = run / "teacher.safetensors"
+        if recipe.teacher.weights:
+            if not Path(recipe.teacher.weights).is_file():
+                raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
+            teacher_path = Path(recipe.teacher.weights)
+        if spec.uses_teacher and teacher_path.is_file():  # refused before it is copied or trained with
+            check_teacher_weights(teacher_path, teacher, parts[0].name)
+        self._callback("on_train_start")
+        if self.stage in ("all", "teacher") and spec.uses_teacher and not teacher_path.is_file():
+            stream = kdata.TrainingStream(images, train_masks, recipe.teacher.steps * recipe.optim.batch_size * world,
+                                          seed=recipe.train.seed + 1, augment=d.augment)
+            self.train_teacher(teacher, spec, stream, teacher_path)
+        if self.stage in ("all", "student"):
+            if spec.uses_teacher and not teacher_path.is_file():
+                raise FileNotFoundError(f"no teacher weights at {teacher_path}: run --stage teacher first or set teacher.weights")
+            if spec.uses_teacher and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
+                shutil.copyfile(teacher_path, run / "teacher.safetensors")
+            accelerator.wait_for_everyone()
+            blocks = recipe.train.steps // recipe.meta.steps
+            stream = kdata.TrainingStream(images, train_masks, blocks * recipe.optim.batch_size * world,
+                                          seed=recipe.train.seed, augment=d.augment)
+            loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=d.workers)
+            set_seed(recipe.train.seed + 2)  # the added modules start the same whether or not the teacher stage ran
+            try:
+                self.train_student(parts, loader)
+            except torch.cuda.OutOfMemoryError:
+                raise SystemExit(
+                    f"out of GPU memory at optim.batch_size={recipe.optim.batch_size} and data.size={d.size}: lower "
+                    "them, e.g. optim.batch_size=2"
+                ) from None
+        self._callback("on_train_end")
+        accelerator.end_training()
+
+    def _set_threads(self) -> None:
+        accelerator = self.accelerator
+        threads = cpu_threads(self.recipe.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        if threads is not None and accelerator.device.type == "cpu":
+            torch.set_num_threads(threads)
+        n = torch.get_num_threads()
+        on_cpu = f" ({n} thread{'s' * (n != 1)})" if accelerator.device.type == "cpu" else ""
+        accelerator.print(
+            f"{self.recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
+            f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
+        )
+
+    # ---- stage teacher ---------------------------------------------------------------------------
+    def train_teacher(self, teacher: torch.nn.Module, spec, stream: kdata.TrainingStream, path: Path) -> None:
+        """L1 autoencoder of the ground truth (empty mask), as the paper pre-trains the AN (the loop of
+        :func:`kdinpaint.teacher.pretrain`, with accelerate's devices, mixed precision and processes).
+
+        It has an Accelerator of its own, so the student stage's checkpoints hold only the student's state. Its
+        DDP looks for unused parameters: fed the whole ground truth, a teacher may leave mask-driven parts idle
+        (the reference network's hole-refining attention computes nothing without a hole).
+        """
+        recipe = self.recipe
+        unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+        accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=no_accelerator(), kwargs_handlers=[unused])
+        opt = torch.optim.Adam(teacher.parameters(), lr=recipe.teacher.lr, betas=tuple(recipe.optim.betas))
+        loader = DataLoader(stream, batch_size=recipe.optim.batch_size, num_workers=recipe.data.workers)
+        model, opt, loader = accelerator.prepare(teacher, opt, loader)
+        call = convention(teacher, spec, teacher=True)
+        model.train()
+        batches = iter(loader)
+        for step in range(1, recipe.teacher.steps + 1):
+            image = next(batches)["image"]
+            args, kwargs = autoencoder_call(call, spec.teacher_input, image)
+            with accelerator.autocast():
+                pred = select_output(model(*args, **kwargs), spec.teacher_convention.output)
+                loss = (pred - image).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            if step % recipe.log.every == 0 or step == recipe.teacher.steps:
+                accelerator.print(f"teacher {step}/{recipe.teacher.steps}  L1 {loss.item():.4f}")
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        accelerator.wait_for_everyone()
+
+    # ---- Eq. (11) --------------------------------------------------------------------------------
+    def _resolve_objective(self, spec) -> tuple[type, dict, Any]:
+        """The objective class the recipe's ``losses`` section names, its keyword arguments, and the spec to train
+        with; sets the weights of Eq. (11): ``lambda_r`` scales the generator loss (an adapter's own objective as a
+        whole; Eq11Objective reads it as its R_recon weight), ``lambda_d`` the distillation terms."""
+        L = self.recipe.losses
+        cls, objective_kwargs = resolve_objective(L.objective, L.objective_kwargs)
+        self.lambda_r = 1.0 if "lambda_r" in cls.recipe_keys else L.lambda_r  # inside the objective, or outside it
+        self.lambda_d = L.lambda_d
+        # the call returns more than the prediction: the objective says where the prediction is
+        train_spec = dataclasses.replace(spec, output=cls.output_key) if cls.call_kwargs else spec
+        # the recipe's meta section decides how Psi is trained (the spec's meta options otherwise)
+        meta = dataclasses.replace(train_spec.meta, mode=self.recipe.meta.mode, steps=self.recipe.meta.steps)
+        return cls, objective_kwargs, dataclasses.replace(train_spec, meta=meta)
+
+    def inpaint_loss(self, output: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``lambda_r * L_gen``: Eq. (11) without the distillation terms (or an adapter's own generator loss)."""
+        return self.lambda_r * total_of(self.objective.generator_loss(output, target, mask),
+                                        type(self.objective).__name__ + ".generator_loss")
+
+    # ---- stage student ---------------------------------------------------------------------------
+    def train_student(self, parts: tuple, loader: DataLoader) -> None:
+        recipe, accelerator, run = self.recipe, self.accelerator, self.run
+        adapter, variant, spec, student, teacher = parts
+        if spec.uses_teacher:
+            teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
+        cls, objective_kwargs, train_spec = self._resolve_objective(spec)
+        kd = self.kd = attach(student, teacher if spec.uses_teacher else None, train_spec)
+        kd.to(accelerator.device)
+        L = recipe.losses
+        objective = build_objective(cls, objective_kwargs, {k: getattr(L, k) for k in cls.recipe_keys})
+        objective = self.objective = objective.to(accelerator.device)
+        name = type(objective).__name__
+
+        theta = [*student.parameters(), *kd.student_parameters()]
+        theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
+        meta_params = list(kd.meta_parameters())
+        meta_opt = torch.optim.Adam(meta_params, lr=recipe.meta.lr) if meta_params else None
+        # the discriminators are prepared (for checkpoints) but called unwrapped: see average_gradients
+        d_params = objective.discriminator_parameters()
+        disc = objective.discriminators if d_params else None
+        d_betas = objective.discriminator_betas or tuple(recipe.optim.betas)
+        disc_opt = torch.optim.Adam(d_params, lr=recipe.optim.lr * recipe.losses.d_lr_ratio, betas=d_betas) if d_params else None
+
+        prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], loader)
+        wrapped, theta_opt, *rest, loader = prepared
+        meta_opt = rest.pop(0) if meta_opt is not None else None
+        disc_opt = rest[1] if disc is not None else None
+        # stepped by MetaLearner once per theta step; not through prepare, whose scheduler steps once per process
+        schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: recipe.optim.lr_factor(k, recipe.train.steps))
+
+        learner = self.learner = MetaLearner(
+            kd, theta_opt, self.inpaint_loss, meta_opt, every=recipe.meta.every,
+            inner_lr=recipe.meta.inner_lr, lambda_d=self.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
+            forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
+            loss_input=objective.loss_input, scheduler=schedule,
+            guard=recipe.train.guard, max_bad_steps=recipe.train.max_bad_steps, explode_factor=recipe.train.explode_factor,
+        )
+        # the weights evaluated and exported: an average over the last blocks (train.average), else the last ones
+        average = WeightAverage(theta, recipe.train.average) if recipe.train.average > 0 else None
+        exported_weights = average.applied if average is not None else contextlib.nullcontext
+        # saved beside each checkpoint as JSON and safetensors (never a pickle: resume runs no code from the folder)
+        states = {"schedule": schedule, "average": average, "guard": learner.guard}
+        states = {k: v for k, v in states.items() if v is not None}
+        call_kwargs = dict(objective.call_kwargs)
+
+        start = 0
+        done = checkpoints_in(run)
+        if recipe.checkpoint.resume and done:
+            load_trainer_state(done[-1], states)  # refuses a checkpoint whose states are pickles, before loading
+            accelerator.load_state(str(done[-1]))
+            start = int(done[-1].name.split("_")[1])
+            accelerator.print(f"resumed from {done[-1]} (step {start})")
+        total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
+        learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
+        loader = accelerator.skip_first_batches(loader, learner.batches) if start else loader
+        metrics_log = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process)
+        progress = tqdm(total=total, initial=learner.batches, disable=not accelerator.is_main_process, desc="student", unit="block")
+        skipped = 0  # batches the guard skipped since the last metrics record
+        for block, batch in enumerate(loader, start=learner.batches + 1):
+            step = self.step = block * recipe.meta.steps
+            for replaced in self._callback("on_batch", step, batch):
+                batch = replaced if replaced is not None else batch
+            image, mask = batch["image"], batch["mask"]
+            args, kwargs = kd.call.build(masked(image, mask), mask)
+            try:
+                logs = learner.step(args, image, {**kwargs, **call_kwargs})
+            except TrainingDiverged as e:
+                progress.close()
+                metrics_log.write(step, e.logs, skipped=skipped + 1, skipped_total=learner.guard.skipped_total, diverged=True)
+                if accelerator.is_main_process:
+                    done = checkpoints_in(run)
+                    resume = write_divergence_report(run, e, step, f"checkpoints/{done[-1].name}" if done else None)
+                    accelerator.print(f"\nDIVERGED at step {step}: {e}\n{resume}\nrun folder: {run}")
+                accelerator.end_training()
+                raise
+            bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
+            skipped += bad
+            if average is not None and not bad:
+                average.update()
+            if disc is not None and not bad:  # the discriminator step, on the block's last output (detached)
+                with accelerator.autocast():
+                    d_terms = objective.discriminator_loss(learner.last_loss_input, image, mask)
+                    d_loss = total_of(d_terms, name + ".discriminator_loss")
+                logs.update({f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"})
+                disc_opt.zero_grad(set_to_none=True)
+                accelerator.backward(d_loss)
+                average_gradients(accelerator, d_params)
+                disc_opt.step()
+                logs["loss_d"] = d_loss.item()
+            progress.update(1)
+            if step % recipe.log.every == 0 or block == total or bad:  # skipped batches since the last record
+                guarded = dict(skipped=skipped, skipped_total=learner.guard.skipped_total) if learner.guard is not None else {}
+                record = metrics_log.write(step, logs, **guarded)
+                accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step=step)
+                progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
+                skipped = 0
+            if accelerator.is_main_process and recipe.log.eval_every and step % recipe.log.eval_every == 0 and not bad:
+                with exported_weights(), torch.no_grad():
+                    summary = self.held_out(kd.export().eval(), spec, adapter)[-1]["buckets"]["all"]
+                metrics_log.write(step, {"eval/psnr": float(summary["psnr"]), "eval/ssim": float(summary["ssim"])})
+            if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0 and not bad:
+                sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
+            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and not bad:  # only good states get saved
+                path = save_checkpoint(accelerator, run, step, recipe.checkpoint.keep, states)
+                self._callback("on_checkpoint", step, path)
+            self._callback("on_step_end", step, logs)
+            if block >= total:
+                break
+        progress.close()
+        accelerator.wait_for_everyone()
+        with exported_weights():
+            self.finish(kd, spec, adapter, variant)
+
+    # ---- report ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def held_out(self, model: torch.nn.Module, spec, adapter, name: str | None = None):
+        """``(inpainter, images, masks, names, rows, summary)``: ``model`` scored on the held-out set (:func:`eval_set`)."""
+        images, masks = eval_set(self.recipe)
+        inpainter = Inpainter(model, stride=adapter.stride, spec=spec, device=self.accelerator.device, batch_size=4, name=name)
+        names = [f"eval_{i}" for i in range(len(images))]
+        return inpainter, images, masks, names, *evaluate_model(inpainter, images, masks, names=names)
+
+    @torch.no_grad()
+    def finish(self, kd, spec, adapter, variant: str) -> None:
+        """Export the student, evaluate it on the held-out set beside the weight-free floor (biharmonic, Telea when
+        OpenCV is installed, mean fill; same images and masks), write report.md / report.json (main process).
+        ``spec``: the adapter's, whose ``output`` selects the prediction of a plain call."""
+        recipe, accelerator, run = self.recipe, self.accelerator, self.run
+        if not accelerator.is_main_process:
+            return
+        exported = kd.export().eval()
+        name = f"{adapter.name}:{variant}" if variant else adapter.name
+        save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
+        inpainter, images, masks, names, rows, summary = self.held_out(exported, spec, adapter, name)
+        # a network that starts from the pyramid fill is also shown beside that fill (what training added); one that
+        # starts from the biharmonic fill is compared with its start by the floor's first row
+        methods = (*FLOOR_METHODS, "pyramid") if getattr(kd.student, "prefill_mode", None) == "pyramid" else FLOOR_METHODS
+        floor = evaluate_floor(images, masks, methods=methods, names=names)  # biharmonic: ~0.3 s per 64x64 image
+        floor = floor.compare(summary, name=name, network_rows=rows)
+        first = slice(0, 4)
+        sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
+        text = write_evaluation_report(run, name, len(images), summary, rows, floor)
+        accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{text}")
+        accelerator.print(f"run folder: {run}")
+
+
+# ---- command line ------------------------------------------------------------------------------------
+def parser(prog: str, default_recipe: str | os.PathLike[str] | None) -> argparse.ArgumentParser:
+    """The arguments of ``kdinpaint train RECIPE`` (``default_recipe`` None: the recipe is the first argument) and
+    of ``recipes/train.py [--config RECIPE]``."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if default_recipe is None:
+        p.add_argument("config", metavar="RECIPE", help="YAML recipe, e.g. recipes/demo.yaml")
+    else:
+        p.add_argument("--config", default=str(default_recipe), help=f"YAML recipe (default: {default_recipe})")
+    p.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
+    p.add_argument("--resume-changed", action="store_true", help="resume a run folder whose recipe.yaml differs")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "kdinpaint train",
+         default_recipe: str | os.PathLike[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """Parse ``argv`` and train; returns the exit status: 0, 1 for an input error (one line, unless ``--debug``;
+    other errors are bugs and keep their traceback), 2 for a run the divergence guard stopped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser(prog, default_recipe).parse_args(argv)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+    try:
+        recipe = load_recipe(args.config, args.overrides)
+        Trainer(recipe, callbacks=callbacks, stage=args.stage, resume_changed=args.resume_changed).fit()
+    except TrainingDiverged:
+        return DIVERGED_EXIT
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {e}  (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0

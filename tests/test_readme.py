@@ -4,7 +4,7 @@ What a snippet leaves to the reader (``MyInpaintingNet``, ``loader``, ``recon``,
 by the stand-ins below: tiny models (kdinpaint's own three-level U-Net at width 4), two 32×32 batches of
 random images with rectangular holes, L1. The only edit of a snippet's text is the step count of the
 teacher's pre-training (``SUBSTITUTIONS``). A new snippet that needs another stand-in fails here until one
-is given in ``BEFORE``.
+is given in ``BEFORE``. Snippets in recipes/decisions.md and recipes/results/ are records, not run here.
 """
 
 from __future__ import annotations
@@ -33,13 +33,6 @@ class MyInpaintingNet(TinyInpaintUNet):
         super().__init__(width=width)
 
 
-class MyConcatNet(MyInpaintingNet):
-    """The same network called with one tensor ``cat([image * (1 - mask), mask], 1)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x[:, :-1], x[:, -1:])
-
-
 def _loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -64,18 +57,10 @@ def _my_package(ns: dict) -> None:
     sys.modules["my_package"] = module
 
 
-def _register_plugin(ns: dict) -> None:
-    plugin = types.SimpleNamespace(__name__="readme_plugin", register_adapters=ns["register_adapters"])
-    plugins.load_plugins()
-    plugins.pm.register(plugin, name="readme-plugin")
-    ns["image"], ns["mask"] = ns["loader"][0]
-
-
 # run before a snippet that contains the key
 BEFORE = {
     "MetaLearner(kd,": _attached,
     "from my_package import MyNet": _my_package,
-    'get_adapter("my-net")': _register_plugin,
 }
 
 
@@ -93,7 +78,7 @@ def test_readme_has_the_snippets_this_test_prepares_for():
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets write files such as student.safetensors
     torch.manual_seed(0)
-    ns: dict = {"MyInpaintingNet": MyInpaintingNet, "MyConcatNet": MyConcatNet, "loader": _loader(),
+    ns: dict = {"MyInpaintingNet": MyInpaintingNet, "loader": _loader(),
                 "recon": lambda pred, gt: (pred - gt).abs().mean(), "__name__": "readme"}
     try:
         for i, code in enumerate(_snippets()):
@@ -109,6 +94,22 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
             kd = ns.get("kd")
             if kd is not None and "MetaLearner" in code:
                 kd.detach()
+        # the plugin snippet's hook, registered as its entry point would be, gives a working adapter
+        plugin = types.SimpleNamespace(__name__="readme_plugin", register_adapters=ns["register_adapters"])
+        plugins.load_plugins()
+        plugins.pm.register(plugin, name="readme-plugin")
+        adapter = plugins.get_adapter("my-net")
+        assert adapter.distribution == "readme-plugin"  # the provider it was registered under
+        assert "no-cb" in adapter.variants
+        net = adapter.student()
+        assert isinstance(net, MyInpaintingNet)
+        image, mask = ns["loader"][0]
+        assert net(image * (1 - mask), mask).shape == image.shape
+        # the README's suggest_spec call on it: the draft names the U-Net's three encoder levels
+        from kdinpaint.suggest import suggest_spec
+
+        draft = suggest_spec(net, (image, mask))
+        assert list(draft.encoder_levels) == ["enc1", "enc2", "enc3"], draft.encoder_levels
     finally:
         if plugins.pm.has_plugin("readme-plugin"):
             plugins.pm.unregister(name="readme-plugin")

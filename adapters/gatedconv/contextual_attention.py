@@ -21,7 +21,7 @@ full-resolution mask (see :class:`~kdinpaint_adapters.gatedconv.GatedConvInpaint
 
 Common to both:
 
-* TF ``"SAME"`` zero padding for every patch extraction (:func:`tf_same_pad`);
+* TF ``"SAME"`` zero padding for every patch extraction (:func:`.layers.tf_same_pad`);
 * background patches L2-normalised (norm clamped at ``1e-4``), foreground patches not;
 * ``fuse=True``: the score volume, seen as a ``(keys, queries)`` image, is convolved with a
   ``fuse_k x fuse_k`` identity kernel along its diagonal, once in row-major and once in column-major
@@ -55,28 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ContextualAttention", "COMPATS", "tf_same_pad", "resize_nearest_tf"]
+from .layers import tf_same_pad
+
+__all__ = ["ContextualAttention", "COMPATS", "resize_nearest_tf"]
 
 COMPATS = ("tf", "nipponjo")
 """Numerics: the official TF graph, or nipponjo/deepfillv2-pytorch's port (see the module docstring)."""
-
-
-def tf_same_pad(x: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1) -> torch.Tensor:
-    """Zero-pad ``x`` (``(B, C, H, W)``) as TensorFlow's ``padding="SAME"`` would before a convolution.
-
-    The output of the following unpadded convolution has ``ceil(H / stride)`` rows. When the total
-    padding is odd the extra row/column goes after (bottom/right), e.g. ``0`` before and ``1`` after for
-    a ``3 x 3`` stride-2 convolution on an even size.
-    """
-    pads: list[int] = []
-    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
-        out = -(-size // stride)
-        effective = (kernel_size - 1) * dilation + 1
-        total = max((out - 1) * stride + effective - size, 0)
-        pads += [total // 2, total - total // 2]
-    if not any(pads):
-        return x
-    return F.pad(x, pads)
 
 
 def check_compat(compat: str) -> str:

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdinpaint.masking import masked
-from kdinpaint_adapters.contextual_attention import ContextualAttention, resize_nearest_tf, tf_same_pad
 from kdinpaint_adapters.gatedconv import (
+    ContextualAttention,
     GatedConvInpaint,
     SNConv2d,
     SNPatchGANDiscriminator,
@@ -23,11 +23,13 @@ from kdinpaint_adapters.gatedconv import (
     checkpoint_filter_fn,
     from_network_output,
     load_official,
+    resize_nearest_tf,
     save_official,
+    tf_same_pad,
     to_network_input,
 )
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "gatedconv_keys.json").read_text())
+FIXTURE = json.loads((Path(__file__).parent / "gatedconv_keys.json").read_text())
 
 
 def _shapes(module: nn.Module) -> list[tuple[str, list[int]]]:

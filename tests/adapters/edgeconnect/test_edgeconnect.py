@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from skimage import color, data, feature, transform
 
 from kdinpaint_adapters import edgeconnect as ec
-from kdinpaint_adapters import edgeconnect_io as ecio
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "edgeconnect_keys.json").read_text())["networks"]
+FIXTURE = json.loads((Path(__file__).parent / "edgeconnect_keys.json").read_text())["networks"]
 BUILDERS = {
     "EdgeGenerator": lambda: ec.EdgeGenerator(),
     "InpaintGenerator": lambda: ec.InpaintGenerator(),
@@ -215,12 +214,12 @@ def test_canny_matches_skimage_on_photos(name: str) -> None:
     gray = color.rgb2gray(img)
     hole = np.zeros(gray.shape, bool)
     hole[30:80, 40:100] = True
-    ours_gray = ecio.rgb_to_gray(torch.from_numpy(img).permute(2, 0, 1)[None])
+    ours_gray = ec.rgb_to_gray(torch.from_numpy(img).permute(2, 0, 1)[None])
     np.testing.assert_allclose(ours_gray[0, 0].numpy(), gray, atol=1e-12)
     for hm in (None, hole):
         ref = feature.canny(gray, sigma=2, mask=None if hm is None else ~hm)
         for dtype in (torch.float64, torch.float32):
-            out = ecio.canny(ours_gray.to(dtype), 2.0, hole=None if hm is None else torch.from_numpy(hm)[None, None])
+            out = ec.canny(ours_gray.to(dtype), 2.0, hole=None if hm is None else torch.from_numpy(hm)[None, None])
             agree = (out[0, 0].numpy().astype(bool) == ref).mean()
             assert agree >= 0.999, (name, hm is not None, dtype, agree)
             assert out.sum() > 100  # real edges found, not an empty map agreeing with an empty map
@@ -231,23 +230,18 @@ def test_canny_is_batched_and_ignores_hole_content() -> None:
     holes = torch.zeros(2, 1, 64, 64)
     holes[0, :, 10:30, 10:40] = 1
     holes[1, :, 30:60, 5:25] = 1
-    batched = ecio.canny(imgs, hole=holes)
+    batched = ec.canny(imgs, hole=holes)
     for i in range(2):
-        assert torch.equal(batched[i : i + 1], ecio.canny(imgs[i : i + 1], hole=holes[i : i + 1]))
+        assert torch.equal(batched[i : i + 1], ec.canny(imgs[i : i + 1], hole=holes[i : i + 1]))
     scribbled = torch.where(holes > 0, torch.rand_like(imgs), imgs)
-    assert torch.equal(ecio.canny(scribbled, hole=holes), batched)
+    assert torch.equal(ec.canny(scribbled, hole=holes), batched)
     assert (batched * holes).sum() == 0
 
 
-@pytest.mark.parametrize("size", [(32, 32), (37, 50), (9, 13)])
-def test_pad_and_crop_round_trip(size: tuple[int, int]) -> None:
-    x = torch.randn(2, 4, *size)
-    p = ecio.pad_to_multiple(x)
-    assert p.shape[-2] % 4 == 0 and p.shape[-1] % 4 == 0 and p.shape[-2] - size[0] < 4
-    assert torch.equal(ecio.crop_to(p, size), x)
+def test_unit_range_round_trip() -> None:
     y = torch.rand(3, 3, 5, 7)
-    torch.testing.assert_close(ecio.to_unit(ecio.from_unit(y)), y)
-    torch.testing.assert_close(ecio.to_unit(torch.tensor([-1.0, 0.0, 1.0])), torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(ec.to_unit(ec.from_unit(y)), y)
+    torch.testing.assert_close(ec.to_unit(torch.tensor([-1.0, 0.0, 1.0])), torch.tensor([0.0, 0.5, 1.0]))
 
 
 def test_ec_hash_matches_manual_conventions() -> None:

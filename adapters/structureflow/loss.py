@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,13 +19,11 @@ import torch.nn.functional as F
 from kdinpaint.losses.style import perceptual_loss, style_loss
 from kdinpaint.losses.vgg import VGGFeatures
 from kdinpaint.masking import check_mask, masked
-from kdinpaint.objective import TrainingObjective, merge_weights
 from kdinpaint.ops.gaussian_resample import gaussian_resample
+from kdinpaint.train.objective import TrainingObjective, merge_weights
 
-from .structureflow_nets import MultiScaleDiscriminator
-
-if TYPE_CHECKING:
-    from .structureflow import StructureFlowOutput
+from .model import StructureFlowOutput
+from .networks import MultiScaleDiscriminator
 
 __all__ = [
     "SF_LOSS_WEIGHTS",
@@ -169,8 +166,6 @@ def structureflow_loss(
     weight is non-zero (``l1`` always). Features of the ground truth are computed without gradient.
     """
     w = merge_weights(SF_LOSS_WEIGHTS, weights, "StructureFlow")
-    from .structureflow import StructureFlowOutput  # the model's module imports this one
-
     if isinstance(pred, StructureFlowOutput):
         structure = pred.structure if structure is None else structure
         structure_target = pred.structure_target if structure_target is None else structure_target
@@ -277,8 +272,6 @@ class StructureFlowObjective(TrainingObjective):
         self.settle_spectral_norms(torch.zeros(1, 3, 32, 32))  # legacy spectral norm: see the method
 
     def _check(self, output: object) -> StructureFlowOutput:
-        from .structureflow import StructureFlowOutput
-
         if not isinstance(output, StructureFlowOutput):
             raise TypeError(
                 f"StructureFlowObjective needs the model's StructureFlowOutput (call it with return_all=True), "

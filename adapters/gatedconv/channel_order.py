@@ -1,14 +1,29 @@
-"""Which channel order do DeepFill v2 weights expect? Settle it on photographs.
+"""Which channel order do DeepFill v2 weights expect? The evidence, and a check on photographs.
 
-The official code fed the network BGR images (cv2) while nipponjo/deepfillv2-pytorch feeds the converted
-weights RGB (PIL); see :mod:`kdinpaint_adapters.gatedconv`. Where the weights are at hand, the question is
-empirical: inpaint photographs under masks once in each order and compare the reconstruction of the holes
-with the ground truth. The order the weights were trained in restores the colours of the holes; the
-other one hands the network swapped red and blue, and what it paints into a hole (which the known
-pixels do not decide) comes out in the wrong colours.
+Evidence that the official weights expect **BGR** (hence ``channel_order="bgr"`` is the default of
+``compat="tf"``, :data:`~kdinpaint_adapters.gatedconv.model.COMPAT_PRESETS`):
 
-:func:`check_channel_order` does this and returns a :class:`ChannelOrderCheck`; the command line is
-``kdinpaint check-weights gatedconv FILE`` (bundled photos and seeded free-form masks by default).
+* training: neuralgym ``DataFromFNames.read_img`` reads images with ``cv2.imread`` (BGR) and applies
+  no conversion; neuralgym's ``images_summary`` defaults to ``color_format='BGR'`` and reverses the
+  channels for display, so the authors treated the network's tensors as BGR;
+* inference: ``test.py`` and ``batch_test.py`` feed ``cv2.imread`` output and reverse the network
+  output (``tf.reverse``) before ``cv2.imwrite(..., result[0][:, :, ::-1])``;
+* conversion: the keys and shapes of ``states_tf_*.pth`` map one to one onto the TF variables, and
+  nipponjo's repository documents no channel permutation of ``conv1`` / ``xconv1`` / ``pmconv1`` inputs
+  or ``conv17`` / ``allconv17`` outputs (no conversion script is published);
+* against: nipponjo's ``test.py``, app and trainer feed RGB (PIL) without any flip, and its example
+  outputs look plausible. That is weak evidence, since an inpainter that mostly copies colours from
+  the context looks plausible in either order.
+
+Where the weights are at hand, the question is empirical: inpaint photographs under masks once in each
+order and compare the reconstruction of the holes with the ground truth. The order the weights were
+trained in restores the colours of the holes; the other one hands the network swapped red and blue, and
+what it paints into a hole (which the known pixels do not decide) comes out in the wrong colours.
+
+:func:`check_channel_order` does this and returns a :class:`ChannelOrderCheck` recommending the order with
+the higher PSNR on the holes; pass that order as ``channel_order`` (it overrides the mode's preset). The
+command line is ``kdinpaint check-weights gatedconv FILE`` (bundled photos and seeded free-form masks by
+default).
 """
 
 from __future__ import annotations
@@ -24,7 +39,8 @@ import torch
 from kdinpaint.masking import check_mask, check_rgb_image
 from kdinpaint.weights import read_weights
 
-from .gatedconv import OFFICIAL_COMPAT, GatedConvInpaint, _load_checked, checkpoint_filter_fn
+from .model import OFFICIAL_COMPAT, GatedConvInpaint
+from .weights import checkpoint_filter_fn, load_checked
 
 __all__ = ["ChannelOrderCheck", "check_channel_order", "hole_psnr", "load_for_check", "ORDERS"]
 
@@ -123,7 +139,7 @@ def load_for_check(path: str | PathLike, compat: str = OFFICIAL_COMPAT) -> Gated
         if conv1 is None or conv1.dim() != 4:
             raise ValueError("no generator weight conv1.conv.weight: not a DeepFill v2 generator")
         model = GatedConvInpaint(int(conv1.shape[0]), compat=compat)  # conv1 has 2 * (cnum / 2) outputs
-        _load_checked(model, state, "generator")
+        load_checked(model, state, "generator")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return model.eval()

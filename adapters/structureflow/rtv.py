@@ -1,24 +1,17 @@
-"""StructureFlow at the toolkit boundary: input checks, size padding and the structure image (RTV smoothing).
+"""The structure image of StructureFlow: Relative Total Variation smoothing (``tsmooth``) in PyTorch.
 
-StructureFlow speaks the toolkit's own conventions — RGB in ``[-1, 1]``, mask 1 = hole, holes of the
-network inputs filled with 0 (:func:`kdinpaint.masking.masked`) — so the adapter only adds:
-
-* sizes: the networks need multiples of 16 and at least 48 pixels per side (the flow column's 5x5 reflect
-  pads at 1/16 resolution need 3 pixels); :func:`pad_to_multiple` pads at the bottom/right by reflection
-  and :func:`crop_to` crops back;
-* the structure image: the official pipeline smooths every ground-truth image offline with Relative Total
-  Variation (Xu, Yan, Xia, Jia, "Structure Extraction from Texture via Relative Total Variation", SIGGRAPH
-  Asia 2012), the authors' MATLAB ``tsmooth(I, 0.015, 3, 0.001, 3)``. :func:`rtv_structure` is that
-  algorithm: each iteration computes the RTV weights in PyTorch and solves the sparse system
-  ``(Id + lambda L_w) S = I`` (``L_w`` the weighted 4-neighbour Laplacian), either exactly with a sparse LU
-  factorisation (``solver="direct"``, SciPy, on the CPU; SciPy comes with scikit-image) or with
-  Jacobi-preconditioned conjugate gradients, matrix-free, batched, on the tensor's device
-  (``solver="cg"``; hundreds of iterations, so fast on a GPU only). ``"auto"`` picks direct on CPU.
-  The official script solves with ``pcg`` at a loose relative residual of 0.1 when MATLAB has ``ichol``
-  and exactly (``A \\ b``) otherwise; we compute the exact solution (or to ``tol``), so structure images
-  may differ slightly from files made with the ``pcg`` branch.
-  With a ``mask`` it is the authors' mask-aware variant (gradients inside the hole ignored), recommended
-  for real images where the ground truth is unknown.
+The official pipeline smooths every ground-truth image offline with Relative Total Variation (Xu, Yan, Xia,
+Jia, "Structure Extraction from Texture via Relative Total Variation", SIGGRAPH Asia 2012), the authors'
+MATLAB ``tsmooth(I, 0.015, 3, 0.001, 3)``. :func:`rtv_structure` is that algorithm: each iteration computes
+the RTV weights in PyTorch and solves the sparse system ``(Id + lambda L_w) S = I`` (``L_w`` the weighted
+4-neighbour Laplacian), either exactly with a sparse LU factorisation (``solver="direct"``, SciPy, on the
+CPU; SciPy comes with scikit-image) or with Jacobi-preconditioned conjugate gradients, matrix-free, batched,
+on the tensor's device (``solver="cg"``; hundreds of iterations, so fast on a GPU only). ``"auto"`` picks
+direct on CPU. The official script solves with ``pcg`` at a loose relative residual of 0.1 when MATLAB has
+``ichol`` and exactly (``A \\ b``) otherwise; we compute the exact solution (or to ``tol``), so structure
+images may differ slightly from files made with the ``pcg`` branch. With a ``mask`` it is the authors'
+mask-aware variant (gradients inside the hole ignored), recommended for real images where the ground truth
+is unknown.
 """
 
 from __future__ import annotations
@@ -29,49 +22,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.inference import crop_top_left, pad_bottom_right
-from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, warn_if_inverted
+from kdinpaint.masking import check_mask
 
-__all__ = ["SF_SIZE_MULTIPLE", "SF_MIN_SIZE", "check_inputs", "pad_to_multiple", "crop_to", "rtv_structure"]
-
-SF_SIZE_MULTIPLE = 16
-SF_MIN_SIZE = 48
-
-
-def check_inputs(image: torch.Tensor, mask: torch.Tensor, structure: torch.Tensor | None = None) -> torch.Tensor:
-    """Validate a toolkit ``(image, mask[, structure])`` and return the mask as ``(B, 1, H, W)`` in the image dtype.
-
-    ``image``: ``(B, 3, H, W)`` float in [-1, 1]; ``mask``: ``(B or 1, 1, H, W)``, 1 = hole
-    (:func:`kdinpaint.masking.check_mask`); ``structure``: like ``image``. Raises ``TypeError``/``ValueError``
-    naming the fix; warns when a mask is more than 60 % hole (an inverted mask, 1 = known, looks like that).
-    """
-    check_rgb_image(image, "StructureFlow")
-    check_mask(mask, image)
-    if structure is not None and (not isinstance(structure, torch.Tensor) or structure.shape != image.shape):
-        got = tuple(structure.shape) if isinstance(structure, torch.Tensor) else type(structure).__name__
-        raise ValueError(
-            f"structure must be the smoothed ground truth with the image's shape {tuple(image.shape)}, got {got}; "
-            "pass None to compute it with rtv_structure"
-        )
-    check_image_range(image)
-    warn_if_inverted(mask)
-    return mask.to(image.dtype).expand(image.shape[0], 1, *image.shape[-2:])
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = SF_SIZE_MULTIPLE, min_size: int = SF_MIN_SIZE) -> torch.Tensor:
-    """Pad ``(B, C, H, W)`` at the bottom/right to a multiple of ``multiple`` and at least ``min_size``.
-
-    Reflect padding, replicate where the image is too small to reflect; undo with :func:`crop_to`.
-    """
-    return pad_bottom_right(x, multiple, min_size)
-
-
-crop_to = crop_top_left
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Relative Total Variation (tsmooth)
-# ----------------------------------------------------------------------------------------------------------
+__all__ = ["rtv_structure"]
 
 
 def _forward_diff(x: torch.Tensor, dim: int) -> torch.Tensor:

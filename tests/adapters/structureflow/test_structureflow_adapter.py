@@ -15,31 +15,29 @@ from kdinpaint import plugins
 from kdinpaint.blocks import AdaptiveConv
 from kdinpaint.cli import main
 from kdinpaint.masking import masked
-from kdinpaint.recipe import load_recipe
+from kdinpaint.train.recipe import load_recipe
 from kdinpaint_adapters.structureflow import (
+    SF_LOSS_WEIGHTS,
+    SF_PERCEPTUAL_LAYERS,
+    SF_STYLE_LAYERS,
     TEXTURE_LEVELS,
     StructureFlow,
     StructureFlowOutput,
     StructureFlowTeacher,
     StructureFlowTexture,
+    StructureFlowVGG,
     checkpoint_filter_fn,
     pack_official,
+    rtv_structure,
+    sampling_correctness_loss,
+    structureflow_loss,
     structureflow_student,
     structureflow_teacher,
 )
-from kdinpaint_adapters.structureflow_io import rtv_structure
-from kdinpaint_adapters.structureflow_loss import (
-    SF_LOSS_WEIGHTS,
-    SF_PERCEPTUAL_LAYERS,
-    SF_STYLE_LAYERS,
-    StructureFlowVGG,
-    sampling_correctness_loss,
-    structureflow_loss,
-)
 from tiny import randomised
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "structureflow_keys.json").read_text())["networks"]
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+FIXTURE = json.loads((Path(__file__).parent / "structureflow_keys.json").read_text())["networks"]
 
 
 def _inputs(batch: int = 1, size: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

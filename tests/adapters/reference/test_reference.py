@@ -130,7 +130,7 @@ def test_border_ramp_is_the_clipped_chessboard_distance_to_the_known_pixels():
 def test_prefill_ramp_scales_the_correction_by_the_border_ramp():
     """Same weights, ramp R against no ramp: the correction (pre-activation minus atanh of the fill) is
     multiplied by the ramp, so it is 0 on known pixels and a quarter of itself next to them (R = 4)."""
-    from kdinpaint_adapters.reference import _PREFILL_LIMIT, border_ramp
+    from kdinpaint_adapters.reference.model import _PREFILL_LIMIT, border_ramp
 
     torch.manual_seed(0)
     image, mask = batch(2, 32)
@@ -212,7 +212,7 @@ def test_prefill_is_reused_for_the_same_tensors_only():
     image and mask objects, and again for a new or modified tensor (never a stale fill)."""
     from unittest import mock
 
-    import kdinpaint_adapters.reference as ref
+    import kdinpaint_adapters.reference.model as ref  # where ReferenceNet looks harmonic_fill up
 
     torch.manual_seed(0)
     net = ref.ReferenceNet(width=4, prefill=True)

@@ -1,10 +1,9 @@
 """The ``edgeconnect`` adapter: registration, EC / EC* / EC# attached and trained one step, released weights
-through recipes/train.py's ``build_models``, EdgeConnect's own loss against the official formulas."""
+through the trainer's ``build_models``, EdgeConnect's own loss against the official formulas."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,10 +14,11 @@ import torch.nn as nn
 import kdinpaint
 from kdinpaint.blocks import AdaptiveConv
 from kdinpaint.cli import main
-from kdinpaint.recipe import load_recipe
+from kdinpaint.train.recipe import load_recipe
+from kdinpaint.train.runs import build_models
 from kdinpaint_adapters import edgeconnect as ec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 RB = 1  # residual blocks in the tests (8 as released)
 LEVELS = ["inpaint.encoder.3", "inpaint.encoder.6", "inpaint.encoder.9"]
 
@@ -119,14 +119,7 @@ def test_deployed_sizes() -> None:
     assert _count(hash_) == g2 + sum(_count(AdaptiveConv(c, 3)) for c in (64, 128, 256))  # about half of EC
 
 
-# ---------------------------------------------------------------- released weights through recipes/train.py
-
-
-def _build_models():
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_script", ROOT / "recipes" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.build_models
+# ---------------------------------------------------------------- released weights through build_models
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +147,7 @@ def test_build_models_fine_tunes_from_released_weights(official, tmp_path: Path,
     else:
         path = folder / init
     r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["model.kwargs={residual_blocks: 1}", f"model.init={path}"])
-    adapter, variant, spec, student, teacher = _build_models()(r)
+    adapter, variant, spec, student, teacher = build_models(r)
     assert adapter.name == "edgeconnect" and spec.name == r.model.adapter
     assert _same(student.inpaint, g2) and _same(teacher.inpaint, g2)  # the teacher starts from G2 too
     if isinstance(student, ec.EdgeConnect):

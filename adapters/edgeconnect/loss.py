@@ -14,9 +14,10 @@ import torch
 from kdinpaint.losses.adversarial import GanLoss, discriminator_loss, generator_adv_loss
 from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.masking import check_mask
-from kdinpaint.objective import TrainingObjective, merge_weights
+from kdinpaint.train.objective import TrainingObjective, merge_weights
 
-from .edgeconnect_io import to_unit
+from .conventions import to_unit
+from .weights import build_edgeconnect_discriminator
 
 __all__ = ["EC_LOSS_WEIGHTS", "edgeconnect_loss_terms", "edgeconnect_loss", "EdgeConnectObjective"]
 
@@ -112,7 +113,7 @@ class EdgeConnectObjective(TrainingObjective):
 
     Generator: ``{"l1", "adversarial", "perceptual", "style"}`` of :func:`edgeconnect_loss_terms`, each times
     :data:`EC_LOSS_WEIGHTS` (their sum is :func:`edgeconnect_loss`), with EdgeConnect's own 70×70 PatchGAN
-    :class:`~kdinpaint_adapters.edgeconnect.Discriminator` (3 channels, spectral norm) read in eval mode. As in
+    :class:`~kdinpaint_adapters.edgeconnect.model.Discriminator` (3 channels, spectral norm) read in eval mode. As in
     ``InpaintingModel.process``, the discriminator sees the raw, uncomposited prediction in ``[0, 1]``; its
     step minimises ``½ (BCE(D(y), 1) + BCE(D(ŷ), 0))`` (``nsgan``, on logits) or the same pair for ``lsgan`` /
     ``hinge``. Official optimiser, for the recipe: Adam, betas (0, 0.9), discriminator at 0.1× the lr.
@@ -135,8 +136,6 @@ class EdgeConnectObjective(TrainingObjective):
         weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        from .edgeconnect import build_edgeconnect_discriminator  # the model's module imports this one
-
         self.weights = merge_weights(EC_LOSS_WEIGHTS, weights, "EdgeConnect")
         self.gan_loss = gan_loss
         uses_vgg = bool(self.weights["perceptual"] or self.weights["style"])

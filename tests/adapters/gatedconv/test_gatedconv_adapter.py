@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kdinpaint
 from kdinpaint.cli import main
-from kdinpaint.recipe import load_recipe
+from kdinpaint.train.recipe import load_recipe
 from kdinpaint_adapters.gatedconv import (
     COARSE_LEVELS,
     GatedConvInpaint,
@@ -21,7 +21,7 @@ from kdinpaint_adapters.gatedconv import (
     gatedconv_loss,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 CNUM = 8  # tiny width for the tests (official 48)
 
 

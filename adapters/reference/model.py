@@ -1,4 +1,4 @@
-"""``reference``: the paper's own network (Fig. 2) and its Table 3 ablation variants.
+"""The paper's own network (Fig. 2), :class:`ReferenceNet`, and its auxiliary network (teacher).
 
 Suin, Purohit & Rajagopalan, "Distillation-guided Image Inpainting", ICCV 2021. The layer-wise description is
 in the paper's supplementary material, which is not public; this backbone follows the main text: a
@@ -26,40 +26,24 @@ interpolants disagree), and the output is a correction of that fill. Both are ex
 
 The auxiliary network (teacher) is the same backbone, fed the ground truth with an empty mask; it gets no
 completion blocks or PGL (attach adds those to the student only) and never the prefill.
-
-Table 3 variants (``reference:<variant>``; the default is Net8):
-
-=========  ==================================================================================
-baseline   backbone without attention, trained with reconstruction + style only; parameter-matched to
-           Net8 by residual 1×1 bottlenecks (``comp*``) at every level, as the paper says
-net1       + cross-distillation (Eq. 2)
-net2       + self-distillation (Eq. 3)
-net3       + both
-net4       net3 + completion blocks (Eq. 5-6)
-net5       baseline + completion blocks, no distillation
-net6       net4 + attention in the decoder (Eq. 7-8)
-net7       net6 + attention transfer (Eq. 9)
-net8       net7 + PGL (Eq. 10): the paper's final model
-=========  ==================================================================================
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdinpaint.adapter import Adapter
 from kdinpaint.attention import PixelAttention
+from kdinpaint.baselines import biharmonic
 from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
-from kdinpaint.hookspecs import hookimpl
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
 from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
 
-__all__ = ["ReferenceNet", "Compensation", "reference_net", "ADAPTER_SPEC", "VARIANT_BUILDERS", "register_adapters"]
+__all__ = ["ReferenceNet", "Compensation", "reference_net", "reference_teacher", "border_ramp", "exact_biharmonic_fill"]
+
+_PREFILL_LIMIT = 0.999  # atanh(0.999) = 3.8: a saturated fill stays a finite pre-activation
 
 
 class Compensation(nn.Module):
@@ -274,59 +258,9 @@ def border_ramp(mask: torch.Tensor, width: int) -> torch.Tensor:
 def exact_biharmonic_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``prefill="biharmonic"``: :func:`kdinpaint.baselines.biharmonic` of every sample that has a known pixel
     (known pixels unchanged, in [-1, 1]); a sample that is all hole gets zeros, as the pyramid fill gives it."""
-    from kdinpaint.baselines import biharmonic
-
     mask = mask.expand(image.shape[0], -1, -1, -1) if mask.shape[0] != image.shape[0] else mask
     out = torch.zeros_like(image)
     ok = (mask.flatten(1).min(1).values < 1).nonzero().flatten()
     if len(ok):
         out[ok] = biharmonic(image[ok], mask[ok])  # NumPy inside: no gradient, clamped to [-1, 1]
     return out
-
-
-_PREFILL_LIMIT = 0.999  # atanh(0.999) = 3.8: a saturated fill stays a finite pre-activation
-
-_LEVELS = ["enc1", "enc2", "enc3"]
-_ATTENTION = [{"module": m, "fusion": True} for m in ("att3", "att2", "att1")]
-_NO_ATTENTION = {"attention_sites": []}
-
-ADAPTER_SPEC = {
-    "name": "reference",
-    "description": "the paper's own network (Fig. 2), Net8 of Table 3 by default; variants baseline, net1..net8",
-    "encoder_levels": _LEVELS,
-    "attention_sites": _ATTENTION,
-    "image_arg": "image",
-    "mask_arg": "mask",
-    "probe_shape": [1, 3, 64, 64],
-    "variants": {
-        "baseline": {"encoder_levels": [], "completion_sites": [], **_NO_ATTENTION},
-        "net1": {"self_distillation": False, "completion_sites": [], **_NO_ATTENTION},
-        "net2": {"cross_distillation": False, "completion_sites": [], **_NO_ATTENTION},
-        "net3": {"completion_sites": [], **_NO_ATTENTION},
-        "net4": dict(_NO_ATTENTION),
-        "net5": {"encoder_levels": [], "completion_sites": _LEVELS, **_NO_ATTENTION},
-        "net6": {"attention_sites": [{"module": m, "transfer": False} for m in ("att3", "att2", "att1")]},
-        "net7": {"attention_sites": [{"module": m} for m in ("att3", "att2", "att1")]},
-        "net8": {},
-    },
-}
-
-VARIANT_BUILDERS = {
-    "baseline": {"attention": False, "compensate": True},
-    **{v: {"attention": False} for v in ("net1", "net2", "net3", "net4", "net5")},
-}
-
-
-@hookimpl
-def register_adapters(register: Callable[[Adapter], None]) -> None:
-    register(
-        Adapter(
-            name="reference",
-            spec=ADAPTER_SPEC,
-            build_student=reference_net,
-            build_teacher=reference_teacher,
-            description=ADAPTER_SPEC["description"],
-            stride=ReferenceNet.stride,
-            variant_builders=VARIANT_BUILDERS,
-        )
-    )

@@ -19,16 +19,18 @@ from PIL import Image
 from kdinpaint.cli import main
 from kdinpaint.data import sample_images
 from kdinpaint.metrics import psnr
-from kdinpaint_adapters.contextual_attention import ContextualAttention, resize_nearest_tf
 from kdinpaint_adapters.gatedconv import (
     OFFICIAL_COMPAT,
+    ContextualAttention,
     GatedConvInpaint,
     build_gatedconv,
     build_gatedconv_teacher,
+    check_channel_order,
+    hole_psnr,
     load_official,
+    resize_nearest_tf,
     save_official,
 )
-from kdinpaint_adapters.gatedconv_check import check_channel_order, hole_psnr
 
 
 def _tf_index(n_in: int, n_out: int) -> list[int]:

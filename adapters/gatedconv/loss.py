@@ -12,7 +12,9 @@ import torch.nn as nn
 
 from kdinpaint.losses.adversarial import discriminator_loss
 from kdinpaint.masking import check_mask, composite
-from kdinpaint.objective import TrainingObjective, merge_weights
+from kdinpaint.train.objective import TrainingObjective, merge_weights
+
+from .model import SNPatchGANDiscriminator
 
 __all__ = ["gatedconv_loss", "GC_LOSS_WEIGHTS", "GatedConvObjective"]
 
@@ -89,8 +91,6 @@ class GatedConvObjective(TrainingObjective):
     def __init__(self, cnum: int = 64, channel_order: str = "bgr", weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.weights = merge_weights(GC_LOSS_WEIGHTS, weights, "DeepFill v2")
-        from .gatedconv import SNPatchGANDiscriminator  # the model's module imports this one
-
         self.discriminators["patchgan"] = SNPatchGANDiscriminator(4, cnum, channel_order=channel_order)
 
     @staticmethod

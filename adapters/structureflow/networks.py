@@ -1,7 +1,7 @@
 """StructureFlow's networks (Ren et al., ICCV 2019) with the official module tree, so that the released
 ``latest_net_s_gen.pth`` / ``latest_net_f_gen.pth`` / ``latest_net_*_dis.pth`` load with ``strict=True``:
 the structure reconstructor, the texture generator (flow column + convolution column with Gaussian
-resampling) and the two-scale discriminator. Toolkit conventions and the adapter live in
+resampling) and the two-scale discriminator. The toolkit-facing models are in :mod:`.model`, the adapter in
 :mod:`kdinpaint_adapters.structureflow`.
 """
 

@@ -1,9 +1,4 @@
-"""``tiny-unet``: a small three-level U-Net for inpainting, the smallest complete kdinpaint adapter.
-
-It is a built-in adapter registered exactly as a third-party plugin is: this module implements the
-``register_adapters`` hook and ``pyproject.toml`` exposes it in the ``kdinpaint`` entry-point group
-(``tiny = "kdinpaint_adapters.tiny"``). It is meant for smoke tests, examples and CPU experiments, not for
-quality: a few tens of thousands of parameters, any input size divisible by 8.
+"""A small three-level U-Net for inpainting (the network of the ``tiny-unet`` adapter).
 
 Network: ``(masked image, mask)`` -> stem (full resolution) -> ``enc1`` (1/2) -> ``enc2`` (1/4) ->
 ``enc3`` (1/8) -> decoder with skip connections -> ``tanh`` image in [-1, 1]. The encoder levels of the
@@ -12,18 +7,15 @@ paper (Eq. 2, 3, 5) are the outputs of ``enc1``, ``enc2``, ``enc3``.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdinpaint.adapter import Adapter
-from kdinpaint.hookspecs import hookimpl
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
 
-__all__ = ["TinyInpaintUNet", "tiny_unet", "ADAPTER_SPEC", "register_adapters"]
+__all__ = ["TinyInpaintUNet", "tiny_unet"]
+
 
 class TinyInpaintUNet(nn.Module):
     """A three-level U-Net called as ``model(image, mask)``.
@@ -66,32 +58,3 @@ class TinyInpaintUNet(nn.Module):
 def tiny_unet(width: int = 16, act_layer: LayerLike = "elu") -> TinyInpaintUNet:
     """Build the student (and, with fresh weights, the teacher) of the ``tiny-unet`` adapter."""
     return TinyInpaintUNet(width=width, act_layer=act_layer)
-
-
-ADAPTER_SPEC = {
-    "name": "tiny-unet",
-    "description": "a small three-level U-Net (smoke tests, examples, CPU experiments)",
-    "encoder_levels": ["enc1", "enc2", "enc3"],
-    "image_arg": "image",
-    "mask_arg": "mask",
-    "probe_shape": [1, 3, 32, 32],
-    "variants": {
-        "no-cb": {"completion_sites": []},  # distillation only, no completion blocks
-        "no-self": {"self_distillation": False},  # cross-distillation (Eq. 2) only
-        "wide": {},  # same spec, a wider network (see variant_builders)
-    },
-}
-
-
-@hookimpl
-def register_adapters(register: Callable[[Adapter], None]) -> None:
-    register(
-        Adapter(
-            name="tiny-unet",
-            spec=ADAPTER_SPEC,
-            build_student=tiny_unet,
-            description=ADAPTER_SPEC["description"],
-            stride=8,
-            variant_builders={"wide": {"width": 32}},
-        )
-    )

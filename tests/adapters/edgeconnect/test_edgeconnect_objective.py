@@ -1,5 +1,5 @@
 """EdgeConnect's own objective (EdgeConnectObjective): its generator and discriminator losses against the
-formulas of ``InpaintingModel.process`` re-computed here, and recipes/train.py training EC# with it.
+formulas of ``InpaintingModel.process`` re-computed here, and the Trainer (recipes/train.py) training EC# with it.
 
 The VGG19 of these tests has random weights (``allow_random_vgg``): the style and perceptual values carry no
 perceptual meaning, only their arithmetic is checked.
@@ -7,7 +7,6 @@ perceptual meaning, only their arithmetic is checked.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from kdinpaint.objective import is_training_objective
 from kdinpaint.plugins import get_loss
-from kdinpaint.recipe import load_recipe
-from kdinpaint_adapters.edgeconnect_loss import EC_LOSS_WEIGHTS, EdgeConnectObjective
+from kdinpaint.train.objective import is_training_objective
+from kdinpaint.train.recipe import load_recipe
+from kdinpaint.train.trainer import main as train_main
+from kdinpaint_adapters.edgeconnect import EC_LOSS_WEIGHTS, EdgeConnectObjective
 from tiny import loss_case
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 
@@ -110,19 +110,17 @@ def test_switched_off_terms_and_bad_keys():
 
 
 def test_train_py_trains_ec_hash_with_its_objective(tmp_path):
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_script_ec", ROOT / "recipes" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
     config = ROOT / "recipes" / "edgeconnect-hash.yaml"
     assert load_recipe(config).losses.objective == "edgeconnect-gan"
     run = tmp_path / "run"
-    module.main([
-        "--config", str(config), "model.kwargs={residual_blocks: 1}", "model.init=null", "teacher.steps=1",
+    argv = [
+        "--debug", "--config", str(config), "model.kwargs={residual_blocks: 1}", "model.init=null", "teacher.steps=1",
         "data.images=sample", "data.eval_images=sample", "data.size=32", "data.sample_count=2", "data.eval_count=1",
         "data.workers=0", "masks.train=freeform", "masks.eval=freeform", "optim.batch_size=1", "losses.vgg=null",
         "losses.allow_random_vgg=true", "log.every=1", "log.sample_every=0", "log.tensorboard=false",
         "checkpoint.every=1", "checkpoint.keep=2", "train.steps=2", "meta.steps=1", f"checkpoint.dir={run}",
-    ])
+    ]
+    assert train_main(argv, prog="train.py", default_recipe=ROOT / "recipes" / "demo.yaml") == 0  # recipes/train.py's call
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2]
     assert all(x["d/inpaint"] > 0 and 0 < x["loss_inp"] < 1e4 and x.get("meta_skipped", 0) == 0 for x in log)

@@ -714,7 +714,7 @@ def _check_weights_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
     from kdinpaint.inference import GeneratedMasks, resolve_device
-    from kdinpaint_adapters.gatedconv_check import check_channel_order
+    from kdinpaint_adapters.gatedconv import check_channel_order
 
     images, names, what_images = _evaluation_images(args)
     masks = GeneratedMasks("freeform", len(images), args.size, args.seed)

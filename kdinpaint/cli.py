@@ -729,11 +729,30 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="RECIPE", help="YAML recipe, e.g. recipes/demo.yaml (the main job's)")
+    p.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
+    p.add_argument("--resume-changed", action="store_true", help="resume a run folder whose recipe.yaml differs")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=1 checkpoint.dir=runs/seed1")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The Trainer on one process (several: ``accelerate launch recipes/train.py --config RECIPE``)."""
+    from kdinpaint.train.trainer import main as train_main
+
+    flags = [f"--stage={args.stage}", *(["--resume-changed"] if args.resume_changed else []),
+             *(["--debug"] if args.debug else [])]
+    return train_main([*flags, args.config, *args.overrides], prog="kdinpaint train")
+
+
 # ---- entry point --------------------------------------------------------------------------------
 add_command("adapters", "list installed adapters (name, variants, provider, description)", _adapters_arguments, cmd_adapters)
 add_command("spec", "show or suggest adapter specs", _spec_arguments, lambda args: 2)
 add_command("evaluate", "the paper's Table 1 layout for a checkpoint, an adapter or a baseline", _evaluate_arguments, cmd_evaluate)
 add_command("inpaint", "inpaint an image or a folder of images", _inpaint_arguments, cmd_inpaint)
+add_command("train", "train a recipe: teacher stage, student stage, report (recipes/train.py's twin)", _train_arguments,
+            cmd_train)
 add_command("bench", "the paper's Table 2 layout: ms per image and parameters per adapter", _bench_arguments, cmd_bench)
 add_command("export", "the deployed model as a torch.export program (.pt2) or ONNX (.onnx) for one image size",
             _export_arguments, cmd_export)

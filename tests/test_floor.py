@@ -254,17 +254,20 @@ class _MainProcess:
 
 def test_train_finish_reports_the_floor(tmp_path):
     """finish() on an untrained tiny reference network (no training run): report.md, report.json, stdout."""
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_floor", ROOT / "recipes" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)  # type: ignore[union-attr]
-    from test_train import TINY
+    from training_helpers import DEMO, TINY
 
-    recipe = train.load_recipe(train.DEFAULT_RECIPE, [*TINY, f"checkpoint.dir={tmp_path}"])
+    from kdinpaint.train.recipe import load_recipe
+    from kdinpaint.train.runs import build_models
+    from kdinpaint.train.trainer import Trainer
+
+    recipe = load_recipe(DEMO, [*TINY, f"checkpoint.dir={tmp_path}"])
     torch.manual_seed(0)
-    adapter, variant, adapter_spec, student, teacher = train.build_models(recipe)
+    adapter, variant, adapter_spec, student, teacher = build_models(recipe)
     kd = kdinpaint.attach(student, teacher if adapter_spec.uses_teacher else None, adapter_spec)
     accelerator = _MainProcess()
-    train.finish(recipe, accelerator, kd, adapter_spec, adapter, variant, tmp_path)
+    trainer = Trainer(recipe)
+    trainer.accelerator = accelerator
+    trainer.finish(kd, adapter_spec, adapter, variant)
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["buckets"]) == set(BUCKETS) and len(report["rows"]) == 4  # kept for recipes/ablation.py

@@ -29,7 +29,7 @@ from PIL import Image
 from kdinpaint.inference import Inpainter, NonFiniteOutput
 from kdinpaint.masking import check_mask, check_rgb_image, mask_at, masked
 from kdinpaint.metrics import evaluate
-from kdinpaint.recipe import load_recipe
+from kdinpaint.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PROPERTY = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -520,7 +520,7 @@ def _run_folder(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 def test_resuming_with_another_recipe_is_refused_naming_the_keys(tmp_path):
-    from kdinpaint.runs import check_run_folder
+    from kdinpaint.train.runs import check_run_folder
 
     run = _run_folder(tmp_path, ["data.size=32", "log.every=2"])
     assert check_run_folder(run, load_recipe(None, ["data.size=32", "log.every=2"])) == []
@@ -541,7 +541,7 @@ def test_resuming_with_another_recipe_is_refused_naming_the_keys(tmp_path):
 def test_a_tampered_random_state_file_is_a_warning_naming_it(tmp_path, caplog):
     import random
 
-    from kdinpaint.runs import check_random_states
+    from kdinpaint.train.runs import check_random_states
 
     states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
               "torch_manual_seed": torch.get_rng_state()}
@@ -560,7 +560,7 @@ def test_a_tampered_random_state_file_is_a_warning_naming_it(tmp_path, caplog):
 def test_process_group_timeout_reaches_accelerate():
     from datetime import timedelta
 
-    from kdinpaint.runs import process_group_kwargs
+    from kdinpaint.train.runs import process_group_kwargs
 
     recipe = load_recipe(None, [])
     (handler,) = process_group_kwargs(recipe.train.process_group_timeout)

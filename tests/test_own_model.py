@@ -360,7 +360,7 @@ def test_cli_spec_show_names_a_plugin_adapter(capsys):
 def test_reverse_hg_is_exact_with_feature_scale_output_term_and_concat_input():
     """Algorithm 1's hypergradient through the new terms equals central finite differences of the unrolled
     inner steps (written out independently in test_bilevel)."""
-    from kdinpaint.bilevel import MetaLearner
+    from kdinpaint.train.bilevel import MetaLearner
     from test_bilevel import _central_difference, _mse, _random_direction, _unrolled_inpaint_loss
 
     torch.manual_seed(0)

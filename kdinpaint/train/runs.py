@@ -45,9 +45,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# recipe keys a resumed run may change: where and how often it logs and saves, and what it evaluates at the end
+# recipe keys a resumed run may change: where the folder is (it may have moved), where and how often it logs and
+# saves, and what it evaluates at the end
 RESUME_MAY_CHANGE = (
-    "log.*", "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.workers", "data.eval_images",
+    "log.*", "checkpoint.dir", "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "data.workers", "data.eval_images",
     "data.eval_count", "masks.eval", "train.process_group_timeout", "train.threads",
 )
 

@@ -115,7 +115,8 @@ class Trainer:
         self.run = Path(recipe.checkpoint.dir)
         self.changed = check_run_folder(self.run, recipe, allow_changed=resume_changed)  # before anything is written
         self.accelerator: Accelerator | None = None
-        self.step = 0
+        self.step = 0  # the theta steps done (of train.steps)
+        self.start_step = 0  # where this run started: 0, or the step of the checkpoint it resumed from
 
     def _callback(self, name: str, *args: Any) -> list:
         return [getattr(cb, name)(self, *args) for cb in self.callbacks]
@@ -299,7 +300,7 @@ class Trainer:
         if recipe.checkpoint.resume and done:
             load_trainer_state(done[-1], states)  # refuses a checkpoint whose states are pickles, before loading
             accelerator.load_state(str(done[-1]))
-            start = int(done[-1].name.split("_")[1])
+            start = self.start_step = int(done[-1].name.split("_")[1])
             accelerator.print(f"resumed from {done[-1]} (step {start})")
         total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
         learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kdinpaint train",
     """Parse ``argv`` and train; returns the exit status: 0, 1 for an input error (one line, unless ``--debug``;
     other errors are bugs and keep their traceback), 2 for a run the divergence guard stopped."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser(prog, default_recipe).parse_args(argv)
+    args = parser(prog, default_recipe).parse_intermixed_args(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise

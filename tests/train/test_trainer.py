@@ -1,36 +1,23 @@
-"""recipes/train.py: recipes load, overrides are checked, a killed run resumes to the same weights, two ranks."""
+"""kdinpaint.train.Trainer: recipes load, overrides are checked, a killed run resumes to the same weights, two ranks."""
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import ROOT, TINY, train_child
 
-from kdinpaint.recipe import Recipe, load_recipe
-from kdinpaint.runs import cpu_threads
+from kdinpaint.train.recipe import Recipe, load_recipe
+from kdinpaint.train.runs import cpu_threads
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
-TINY = [
-    "model.kwargs={width: 4}", "data.size=32", "data.sample_count=6", "data.eval_count=4", "optim.batch_size=2",
-    "teacher.steps=2", "losses.recon_padding=zeros", "log.every=2", "log.sample_every=0", "log.tensorboard=false",
-]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _train(run_dir, *extra, check=True, launcher=(sys.executable,)):
-    cmd = [*launcher, str(TRAIN), *TINY, f"checkpoint.dir={run_dir}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+def _train(run_dir, *extra, check=True, launcher=(sys.executable,), script=None):
+    kw = {"script": script} if script else {}
+    return train_child(*TINY, f"checkpoint.dir={run_dir}", *extra, check=check, launcher=launcher, **kw)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -121,7 +108,7 @@ def test_main_job_prints_its_threads(tmp_path):
 @pytest.mark.slow
 def test_two_processes_on_cpu(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
-    proc = _train(tmp_path / "ddp", "train.steps=4", launcher=launcher)
+    proc = _train(tmp_path / "ddp", "train.steps=4", launcher=launcher, script=TRAIN)  # the main job's entry
     out = proc.stdout + proc.stderr
     assert "world size 2" in out
     assert f"({cpu_threads(0, 2)} thread" in out  # the demo's train.threads: 0 shares the cores between the ranks

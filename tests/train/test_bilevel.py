@@ -7,7 +7,7 @@ import torch
 from tiny import LEVELS, TinyAttentionUNet, batch
 
 import kdinpaint
-from kdinpaint.bilevel import MetaLearner
+from kdinpaint.train.bilevel import MetaLearner
 
 SPEC = {"encoder_levels": LEVELS, "attention_sites": [{"module": "att", "fusion": True}]}
 

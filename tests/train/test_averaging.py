@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdinpaint.averaging import WeightAverage
+from kdinpaint.train.averaging import WeightAverage
 
 
 def test_average_follows_the_recurrence_and_swaps_back():

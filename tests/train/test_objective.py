@@ -1,4 +1,4 @@
-"""kdinpaint.objective and StructureFlow's own objective: its generator and discriminator losses against the
+"""kdinpaint.train.objective and StructureFlow's own objective: its generator and discriminator losses against the
 formulas re-computed here, and recipes/train.py training SF / SF* / SF# with it.
 
 The VGG19 of these tests has random weights (``allow_random_vgg``): the style, perceptual and correctness
@@ -19,17 +19,17 @@ from torch import nn
 
 from kdinpaint import plugins
 from kdinpaint.hookspecs import hookimpl
-from kdinpaint.objective import TrainingObjective, build_objective, is_training_objective, total_of
-from kdinpaint.recipe import load_recipe
-from kdinpaint_adapters.structureflow import StructureFlowOutput
-from kdinpaint_adapters.structureflow_loss import (
+from kdinpaint.train.objective import TrainingObjective, build_objective, is_training_objective, total_of
+from kdinpaint.train.recipe import load_recipe
+from kdinpaint_adapters.structureflow import (
     SF_PERCEPTUAL_LAYERS,
     SF_STYLE_LAYERS,
     StructureFlowObjective,
+    StructureFlowOutput,
     sampling_correctness_loss,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 D_DIM = 8
 
 
@@ -175,15 +175,18 @@ def test_build_objective_and_total_of_name_the_problem():
         load_recipe(None, ["losses.objective_kwargs={a: 1}"])
 
 
-# ---- (b) recipes/train.py ----------------------------------------------------------------------------------------
+# ---- (b) the Trainer ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("kdinpaint_train_script_objective", ROOT / "recipes" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.main
+    """The Trainer's command line in this process; an input error raises (``--debug``)."""
+    from kdinpaint.train.trainer import main
+
+    def run(argv):
+        assert main(["--debug", *argv], prog="train.py", default_recipe=ROOT / "recipes" / "demo.yaml") == 0
+
+    return run
 
 
 TINY_SF = [
@@ -256,17 +259,13 @@ def test_train_py_names_a_broken_objective(train, tmp_path):
 @pytest.mark.slow
 def test_killed_run_with_an_objective_resumes_to_the_same_weights(tmp_path):
     """The discriminators and their optimiser are in the checkpoints: resuming gives the uninterrupted run."""
-    import os
-    import subprocess
-    import sys
+    from training_helpers import train_child
 
-    def run(folder: Path, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), "--config", str(ROOT / "recipes" / "structureflow-hash.yaml"),
-               *TINY_SF, "train.steps=4", "meta.steps=1", "meta.mode=first_order", "checkpoint.every=2",
-               f"losses.objective_kwargs={{structure_discriminator: false, discriminator_dim: {D_DIM}}}",
-               f"checkpoint.dir={folder}", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    def run(folder: Path, *extra: str):
+        return train_child(*TINY_SF, "train.steps=4", "meta.steps=1", "meta.mode=first_order", "checkpoint.every=2",
+                           f"losses.objective_kwargs={{structure_discriminator: false, discriminator_dim: {D_DIM}}}",
+                           f"checkpoint.dir={folder}", *extra, config=ROOT / "recipes" / "structureflow-hash.yaml",
+                           check=False)
 
     whole = run(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]

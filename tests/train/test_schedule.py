@@ -3,9 +3,6 @@ inner SGD step of Algorithm 1 follows it, and a resumed run continues it exactly
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +10,10 @@ import torch
 from tiny import LEVELS, TinyUNet, batch
 
 import kdinpaint
-from kdinpaint.bilevel import MetaLearner
-from kdinpaint.recipe import load_recipe
+from kdinpaint.train.bilevel import MetaLearner
+from kdinpaint.train.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def closed_form(k: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
@@ -91,13 +88,11 @@ def test_bad_schedule_keys_are_named():
 def test_a_resumed_run_continues_the_schedule(tmp_path):
     """Killed after step 6, resumed from step 4: the same learning rates and the same final weights."""
     from safetensors.torch import load_file
-    from test_train import TINY
+    from training_helpers import TINY, train_child
 
     def train(run, *extra):
-        cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), *TINY, f"checkpoint.dir={run}", "train.steps=8",
-               "meta.steps=2", "checkpoint.every=4", "optim.schedule=cosine", "optim.warmup_steps=3", "optim.lr=0.002", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        return train_child(*TINY, f"checkpoint.dir={run}", "train.steps=8", "meta.steps=2", "checkpoint.every=4",
+                           "optim.schedule=cosine", "optim.warmup_steps=3", "optim.lr=0.002", *extra, check=False)
 
     whole = train(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -3,9 +3,6 @@ stay as they were, training goes on; too many in a row raise TrainingDiverged; r
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +10,9 @@ import torch
 from tiny import LEVELS, TinyUNet, batch
 
 import kdinpaint
-from kdinpaint.bilevel import DivergenceGuard, MetaLearner, TrainingDiverged
+from kdinpaint.train.bilevel import DivergenceGuard, MetaLearner, TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FaultyLoss:
@@ -150,15 +147,13 @@ def test_guard_state_round_trips():
 
 
 def test_train_py_reports_a_diverged_run(tmp_path):
-    """NaN images from step 5 on (hidden --inject-nan-at): exit 2, report.md/json say diverged, the checkpoint
+    """NaN images from step 5 on (an InjectNaN callback): exit 2, report.md/json say diverged, the checkpoint
     at step 4 stays, nothing is exported, metrics.jsonl records the skips."""
-    from test_train import TINY
+    from training_helpers import TINY, train_child
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), *TINY, f"checkpoint.dir={run}", "train.steps=12",
-           "meta.steps=2", "checkpoint.every=2", "checkpoint.keep=5", "train.max_bad_steps=2", "--inject-nan-at", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = train_child(*TINY, f"checkpoint.dir={run}", "train.steps=12", "meta.steps=2", "checkpoint.every=2",
+                       "checkpoint.keep=5", "train.max_bad_steps=2", "--inject-nan-at", "5", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "DIVERGED" in out and "loss_inp is NaN" in out

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from kdinpaint import plugins
 from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
-from kdinpaint.objective import BatchMemo, Eq11Objective, is_training_objective, total_of
+from kdinpaint.train.objective import BatchMemo, Eq11Objective, is_training_objective, total_of
 from tiny import loss_case
 
 
 
 def test_eq11_is_registered_and_is_the_recipe_default():
-    from kdinpaint.recipe import Recipe
+    from kdinpaint.train.recipe import Recipe
 
     assert plugins.get_loss("eq11") is Eq11Objective and is_training_objective(Eq11Objective)
     assert Recipe().losses.objective == "eq11"

@@ -11,10 +11,11 @@ Lightning checkpoint holds some in its metadata: the config as an OmegaConf ``Di
 by their classes, NumPy scalars. :func:`read_checkpoint` first tries the plain weights-only load; if that is
 refused, it lists the file's globals (``torch.serialization.get_unsafe_globals_in_checkpoint``, a static
 read) and, when every one belongs to the metadata namespaces of :data:`INERT_NAMESPACES` (OmegaConf,
-Lightning, typing, NumPy, collections, pathlib, argparse, enum), loads again with each of them replaced by an
-inert placeholder that stores nothing and runs nothing: no code named by the file is imported or called, and
-the metadata comes back as placeholders while the tensors load as tensors. A global outside those namespaces is
-refused, naming it.
+Lightning, typing, NumPy, collections, pathlib, argparse, enum) or is a builtin type (``dict``, ``int`` ...,
+named by OmegaConf's node metadata), loads again with each of them replaced by an inert placeholder that stores
+nothing and runs nothing (the builtin types stand for themselves): no code named by the file is imported or
+called, and the metadata comes back as placeholders while the tensors load as tensors. A global outside those
+namespaces is refused, naming it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ INERT_NAMESPACES: tuple[str, ...] = (
     "argparse.",
     "enum.",
 )
+# builtin types a checkpoint's metadata names as values (OmegaConf's node metadata: object_type=dict ...): themselves
+_BUILTIN_TYPES = {f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool, str,
+                                                         bytes, bytearray, slice, range, object, type(None))}
 # dict subclasses whose items must stay readable to the unpickler (it fills only real dicts)
 _AS_DICT = {"pytorch_lightning.utilities.parsing.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",
             "lightning_fabric.utilities.data.AttributeDict", "collections.defaultdict"}
@@ -91,6 +95,14 @@ class _DictOf(dict):
         return {}
 
 
+def _stand_in(name: str) -> Any:
+    if name in _BUILTIN_TYPES:
+        return _BUILTIN_TYPES[name]
+    if name == "collections.defaultdict":  # rebuilt by a call, then filled: a plain dict
+        return _empty_dict
+    return _DictOf if name in _AS_DICT else _Inert
+
+
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
     """The mapping stored in a LaMa checkpoint (``.ckpt``/``.pth`` via weights-only unpickling, or ``.safetensors``).
 
@@ -115,15 +127,14 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:  # noqa: BLE001 - not a torch.save file at all
             raise ValueError(f"{path} is not a PyTorch checkpoint that weights_only=True can read: {first}") from first
-        foreign = [n for n in names if not n.startswith(INERT_NAMESPACES)]
+        foreign = [n for n in names if not n.startswith(INERT_NAMESPACES) and n not in _BUILTIN_TYPES]
         if foreign or not names:
             raise ValueError(
                 f"{path} pickles objects other than tensors and Lightning metadata: {foreign or first}; refusing to "
                 "run code from it. Re-save the generator's weights alone (torch.save(ckpt['state_dict'], ...)) where "
                 "you trust the file"
             ) from None
-        stand_ins = [((_empty_dict if n == "collections.defaultdict" else _DictOf) if n in _AS_DICT else _Inert, n)
-                     for n in names]
+        stand_ins = [(_stand_in(n), n) for n in names]
         with torch.serialization.safe_globals(stand_ins):
             try:
                 data = torch.load(path, map_location=map_location, weights_only=True)

@@ -325,10 +325,11 @@ def rows_to_csv(rows: Sequence[MetricRow]) -> str:
 
 
 def to_json(
-    summary: dict[str, object], rows: Sequence[MetricRow] | None = None, *, floor: Mapping[str, object] | None = None
+    summary: dict[str, object], rows: Sequence[MetricRow] | None = None, *, floor: Mapping[str, object] | None = None,
+    **sections: object,
 ) -> str:
-    """Strict JSON of the summary (and the rows, and under ``"floor"`` a :func:`compare_floor` result);
-    non-finite numbers become ``null``."""
+    """Strict JSON of the summary (and the rows, and under ``"floor"`` a :func:`compare_floor` result, and any
+    further ``sections`` under their names); non-finite numbers become ``null``."""
 
     def clean(v: object) -> object:
         if isinstance(v, float) and not math.isfinite(v):
@@ -344,6 +345,7 @@ def to_json(
         payload["rows"] = [asdict(r) for r in rows]
     if floor is not None:
         payload["floor"] = dict(floor)
+    payload.update(sections)
     return json.dumps(clean(payload), indent=2, allow_nan=False)
 
 

@@ -360,6 +360,22 @@ class AdapterSpec:
             Path(path).write_text(text)
         return text
 
+    @property
+    def distills(self) -> bool:
+        """Whether any distillation term is on: cross (Eq. 2), self (Eq. 3), attention transfer (Eq. 9), output."""
+        return self.needs_teacher or (self.self_distillation and len(self.encoder_levels) > 1)
+
+    def without_distillation(self) -> "AdapterSpec":
+        """The same network with every distillation term off (cross, self, attention transfer, output) and the
+        completion blocks and global-local fusion kept, untaught, as Net5 of Table 3 has them: the control of a
+        distilled student. It needs no teacher."""
+        sites = list(self.encoder_levels) if self.completion_sites is None else list(self.completion_sites)
+        return dataclasses.replace(
+            self, cross_distillation=False, self_distillation=False, output_distillation=0.0, completion_sites=sites,
+            attention_sites=[dataclasses.replace(a, transfer=False) for a in self.attention_sites],
+            name=f"{self.name} (no distillation)",
+        )
+
     def variant(self, name: str | None) -> "AdapterSpec":
         """The spec with the named variant's overrides applied (``None`` or ``""``: this spec)."""
         if not name:

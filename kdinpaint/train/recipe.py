@@ -136,6 +136,7 @@ class TrainSection:
     process_group_timeout: int = 600  # seconds a process waits for the others in a collective before failing (torch: 1800)
     average: float = 0.0  # decay of an average of the student's weights (per block), evaluated and exported; 0: off
     threads: Optional[int] = None  # torch's CPU threads per process; null: the launcher's (accelerate: 1); 0: the cores shared
+    control: bool = False  # also train the student's twin without distillation (same weights, data, steps) and compare
 
 
 @dataclass

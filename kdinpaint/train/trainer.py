@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 from kdinpaint import data as kdata
 from kdinpaint.attach import attach
 from kdinpaint.calling import convention, select_output
+from kdinpaint.compare import paired_gap, paired_to_markdown, paired_verdict
 from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.export import save_exported
 from kdinpaint.inference import FLOOR_METHODS, Inpainter, evaluate_floor, evaluate_model, save_image
@@ -74,6 +76,22 @@ DIVERGED_EXIT = 2  # the exit status of a run stopped by the divergence guard (r
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, PluginError)  # one line and exit status 1, unless --debug
 
 
+@dataclasses.dataclass
+class _Arm:
+    """One network the student stage trains: the distilled student, or its control twin."""
+
+    name: str
+    kd: Any
+    objective: Any
+    learner: MetaLearner
+    average: WeightAverage | None
+    disc: Any
+    disc_opt: Any
+    d_params: list
+    schedule: Any
+    loader: DataLoader | None
+
+
 class Callback:
     """Hooks into :meth:`Trainer.fit`; override what you need (every method does nothing by default).
 
@@ -89,6 +107,17 @@ class Callback:
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+def check_control(recipe: Recipe, spec) -> None:
+    """``train.control`` needs a distilled student: a ``ValueError`` when the recipe distils nothing."""
+    if recipe.train.control and (recipe.losses.lambda_d == 0 or not spec.distills):
+        why = "losses.lambda_d is 0" if recipe.losses.lambda_d == 0 else f"the spec {spec.name!r} has no distillation term"
+        raise ValueError(
+            f"train.control: true compares the distilled student with its twin trained without distillation, but {why}: "
+            "there is nothing to compare; set train.control=false, or turn a distillation term on (losses.lambda_d > 0 "
+            "with cross/self-distillation, attention transfer or output_distillation in the spec)"
+        )
 
 
 def sample_grid(masked_image: torch.Tensor, output: torch.Tensor, target: torch.Tensor, path: Path) -> None:
@@ -244,26 +273,17 @@ class Trainer:
         meta = dataclasses.replace(train_spec.meta, mode=self.recipe.meta.mode, steps=self.recipe.meta.steps)
         return cls, objective_kwargs, dataclasses.replace(train_spec, meta=meta)
 
-    def inpaint_loss(self, output: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def inpaint_loss(self, objective: Any, output: Any, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``lambda_r * L_gen``: Eq. (11) without the distillation terms (or an adapter's own generator loss)."""
-        return self.lambda_r * total_of(self.objective.generator_loss(output, target, mask),
-                                        type(self.objective).__name__ + ".generator_loss")
+        return self.lambda_r * total_of(objective.generator_loss(output, target, mask),
+                                        type(objective).__name__ + ".generator_loss")
 
     # ---- stage student ---------------------------------------------------------------------------
-    def train_student(self, parts: tuple, loader: DataLoader) -> None:
-        recipe, accelerator, run = self.recipe, self.accelerator, self.run
-        adapter, variant, spec, student, teacher = parts
-        if spec.uses_teacher:
-            teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
-        cls, objective_kwargs, train_spec = self._resolve_objective(spec)
-        kd = self.kd = attach(student, teacher if spec.uses_teacher else None, train_spec)
-        kd.to(accelerator.device)
-        L = recipe.losses
-        objective = build_objective(cls, objective_kwargs, {k: getattr(L, k) for k in cls.recipe_keys})
-        objective = self.objective = objective.to(accelerator.device)
-        name = type(objective).__name__
-
-        theta = [*student.parameters(), *kd.student_parameters()]
+    def _arm(self, name: str, kd, objective, loader: DataLoader | None = None) -> "_Arm":
+        """One trained network: its optimisers, schedule, Algorithm-1 learner and weight average, prepared by
+        accelerate (with ``loader``, which comes back prepared as ``arm.loader``)."""
+        recipe, accelerator = self.recipe, self.accelerator
+        theta = [*kd.student.parameters(), *kd.student_parameters()]
         theta_opt = torch.optim.Adam(theta, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas))
         meta_params = list(kd.meta_parameters())
         meta_opt = torch.optim.Adam(meta_params, lr=recipe.meta.lr) if meta_params else None
@@ -272,28 +292,56 @@ class Trainer:
         disc = objective.discriminators if d_params else None
         d_betas = objective.discriminator_betas or tuple(recipe.optim.betas)
         disc_opt = torch.optim.Adam(d_params, lr=recipe.optim.lr * recipe.losses.d_lr_ratio, betas=d_betas) if d_params else None
-
-        prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], loader)
-        wrapped, theta_opt, *rest, loader = prepared
+        extra = [loader] if loader is not None else []
+        prepared = accelerator.prepare(kd, theta_opt, *[x for x in (meta_opt, disc, disc_opt) if x is not None], *extra)
+        wrapped, theta_opt, *rest = prepared
+        loader = rest.pop() if loader is not None else None
         meta_opt = rest.pop(0) if meta_opt is not None else None
         disc_opt = rest[1] if disc is not None else None
         # stepped by MetaLearner once per theta step; not through prepare, whose scheduler steps once per process
         schedule = torch.optim.lr_scheduler.LambdaLR(theta_opt, lambda k: recipe.optim.lr_factor(k, recipe.train.steps))
-
-        learner = self.learner = MetaLearner(
-            kd, theta_opt, self.inpaint_loss, meta_opt, every=recipe.meta.every,
-            inner_lr=recipe.meta.inner_lr, lambda_d=self.lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
+        lambda_d = self.lambda_d if kd.spec.distills else 0.0
+        learner = MetaLearner(
+            kd, theta_opt, lambda *a: self.inpaint_loss(objective, *a), meta_opt, every=recipe.meta.every,
+            inner_lr=recipe.meta.inner_lr, lambda_d=lambda_d, max_hypergrad_norm=recipe.meta.max_hypergrad_norm,
             forward_module=wrapped, backward=accelerator.backward, autocast=accelerator.autocast,
             loss_input=objective.loss_input, scheduler=schedule,
             guard=recipe.train.guard, max_bad_steps=recipe.train.max_bad_steps, explode_factor=recipe.train.explode_factor,
         )
         # the weights evaluated and exported: an average over the last blocks (train.average), else the last ones
         average = WeightAverage(theta, recipe.train.average) if recipe.train.average > 0 else None
-        exported_weights = average.applied if average is not None else contextlib.nullcontext
+        return _Arm(name, kd, objective, learner, average, disc, disc_opt, d_params, schedule, loader)
+
+    def train_student(self, parts: tuple, loader: DataLoader) -> None:
+        recipe, accelerator, run = self.recipe, self.accelerator, self.run
+        adapter, variant, spec, student, teacher = parts
+        if spec.uses_teacher:
+            teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
+        cls, objective_kwargs, train_spec = self._resolve_objective(spec)
+        check_control(recipe, train_spec)
+        twin = copy.deepcopy(student) if recipe.train.control else None  # the student's initial weights
+        kd = self.kd = attach(student, teacher if spec.uses_teacher else None, train_spec)
+        kd.to(accelerator.device)
+        L = recipe.losses
+        objective = build_objective(cls, objective_kwargs, {k: getattr(L, k) for k in cls.recipe_keys}).to(accelerator.device)
+        twin_objective = copy.deepcopy(objective) if twin is not None else None  # its discriminators start alike
+        arm = self._arm("student", kd, objective, loader)
+        arms = [arm]
+        if twin is not None:
+            with torch.random.fork_rng(devices=[]):  # the student trains exactly as it would without its twin
+                control = self.control = attach(twin, None, train_spec.without_distillation())
+                control.blocks.load_state_dict(kd.blocks.state_dict())  # the same initial completion blocks and PGL
+                control.fusion.load_state_dict(kd.fusion.state_dict())
+                control.to(accelerator.device)
+                arms.append(self._arm("control", control, twin_objective))
+        self.arms = arms
+        loader = arm.loader
         # saved beside each checkpoint as JSON and safetensors (never a pickle: resume runs no code from the folder)
-        states = {"schedule": schedule, "average": average, "guard": learner.guard}
+        states = {}
+        for a in arms:
+            prefix = "" if a.name == "student" else f"{a.name}/"
+            states.update({f"{prefix}schedule": a.schedule, f"{prefix}average": a.average, f"{prefix}guard": a.learner.guard})
         states = {k: v for k, v in states.items() if v is not None}
-        call_kwargs = dict(objective.call_kwargs)
 
         start = 0
         done = checkpoints_in(run)
@@ -303,55 +351,63 @@ class Trainer:
             start = self.start_step = int(done[-1].name.split("_")[1])
             accelerator.print(f"resumed from {done[-1]} (step {start})")
         total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
-        learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
-        loader = accelerator.skip_first_batches(loader, learner.batches) if start else loader
+        for a in arms:
+            a.learner.batches = start // recipe.meta.steps  # ... and meta.every counts blocks
+        loader = accelerator.skip_first_batches(loader, arm.learner.batches) if start else loader
         metrics_log = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process)
-        progress = tqdm(total=total, initial=learner.batches, disable=not accelerator.is_main_process, desc="student", unit="block")
-        skipped = 0  # batches the guard skipped since the last metrics record
-        for block, batch in enumerate(loader, start=learner.batches + 1):
+        progress = tqdm(total=total, initial=arm.learner.batches, disable=not accelerator.is_main_process, desc="student", unit="block")
+        skipped = {a.name: 0 for a in arms}  # batches the guard skipped since the last metrics record
+        for block, batch in enumerate(loader, start=arm.learner.batches + 1):
             step = self.step = block * recipe.meta.steps
             for replaced in self._callback("on_batch", step, batch):
                 batch = replaced if replaced is not None else batch
             image, mask = batch["image"], batch["mask"]
             args, kwargs = kd.call.build(masked(image, mask), mask)
-            try:
-                logs = learner.step(args, image, {**kwargs, **call_kwargs})
-            except TrainingDiverged as e:
-                progress.close()
-                metrics_log.write(step, e.logs, skipped=skipped + 1, skipped_total=learner.guard.skipped_total, diverged=True)
-                if accelerator.is_main_process:
-                    done = checkpoints_in(run)
-                    resume = write_divergence_report(run, e, step, f"checkpoints/{done[-1].name}" if done else None)
-                    accelerator.print(f"\nDIVERGED at step {step}: {e}\n{resume}\nrun folder: {run}")
-                accelerator.end_training()
-                raise
-            bad = bool(logs.get("skipped"))  # the same on every rank: the guard decides jointly
-            skipped += bad
-            if average is not None and not bad:
-                average.update()
-            if disc is not None and not bad:  # the discriminator step, on the block's last output (detached)
-                with accelerator.autocast():
-                    d_terms = objective.discriminator_loss(learner.last_loss_input, image, mask)
-                    d_loss = total_of(d_terms, name + ".discriminator_loss")
-                logs.update({f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"})
-                disc_opt.zero_grad(set_to_none=True)
-                accelerator.backward(d_loss)
-                average_gradients(accelerator, d_params)
-                disc_opt.step()
-                logs["loss_d"] = d_loss.item()
+            logs, bad = {}, False
+            for a in arms:
+                prefix = "" if a.name == "student" else f"{a.name}/"
+                try:
+                    arm_logs = a.learner.step(args, image, {**kwargs, **dict(a.objective.call_kwargs)})
+                except TrainingDiverged as e:
+                    progress.close()
+                    metrics_log.write(step, {f"{prefix}{k}": v for k, v in e.logs.items()}, skipped=skipped[a.name] + 1,
+                                      skipped_total=a.learner.guard.skipped_total, diverged=True)
+                    if accelerator.is_main_process:
+                        done = checkpoints_in(run)
+                        resume = write_divergence_report(run, e, step, f"checkpoints/{done[-1].name}" if done else None,
+                                                         who=a.name)
+                        accelerator.print(f"\nDIVERGED ({a.name}) at step {step}: {e}\n{resume}\nrun folder: {run}")
+                    accelerator.end_training()
+                    raise
+                a_bad = bool(arm_logs.get("skipped"))  # the same on every rank: the guard decides jointly
+                skipped[a.name] += a_bad
+                bad = bad or (a.name == "student" and a_bad)
+                if a.average is not None and not a_bad:
+                    a.average.update()
+                if a.disc is not None and not a_bad:  # the discriminator step, on the block's last output (detached)
+                    arm_logs.update(self._discriminator_step(a, image, mask))
+                logs.update({f"{prefix}{k}": v for k, v in arm_logs.items()})
             progress.update(1)
             if step % recipe.log.every == 0 or block == total or bad:  # skipped batches since the last record
-                guarded = dict(skipped=skipped, skipped_total=learner.guard.skipped_total) if learner.guard is not None else {}
+                guarded = {}
+                for a in arms:
+                    if a.learner.guard is not None:
+                        prefix = "" if a.name == "student" else f"{a.name}/"
+                        guarded.update({f"{prefix}skipped": skipped[a.name], f"{prefix}skipped_total": a.learner.guard.skipped_total})
                 record = metrics_log.write(step, logs, **guarded)
                 accelerator.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step=step)
                 progress.set_postfix(loss=f"{logs['loss_inp']:.3f}")
-                skipped = 0
+                skipped = {a.name: 0 for a in arms}
             if accelerator.is_main_process and recipe.log.eval_every and step % recipe.log.eval_every == 0 and not bad:
-                with exported_weights(), torch.no_grad():
-                    summary = self.held_out(kd.export().eval(), spec, adapter)[-1]["buckets"]["all"]
-                metrics_log.write(step, {"eval/psnr": float(summary["psnr"]), "eval/ssim": float(summary["ssim"])})
+                scores = {}
+                for a in arms:
+                    with self._averaged(a), torch.no_grad():
+                        summary = self.held_out(a.kd.export().eval(), spec, adapter)[-1]["buckets"]["all"]
+                    key = "eval" if a.name == "student" else f"eval/{a.name}"
+                    scores.update({f"{key}/psnr": float(summary["psnr"]), f"{key}/ssim": float(summary["ssim"])})
+                metrics_log.write(step, scores)
             if accelerator.is_main_process and recipe.log.sample_every and step % recipe.log.sample_every == 0 and not bad:
-                sample_grid(masked(image, mask), composite(learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
+                sample_grid(masked(image, mask), composite(arm.learner.last_output, image, mask), image, run / "samples" / f"step_{step:07d}.png")
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and not bad:  # only good states get saved
                 path = save_checkpoint(accelerator, run, step, recipe.checkpoint.keep, states)
                 self._callback("on_checkpoint", step, path)
@@ -360,8 +416,23 @@ class Trainer:
                 break
         progress.close()
         accelerator.wait_for_everyone()
-        with exported_weights():
-            self.finish(kd, spec, adapter, variant)
+        self.finish(arms, spec, adapter, variant)
+
+    def _discriminator_step(self, arm: "_Arm", image: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        accelerator, objective = self.accelerator, arm.objective
+        with accelerator.autocast():
+            d_terms = objective.discriminator_loss(arm.learner.last_loss_input, image, mask)
+            d_loss = total_of(d_terms, type(objective).__name__ + ".discriminator_loss")
+        arm.disc_opt.zero_grad(set_to_none=True)
+        accelerator.backward(d_loss)
+        average_gradients(accelerator, arm.d_params)
+        arm.disc_opt.step()
+        return {**{f"d/{k}": v.item() for k, v in d_terms.items() if k != "total"}, "loss_d": d_loss.item()}
+
+    @staticmethod
+    def _averaged(arm: "_Arm"):
+        """The weights evaluated and exported: the average (``train.average``), else the trained ones."""
+        return arm.average.applied() if arm.average is not None else contextlib.nullcontext()
 
     # ---- report ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -373,25 +444,42 @@ class Trainer:
         return inpainter, images, masks, names, *evaluate_model(inpainter, images, masks, names=names)
 
     @torch.no_grad()
-    def finish(self, kd, spec, adapter, variant: str) -> None:
-        """Export the student, evaluate it on the held-out set beside the weight-free floor (biharmonic, Telea when
-        OpenCV is installed, mean fill; same images and masks), write report.md / report.json (main process).
-        ``spec``: the adapter's, whose ``output`` selects the prediction of a plain call."""
+    def finish(self, arms: Sequence[_Arm], spec, adapter, variant: str) -> None:
+        """Export the student (and its control), evaluate them on the held-out set beside the weight-free floor
+        (biharmonic, Telea when OpenCV is installed, mean fill; same images and masks), write report.md /
+        report.json (main process). ``spec``: the adapter's, whose ``output`` selects the prediction of a plain call."""
         recipe, accelerator, run = self.recipe, self.accelerator, self.run
         if not accelerator.is_main_process:
             return
-        exported = kd.export().eval()
         name = f"{adapter.name}:{variant}" if variant else adapter.name
-        save_exported(exported, run / "student.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
-        inpainter, images, masks, names, rows, summary = self.held_out(exported, spec, adapter, name)
+        scored = {}
+        for a in arms:
+            with self._averaged(a):
+                exported = a.kd.export().eval()
+            label = name if a.name == "student" else f"{name} ({a.name})"
+            save_exported(exported, run / f"{a.name}.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
+            scored[a.name] = (label, *self.held_out(exported, spec, adapter, label))
+        label, inpainter, images, masks, names, rows, summary = scored["student"]
         # a network that starts from the pyramid fill is also shown beside that fill (what training added); one that
         # starts from the biharmonic fill is compared with its start by the floor's first row
-        methods = (*FLOOR_METHODS, "pyramid") if getattr(kd.student, "prefill_mode", None) == "pyramid" else FLOOR_METHODS
+        prefill = getattr(arms[0].kd.student, "prefill_mode", None)
+        methods = (*FLOOR_METHODS, "pyramid") if prefill == "pyramid" else FLOOR_METHODS
         floor = evaluate_floor(images, masks, methods=methods, names=names)  # biharmonic: ~0.3 s per 64x64 image
+        control = None
+        if "control" in scored:
+            c_label, _, _, _, _, c_rows, c_summary = scored["control"]
+            gap = paired_gap(rows, c_rows)
+            summaries = {label: summary, c_label: c_summary}
+            reference = floor.summaries.get("biharmonic")
+            if reference is not None:
+                summaries["biharmonic"] = reference
+            control = {"name": c_label, "summary": c_summary, "rows": c_rows, "gap": gap,
+                       "verdict": paired_verdict(gap, label, c_label),
+                       "table": paired_to_markdown(gap, summaries, label, c_label)}
         floor = floor.compare(summary, name=name, network_rows=rows)
         first = slice(0, 4)
         sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
-        text = write_evaluation_report(run, name, len(images), summary, rows, floor)
+        text = write_evaluation_report(run, name, len(images), summary, rows, floor, control=control)
         accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{text}")
         accelerator.print(f"run folder: {run}")
 

@@ -4,8 +4,8 @@ Suvorov, Logacheva, Mashikhin, Remizova, Ashukha, Silvestrov, Kong, Goka, Park, 
 code advimman/lama. The generator is a ResNet of fast Fourier convolutions (:mod:`.ffc`): a 7x7 stem, three
 stride-2 down-samplings to 1/8, residual FFC blocks whose channels are 75 % global (a pointwise convolution in
 the frequency domain), three transposed convolutions back up, a 7x7 head and a sigmoid. Configs
-(:data:`.ffc.CONFIGS`): ``big-lama`` (18 blocks, 64 base channels, 27 M parameters; the released Places
-model that IOPaint runs) and ``lama-fourier`` (9 blocks). The module tree reproduces the official one, so the
+(:data:`.ffc.CONFIGS`): ``big-lama`` (18 blocks, 64 base channels, 51.0 M parameters; the released Places
+model that IOPaint runs) and ``lama-fourier`` (9 blocks, 27.0 M). The module tree reproduces the official one, so the
 generator of a released ``best.ckpt`` loads strictly (:func:`.official.load_official`).
 
 Toolkit model (:class:`.model.LaMa`): called with one tensor, ``model(torch.cat([image * (1 - mask), mask], 1))``,

@@ -164,9 +164,10 @@ def export_iopaint(
     with torch.no_grad(), warnings.catch_warnings():
         # shape arithmetic in Python becomes constants of the trace: the size checks below catch any that matter
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", FutureWarning)  # IOPaint's format is TorchScript
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-    traced.save(str(tmp))
-    loaded = load_iopaint(tmp)
+        traced.save(str(tmp))
+        loaded = load_iopaint(tmp)
     diffs: dict[str, float] = {}
     for i, (h, w) in enumerate([(height, width), *check_sizes]):
         image, mask = iopaint_inputs(h, w, seed=i + 1)

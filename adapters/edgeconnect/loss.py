@@ -50,8 +50,9 @@ def edgeconnect_loss_terms(
     Computed in EdgeConnect's ``[0, 1]`` range (so the official weights :data:`EC_LOSS_WEIGHTS` apply
     unchanged): ``l1`` is ``nn.L1Loss`` over all pixels divided by the hole fraction of the batch (plain L1
     when the batch has no hole, where the official division is by zero). ``adversarial`` feeds the raw,
-    uncomposited prediction to ``discriminator`` in ``[0, 1]`` (EdgeConnect's :class:`Discriminator`, or any
-    callable returning logits or ``(scores, features)``, whose last feature is the logit map) and applies
+    uncomposited prediction to ``discriminator`` in ``[0, 1]`` (EdgeConnect's
+    :class:`~kdinpaint_adapters.edgeconnect.model.Discriminator`, or any callable returning logits or
+    ``(scores, features)``, whose last feature is the logit map) and applies
     :func:`kdinpaint.losses.adversarial.generator_adv_loss` (``nsgan`` = BCE against "real", as configured).
     ``vgg``: :class:`kdinpaint.losses.style.VGGStyleLoss` with the ``edgeconnect`` preset (VGG19; perceptual
     on relu1_1..relu5_1 of ``ŷ`` vs ``y``, style on relu2_2, relu3_4, relu4_4, relu5_2 of ``ŷ ⊙ M`` vs

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from kdinpaint.plugins import get_loss
 from kdinpaint.train.objective import is_training_objective
 from kdinpaint.train.recipe import load_recipe
-from kdinpaint.train.trainer import main as train_main
 from kdinpaint_adapters.edgeconnect import EC_LOSS_WEIGHTS, EdgeConnectObjective
 from tiny import loss_case
 
@@ -109,18 +108,12 @@ def test_switched_off_terms_and_bad_keys():
         objective.generator_loss((pred, pred), gt, mask)
 
 
-def test_train_py_trains_ec_hash_with_its_objective(tmp_path):
+def test_train_py_trains_ec_hash_with_its_objective(train, tiny_run, tmp_path):
     config = ROOT / "recipes" / "edgeconnect-hash.yaml"
     assert load_recipe(config).losses.objective == "edgeconnect-gan"
     run = tmp_path / "run"
-    argv = [
-        "--debug", "--config", str(config), "model.kwargs={residual_blocks: 1}", "model.init=null", "teacher.steps=1",
-        "data.images=sample", "data.eval_images=sample", "data.size=32", "data.sample_count=2", "data.eval_count=1",
-        "data.workers=0", "masks.train=freeform", "masks.eval=freeform", "optim.batch_size=1", "losses.vgg=null",
-        "losses.allow_random_vgg=true", "log.every=1", "log.sample_every=0", "log.tensorboard=false",
-        "checkpoint.every=1", "checkpoint.keep=2", "train.steps=2", "meta.steps=1", f"checkpoint.dir={run}",
-    ]
-    assert train_main(argv, prog="train.py", default_recipe=ROOT / "recipes" / "demo.yaml") == 0  # recipes/train.py's call
+    train(["--config", str(config), *tiny_run, "model.kwargs={residual_blocks: 1}", "train.steps=2", "meta.steps=1",
+           f"checkpoint.dir={run}"])
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2]
     assert all(x["d/inpaint"] > 0 and 0 < x["loss_inp"] < 1e4 and x.get("meta_skipped", 0) == 0 for x in log)

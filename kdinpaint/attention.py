@@ -10,13 +10,14 @@ Two submodules make the affinity reachable by forward hooks without changing the
 * ``qk`` (:class:`QueryKey`) returns ``(q, k)``, each ``(B, N, C_qk)``; attention transfer hooks it and
   computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention.attention_transfer`);
 * ``affinity`` (:class:`Affinity`) returns the full ``(B, N, N)`` matrix ``r``. It only runs when something
-  hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention`, which runs every
-  pass block by block over the query rows and never materialises ``N×N``: not at inference, not in training,
-  not when Algorithm 1 differentiates it twice.
+  hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention` (a fused kernel, a
+  dense batched matrix where it fits, blocks of query rows beyond), which never materialises ``N×N``: not at
+  inference, not in training, not when Algorithm 1 differentiates it twice.
 
 With ``refine_holes`` and a mask, only the query rows in the holes are computed: the output is
 ``d + M ⊙ g ⊙ (a - d)``, so ``a`` outside the holes is multiplied by zero; those rows take ``a = d`` instead,
-the same result for a fraction (the hole ratio) of the work. Traced (``torch.compile``, ``torch.export``,
+the same result for a fraction (the hole ratio) of the work. The hole rows of the batch are gathered, padded
+to the largest count, into one call. Traced (``torch.compile``, ``torch.export``,
 ONNX) every row is computed, since the hole rows are data-dependent.
 """
 
@@ -27,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from kdinpaint.masking import mask_at
-from kdinpaint.ops.attention import _tracing, affinity, softmax_attention
+from kdinpaint.ops.attention import _tracing, affinity, gather_rows, row_index, scatter_rows, softmax_attention
 
 __all__ = ["PixelAttention", "QueryKey", "Affinity"]
 
@@ -99,11 +100,11 @@ class PixelAttention(nn.Module):
             a = self.affinity(q, k) @ v  # (B, N, N) @ (B, N, C)
         elif rows is None or _tracing():  # never materialises N×N, not even differentiated twice; scale 1 as the paper
             a = softmax_attention(q, k, v)
-        else:
+        else:  # the hole rows of the whole batch, padded to the largest count: one call, no loop over samples
             keep = rows.expand(B, 1, H, W).flatten(1) != 0  # (B, N)
-            a = v.clone()  # (B, N, C): rows outside the holes are multiplied by M = 0 afterwards
-            for b in range(B):
-                idx = keep[b].nonzero().squeeze(1)  # (n_b,) hole rows of image b
-                if idx.numel():
-                    a[b, idx] = softmax_attention(q[b : b + 1, idx], k[b : b + 1], v[b : b + 1])[0]
+            index, valid = row_index(keep)  # (B, R) each; padding rows are distinct rows outside the holes
+            attended = softmax_attention(gather_rows(q, index), k, v)  # (B, R, C)
+            # rows outside the holes keep a = d (they are multiplied by M = 0 afterwards)
+            attended = torch.where(valid.unsqueeze(-1), attended, gather_rows(v, index))
+            a = scatter_rows(v, index, attended)  # (B, N, C)
         return rearrange(a, "b (h w) c -> b c h w", h=H, w=W)

@@ -153,3 +153,27 @@ def test_no_full_affinity_is_created_in_the_forward_pass(mode):
     with context():
         assert _largest_created(naive_attention, q, k, v) >= B * N * N  # the reference does create it
         assert _largest_created(lambda *a: softmax_attention(*a, forward_rows=16), q, k, v) <= B * 16 * N
+
+
+@pytest.mark.parametrize("widths", [(3, 8), (8, 8), (8, 3)])
+@pytest.mark.parametrize("chunk", [1 << 21, 20])
+def test_fused_and_dense_paths_and_both_derivatives_equal_the_full_matrix(widths, chunk, monkeypatch):
+    # float32 takes the fused kernel (queries and keys, or values, zero-padded to the wider width) without
+    # autograd and for an ordinary backward, and the chunked dense form when the gradient is differentiated
+    from kdinpaint.ops import attention
+
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)  # 20: chunks of one row
+    c, C = widths
+    q, k, v = (t.detach().float().requires_grad_() for t in _qkv(B=2, N=10, c=c, C=C, seed=5))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        torch.testing.assert_close(softmax_attention(q, k, v).double(), naive_attention(*ref), rtol=1e-5, atol=1e-6)
+    out = softmax_attention(q, k, v)
+    torch.testing.assert_close(out.double(), naive_attention(*ref), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(2, 10, C, dtype=torch.float64)
+    ours = torch.autograd.grad(out, (q, k, v), grad.float())
+    theirs = torch.autograd.grad(naive_attention(*ref), ref, grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(_second_order(softmax_attention, (q, k, v)), _second_order(naive_attention, ref)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)

@@ -5,9 +5,12 @@ the softmax, and memory grows with (hole pixels × N), not N². Rows are padded 
 the batch and a validity mask drops the padding, so the whole batch is one batched matmul. Normalised by the
 number of hole rows; exactly 0 (never NaN) with no hole. Computed in at least float32.
 
-:func:`attention_transfer` (queries and keys of pixel attention) goes further: the hole rows run in blocks
-(:func:`kdinpaint.ops.rowwise.rowwise`), so neither its backward pass nor the derivative of that backward
-pass taken by Reverse-HG keeps the ``rows × N`` affinities; only one block's are alive at a time.
+:func:`attention_transfer` (queries and keys of pixel attention) computes the hole rows of both affinities as
+dense batched matrices (in cache-sized chunks) where they fit :data:`~kdinpaint.ops.attention.DENSE_ELEMENTS`
+(the main job's crops), differentiated (twice) by autograd, nothing recomputed; larger, they run in blocks (:func:`kdinpaint.ops.rowwise.rowwise`),
+so neither the backward pass nor the derivative of that backward pass taken by Reverse-HG keeps the
+``rows × N`` affinities; only one block's are alive at a time. The loss needs the affinity rows themselves
+(Eq. 9 compares probabilities), so it cannot use a fused attention kernel, which returns only ``r @ v``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from einops import rearrange
 
 from kdinpaint.masking import at_least_fp32, mask_at
-from kdinpaint.ops.attention import affinity, block_rows
+from kdinpaint.ops.attention import CHUNK_ELEMENTS, DENSE_ELEMENTS, affinity, block_rows, chunked, gather_rows, row_index
 from kdinpaint.ops.rowwise import rowwise
 
 __all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity"]
@@ -25,21 +28,13 @@ __all__ = ["hole_rows", "attention_transfer", "attention_transfer_from_affinity"
 def hole_rows(mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices of the hole query positions at ``size``, padded per sample.
 
-    Returns ``index`` ``(B, R)`` (flat positions, padding points at position 0), ``valid`` ``(B, R)`` bool and
-    ``count`` (scalar tensor, total hole rows), with ``R`` the largest per-sample count (at least 1).
+    Returns ``index`` ``(B, R)`` (flat positions; the padding entries are distinct non-hole positions),
+    ``valid`` ``(B, R)`` bool and ``count`` (scalar tensor, total hole rows), with ``R`` the largest per-sample
+    count (at least 1).
     """
     holes = mask_at(mask, size).flatten(1) > 0.5  # (B, N)
-    per_sample = holes.sum(1)
-    rows = max(int(per_sample.max()), 1)
-    # stable sort puts hole positions first, in raster order
-    index = torch.argsort((~holes).to(torch.uint8), dim=1, stable=True)[:, :rows]
-    valid = torch.arange(rows, device=mask.device).unsqueeze(0) < per_sample.unsqueeze(1)
-    return index, valid, per_sample.sum()
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, N, C)`` -> ``(B, R, C)`` rows at ``index`` ``(B, R)``."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    index, valid = row_index(holes)
+    return index, valid, valid.sum()
 
 
 def _weighted(sq_rows: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -70,8 +65,12 @@ def attention_transfer(
             f"{tuple(q_teacher.shape)}, keys {tuple(k_teacher.shape)} and a {tuple(size)} query grid do not match"
         )
     index, valid, count = hole_rows(mask, size)
-    rows = (_gather_rows(at_least_fp32(q), index), _gather_rows(at_least_fp32(q_teacher), index))  # (B, R, C)
-    sq_rows = rowwise(_row_distance, rows, (at_least_fp32(k), at_least_fp32(k_teacher)), block_rows(*k.shape[:2]))
+    rows = (gather_rows(at_least_fp32(q), index), gather_rows(at_least_fp32(q_teacher), index))  # (B, R, C)
+    keys = (at_least_fp32(k), at_least_fp32(k_teacher))
+    if index.shape[0] * index.shape[1] * k.shape[1] <= DENSE_ELEMENTS:  # the rows fit: dense, in chunks
+        sq_rows = chunked(_row_distance, rows, keys, max(1, CHUNK_ELEMENTS // (k.shape[0] * k.shape[1])))
+    else:
+        sq_rows = rowwise(_row_distance, rows, keys, block_rows(*k.shape[:2]))
     return _weighted(sq_rows, weights, index, valid, count)
 
 
@@ -113,5 +112,5 @@ def attention_transfer_from_affinity(
     else:
         raise ValueError(f"unknown affinity layout {layout!r}; use 'queries_keys' or 'keys_hw'")
     index, valid, count = hole_rows(mask, size)
-    diff = _gather_rows(at_least_fp32(affinity_teacher), index) - _gather_rows(at_least_fp32(affinity), index)
+    diff = gather_rows(at_least_fp32(affinity_teacher), index) - gather_rows(at_least_fp32(affinity), index)
     return _weighted(diff.pow(2).sum(-1), weights, index, valid, count)

@@ -56,7 +56,7 @@ def test_missing_data_path_is_named(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("every", [1, 3])  # meta.every=3: the Psi steps fall on blocks 1 and 4, across the resume
 def test_killed_run_resumes_to_the_same_weights(tmp_path, every):
-    steps = ["train.steps=8", "meta.steps=2", "checkpoint.every=4", f"meta.every={every}"]
+    steps = ["train.steps=8", "meta.steps=2", "checkpoint.every=4", f"meta.every={every}", f"train.control={every == 3}"]
     _train(tmp_path / "whole", *steps)
     killed = _train(tmp_path / "resumed", *steps, "--stop-after", "6", check=False)
     assert killed.returncode == 3, killed.stderr[-2000:]
@@ -64,11 +64,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, every):
     assert not (tmp_path / "resumed" / "student.safetensors").exists()
     resumed = _train(tmp_path / "resumed", *steps)
     assert "resumed from" in resumed.stdout + resumed.stderr
-    a = load_file(str(tmp_path / "whole" / "student.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ("student", "control") if every == 3 else ("student",):  # the twin resumes too
+        a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
     log = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     report = (tmp_path / "whole" / "report.md").read_text()
@@ -108,11 +109,12 @@ def test_main_job_prints_its_threads(tmp_path):
 @pytest.mark.slow
 def test_two_processes_on_cpu(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
-    proc = _train(tmp_path / "ddp", "train.steps=4", launcher=launcher, script=TRAIN)  # the main job's entry
+    proc = _train(tmp_path / "ddp", "train.steps=4", "train.control=true", launcher=launcher, script=TRAIN)  # the main job's entry
     out = proc.stdout + proc.stderr
     assert "world size 2" in out
     assert f"({cpu_threads(0, 2)} thread" in out  # the demo's train.threads: 0 shares the cores between the ranks
-    assert (tmp_path / "ddp" / "student.safetensors").is_file()
+    assert (tmp_path / "ddp" / "student.safetensors").is_file() and (tmp_path / "ddp" / "control.safetensors").is_file()
+    assert "Did distillation help?" in (tmp_path / "ddp" / "report.md").read_text()
 
 
 def test_objective_from_a_registered_loss(tmp_path):
@@ -122,3 +124,31 @@ def test_objective_from_a_registered_loss(tmp_path):
     assert first["step"] == 2 and first["loss_inp"] > 0
     proc = _train(tmp_path / "bad", "train.steps=2", "losses.objective=no-such-loss", check=False)
     assert proc.returncode != 0 and "no-such-loss" in proc.stderr and "edgeconnect" in proc.stderr
+
+
+def test_control_twin_trains_beside_the_student_without_changing_it(tmp_path):
+    """train.control: the student's weights are those of a run without the twin; the twin is exported and
+    report.json's paired gap is the per-image difference of the two networks' rows."""
+    import numpy as np
+
+    steps = ["model.kwargs={width: 4, prefill: true}", "train.steps=4", "train.average=0.5"]
+    _train(tmp_path / "plain", *steps)
+    _train(tmp_path / "twin", *steps, "train.control=true")
+    a = load_file(str(tmp_path / "plain" / "student.safetensors"))
+    b = load_file(str(tmp_path / "twin" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    control = load_file(str(tmp_path / "twin" / "control.safetensors"))
+    assert control.keys() == a.keys() and any(not torch.equal(a[k], control[k]) for k in a)
+    report = json.loads((tmp_path / "twin" / "report.json").read_text())
+    d = np.array([s["psnr"] - c["psnr"] for s, c in zip(report["rows"], report["control"]["rows"])])
+    gap = report["control"]["gap"]["all"]["psnr"]
+    assert gap["gap"] == pytest.approx(d.mean()) and gap["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    md = (tmp_path / "twin" / "report.md").read_text()
+    assert "## Did distillation help?" in md and report["control"]["verdict"] in md
+    records = [json.loads(line) for line in (tmp_path / "twin" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["control/kd/total"] == 0 for r in records) and all(r["kd/total"] > 0 for r in records)
+
+
+def test_control_without_distillation_is_refused(tmp_path):
+    proc = _train(tmp_path / "run", "train.steps=2", "train.control=true", "losses.lambda_d=0", check=False)
+    assert proc.returncode == 1 and "nothing to compare" in proc.stderr and "losses.lambda_d is 0" in proc.stderr

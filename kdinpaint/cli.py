@@ -268,8 +268,12 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         f"to biharmonic (default for a checkpoint or adapter: {' '.join(FLOOR_METHODS)}; Telea only "
                         "with OpenCV); with --baseline only when given")
     p.add_argument("--no-floor", action="store_true", help="no floor comparison")
+    p.add_argument("--control", metavar="CHECKPOINT",
+                   help="a second exported network scored on the same images and masks, e.g. the control.safetensors "
+                        "of a run with train.control: the paired gap (checkpoint - control) per bucket with its 95 %% "
+                        "interval: did distillation help?")
     p.add_argument("--json", dest="json_path", help="also write the summary and per-image rows as JSON here "
-                                                    "(the floor comparison under \"floor\")")
+                                                    "(the floor comparison under \"floor\", the control under \"control\")")
     p.add_argument("--csv", dest="csv_path", help="also write the summary as CSV here (with the floor: one more "
                                                   "leading column, method)")
 
@@ -392,16 +396,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             bar.close()
         result.skipped.update(skipped)
         floor = result.compare(summary, name=inpainter.name, network_rows=rows)
+    control = _control_comparison(args, images, masks, names, rows, summary, inpainter.name, floor)
     print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
+    if control is not None:
+        print(f"Did distillation help? {inpainter.name} against {control['name']} on the same images and masks\n")
+        print(control["table"])
     print(to_markdown(summary), end="")
     if floor is not None:
         print(f"\nThe floor: weight-free baselines on the same images and masks, gap to {floor['reference']}\n")
         print(floor_to_markdown(summary, floor), end="")
     if args.json_path:
-        Path(args.json_path).write_text(to_json(summary, rows, floor=floor) + "\n")
+        extra = {} if control is None else {"control": {k: v for k, v in control.items() if k != "table"}}
+        Path(args.json_path).write_text(to_json(summary, rows, floor=floor, **extra) + "\n")
     if args.csv_path:
         Path(args.csv_path).write_text(to_csv(summary) if floor is None else floor_to_csv(summary, floor))
     return 0
+
+
+def _control_comparison(args: argparse.Namespace, images, masks, names, rows, summary, name: str,
+                        floor: dict | None) -> dict | None:
+    """``--control``: the second network's rows on the same images and masks and the paired gap, or None."""
+    if not args.control:
+        return None
+    from dataclasses import asdict
+
+    from kdinpaint.compare import paired_gap, paired_to_markdown, paired_verdict
+    from kdinpaint.inference import Inpainter, evaluate_model
+
+    other = Inpainter.from_checkpoint(args.control, device=args.device, batch_size=args.batch_size)
+    label = f"{other.name} ({Path(args.control).name})" if other.name == name else other.name
+    c_rows, c_summary = evaluate_model(other, images, masks, convention=args.compat, names=names)
+    gap = paired_gap(rows, c_rows)
+    summaries = {name: summary, label: c_summary}
+    if floor is not None and "biharmonic" in floor.get("methods", {}):
+        summaries["biharmonic"] = floor["methods"]["biharmonic"]
+    return {"name": label, "buckets": c_summary["buckets"], "gap": gap, "verdict": paired_verdict(gap, name, label),
+            "rows": [asdict(r) for r in c_rows], "table": paired_to_markdown(gap, summaries, name, label)}
 
 
 # ---- kdinpaint inpaint --------------------------------------------------------------------------

@@ -244,3 +244,23 @@ def test_peak_bytes_and_the_linear_fit():
     assert fit.intercept == pytest.approx(100) and fit.slope == pytest.approx(3)
     assert fit.bytes(100) == int(1.25 * (100 + 300 + 50))
     assert fit.max_pixels(int(1.25 * (100 + 300 + 50))) in (99, 100)
+
+
+def test_evaluate_against_a_control_gives_the_paired_gap(capsys, tmp_path, tiny_checkpoint):
+    """--control: a second network on the same images and masks; the JSON's gap is the mean of the per-image
+    differences of the two networks' rows, with numpy's standard error."""
+    torch.manual_seed(1)  # another network of the same adapter
+    adapter = kdinpaint.get_adapter("tiny-unet")
+    kd = kdinpaint.attach(adapter.student(width=4), adapter.teacher(width=4), adapter.spec)
+    other = tmp_path / "control.safetensors"
+    kdinpaint.save_exported(kd.export(), other, adapter="tiny-unet", builder_kwargs={"width": 4})
+    kd.detach()
+    code, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--control", other, "--count", 4,
+                         "--size", 32, "--json", tmp_path / "c.json", "--no-progress")
+    assert code == 0, err
+    report = json.loads((tmp_path / "c.json").read_text())
+    d = np.array([a["psnr"] - b["psnr"] for a, b in zip(report["rows"], report["control"]["rows"])])
+    gap = report["control"]["gap"]["all"]["psnr"]
+    assert gap["gap"] == pytest.approx(d.mean()) and gap["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(4))
+    assert "Did distillation help?" in out and report["control"]["verdict"] in out
+    assert "control.safetensors" in report["control"]["name"]  # the same adapter: told apart by file name

@@ -22,7 +22,7 @@ The decoder attention refines the holes only (``PixelAttention(refine_holes=True
 ``d + M ⊙ g ⊙ (a - d)``, gate ``g`` starting at zero). With ``prefill=True`` (the demo recipe; not in the
 paper) the holes of the input start from :func:`kdinpaint.ops.fill.harmonic_fill` instead of zeros, the stem also
 sees how far the plain harmonic (membrane) fill lies from it (the guide: where the smooth and the slope-continuing
-interpolants disagree), and the output is a correction of that fill. Both are explained in the README's Decisions.
+interpolants disagree), and the output is a correction of that fill. Both are explained in recipes/decisions.md.
 
 The auxiliary network (teacher) is the same backbone, fed the ground truth with an empty mask; it gets no
 completion blocks or PGL (attach adds those to the student only) and never the prefill.
@@ -78,7 +78,7 @@ class ReferenceNet(nn.Module):
             ``tanh(atanh(fill) + head(...))``, with the head's last convolution starting at zero (a fresh
             network returns the fill). The stem then takes 7 channels: the fill, the guide ``harmonic - fill``
             (the plain harmonic fill, no biharmonic steps, minus the fill) and the mask. Not in the paper: see
-            the README's Decisions.
+            recipes/decisions.md.
             ``True`` (or ``"pyramid"``) starts from the coarse-to-fine fill; ``"biharmonic"`` from the exact
             biharmonic interpolant, :func:`kdinpaint.baselines.biharmonic` (scikit-image, on the CPU; the
             weight-free floor itself, so a fresh network scores exactly the floor; cheaper than 200 steps of the
@@ -87,7 +87,7 @@ class ReferenceNet(nn.Module):
             ``atanh(fill) + r ⊙ head(...)`` with ``r = 1/R, 2/R, ..., 1`` at chessboard distance ``1, 2, ..., R``
             from the nearest known pixel (0 on known pixels); 0 applies the head everywhere. The fill meets
             the known pixels continuously; a correction that does not vanish there leaves a seam at the
-            hole's border (README, Decisions).
+            hole's border (recipes/decisions.md).
         prefill_iterations: Jacobi sweeps per pyramid level of the fill (and of the guide's harmonic fill).
         prefill_biharmonic: conjugate-gradient steps refining the pyramid fill towards the biharmonic interpolant.
 
@@ -132,7 +132,7 @@ class ReferenceNet(nn.Module):
             nn.init.zeros_(self.head[1].weight)
             nn.init.zeros_(self.head[1].bias)
         dec = [enc[2], enc[1], enc[0]]  # att3, att2, att1
-        # attention refines the holes through a zero-initialised gate (README, Decisions)
+        # attention refines the holes through a zero-initialised gate (recipes/decisions.md)
         make_att = (lambda c: PixelAttention(c, refine_holes=True)) if attention else (lambda c: nn.Identity())
         self.att3, self.att2, self.att1 = (make_att(c) for c in dec)
         self.compensate = compensate

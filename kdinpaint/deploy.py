@@ -94,11 +94,54 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Non
 
 
 def load_program(path: str | Path) -> nn.Module:
-    """The callable ``(image, mask) -> prediction`` of a ``.pt2`` file written by :func:`save_program`."""
+    """The callable ``(image, mask) -> prediction`` of a ``.pt2`` file written by :func:`save_program`.
+
+    A ``.pt2`` is a program: load it from trusted sources only. What torch would unpickle with code is refused
+    first (:func:`check_program_archive`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported program {str(path)!r} does not exist")
+    check_program_archive(path)
     return torch.export.load(str(path)).module()
+
+
+def check_program_archive(path: str | Path) -> None:
+    """Refuse a ``.pt2`` archive from which ``torch.export.load`` would unpickle objects that can run code: weights
+    or constants marked ``use_pickle``, custom or opaque objects, and pickled files (sample inputs, legacy constants)
+    that do not load with ``weights_only=True`` (torch retries those with ``weights_only=False``). Files written by
+    :func:`save_program` hold none of these. A ``ValueError`` names the entry."""
+    import io
+    import json
+    import zipfile
+
+    def refuse(entry: str, why: str) -> None:
+        raise ValueError(
+            f"{str(path)!r} is refused: its entry {entry!r} {why}, which torch.export.load would unpickle with code "
+            "(a crafted file could run it); kdinpaint export never writes such entries: export the model again"
+        )
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{str(path)!r} is not a .pt2 archive (not a zip file); write it with kdinpaint export") from None
+    with archive:
+        for name in archive.namelist():
+            inner = name.split("/", 1)[1] if "/" in name else name  # below the archive's root folder
+            if inner.startswith("data/constants/") and inner[len("data/constants/"):].startswith(("custom_obj_", "opaque_obj_")):
+                refuse(name, "is a custom object")
+            elif inner.endswith(("_weights_config.json", "_constants_config.json")):
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    refuse(name, "is not a readable payload configuration")
+                pickled = [k for k, v in config.items() if isinstance(v, dict) and v.get("use_pickle")]
+                if pickled:
+                    refuse(name, f"marks {pickled[:3]} as pickled")
+            elif inner.endswith(".pt"):  # sample inputs, legacy constants: torch.save pickles
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:  # noqa: BLE001 - anything weights_only refuses is refused here
+                    refuse(name, "is a pickle that does not load as tensors only")
 
 
 def export_onnx(model: CompletedModel, path: str | Path, height: int, width: int, stride: int, *, batch: int = 1,

@@ -6,26 +6,36 @@ interpolation (zero outside the image).
 
 This equals ``torchvision.ops.deform_conv2d(x, offset, ones(C, 1, K, K), padding=K // 2, mask=kernel)``
 (a depthwise deformable convolution with all-one weights whose modulation mask is the kernel), which is
-the test oracle. Here all ``K*K`` taps are sampled in one batched ``grid_sample`` call and reduced with one
-multiply-sum, which is several times faster than the oracle (``python recipes/bench_ops.py`` prints the ratio).
+the test oracle.
 
-Second derivatives (Reverse-HG differentiates through the theta gradient) are the expensive part of
-``grid_sample``: its double backward is a slow composite. The backward pass therefore has two forms: the
-ordinary one calls ``grid_sample``'s own backward kernel, and when a graph of the gradient is being built
-(``create_graph=True``) it differentiates an equivalent formulation that reads the four bilinear corners
-with ``gather`` (whose derivatives are ``scatter_add`` and ``gather`` again), about 3x cheaper to
-differentiate twice on CPU.
+How it is computed: a sparse matrix. Every output pixel reads ``4 K*K`` input pixels (the bilinear corners of
+its taps) with weights ``V_{j,k} × (bilinear weight)``, the same for all channels, so ``y = S(V, Delta) x``
+with ``S`` a ``(B·H·W) × (B·H·W)`` matrix of ``4 K*K`` entries per row. With the channels last, applying ``S``
+is an embedding bag (``embedding_bag`` with per-sample weights: one weighted sum of ``4 K*K`` rows of ``C``
+floats per pixel), which runs near the memory's speed; no ``(B, C, K*K, H, W)`` tensor of samples exists.
+The weights and corner indices come from ``V`` and ``Delta`` by elementwise operations (autograd
+differentiates those). The backward pass needs two more products with the same pattern: ``S^T g`` (an
+embedding bag over the transposed pattern, built once per call by a sort) and ``<g_j, x_i>`` at every entry
+(a sampled matrix product). The three products are each other's derivatives, so the
+gradient is built from them again when Algorithm 1's Reverse-HG differentiates it (``create_graph=True``):
+second derivatives at the cost of first ones. ``python recipes/bench_ops.py adaptive_conv`` times it against
+``nn.Conv2d`` of the same channels and kernel and against ``deform_conv2d``.
+
+Out-of-image corners (zero padding) and non-finite positions read a zero row appended to the input, with
+their weights: the output is unchanged (zero), a non-finite weight makes its pixel non-finite (a diverged
+training shows in the loss), and no gradient reaches a real pixel from it.
 
 At exactly integer sampling positions (zero or integer offsets: every fresh completion block) bilinear
 interpolation has a kink, and the offset gradient is the one-sided derivative towards the next pixel, as
-``deform_conv2d`` takes it (``floor`` of the position picks the cell). ``grid_sample`` finds the cell from
-normalised coordinates; normalised by the image size, an integer position came back from them on either side
-of the integer by round-off, so the side varied from pixel to pixel. Normalised by a power of two instead
-(the input zero-padded on the right and bottom up to one), integer positions are represented and recovered
-exactly, whatever order grid_sample's arithmetic takes.
+``deform_conv2d`` takes it (``floor`` of the position picks the cell).
+
+Traced (``torch.compile``, ``torch.export``, ONNX) the forward is ``grid_sample`` over all taps instead, a
+graph every runtime has (normalised by power-of-two sides so that integer positions are exact).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,149 +63,215 @@ def check_adaptive_conv_args(x: torch.Tensor, kernel: torch.Tensor, offset: torc
     return K
 
 
+# ---- the sampling pattern and its three products ----------------------------------------------------
+_PAD = 2  # zero rows and columns around the input's table: top / left 2, bottom / right 2
+
+
+class _Pattern:
+    """Which input pixels every output pixel reads. The input is a table of rows in ``(b, y, x)`` order over a
+    zero border of :data:`_PAD` pixels on every side (``(B, H + 4, W + 4)`` rows; positions beyond the border
+    are clamped into it); ``first`` ``(M, T)`` is the row of each tap's top-left bilinear corner for the
+    ``M = B·H·W`` output pixels, and the other three corners are that row plus ``corner_shifts``. ``index``
+    ``(M·T·4,)``: all entries, ``(tap, corner)`` within each output row. The transposed pattern (taps grouped
+    by the row of their top-left corner) is built on first use, by sorting ``M·T`` keys."""
+
+    def __init__(self, first: torch.Tensor, shape: tuple[int, int, int]):
+        B, H, W = shape
+        self.shape, self.first = shape, first
+        self.rows, self.taps = first.shape
+        self.width = W + 2 * _PAD
+        self.table_rows = B * (H + 2 * _PAD) * self.width
+        self.corner_shifts = (0, 1, self.width, self.width + 1)
+        shifts = torch.tensor(self.corner_shifts, device=first.device, dtype=first.dtype)
+        self.index = (first.unsqueeze(-1) + shifts).reshape(-1)  # (M·T·4,)
+        self.per_row = 4 * self.taps
+        self.offsets = torch.arange(0, self.rows * self.per_row, self.per_row, device=first.device, dtype=first.dtype)
+        self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def crow(self) -> torch.Tensor:
+        """The row starts of the pattern as a CSR matrix (``offsets`` and the total)."""
+        return torch.cat([self.offsets, self.offsets.new_tensor([self.index.numel()])])
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(order, source, offsets)``: the ``M·T`` taps sorted by the row of their top-left corner, the output
+        row of each, and where each table row's taps start (one bag per table row, most of them empty)."""
+        if self._transposed is None:
+            keys = self.first.reshape(-1)
+            order = torch.argsort(keys, stable=True)
+            counts = torch.bincount(keys, minlength=self.table_rows)
+            source = torch.div(order, self.taps, rounding_mode="floor").to(keys.dtype)
+            self._transposed = (order, source, (torch.cumsum(counts, 0) - counts).to(keys.dtype))
+        return self._transposed
+
+
+def _table(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B·(H + 4)·(W + 4), C)``: the pixels as rows, channels last, in a zero border."""
+    B, C, H, W = x.shape
+    table = x.new_zeros(B, H + 2 * _PAD, W + 2 * _PAD, C)
+    table[:, _PAD : _PAD + H, _PAD : _PAD + W] = _channels_last(x)
+    return table.view(-1, C)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> a contiguous ``(B, H, W, C)`` (torch's channels-last conversion: its fast kernel)."""
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _pixel_rows(g: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> a contiguous ``(B·H·W, C)``."""
+    return _channels_last(g).reshape(-1, g.shape[1])
+
+
+def _image(rows: torch.Tensor, shape: tuple[int, int, int], border: int = 0) -> torch.Tensor:
+    """``rows`` ``(B·(H + 2 border)·(W + 2 border), C)`` without the border, as a contiguous ``(B, C, H, W)``."""
+    B, H, W = shape
+    C = rows.shape[1]
+    rows = rows.view(B, H + 2 * border, W + 2 * border, C)[:, border : border + H, border : border + W]
+    if B == 1:  # a plain 2-D transpose takes torch's blocked copy, about twice as fast on the CPU
+        return rows[0].reshape(H * W, C).t().contiguous().view(1, C, H, W)
+    return rows.reshape(B, H * W, C).transpose(1, 2).contiguous().view(B, C, H, W)
+
+
+def _apply(p: _Pattern, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y = S x``: ``y_j = sum_e w_{j,e} x[index_{j,e}]``, ``(B, C, H, W)``."""
+    out = torch.ops.aten._embedding_bag_forward_only(_table(x), p.index, p.offsets, False, 0, False, w.reshape(-1))[0]
+    return _image(out, p.shape)
+
+
+def _apply_t(p: _Pattern, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``S^T g``: every pixel gets the weighted sum of the output rows that read it, ``(B, C, H, W)``; one
+    embedding bag per corner over the transposed taps, shifted into place."""
+    order, source, offsets = p.transposed()
+    rows = _pixel_rows(g)
+    w = torch.index_select(w.reshape(p.rows * p.taps, 4), 0, order).t().contiguous()  # (4, M·T), transposed order
+    out = rows.new_zeros(p.table_rows + p.corner_shifts[-1], rows.shape[1])
+    for corner, shift in enumerate(p.corner_shifts):
+        part = torch.ops.aten._embedding_bag_forward_only(rows, source, offsets, False, 0, False, w[corner])[0]
+        out[shift : shift + p.table_rows] += part
+    return _image(out[: p.table_rows], p.shape, _PAD)
+
+
+def _dot(p: _Pattern, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``d_{j,e} = <g_j, x[index_{j,e}]>`` over the channels, ``(B·H·W, 4 T)``: the product ``g x^T`` sampled at
+    the pattern's entries (``sampled_addmm`` of a CSR matrix; 2-7x faster than embedding bag's per-sample
+    weight gradient, one dot per entry)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        pattern = torch.sparse_csr_tensor(p.crow, p.index, g.new_zeros(p.index.numel()), size=(p.rows, p.table_rows),
+                                          check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, _pixel_rows(g), _table(x).t(), beta=0.0).values().view(p.rows, p.per_row)
+
+
+class _Apply(torch.autograd.Function):
+    """``y = S(w) x``; ``dw = dot(g, x)``, ``dx = S(w)^T g``."""
+
+    @staticmethod
+    def forward(ctx, p: _Pattern, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.p = p
+        ctx.save_for_backward(w, x)
+        return _apply(p, w, x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        w, x = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return None, _Dot.apply(ctx.p, g, x) if need[1] else None, _ApplyT.apply(ctx.p, w, g) if need[2] else None
+
+
+class _ApplyT(torch.autograd.Function):
+    """``z = S(w)^T g``; ``dw = dot(g, dz)``, ``dg = S(w) dz``."""
+
+    @staticmethod
+    def forward(ctx, p: _Pattern, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.p = p
+        ctx.save_for_backward(w, g)
+        return _apply_t(p, w, g)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor):  # type: ignore[override]
+        w, g = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return None, _Dot.apply(ctx.p, g, dz) if need[1] else None, _Apply.apply(ctx.p, w, dz) if need[2] else None
+
+
+class _Dot(torch.autograd.Function):
+    """``d = dot(g, x)``; ``dg = S(dd) x``, ``dx = S(dd)^T g``."""
+
+    @staticmethod
+    def forward(ctx, p: _Pattern, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.p = p
+        ctx.save_for_backward(g, x)
+        return _dot(p, g, x)
+
+    @staticmethod
+    def backward(ctx, dd: torch.Tensor):  # type: ignore[override]
+        g, x = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return None, _Apply.apply(ctx.p, dd, x) if need[1] else None, _ApplyT.apply(ctx.p, dd, g) if need[2] else None
+
+
+def _taps(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling positions without offsets, ``(H, 1, K*K)`` rows and ``(1, W, K*K)`` columns, taps row-major."""
+    r = K // 2
+    taps = torch.arange(-r, r + 1, device=device, dtype=dtype)
+    ky, kx = taps.repeat_interleave(K), taps.repeat(K)  # (K*K,) row-major, as deform_conv2d
+    ys = torch.arange(H, device=device, dtype=dtype).view(H, 1, 1) + ky
+    xs = torch.arange(W, device=device, dtype=dtype).view(1, W, 1) + kx
+    return ys, xs
+
+
+def _pattern(kernel: torch.Tensor, offset: torch.Tensor, K: int) -> tuple[_Pattern, torch.Tensor]:
+    """The pattern of Eq. (6) and its weights ``(B·H·W, 4 K*K)`` (entries ``(tap, corner)``), differentiable in
+    ``kernel`` and ``offset``."""
+    B, T, H, W = kernel.shape
+    ys, xs = _taps(K, H, W, kernel.device, kernel.dtype)
+    off = offset.view(B, T, 2, H, W).permute(0, 3, 4, 1, 2).contiguous()  # (B, H, W, T, 2): pixels, then taps
+    py = ys + off[..., 0]  # (B, H, W, T)
+    px = xs + off[..., 1]
+    with torch.no_grad():
+        y0, x0 = torch.floor(py), torch.floor(px)
+        # clamped into the zero border (both corners of a far position land in it); NaN reads the border too
+        yi = torch.nan_to_num(y0, nan=-_PAD).clamp_(-_PAD, H).to(torch.int32)
+        xi = torch.nan_to_num(x0, nan=-_PAD).clamp_(-_PAD, W).to(torch.int32)
+        width = W + 2 * _PAD
+        base = (torch.arange(B, device=kernel.device, dtype=torch.int32) * ((H + 2 * _PAD) * width)).view(B, 1, 1, 1)
+        first = (base + (yi + _PAD) * width + (xi + _PAD)).view(B * H * W, T)
+    fy, fx = py - y0, px - x0
+    v = kernel.permute(0, 2, 3, 1).contiguous()  # (B, H, W, T)
+    a, b = (1 - fy) * v, fy * v
+    weights = torch.stack((a * (1 - fx), a * fx, b * (1 - fx), b * fx), -1)  # (B, H, W, T, 4)
+    return _Pattern(first, (B, H, W)), weights.reshape(B * H * W, 4 * T)
+
+
+# ---- the traced form --------------------------------------------------------------------------------
 def _power_of_two(n: int) -> int:
     """The smallest power of two >= ``n``: the size grid_sample's coordinates are normalised by."""
     return 1 << (n - 1).bit_length()
 
 
-def _cache_key(*key: object) -> tuple | None:
-    """The cache key of a constant tensor, ``None`` while traced (torch.compile, torch.export: the tensor would be
-    a fake one). Tensors made under ``inference_mode`` cannot enter an autograd-tracked computation later
-    (training after an evaluation, an export), so they are cached apart."""
-    from torch._guards import detect_fake_mode
-
-    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
-        return None
-    return (*key, torch.is_inference_mode_enabled())
-
-
-def _base_grid(K: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sampling positions without offsets, in grid_sample's normalised (x, y) units of a
-    ``(_power_of_two(H), _power_of_two(W))`` input: ``(K*K, H, W, 2)``."""
-    key = _cache_key(K, H, W, device, dtype)
-    grid = _TAP_CACHE.get(key) if key is not None else None
-    if grid is None:
-        r = K // 2
-        dy, dx = torch.meshgrid(
-            torch.arange(-r, r + 1, device=device, dtype=dtype),
-            torch.arange(-r, r + 1, device=device, dtype=dtype),
-            indexing="ij",
-        )  # taps row-major, as deform_conv2d
-        ys = torch.arange(H, device=device, dtype=dtype)
-        xs = torch.arange(W, device=device, dtype=dtype)
-        py = ys.view(1, H, 1) + dy.reshape(-1, 1, 1)  # (K*K, H, 1)
-        px = xs.view(1, 1, W) + dx.reshape(-1, 1, 1)  # (K*K, 1, W)
-        # align_corners=False: pixel i sits at normalised (2 i + 1) / size - 1, exact for a power-of-two size
-        gx = ((2 * px + 1) / _power_of_two(W) - 1).expand(-1, H, W)
-        gy = ((2 * py + 1) / _power_of_two(H) - 1).expand(-1, H, W)
-        grid = torch.stack((gx, gy), dim=-1)
-        if key is not None:
-            if len(_TAP_CACHE) > 64:
-                _TAP_CACHE.clear()
-            _TAP_CACHE[key] = grid
-    return grid
-
-
-def _pixel_scale(H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Pixels -> grid_sample's normalised units of the padded input, ``(2 / W', 2 / H')`` in (x, y) order
-    (``W' = _power_of_two(W)``); cached like the base grid."""
-    key = _cache_key("scale", H, W, device, dtype)
-    scale = _TAP_CACHE.get(key) if key is not None else None
-    if scale is None:
-        scale = torch.tensor([2.0 / _power_of_two(W), 2.0 / _power_of_two(H)], device=device, dtype=dtype)
-        if key is not None:
-            if len(_TAP_CACHE) > 64:
-                _TAP_CACHE.clear()
-            _TAP_CACHE[key] = scale
-    return scale
-
-
-def _grid(K: int, offset: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """Sampling positions with offsets, ``(B, K*K*H, W, 2)`` in grid_sample's normalised (x, y) units."""
-    B, _, H, W = shape
-    T = K * K
-    base = _base_grid(K, H, W, offset.device, dtype)  # (T, H, W, 2)
-    off = offset.view(B, T, 2, H, W).to(dtype)
-    # pixel offsets -> normalised units; grid_sample wants (x, y), the offsets are (dy, dx)
-    scale = _pixel_scale(H, W, offset.device, dtype)
-    grid = base.unsqueeze(0) + off.flip(2).permute(0, 1, 3, 4, 2) * scale  # (B, T, H, W, 2)
-    return grid.reshape(B, T * H, W, 2)
-
-
-def _padded(x: torch.Tensor) -> torch.Tensor:
-    """``x`` zero-padded on the right and bottom to power-of-two sides (itself when they already are)."""
-    H, W = x.shape[-2:]
-    pad_h, pad_w = _power_of_two(H) - H, _power_of_two(W) - W
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-
-
-def _gather_form(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K: int) -> torch.Tensor:
-    """Eq. (6) with explicit bilinear corners: the same values as the grid_sample form, built from
-    ``gather``, products and sums only, so that autograd differentiates it twice cheaply."""
+def _grid_sample_form(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K: int) -> torch.Tensor:
+    """Eq. (6) by one ``grid_sample`` over all taps, for traced graphs. Normalised by a power of two (the input
+    zero-padded on the right and bottom up to one), integer positions are represented exactly."""
     B, C, H, W = x.shape
     T, r, dt = K * K, K // 2, x.dtype
     taps = torch.arange(-r, r + 1, device=x.device, dtype=dt)
-    ky, kx = taps.repeat_interleave(K).view(1, T, 1, 1), taps.repeat(K).view(1, T, 1, 1)  # row-major taps
+    ky, kx = taps.repeat_interleave(K).view(1, T, 1, 1), taps.repeat(K).view(1, T, 1, 1)
     off = offset.view(B, T, 2, H, W)
     py = torch.arange(H, device=x.device, dtype=dt).view(1, 1, H, 1) + ky + off[:, :, 0]  # (B, T, H, W)
     px = torch.arange(W, device=x.device, dtype=dt).view(1, 1, 1, W) + kx + off[:, :, 1]
-    y0, x0 = torch.floor(py.detach()), torch.floor(px.detach())
-    fy, fx = py - y0, px - x0
-    flat = x.reshape(B, C, H * W)
-    out = x.new_zeros(B, C, H, W)
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            yy, xx = y0 + dy, x0 + dx
-            inside = (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)  # zero padding; False at NaN
-            # a tap outside reads pixel 0 with weight 0; so does one at a NaN position, whose index would cast to
-            # int64's minimum (out of bounds): a diverged offset gives NaN gradients, as the kernel form, not a crash
-            index = torch.where(inside, yy * W + xx, torch.zeros_like(yy)).long().view(B, 1, T * H * W)
-            corner = torch.gather(flat, 2, index.expand(B, C, T * H * W)).view(B, C, T, H, W)
-            weight = torch.where(inside, wy * wx * kernel, torch.zeros_like(kernel))  # (B, T, H, W)
-            out = out + (corner * weight.unsqueeze(1)).sum(2)
-    return out
+    Hp, Wp = _power_of_two(H), _power_of_two(W)
+    # align_corners=False: pixel i sits at normalised (2 i + 1) / size - 1, exact for a power-of-two size
+    grid = torch.stack(((2 * px + 1) / Wp - 1, (2 * py + 1) / Hp - 1), -1).reshape(B, T * H, W, 2)
+    padded = F.pad(x, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else x
+    sampled = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (sampled.view(B, C, T, H, W) * kernel.unsqueeze(1)).sum(2)
 
 
-class _AdaptiveConv(torch.autograd.Function):
-    """grid_sample forward; backward by grid_sample's kernel, or twice-differentiable by the gather form."""
+def _tracing() -> bool:
+    from torch._guards import detect_fake_mode
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, K: int) -> torch.Tensor:  # type: ignore[override]
-        B, C, H, W = x.shape
-        grid = _grid(K, offset, x.shape, x.dtype)
-        sampled = F.grid_sample(_padded(x), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        ctx.save_for_backward(x, kernel, offset, grid, sampled)
-        ctx.K = K
-        return (sampled.view(B, C, K * K, H, W) * kernel.unsqueeze(1)).sum(2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, kernel, offset, grid, sampled = ctx.saved_tensors
-        K, need = ctx.K, ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: the gradient itself will be differentiated
-            with torch.enable_grad():
-                # aliases: partial derivatives only (kernel and offset are usually functions of x), still
-                # connected to the inputs' history for the second derivative
-                x, kernel, offset = (t.view_as(t) for t in (x, kernel, offset))
-                y = _gather_form(x, kernel, offset, K)
-            inputs = [t for t, n in zip((x, kernel, offset), need) if n]
-            grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True, allow_unused=True))
-            return (*(next(grads) if n else None for n in need), None)
-        B, C, H, W = x.shape
-        T = K * K
-        grad_kernel = (grad.unsqueeze(2) * sampled.view(B, C, T, H, W)).sum(1) if need[1] else None
-        grad_x = grad_offset = None
-        if need[0] or need[2]:
-            grad_sampled = (grad.unsqueeze(2) * kernel.unsqueeze(1)).view(B, C, T * H, W)
-            grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                grad_sampled, _padded(x), grid, 0, 0, False, [need[0], need[2]]
-            )  # bilinear, zeros padding, align_corners=False
-            if need[0] and grad_x.shape[-2:] != (H, W):
-                grad_x = grad_x[..., :H, :W]
-            if need[2]:
-                scale = _pixel_scale(H, W, x.device, x.dtype)
-                grad_offset = (grad_grid.view(B, T, H, W, 2) * scale).flip(-1).permute(0, 1, 4, 2, 3).reshape(B, 2 * T, H, W)
-        return grad_x if need[0] else None, grad_kernel, grad_offset, None
+    return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or detect_fake_mode() is not None)
 
 
 def adaptive_conv(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -209,7 +285,7 @@ def adaptive_conv(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor) -
 
     Returns:
         ``(B, C, H, W)``; stride 1, dilation 1, zero padding. Differentiable (twice) in all three inputs.
-        Under autocast it computes in float32 (as ``grid_sample`` does) and returns float32.
+        Under autocast it computes in float32 and returns float32.
         A non-finite offset or kernel weight (a diverged training) makes the pixels that use it non-finite, and their
         gradients, in both backward forms; it raises nothing, so that the loss shows it and the divergence
         guard (``train.guard``) skips the step.
@@ -219,4 +295,8 @@ def adaptive_conv(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor) -
         with torch.autocast(x.device.type, enabled=False):
             return adaptive_conv(x.float(), kernel.float(), offset.float())
     dtype = x.dtype
-    return _AdaptiveConv.apply(x, kernel.to(dtype), offset.to(dtype), K)
+    kernel, offset = kernel.to(dtype), offset.to(dtype)
+    if _tracing():
+        return _grid_sample_form(x, kernel, offset, K)
+    pattern, weights = _pattern(kernel, offset, K)
+    return _Apply.apply(pattern, weights, x)

@@ -342,19 +342,23 @@ def _optional(cls: type, name: str) -> bool:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``data`` with dotted ``section.key=value`` overrides applied (values parsed as YAML scalars)."""
+    """``data`` with dotted ``section.key=value`` overrides applied (values parsed as YAML scalars). A key whose
+    value is a mapping (``model.kwargs``, ``losses.objective_kwargs``) takes deeper paths:
+    ``model.kwargs.prefill=true`` sets one entry and keeps the others."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
+        if not sep or len(parts) < 2 or not all(parts):
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
-        section, name = parts
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ValueError(f"override {item!r}: {section!r} is not a section")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                what = "a section" if depth == 0 else "a mapping"
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])!r} is not {what}")
         try:
-            data[section][name] = yaml.safe_load(raw)
+            node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             where = f" ({e.problem})" if getattr(e, "problem", None) else ""
             raise ValueError(
@@ -364,17 +368,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key twice (plain YAML keeps the last one silently: a
+    repeated ``optim:`` section would reset the first one's keys to their defaults)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (``yaml.safe_load``), apply overrides, validate."""
+    """Read a YAML recipe (safe loading; a key given twice is refused), apply overrides, validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {str(path)!r} is a YAML {type(data).__name__}, not a mapping of sections "
+                             "(model:, data:, train: ...); see recipes/demo.yaml")
     try:
         return recipe_from_dict(apply_overrides(data, list(overrides)))
     except (TypeError, ValueError) as e:

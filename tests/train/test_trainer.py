@@ -152,3 +152,23 @@ def test_control_twin_trains_beside_the_student_without_changing_it(tmp_path):
 def test_control_without_distillation_is_refused(tmp_path):
     proc = _train(tmp_path / "run", "train.steps=2", "train.control=true", "losses.lambda_d=0", check=False)
     assert proc.returncode == 1 and "nothing to compare" in proc.stderr and "losses.lambda_d is 0" in proc.stderr
+
+
+def test_overrides_reach_into_mappings_and_duplicate_keys_are_refused(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["model.kwargs.prefill=true", "losses.objective_kwargs.a.b=2"])
+    assert recipe.model.kwargs == {"width": 8, "prefill": True, "prefill_ramp": 8}  # the other entries stay
+    assert recipe.losses.objective_kwargs == {"a": {"b": 2}}
+    with pytest.raises(ValueError, match="'train.steps' is not a mapping"):
+        load_recipe(None, ["train.steps.x=3"])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim: {lr: 0.1}\ntrain: {steps: 3}\noptim: {batch_size: 2}\n")
+    with pytest.raises(ValueError, match=r"the key 'optim' appears twice \(lines 1 and 3\)"):
+        load_recipe(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ValueError, match=r"the key 'lr' appears twice \(lines 2 and 3\)"):
+        load_recipe(inner)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- optim\n- train\n")
+    with pytest.raises(ValueError, match="is a YAML list, not a mapping of sections"):
+        load_recipe(listed, ["train.steps=3"])

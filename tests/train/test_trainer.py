@@ -158,7 +158,7 @@ def test_overrides_reach_into_mappings_and_duplicate_keys_are_refused(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["model.kwargs.prefill=true", "model.kwargs.extra.depth=2"])
     assert recipe.model.kwargs == {"width": 8, "prefill": True, "prefill_ramp": 8, "extra": {"depth": 2}}  # the rest stays
     with pytest.raises(ValueError, match="'train.steps' is not a mapping"):
-        load_recipe(None, ["train.steps.x=3"])
+        load_recipe(ROOT / "recipes" / "demo.yaml", ["train.steps.x=3"])
     twice = tmp_path / "twice.yaml"
     twice.write_text("optim: {lr: 0.1}\ntrain: {steps: 3}\noptim: {batch_size: 2}\n")
     with pytest.raises(ValueError, match=r"the key 'optim' appears twice \(lines 1 and 3\)"):

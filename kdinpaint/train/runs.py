@@ -38,7 +38,7 @@ from kdinpaint.train.recipe import Recipe
 from kdinpaint.weights import load_weights
 
 __all__ = [
-    "RESUME_MAY_CHANGE", "TRAINER_STATE", "checkpoints_in", "load_trainer_state", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
+    "RESUME_MAY_CHANGE", "TRAINER_STATE", "RunLock", "checkpoints_in", "load_trainer_state", "restart_metrics", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
     "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
     "cpu_threads", "tensorboard_installed",
 ]
@@ -185,6 +185,7 @@ def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_chang
     run = Path(run)
     done = checkpoints_in(run)
     if not done:
+        _check_finished_folder(run, recipe)
         return []
     if not recipe.checkpoint.resume:
         raise ValueError(
@@ -212,6 +213,85 @@ def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_chang
             "would mix two runs; use another checkpoint.dir, or pass --resume-changed to resume with the new values"
         )
     return changed
+
+
+def _check_finished_folder(run: Path, recipe: Recipe) -> None:
+    """A folder without checkpoints but with a run's outputs (a finished run, or one stopped before its first
+    checkpoint) is refused when its ``recipe.yaml`` differs from ``recipe`` outside :data:`RESUME_MAY_CHANGE`: the
+    new run would reuse its ``teacher.safetensors`` and append to its ``metrics.jsonl`` while ``recipe.yaml`` named
+    the new settings."""
+    saved = run / "recipe.yaml"
+    outputs = [n for n in ("teacher.safetensors", "metrics.jsonl", "student.safetensors") if (run / n).exists()]
+    if not saved.is_file() or not outputs:
+        return
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        old = {}
+    before, now = _flat(old) if isinstance(old, dict) else {}, _flat(recipe.to_dict())
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k, "<absent>") != now.get(k, "<absent>") and not _may_change(k)]
+    if changed:
+        raise ValueError(
+            f"run folder {str(run)!r} holds the outputs ({', '.join(outputs)}) of a run with another recipe "
+            f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ): a new run there would reuse its "
+            "teacher and mix both runs' metrics; use another checkpoint.dir or delete the folder"
+        )
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``run/.lock``, ``fcntl.flock``) for the life of a run: a second run on the
+    same folder is refused at once instead of colliding with the first's checkpoints. The operating system
+    releases it when the process ends, however it ends."""
+
+    def __init__(self, run: str | os.PathLike[str]):
+        self.path = Path(run) / ".lock"
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(
+                f"run folder {str(self.path.parent)!r} is in use by {holder}: two runs in one folder would mix their "
+                "checkpoints; wait for it to end, or use another checkpoint.dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def restart_metrics(path: str | os.PathLike[str], step: int, checkpoint: str) -> None:
+    """On resume from ``checkpoint`` at ``step``: drop the records of ``metrics.jsonl`` after ``step`` (the killed run
+    logged them; the resumed one logs them again) and mark the resume with ``{"step", "resumed_from"}``."""
+    path = Path(path)
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut short by the kill
+    kept.append(json.dumps({"step": step, "resumed_from": checkpoint}))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    os.replace(tmp, path)
 
 
 def check_teacher_weights(path: str | os.PathLike[str], teacher: nn.Module, adapter: str) -> None:

@@ -65,8 +65,8 @@ from kdinpaint.train.recipe import Recipe, load_recipe
 from kdinpaint.train.report import write_divergence_report, write_evaluation_report
 from kdinpaint.train.runs import (
     MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
-    checkpoints_in, cpu_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs, save_checkpoint,
-    tensorboard_installed,
+    RunLock, checkpoints_in, cpu_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs,
+    restart_metrics, save_checkpoint, tensorboard_installed,
 )
 
 __all__ = ["Trainer", "Callback", "main", "DIVERGED_EXIT"]
@@ -161,6 +161,15 @@ class Trainer:
             kwargs_handlers=process_group_kwargs(recipe.train.process_group_timeout),
         )
         set_seed(recipe.train.seed)
+        lock = RunLock(run).acquire() if accelerator.is_main_process else None  # one run per folder
+        try:
+            self._fit(accelerator, log_with)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, accelerator: Accelerator, log_with: str | None) -> None:
+        recipe, run = self.recipe, self.run
         if accelerator.is_main_process:
             (run / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -186,6 +195,11 @@ class Trainer:
             teacher_path = Path(recipe.teacher.weights)
         if spec.uses_teacher and teacher_path.is_file():  # refused before it is copied or trained with
             check_teacher_weights(teacher_path, teacher, parts[0].name)
+        if spec.uses_teacher and not teacher_path.is_file() and recipe.teacher.steps == 0:
+            raise ValueError(
+                f"{recipe.model.adapter} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
+                "the student would learn from a network of random weights; set teacher.steps > 0 or teacher.weights=PATH"
+            )
         self._callback("on_train_start")
         if self.stage in ("all", "teacher") and spec.uses_teacher and not teacher_path.is_file():
             stream = kdata.TrainingStream(images, train_masks, recipe.teacher.steps * recipe.optim.batch_size * world,
@@ -349,6 +363,8 @@ class Trainer:
             load_trainer_state(done[-1], states)  # refuses a checkpoint whose states are pickles, before loading
             accelerator.load_state(str(done[-1]))
             start = self.start_step = int(done[-1].name.split("_")[1])
+            if accelerator.is_main_process:
+                restart_metrics(run / "metrics.jsonl", start, f"checkpoints/{done[-1].name}")
             accelerator.print(f"resumed from {done[-1]} (step {start})")
         total = recipe.train.steps // recipe.meta.steps  # each loader batch is one Algorithm-1 block of meta.steps theta steps
         for a in arms:

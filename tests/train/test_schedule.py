@@ -100,9 +100,14 @@ def test_a_resumed_run_continues_the_schedule(tmp_path):
     assert killed.returncode == 3, killed.stderr[-3000:]
     resumed = train(tmp_path / "resumed")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    marks = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "resumed_from": "checkpoints/step_0000004"} in marks
 
-    def lrs(run):  # the last record of each step (the resumed run logs step 6 twice)
-        return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    def lrs(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in records if "lr" in r]
+        assert len(steps) == len(set(steps))  # the killed run's records after its checkpoint were dropped on resume
+        return {r["step"]: r["lr"] for r in records if "lr" in r}
 
     expected = {s: round(2e-3 * closed_form(s - 2, "cosine", 3, 8, 0.05), 6) for s in (2, 4, 6, 8)}
     assert lrs(tmp_path / "whole") == pytest.approx(expected) and lrs(tmp_path / "resumed") == lrs(tmp_path / "whole")

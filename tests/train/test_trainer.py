@@ -171,3 +171,23 @@ def test_overrides_reach_into_mappings_and_duplicate_keys_are_refused(tmp_path):
     listed.write_text("- optim\n- train\n")
     with pytest.raises(ValueError, match="is a YAML list, not a mapping of sections"):
         load_recipe(listed, ["train.steps=3"])
+
+
+def test_one_run_per_folder_and_no_mixing_with_a_finished_run_of_another_recipe(tmp_path):
+    from kdinpaint.train.runs import RunLock
+
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()  # as a running training holds it
+    try:
+        proc = _train(run, "train.steps=2", check=False)
+        assert proc.returncode == 1 and "is in use by process" in proc.stderr
+    finally:
+        lock.release()
+    _train(run, "train.steps=2", "checkpoint.every=0")  # finished, no checkpoint kept
+    proc = _train(run, "train.steps=2", "checkpoint.every=0", "teacher.lr=0.01", check=False)
+    assert proc.returncode == 1 and "holds the outputs" in proc.stderr and "teacher.lr" in proc.stderr
+
+
+def test_a_random_teacher_is_refused(tmp_path):
+    proc = _train(tmp_path / "run", "train.steps=2", "teacher.steps=0", check=False)
+    assert proc.returncode == 1 and "teacher.steps is 0 and there is no teacher.weights" in proc.stderr

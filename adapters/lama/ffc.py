@@ -263,9 +263,33 @@ _GENERATOR_KEYS = (
 )
 
 
+def _resolve(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Replace LaMa's OmegaConf references between conv kwargs (``ratio_gin: ${generator.init_conv_kwargs.ratio_gout}``)
+    by their values, as OmegaConf would, for a ``config.yaml`` read with plain YAML."""
+    for _ in range(8):  # chains are at most a few links long
+        changed = False
+        for section in cfg.values():
+            if not isinstance(section, dict):
+                continue
+            for key, value in section.items():
+                if isinstance(value, str) and value.startswith("${generator.") and value.endswith("}"):
+                    path = value[len("${generator.") : -1].split(".")
+                    target: Any = cfg
+                    for part in path:
+                        if not isinstance(target, dict) or part not in target:
+                            raise ValueError(f"cannot resolve {value} in the generator config")
+                        target = target[part]
+                    if not (isinstance(target, str) and target.startswith("${")):
+                        section[key], changed = target, True
+        if not changed:
+            break
+    return cfg
+
+
 def generator_config(config: str | Mapping[str, Any] = "big-lama", **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of :class:`FFCResNetGenerator` for a named config (:data:`CONFIGS`) or for the
-    ``generator:`` section of a LaMa ``config.yaml`` (a mapping; ``kind`` must be ``ffc_resnet``), with
+    """Keyword arguments of :class:`FFCResNetGenerator` for a named config (:data:`CONFIGS`) or for a LaMa
+    ``config.yaml`` read with plain YAML (the whole file or its ``generator:`` section; ``kind`` must be
+    ``ffc_resnet``; ``${generator...}`` references are resolved), with
     ``overrides`` on top (e.g. ``ngf=8, n_blocks=2`` for a tiny network; ``global_ratio=0.5`` sets the residual
     blocks' ``ratio_gin`` and ``ratio_gout``). Unknown or unsupported keys are refused by name."""
     if isinstance(config, str):
@@ -273,7 +297,9 @@ def generator_config(config: str | Mapping[str, Any] = "big-lama", **overrides: 
             raise ValueError(f"unknown LaMa config {config!r}; known: {sorted(CONFIGS)} (or pass its generator: mapping)")
         cfg = copy.deepcopy(CONFIGS[config])
     elif isinstance(config, Mapping):
-        cfg = copy.deepcopy(dict(config))
+        if isinstance(config.get("generator"), Mapping):  # a whole config.yaml
+            config = config["generator"]
+        cfg = _resolve(copy.deepcopy(dict(config)))
         kind = cfg.pop("kind", "ffc_resnet")
         if kind != "ffc_resnet":
             raise ValueError(f"only LaMa's ffc_resnet generator is implemented, the config's generator kind is {kind!r}")

@@ -76,6 +76,39 @@ def test_state_dict_keys_and_shapes_are_the_official_ones(config):
         assert generator_config(config) == FIXTURE["configs"][config]
 
 
+CONFIG_YAML = """
+generator:            # as in a LaMa run's config.yaml, the conv kwargs chained by OmegaConf references
+  kind: ffc_resnet
+  input_nc: 4
+  output_nc: 3
+  ngf: 64
+  n_downsampling: 3
+  n_blocks: 18
+  add_out_act: sigmoid
+  init_conv_kwargs: {ratio_gin: 0, ratio_gout: 0, enable_lfu: false}
+  downsample_conv_kwargs:
+    ratio_gin: ${generator.init_conv_kwargs.ratio_gout}
+    ratio_gout: ${generator.downsample_conv_kwargs.ratio_gin}
+    enable_lfu: false
+  resnet_conv_kwargs:
+    ratio_gin: 0.75
+    ratio_gout: ${generator.resnet_conv_kwargs.ratio_gin}
+    enable_lfu: false
+"""
+
+
+def test_config_yaml_of_a_lama_run():
+    import yaml
+
+    data = yaml.safe_load(CONFIG_YAML)
+    assert generator_config(data) == generator_config(data["generator"]) == FIXTURE["configs"]["big-lama"]
+    data["generator"]["n_blocks"] = 9
+    assert generator_config(data) == FIXTURE["configs"]["lama-fourier"]
+    data["generator"]["kind"] = "pix2pixhd_global"
+    with pytest.raises(ValueError, match="only LaMa's ffc_resnet generator"):
+        generator_config(data)
+
+
 @pytest.mark.parametrize("config, count", [("big-lama", 50_975_875), ("lama-fourier", 27_048_835)])
 def test_parameter_counts(config, count):
     """The LaMa paper's 51 M (Big LaMa) and 27 M (LaMa-Fourier); the same sums over the fixture's shapes."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from kdinpaint.weights import key_report, strip_wrapper_prefixes
@@ -239,9 +240,14 @@ def load_official(
     weights imply (:func:`infer_config`). With ``strict`` (the default) a checkpoint of another config (block
     count, width, global ratio, LFU) is refused with a ``ValueError`` naming the missing, unexpected and
     mis-shaped keys and the file's own config; without it the matching tensors are loaded and the rest logged.
-    Returns the model.
+    ``path`` may also be a LaMa model folder (``big-lama/``: ``config.yaml`` and ``models/best.ckpt``); its
+    ``config.yaml`` then gives the config unless ``model`` or ``config`` does. Returns the model.
     """
     path = Path(path)
+    if path.is_dir():
+        folder, path = path, path / "models" / "best.ckpt"
+        if model is None and config is None and (folder / "config.yaml").is_file():
+            config = yaml.safe_load((folder / "config.yaml").read_text())
     checkpoint = read_checkpoint(path, map_location)
     try:
         gen = generator_state_dict(checkpoint)

@@ -176,6 +176,16 @@ def test_checkpoint_of_another_config_is_refused_naming_keys(tmp_path, other, na
     assert isinstance(load_official(ckpt), LaMa)  # built with the file's own config, it loads
 
 
+def test_load_official_from_a_model_folder(tmp_path):
+    """big-lama/ as released: config.yaml beside models/best.ckpt; the config comes from the YAML."""
+    (tmp_path / "models").mkdir()
+    write_lightning(tmp_path / "models" / "best.ckpt", official_state())
+    (tmp_path / "config.yaml").write_text(CONFIG_YAML.replace("ngf: 64", "ngf: 8").replace("n_blocks: 18", "n_blocks: 2"))
+    model = load_official(tmp_path)
+    assert model.config == TINY
+    assert torch.equal(model.generator.model[1].ffc.convl2l.weight, official_state()["model.1.ffc.convl2l.weight"])
+
+
 def test_not_a_lama_checkpoint(tmp_path):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(1)}}, path)

@@ -186,6 +186,24 @@ def test_load_official_from_a_model_folder(tmp_path):
     assert torch.equal(model.generator.model[1].ffc.convl2l.weight, official_state()["model.1.ffc.convl2l.weight"])
 
 
+def test_other_layouts_of_the_same_weights(tmp_path):
+    """A bare generator state_dict, a safetensors file of LaMa.state_dict(), and a recipe's model.init route."""
+    from safetensors.torch import save_file
+
+    from kdinpaint.weights import load_weights
+
+    want = official_state()
+    torch.save(want, tmp_path / "generator.pth")
+    model = LaMa(TINY)
+    save_file({f"generator.{k}": v for k, v in want.items()}, str(tmp_path / "lama.safetensors"))
+    write_lightning(tmp_path / "plain.ckpt", want)  # tensors and plain values only: weights_only=True reads it
+    for name in ("generator.pth", "lama.safetensors", "plain.ckpt"):
+        loaded = load_official(tmp_path / name)
+        assert all(torch.equal(loaded.generator.state_dict()[k], v) for k, v in want.items()), name
+    load_weights(model, tmp_path / "plain.ckpt", "LaMa (model.init)", kdinpaint.get_adapter("lama").checkpoint_filter_fn)
+    assert torch.equal(model.generator.model[1].ffc.convl2l.weight, want["model.1.ffc.convl2l.weight"])
+
+
 def test_not_a_lama_checkpoint(tmp_path):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(1)}}, path)

@@ -296,6 +296,13 @@ class MetaLearner:
                 f"the theta optimiser holds {len(held)} meta-parameter(s); build it over "
                 "student.parameters() + kd.student_parameters() only (Psi is trained by MetaLearner)"
             )
+        theta_ids = {id(p) for group in theta_optimizer.param_groups for p in group["params"]}
+        missing = [p for p in kd.student_parameters() if p.requires_grad and id(p) not in theta_ids]
+        if missing:
+            raise ValueError(
+                f"the theta optimiser lacks {len(missing)} of kdinpaint's added parameter(s) (completion blocks, f_l, "
+                "PGL): they would never train; build it over student.parameters() + kd.student_parameters()"
+            )
         if inner_step not in INNER_STEPS:
             raise ValueError(f"inner_step {inner_step!r} is not one of {list(INNER_STEPS)}")
         adam = isinstance(_base_optimizer(theta_optimizer), (torch.optim.Adam, torch.optim.AdamW))

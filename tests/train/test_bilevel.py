@@ -291,3 +291,17 @@ def test_no_tensor_leak_over_200_iterations():
     assert counts[1] <= counts[0] + 5, counts
     assert not kd._session.student and not kd._session.teacher and kd._teacher_cache is None
     kd.detach()
+
+
+def test_a_theta_optimiser_without_the_added_parameters_is_refused():
+    from tiny import LEVELS, TinyUNet
+
+    import kdinpaint
+
+    torch.manual_seed(0)
+    student, teacher = TinyUNet(), TinyUNet()
+    kd = kdinpaint.attach(student, teacher, {"encoder_levels": LEVELS})
+    with pytest.raises(ValueError, match="lacks .* added parameter.*kd.student_parameters"):
+        MetaLearner(kd, torch.optim.Adam(student.parameters()), lambda out, t, m: (out - t).abs().mean())
+    MetaLearner(kd, torch.optim.Adam([*student.parameters(), *kd.student_parameters()]), lambda out, t, m: (out - t).abs().mean())
+    kd.detach()

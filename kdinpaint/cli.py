@@ -219,7 +219,7 @@ def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
     g.add_argument("--adapter", help="NAME[:VARIANT]: with --checkpoint, the adapter it must belong to; "
                                      "alone, that adapter with RANDOM weights (smoke tests only)")
     if baseline:
-        from kdinpaint.baselines import BASELINES
+        from kdinpaint.evaluation.baselines import BASELINES
 
         g.add_argument("--baseline", choices=sorted(BASELINES), help="a weight-free baseline (telea/ns need kdinpaint[cv])")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available of cuda, mps, cpu)")
@@ -248,7 +248,7 @@ def _inpainter(args: argparse.Namespace) -> Any:
 
 # ---- kdinpaint evaluate -------------------------------------------------------------------------
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    from kdinpaint.metrics import CONVENTIONS
+    from kdinpaint.evaluation.metrics import CONVENTIONS
 
     _model_arguments(p)
     p.add_argument("--images", help="a folder of images or a .flist/.txt file list (default: the bundled sample photos)")
@@ -259,8 +259,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-generator", choices=("freeform", "rect"), default=None,
                    help="generated masks instead (default freeform): mask i in Table 1 bucket i mod 4, seeded")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
-    p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.metrics)")
-    from kdinpaint.baselines import BASELINES
+    p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.evaluation.metrics)")
+    from kdinpaint.evaluation.baselines import BASELINES
     from kdinpaint.inference import FLOOR_METHODS
 
     p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
@@ -369,7 +369,7 @@ def _floor_choice(args: argparse.Namespace) -> list[str]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from kdinpaint.inference import evaluate_floor, evaluate_model, floor_methods
-    from kdinpaint.metrics import floor_to_csv, floor_to_markdown, to_csv, to_json, to_markdown
+    from kdinpaint.evaluation.metrics import floor_to_csv, floor_to_markdown, to_csv, to_json, to_markdown
 
     usable, skipped = floor_methods(_floor_choice(args))
     if args.floor and skipped:  # asked for by name: say why it is missing
@@ -420,7 +420,7 @@ def _control_comparison(args: argparse.Namespace, images, masks, names, rows, su
         return None
     from dataclasses import asdict
 
-    from kdinpaint.compare import paired_gap, paired_to_markdown, paired_verdict
+    from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
     from kdinpaint.inference import Inpainter, evaluate_model
 
     other = Inpainter.from_checkpoint(args.control, device=args.device, batch_size=args.batch_size)

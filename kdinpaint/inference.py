@@ -2,7 +2,7 @@
 
 An :class:`Inpainter` wraps what is deployed — a checkpoint rebuilt by :func:`~kdinpaint.export.load_checkpoint`,
 an adapter's student with its completion blocks (:func:`deployed_model`), or a weight-free baseline of
-:mod:`kdinpaint.baselines` — and runs it on images of any size:
+:mod:`kdinpaint.evaluation.baselines` — and runs it on images of any size:
 
 1. the known pixels are kept and the holes blanked (:func:`~kdinpaint.masking.masked`), so no model ever
    sees the ground truth under its hole, whatever it does with its input;
@@ -18,7 +18,7 @@ mirrored hole stays a hole; the padded area is cropped away before compositing a
 
 The floor (:func:`evaluate_floor`, :func:`evaluate_with_floor`): the weight-free baselines scored on the same
 images and masks as a network, so that every score comes with what needs no training (biharmonic, Telea when
-OpenCV is installed, mean fill) and the gap to biharmonic (:func:`~kdinpaint.metrics.compare_floor`).
+OpenCV is installed, mean fill) and the gap to biharmonic (:func:`~kdinpaint.evaluation.metrics.compare_floor`).
 
 Mask files (:func:`load_mask`): luminance, white = hole by default; thresholded at half the range of the
 stored values (0/255 and 0/1 label PNGs alike; grey JPEG artefacts go to the nearer side); then resized with
@@ -44,7 +44,7 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.memory import MemoryModel
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
-from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
 # the padding helpers moved to kdinpaint.padding; imported here, so the old import paths still work
 from kdinpaint.padding import Crop, crop_top_left, pad_bottom_right, pad_to_multiple, unpad  # noqa: F401
 
@@ -209,8 +209,8 @@ class Inpainter:
 
     @classmethod
     def from_baseline(cls, name: str, *, batch_size: int = 1) -> "Inpainter":
-        """A weight-free baseline of :mod:`kdinpaint.baselines` (``biharmonic``, ``telea``, ``ns``, ``mean``); CPU."""
-        from kdinpaint.baselines import get_baseline
+        """A weight-free baseline of :mod:`kdinpaint.evaluation.baselines` (``biharmonic``, ``telea``, ``ns``, ``mean``); CPU."""
+        from kdinpaint.evaluation.baselines import get_baseline
 
         return cls(get_baseline(name), batch_size=batch_size, name=name)
 
@@ -396,18 +396,18 @@ def evaluate_model(
     names: Sequence[str] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[MetricRow], dict[str, object]]:
-    """Inpaint every image and score it: per-image :class:`~kdinpaint.metrics.MetricRow` s and their Table 1 summary.
+    """Inpaint every image and score it: per-image :class:`~kdinpaint.evaluation.metrics.MetricRow` s and their Table 1 summary.
 
     Args:
         inpainter: the model to evaluate (wrap a bare network as ``Inpainter(model, stride=, spec=)``).
         images: ``(N, 3, H, W)`` in [-1, 1], or a sequence of ``(3, H, W)`` tensors or of dicts with
             ``"image"`` (and ``"mask"`` when ``masks`` is None: an :class:`~kdinpaint.data.InpaintingDataset`).
         masks: ``(N, 1, H, W)`` in {0, 1}, 1 = hole, or a sequence of ``(1, H, W)`` (mask ``i`` for image ``i``).
-        convention: metric convention of :mod:`kdinpaint.metrics` (``default``, ``edgeconnect``, ``rn``, ``mmagic``).
+        convention: metric convention of :mod:`kdinpaint.evaluation.metrics` (``default``, ``edgeconnect``, ``rn``, ``mmagic``).
         names: one per image (default ``"0"``, ``"1"``, ...).
         on_batch: called with the number of images of each finished batch (progress bars).
 
-    Returns ``(rows, summary)``; ``summary`` is :func:`~kdinpaint.metrics.summarize` of the rows (Table 1
+    Returns ``(rows, summary)``; ``summary`` is :func:`~kdinpaint.evaluation.metrics.summarize` of the rows (Table 1
     buckets and ``all``), ready for ``to_markdown`` / ``to_csv`` / ``to_json``.
     """
     if not isinstance(inpainter, Inpainter):
@@ -446,9 +446,9 @@ def floor_methods(methods: Sequence[str] = FLOOR_METHODS) -> tuple[list[str], di
     """The floor methods that can run here, in order without repeats, and ``{method: why}`` for the others.
 
     A method that needs a missing optional package (Telea without OpenCV) is skipped and logged, not an
-    error; an unknown name raises ``ValueError`` listing the baselines of :mod:`kdinpaint.baselines`.
+    error; an unknown name raises ``ValueError`` listing the baselines of :mod:`kdinpaint.evaluation.baselines`.
     """
-    from kdinpaint.baselines import baseline_unavailable
+    from kdinpaint.evaluation.baselines import baseline_unavailable
 
     if isinstance(methods, str):
         methods = [methods]
@@ -478,7 +478,7 @@ class Floor:
 
     def compare(self, network: dict[str, object], name: str = "network", reference: str | None = None,
                 keep_rows: bool = True, network_rows: Sequence[MetricRow] | None = None) -> dict[str, object]:
-        """:func:`~kdinpaint.metrics.compare_floor` of a network's summary on the same images and masks
+        """:func:`~kdinpaint.evaluation.metrics.compare_floor` of a network's summary on the same images and masks
         (the gap to biharmonic, the verdict line); ``keep_rows`` keeps the floor's per-image rows for the JSON;
         ``network_rows`` (the network's per-image rows) adds the standard error of the gap."""
         return compare_floor(network, self.summaries, name=name, reference=reference, skipped=self.skipped,
@@ -527,8 +527,8 @@ def evaluate_with_floor(
     """:func:`evaluate_model` and :func:`evaluate_floor` on the same images and masks, compared.
 
     Returns ``(rows, summary, floor)``: the network's per-image rows and Table 1 summary, and the
-    :func:`~kdinpaint.metrics.compare_floor` result (floor summaries, gap to biharmonic per bucket, verdict)
-    for :func:`~kdinpaint.metrics.floor_to_markdown` and ``to_json(summary, rows, floor=floor)``.
+    :func:`~kdinpaint.evaluation.metrics.compare_floor` result (floor summaries, gap to biharmonic per bucket, verdict)
+    for :func:`~kdinpaint.evaluation.metrics.floor_to_markdown` and ``to_json(summary, rows, floor=floor)``.
     """
     rows, summary = evaluate_model(inpainter, images, masks, convention=convention, names=names, on_batch=on_batch)
     floor = evaluate_floor(images, masks, methods, convention=convention, names=names, on_batch=on_floor_batch)

@@ -14,7 +14,7 @@ from skimage.restoration import inpaint_biharmonic
 import kdinpaint
 from kdinpaint.cli import main
 from kdinpaint.data import FreeFormMasks, rng_for, sample_images
-from kdinpaint.metrics import TABLE1_BUCKETS
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

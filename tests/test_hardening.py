@@ -28,7 +28,7 @@ from PIL import Image
 
 from kdinpaint.inference import Inpainter, NonFiniteOutput
 from kdinpaint.masking import check_mask, check_rgb_image, mask_at, masked
-from kdinpaint.metrics import evaluate
+from kdinpaint.evaluation.metrics import evaluate
 from kdinpaint.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from kdinpaint.inference import (
     save_image,
     unpad,
 )
-from kdinpaint.metrics import TABLE1_BUCKETS
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
 
 
 def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

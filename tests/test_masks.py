@@ -10,7 +10,7 @@ from PIL import Image
 
 from kdinpaint.data import EvalMasks, FreeFormMasks, MaskFolder, MixedMasks, RectangleMasks, rng_for
 from kdinpaint.data.training import mask_source
-from kdinpaint.metrics import TABLE1_BUCKETS
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
 
 
 def _block_masks(root, ratios, *, white_hole=True, size=64, seed=0):

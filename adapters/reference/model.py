@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdinpaint.attention import PixelAttention
-from kdinpaint.baselines import biharmonic
+from kdinpaint.evaluation.baselines import biharmonic
 from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
@@ -80,7 +80,7 @@ class ReferenceNet(nn.Module):
             (the plain harmonic fill, no biharmonic steps, minus the fill) and the mask. Not in the paper: see
             recipes/decisions.md.
             ``True`` (or ``"pyramid"``) starts from the coarse-to-fine fill; ``"biharmonic"`` from the exact
-            biharmonic interpolant, :func:`kdinpaint.baselines.biharmonic` (scikit-image, on the CPU; the
+            biharmonic interpolant, :func:`kdinpaint.evaluation.baselines.biharmonic` (scikit-image, on the CPU; the
             weight-free floor itself, so a fresh network scores exactly the floor; cheaper than 200 steps of the
             pyramid fill's refinement at 64×64, but seconds per image at 256×256 with large holes).
         prefill_ramp: with ``prefill``, the correction fades in over this many pixels from the hole's border,
@@ -256,7 +256,7 @@ def border_ramp(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def exact_biharmonic_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``prefill="biharmonic"``: :func:`kdinpaint.baselines.biharmonic` of every sample that has a known pixel
+    """``prefill="biharmonic"``: :func:`kdinpaint.evaluation.baselines.biharmonic` of every sample that has a known pixel
     (known pixels unchanged, in [-1, 1]); a sample that is all hole gets zeros, as the pyramid fill gives it."""
     mask = mask.expand(image.shape[0], -1, -1, -1) if mask.shape[0] != image.shape[0] else mask
     out = torch.zeros_like(image)

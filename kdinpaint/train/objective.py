@@ -263,7 +263,7 @@ class Eq11Objective(TrainingObjective):
         from kdinpaint.losses.adversarial import generator_adv_loss
         from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
         from kdinpaint.masking import composite
-        from kdinpaint.metrics import ssim
+        from kdinpaint.evaluation.metrics import ssim
 
         key = (target, mask)
         if self.loss is not None:

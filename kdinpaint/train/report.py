@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from kdinpaint import metrics
+from kdinpaint.evaluation import metrics
 
 __all__ = ["write_evaluation_report", "write_divergence_report"]
 

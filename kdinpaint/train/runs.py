@@ -335,8 +335,14 @@ def build_models(recipe: Recipe):
     ``model.init`` when it is set (the teacher starts from the same weights, then learns to reconstruct)."""
     import kdinpaint
 
-    name, _, variant = recipe.model.adapter.partition(":")
-    adapter = kdinpaint.get_adapter(name)
+    if recipe.model.target is not None:  # your own network by import path
+        from kdinpaint.plugins import adapter_from_target
+
+        adapter, variant = adapter_from_target(recipe.model.target, recipe.model.spec, recipe.model.stride), ""
+        name = adapter.name
+    else:
+        name, _, variant = (recipe.model.adapter or "reference").partition(":")
+        adapter = kdinpaint.get_adapter(name)
     spec = adapter.spec.variant(variant or None)
     try:
         student = adapter.student(variant or None, **recipe.model.kwargs)
@@ -362,7 +368,7 @@ def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out images of ``data.eval_images`` and their fixed masks, spread over the Table 1 buckets
     (image ``i`` gets bucket ``i % 4``); built once per ``(data, masks)`` setting, so a run can build it before
     training (a bad evaluation setting fails before the first step) and reuse it at the end."""
-    from kdinpaint import metrics
+    from kdinpaint.evaluation import metrics
     from kdinpaint.data import EvalMasks
     from kdinpaint.data.training import images_from, mask_source
 

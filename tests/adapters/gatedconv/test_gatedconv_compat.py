@@ -18,7 +18,7 @@ from PIL import Image
 
 from kdinpaint.cli import main
 from kdinpaint.data import sample_images
-from kdinpaint.metrics import psnr
+from kdinpaint.evaluation.metrics import psnr
 from kdinpaint_adapters.gatedconv import (
     OFFICIAL_COMPAT,
     ContextualAttention,

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from kdinpaint.metrics import TABLE1_BUCKETS, MetricRow, _label
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS, MetricRow, _label
 
 __all__ = ["paired_gap", "paired_verdict", "paired_to_markdown", "pooled_interval"]
 
@@ -88,7 +88,7 @@ def paired_verdict(gap: Mapping[str, Mapping], a: str, b: str) -> str:
 
 
 def paired_to_markdown(gap: Mapping[str, Mapping], summaries: Mapping[str, Mapping], a: str, b: str) -> str:
-    """A table: each method's PSNR and SSIM per bucket (``summaries``: name -> :func:`kdinpaint.metrics.summarize`
+    """A table: each method's PSNR and SSIM per bucket (``summaries``: name -> :func:`kdinpaint.evaluation.metrics.summarize`
     result, e.g. the student, its control and biharmonic), then ``a - b`` with its 95 % interval, and the verdict."""
     labels = list(gap)
     lines = ["| Metric | Method | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]

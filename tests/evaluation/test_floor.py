@@ -9,6 +9,7 @@ import io
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ import torch
 from skimage.restoration import inpaint_biharmonic
 
 import kdinpaint
-from kdinpaint import baselines
+from kdinpaint.evaluation import baselines
 from kdinpaint.cli import main
 from kdinpaint.data import sample_images
 from kdinpaint.inference import FLOOR_METHODS, Inpainter, evaluate_floor, evaluate_with_floor, generated_masks
-from kdinpaint.metrics import (
+from kdinpaint.evaluation.metrics import (
     MetricRow,
     compare_floor,
     evaluate,
@@ -33,7 +34,6 @@ from kdinpaint.metrics import (
     to_markdown,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = ["10-20%", "20-30%", "30-40%", "40-50%", "all"]
 HAS_CV2 = importlib.util.find_spec("cv2") is not None
 
@@ -45,7 +45,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _skimage_biharmonic(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """skimage's fill on [0, 1] float32 images, back to [-1, 1], composited: without kdinpaint.baselines."""
+    """skimage's fill on [0, 1] float32 images, back to [-1, 1], composited: without kdinpaint.evaluation.baselines."""
     out = []
     for img, m in zip(image, mask):
         x = ((img.float() + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3)
@@ -267,7 +267,8 @@ def test_train_finish_reports_the_floor(tmp_path):
     accelerator = _MainProcess()
     trainer = Trainer(recipe)
     trainer.accelerator = accelerator
-    trainer.finish(kd, adapter_spec, adapter, variant)
+    student_arm = SimpleNamespace(name="student", kd=kd, average=None)  # what finish() reads of a trained arm
+    trainer.finish([student_arm], adapter_spec, adapter, variant)
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["buckets"]) == set(BUCKETS) and len(report["rows"]) == 4  # kept for recipes/ablation.py

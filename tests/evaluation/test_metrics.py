@@ -11,7 +11,7 @@ from skimage.color import rgb2gray
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kdinpaint.data import sample_images
-from kdinpaint.metrics import (
+from kdinpaint.evaluation.metrics import (
     MetricRow,
     MetricUnavailable,
     evaluate,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.restoration import inpaint_biharmonic
 
-from kdinpaint.baselines import BASELINES, biharmonic, get_baseline, mean_fill, telea
+from kdinpaint.evaluation.baselines import BASELINES, biharmonic, get_baseline, mean_fill, telea
 from kdinpaint.data import sample_images
 
 

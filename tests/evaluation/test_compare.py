@@ -1,12 +1,12 @@
-"""kdinpaint.compare: the paired gap of two methods on the same images, against hand-computed cases and numpy."""
+"""kdinpaint.evaluation.compare: the paired gap of two methods on the same images, against hand-computed cases and numpy."""
 
 import math
 
 import numpy as np
 import pytest
 
-from kdinpaint.compare import paired_gap, paired_to_markdown, paired_verdict, pooled_interval
-from kdinpaint.metrics import MetricRow
+from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict, pooled_interval
+from kdinpaint.evaluation.metrics import MetricRow
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom (printed tables: 4.303)
 

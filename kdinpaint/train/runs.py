@@ -335,14 +335,8 @@ def build_models(recipe: Recipe):
     ``model.init`` when it is set (the teacher starts from the same weights, then learns to reconstruct)."""
     import kdinpaint
 
-    if recipe.model.target is not None:  # your own network by import path
-        from kdinpaint.plugins import adapter_from_target
-
-        adapter, variant = adapter_from_target(recipe.model.target, recipe.model.spec, recipe.model.stride), ""
-        name = adapter.name
-    else:
-        name, _, variant = (recipe.model.adapter or "reference").partition(":")
-        adapter = kdinpaint.get_adapter(name)
+    name, _, variant = recipe.model.adapter.partition(":")
+    adapter = kdinpaint.get_adapter(name)
     spec = adapter.spec.variant(variant or None)
     try:
         student = adapter.student(variant or None, **recipe.model.kwargs)

@@ -197,7 +197,7 @@ class Trainer:
             check_teacher_weights(teacher_path, teacher, parts[0].name)
         if spec.uses_teacher and not teacher_path.is_file() and recipe.teacher.steps == 0:
             raise ValueError(
-                f"{recipe.model.name} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
+                f"{recipe.model.adapter} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
                 "the student would learn from a network of random weights; set teacher.steps > 0 or teacher.weights=PATH"
             )
         self._callback("on_train_start")
@@ -234,7 +234,7 @@ class Trainer:
         n = torch.get_num_threads()
         on_cpu = f" ({n} thread{'s' * (n != 1)})" if accelerator.device.type == "cpu" else ""
         accelerator.print(
-            f"{self.recipe.model.name}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
+            f"{self.recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
             f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
         )
 

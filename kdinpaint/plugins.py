@@ -34,7 +34,7 @@ from kdinpaint.train.objective import Eq11Objective, TrainingObjective, is_train
 
 __all__ = ["pm", "hookimpl", "PluginError", "Failure", "load_plugins", "plugin_failures", "list_adapters",
            "get_adapter", "list_mask_generators", "get_mask_generator", "list_losses", "get_loss",
-           "resolve_objective", "resolve_spec"]
+           "resolve_objective", "resolve_spec", "import_target", "adapter_from_target"]
 
 log = logging.getLogger(__name__)
 GROUP, HOME = "kdinpaint", "kdinpaint"
@@ -261,3 +261,37 @@ def resolve_spec(spec: SpecLike) -> AdapterSpec:
         name, _, variant = spec.partition(":")
         return get_adapter(name).spec.variant(variant or None)
     return load_spec(spec)
+
+
+def import_target(target: str) -> Any:
+    """The object ``"package.module:attr"`` names (``attr`` may be dotted); a module in the current folder is found
+    as ``python -c`` finds it. A ``ValueError`` names a malformed target, the module or the missing attribute."""
+    import importlib
+    import sys
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{target!r} must look like 'package.module:Class' (an import path and a name)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{target!r}: module {module_name!r} cannot be imported ({e}); install it or run from its folder") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{target!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no {part!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def adapter_from_target(target: str, spec: SpecLike, stride: int = 1) -> Adapter:
+    """An :class:`Adapter` for your own network named by import path, without a plugin: ``build_student`` is the
+    class (or factory) ``target`` names, the teacher a fresh instance of it, ``spec`` its spec (a mapping, an
+    ``AdapterSpec`` or a YAML file)."""
+    factory = import_target(target)
+    if not callable(factory):
+        raise ValueError(f"{target!r} is a {type(factory).__name__}, not a class or function that builds a network")
+    spec = load_spec(spec)
+    return Adapter(name=target.replace(":", "."), spec=spec, build_student=factory, stride=stride,
+                   description=f"{target} (by import path)")

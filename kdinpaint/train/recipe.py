@@ -30,9 +30,17 @@ __all__ = ["Recipe", "load_recipe", "apply_overrides"]
 class ModelSection:
     """The network: a registered adapter (``name:variant``) and keyword arguments of its builder."""
 
-    adapter: str = "reference"
+    adapter: Optional[str] = None  # a registered adapter, name[:variant]; null: reference (unless target is given)
     kwargs: dict = field(default_factory=dict)
     init: Optional[str] = None  # fine-tune from these weights (the adapter's checkpoint_filter_fn remaps official ones)
+    target: Optional[str] = None  # or your own network by import path, "package.module:Class" (no plugin needed) ...
+    spec: Optional[Union[dict, str]] = None  # ... with its spec: a mapping or a YAML file (kdinpaint spec suggest drafts one)
+    stride: int = 1  # ... and the multiple its image sides must be (the framework pads and crops back)
+
+    @property
+    def name(self) -> str:
+        """What the run trains, for messages and file metadata: the adapter's name[:variant], or the target."""
+        return self.target or self.adapter or "reference"
 
 
 @dataclass
@@ -196,7 +204,13 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        return _check(value, next(a for a in args if a is not type(None)), where)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first type the value has; the last one's error otherwise
+            try:
+                return _check(value, option, where)
+            except TypeError:
+                continue
+        return _check(value, options[-1], where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
@@ -240,6 +254,15 @@ def recipe_from_dict(data: dict) -> Recipe:
         Recipe, data, lambda unknown, sections: f"unknown recipe section(s) {unknown}; valid sections: {sections}"
     )
     recipe = Recipe(**{k: _section(hints[k], v or {}, k) for k, v in data.items()})
+    m = recipe.model
+    if m.target is not None and m.adapter is not None:
+        raise ValueError(
+            f"model.adapter ({m.adapter!r}) and model.target ({m.target!r}) both name the network: keep one "
+            "(on the command line, model.adapter=null with model.target=...)"
+        )
+    if (m.spec is not None) != (m.target is not None):
+        raise ValueError("model.spec goes with model.target (your own network and its spec); a registered adapter "
+                         "brings its own spec: remove model.spec, or give model.target")
     if recipe.losses.objective == "eq11" and recipe.losses.objective_kwargs:
         raise ValueError(
             "losses.objective_kwargs applies to a registered objective class; losses.objective is eq11, whose "
@@ -295,6 +318,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("optim", "batch_size"): _ge(1),
     ("optim", "warmup_steps"): _ge(0, "theta steps of linear warm-up"),
     ("optim", "min_lr_ratio"): _within(0, 1, "a fraction of optim.lr"),
+    ("model", "stride"): _ge(1, "the multiple of the image sides the network needs"),
     ("train", "steps"): _ge(1, "theta steps of the student stage"),
     ("train", "seed"): ("in [0, 2**31)", lambda v: 0 <= v < 2**31, "numpy takes seeds below 2**32"),
     ("train", "max_bad_steps"): _ge(1, "consecutive skipped batches before stopping"),

@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 
+from kdinpaint.plugins import adapter_from_target, get_adapter
 from kdinpaint.train.recipe import Recipe
 from kdinpaint.weights import load_weights
 
@@ -333,10 +334,12 @@ def build_models(recipe: Recipe):
     """``(adapter, variant, spec, student, teacher)`` of ``recipe.model``: the adapter's builders with
     ``model.kwargs`` (an unknown keyword is refused with the valid ones), both networks loaded from
     ``model.init`` when it is set (the teacher starts from the same weights, then learns to reconstruct)."""
-    import kdinpaint
-
-    name, _, variant = recipe.model.adapter.partition(":")
-    adapter = kdinpaint.get_adapter(name)
+    if recipe.model.target is not None:  # your own network by import path
+        adapter, variant = adapter_from_target(recipe.model.target, recipe.model.spec, recipe.model.stride), ""
+        name = adapter.name
+    else:
+        name, _, variant = (recipe.model.adapter or "reference").partition(":")
+        adapter = get_adapter(name)
     spec = adapter.spec.variant(variant or None)
     try:
         student = adapter.student(variant or None, **recipe.model.kwargs)

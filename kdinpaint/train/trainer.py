@@ -53,7 +53,8 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
 from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.export import save_exported
-from kdinpaint.inference import FLOOR_METHODS, Inpainter, evaluate_floor, evaluate_model, save_image
+from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor
+from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
 from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
 from kdinpaint.plugins import PluginError, resolve_objective
@@ -197,7 +198,7 @@ class Trainer:
             check_teacher_weights(teacher_path, teacher, parts[0].name)
         if spec.uses_teacher and not teacher_path.is_file() and recipe.teacher.steps == 0:
             raise ValueError(
-                f"{recipe.model.adapter} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
+                f"{recipe.model.name} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
                 "the student would learn from a network of random weights; set teacher.steps > 0 or teacher.weights=PATH"
             )
         self._callback("on_train_start")
@@ -234,7 +235,7 @@ class Trainer:
         n = torch.get_num_threads()
         on_cpu = f" ({n} thread{'s' * (n != 1)})" if accelerator.device.type == "cpu" else ""
         accelerator.print(
-            f"{self.recipe.model.adapter}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
+            f"{self.recipe.model.name}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
             f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
         )
 

@@ -191,3 +191,22 @@ def test_one_run_per_folder_and_no_mixing_with_a_finished_run_of_another_recipe(
 def test_a_random_teacher_is_refused(tmp_path):
     proc = _train(tmp_path / "run", "train.steps=2", "teacher.steps=0", check=False)
     assert proc.returncode == 1 and "teacher.steps is 0 and there is no teacher.weights" in proc.stderr
+
+
+def test_a_network_by_import_path_needs_no_plugin(tmp_path):
+    """model.target + model.spec: a class defined in a test module trains like an adapter."""
+    from kdinpaint.train.runs import build_models
+
+    spec = "{encoder_levels: [down1, down2, down3]}"
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["model.adapter=null", "model.target=tiny:TinyUNet",
+                                                          "model.kwargs={width: 4}", f"model.spec={spec}", "model.stride=8"])
+    adapter, variant, adapter_spec, student, teacher = build_models(recipe)
+    assert type(student).__name__ == "TinyUNet" and adapter.stride == 8 and adapter_spec.encoder_levels == ["down1", "down2", "down3"]
+    assert student is not teacher and recipe.model.name == "tiny:TinyUNet"
+    with pytest.raises(ValueError, match="both name the network"):
+        load_recipe(ROOT / "recipes" / "demo.yaml", ["model.target=tiny:TinyUNet", f"model.spec={spec}"])
+    with pytest.raises(ValueError, match="model.spec goes with model.target"):
+        load_recipe(None, [f"model.spec={spec}"])
+    bad = load_recipe(None, ["model.target=tiny:NoSuchNet", f"model.spec={spec}"])
+    with pytest.raises(ValueError, match="'tiny:NoSuchNet'.*has no 'NoSuchNet'"):
+        build_models(bad)

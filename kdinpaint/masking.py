@@ -118,6 +118,11 @@ def check_image_range(image: torch.Tensor, *, name: str = "image", tol: float = 
             f"{name} values must lie in [-1, 1], found [{lo:g}, {hi:g}]; "
             "map [0, 1] images with x * 2 - 1 and uint8 images with x / 127.5 - 1"
         )
+    if lo >= 0.0 and hi <= 1.0 and hi - lo > 0.25:  # a [0, 1] image passes the range check
+        warnings.warn(
+            f"{name} values lie inside [0, 1]: torchvision's ToTensor() convention? kdinpaint "
+            "expects [-1, 1] (x * 2 - 1); a [0, 1] image is inpainted and scored on the wrong scale. (A genuinely "
+            "bright [-1, 1] image gives this warning too: then ignore it.)", UserWarning, stacklevel=3)
 
 
 def check_finite(x: torch.Tensor, *, name: str, fix: str) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from kdinpaint import _modules
 from kdinpaint.calling import CallConvention, convention, select_output
+from kdinpaint.masking import check_image_range
 from kdinpaint.plugins import resolve_spec
 from kdinpaint.spec import AdapterSpec, SpecLike
 
@@ -110,6 +111,7 @@ def pretrain(
     history: list[float] = []
     for step, image in enumerate(_batches(data, steps), 1):
         image = image.to(device)
+        check_image_range(image, name=f"pretrain batch {step}")  # a NaN batch would leave a NaN teacher
         args, kwargs = autoencoder_call(call, spec.teacher_input, image)
         pred = select_output(teacher(*args, **kwargs), spec.teacher_convention.output)
         loss = (pred - image).abs().mean()

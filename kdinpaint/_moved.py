@@ -53,8 +53,7 @@ def moved_names(module: str):
     def __getattr__(name: str):
         if name not in moved:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(f"{name} moved from {module} to {moved[name]}; import it from there", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(f"{name} moved to {moved[name]}; import it from there", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(moved[name]), name)
 
     return __getattr__

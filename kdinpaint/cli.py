@@ -261,7 +261,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
     p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.evaluation.metrics)")
     from kdinpaint.evaluation.baselines import BASELINES
-    from kdinpaint.inference import FLOOR_METHODS
+    from kdinpaint.evaluation.floor import FLOOR_METHODS
 
     p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
                    help=f"weight-free baselines scored beside the network on the same images and masks, with the gap "
@@ -356,7 +356,7 @@ def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[to
 
 def _floor_choice(args: argparse.Namespace) -> list[str]:
     """The floor methods to run: ``--floor``, else the default for a network and none for ``--baseline``."""
-    from kdinpaint.inference import FLOOR_METHODS
+    from kdinpaint.evaluation.floor import FLOOR_METHODS
 
     if args.no_floor and args.floor:
         raise ValueError("give --floor METHOD ... or --no-floor, not both")
@@ -368,8 +368,9 @@ def _floor_choice(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kdinpaint.inference import evaluate_floor, evaluate_model, floor_methods
-    from kdinpaint.evaluation.metrics import floor_to_csv, floor_to_markdown, to_csv, to_json, to_markdown
+    from kdinpaint.evaluation.floor import evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
+    from kdinpaint.evaluation.metrics import to_csv, to_json, to_markdown
+    from kdinpaint.inference import evaluate_model
 
     usable, skipped = floor_methods(_floor_choice(args))
     if args.floor and skipped:  # asked for by name: say why it is missing

@@ -16,9 +16,8 @@ an adapter's student with its completion blocks (:func:`deployed_model`), or a w
 Padding (:mod:`kdinpaint.padding`): the border is split evenly and both image and mask are mirrored, so a
 mirrored hole stays a hole; the padded area is cropped away before compositing and before any metric.
 
-The floor (:func:`evaluate_floor`, :func:`evaluate_with_floor`): the weight-free baselines scored on the same
-images and masks as a network, so that every score comes with what needs no training (biharmonic, Telea when
-OpenCV is installed, mean fill) and the gap to biharmonic (:func:`~kdinpaint.evaluation.metrics.compare_floor`).
+The floor, the weight-free baselines scored on the same images and masks as a network, is
+:mod:`kdinpaint.evaluation.floor`.
 
 Mask files (:func:`load_mask`): luminance, white = hole by default; thresholded at half the range of the
 stored values (0/255 and 0/1 label PNGs alike; grey JPEG artefacts go to the nearer side); then resized with
@@ -30,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +37,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from kdinpaint import _moved
 from kdinpaint._modules import unwrap
 from kdinpaint.calling import convention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.memory import MemoryModel
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
-from kdinpaint.evaluation.metrics import TABLE1_BUCKETS, MetricRow, compare_floor, evaluate, summarize
+from kdinpaint.evaluation.metrics import TABLE1_BUCKETS, MetricRow, evaluate, summarize
 # the padding helpers moved to kdinpaint.padding; imported here, so the old import paths still work
 from kdinpaint.padding import Crop, crop_top_left, pad_bottom_right, pad_to_multiple, unpad  # noqa: F401
 
@@ -59,11 +58,6 @@ __all__ = [
     "unpad",
     "deployed_model",
     "evaluate_model",
-    "FLOOR_METHODS",
-    "floor_methods",
-    "Floor",
-    "evaluate_floor",
-    "evaluate_with_floor",
     "GeneratedMasks",
     "generated_masks",
     "load_image",
@@ -437,104 +431,6 @@ def evaluate_model(
     return rows, summarize(rows)
 
 
-# ---- the floor: weight-free baselines on the same images and masks -------------------------------
-FLOOR_METHODS: tuple[str, ...] = ("biharmonic", "telea", "mean")
-"""The default floor: biharmonic (the reference of the gap), Telea (when OpenCV is installed), mean fill."""
-
-
-def floor_methods(methods: Sequence[str] = FLOOR_METHODS) -> tuple[list[str], dict[str, str]]:
-    """The floor methods that can run here, in order without repeats, and ``{method: why}`` for the others.
-
-    A method that needs a missing optional package (Telea without OpenCV) is skipped and logged, not an
-    error; an unknown name raises ``ValueError`` listing the baselines of :mod:`kdinpaint.evaluation.baselines`.
-    """
-    from kdinpaint.evaluation.baselines import baseline_unavailable
-
-    if isinstance(methods, str):
-        methods = [methods]
-    usable: list[str] = []
-    skipped: dict[str, str] = {}
-    for method in dict.fromkeys(methods):
-        why = baseline_unavailable(method)
-        if why is None:
-            usable.append(method)
-        else:
-            skipped[method] = why
-            log.info("floor: %s skipped (%s)", method, why)
-    return usable, skipped
-
-
-@dataclass
-class Floor:
-    """The weight-free baselines scored on one set of images and masks (:func:`evaluate_floor`).
-
-    ``rows[method]`` and ``summaries[method]`` are what :func:`evaluate_model` returns for that baseline;
-    ``skipped`` names the methods that could not run here and why.
-    """
-
-    rows: dict[str, list[MetricRow]] = field(default_factory=dict)
-    summaries: dict[str, dict[str, object]] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def compare(self, network: dict[str, object], name: str = "network", reference: str | None = None,
-                keep_rows: bool = True, network_rows: Sequence[MetricRow] | None = None) -> dict[str, object]:
-        """:func:`~kdinpaint.evaluation.metrics.compare_floor` of a network's summary on the same images and masks
-        (the gap to biharmonic, the verdict line); ``keep_rows`` keeps the floor's per-image rows for the JSON;
-        ``network_rows`` (the network's per-image rows) adds the standard error of the gap."""
-        return compare_floor(network, self.summaries, name=name, reference=reference, skipped=self.skipped,
-                             rows=self.rows, network_rows=network_rows, keep_rows=keep_rows)
-
-
-def evaluate_floor(
-    images: torch.Tensor | Sequence[Any],
-    masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    methods: Sequence[str] = FLOOR_METHODS,
-    *,
-    convention: str = "default",
-    names: Sequence[str] | None = None,
-    batch_size: int = 8,
-    on_batch: Callable[[str, int], None] | None = None,
-) -> Floor:
-    """Score the weight-free baselines ``methods`` on ``images`` and ``masks`` (as :func:`evaluate_model` takes them).
-
-    Each runs on the CPU through :meth:`Inpainter.from_baseline`; biharmonic costs about 0.3 s per 64×64 image
-    and seconds per 256×256 one. Methods that cannot run here are skipped (:func:`floor_methods`); when none
-    can, ``ValueError``. ``on_batch(method, n)`` is called after every batch of ``n`` images (progress bars).
-    """
-    usable, skipped = floor_methods(methods)
-    if not usable:
-        raise ValueError(f"no floor method can run here ({skipped}); choose from biharmonic, mean, or install OpenCV")
-    floor = Floor(skipped=skipped)
-    for method in usable:
-        inpainter = Inpainter.from_baseline(method, batch_size=batch_size)
-        report = (lambda n, m=method: on_batch(m, n)) if on_batch is not None else None
-        floor.rows[method], floor.summaries[method] = evaluate_model(
-            inpainter, images, masks, convention=convention, names=names, on_batch=report)
-    return floor
-
-
-def evaluate_with_floor(
-    inpainter: Inpainter,
-    images: torch.Tensor | Sequence[Any],
-    masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    *,
-    methods: Sequence[str] = FLOOR_METHODS,
-    convention: str = "default",
-    names: Sequence[str] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    on_floor_batch: Callable[[str, int], None] | None = None,
-) -> tuple[list[MetricRow], dict[str, object], dict[str, object]]:
-    """:func:`evaluate_model` and :func:`evaluate_floor` on the same images and masks, compared.
-
-    Returns ``(rows, summary, floor)``: the network's per-image rows and Table 1 summary, and the
-    :func:`~kdinpaint.evaluation.metrics.compare_floor` result (floor summaries, gap to biharmonic per bucket, verdict)
-    for :func:`~kdinpaint.evaluation.metrics.floor_to_markdown` and ``to_json(summary, rows, floor=floor)``.
-    """
-    rows, summary = evaluate_model(inpainter, images, masks, convention=convention, names=names, on_batch=on_batch)
-    floor = evaluate_floor(images, masks, methods, convention=convention, names=names, on_batch=on_floor_batch)
-    return rows, summary, floor.compare(summary, name=inpainter.name, network_rows=rows)
-
-
 class GeneratedMasks(Sequence):
     """``count`` evaluation masks drawn on demand: ``masks[i]`` is ``(1, H, W)`` in {0, 1}, in Table 1 bucket ``i mod 4``.
 
@@ -630,3 +526,6 @@ def save_image(path: str | os.PathLike[str], image: torch.Tensor) -> None:
 def mask_to_rgb(mask: torch.Tensor) -> torch.Tensor:
     """``(B, 1, H, W)`` mask → ``(B, 3, H, W)`` image in [-1, 1], white = hole (for side-by-side views)."""
     return (mask * 2 - 1).expand(-1, 3, -1, -1)
+
+
+__getattr__ = _moved.moved_names(__name__)  # the floor, now in kdinpaint.evaluation.floor

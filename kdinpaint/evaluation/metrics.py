@@ -26,10 +26,8 @@ Compatibility modes reproduce other evaluation scripts on the same tensors:
 Everything is batched in torch (float64 where the device has it) on the images' device. Per-image
 :class:`MetricRow` objects carry the hole ratio so buckets can be recomputed; :func:`summarize`
 groups them into the paper's Table 1 buckets (10-20, 20-30, 30-40, 40-50 %, half-open ``[lo, hi)``)
-and :func:`to_markdown`, :func:`to_csv`, :func:`to_json` write them out. :func:`compare_floor` sets a
-network's summary beside those of weight-free baselines on the same images and masks (the floor, computed by
-:func:`kdinpaint.inference.evaluate_floor`), with the per-bucket gap to the reference baseline (biharmonic);
-:func:`floor_to_markdown`, :func:`floor_to_csv` and ``to_json(..., floor=)`` write it out. LPIPS and FID run
+and :func:`to_markdown`, :func:`to_csv`, :func:`to_json` write them out (the comparison with the weight-free
+baselines on the same images and masks is :mod:`kdinpaint.evaluation.floor`). LPIPS and FID run
 only when their packages and weights are present locally (:func:`lpips_distance`, :func:`fid_score`).
 """
 
@@ -47,6 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from kdinpaint import _moved
 from kdinpaint.losses.reconstruction import check_pair
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, composite, hole_ratio
 
@@ -65,13 +64,6 @@ __all__ = [
     "to_csv",
     "rows_to_csv",
     "to_json",
-    "FLOOR_REFERENCE",
-    "floor_gap",
-    "floor_verdict",
-    "gap_standard_error",
-    "compare_floor",
-    "floor_to_markdown",
-    "floor_to_csv",
     "lpips_distance",
     "fid_score",
 ]
@@ -328,7 +320,7 @@ def to_json(
     summary: dict[str, object], rows: Sequence[MetricRow] | None = None, *, floor: Mapping[str, object] | None = None,
     **sections: object,
 ) -> str:
-    """Strict JSON of the summary (and the rows, and under ``"floor"`` a :func:`compare_floor` result, and any
+    """Strict JSON of the summary (and the rows, and under ``"floor"`` a :func:`~kdinpaint.evaluation.floor.compare_floor` result, and any
     further ``sections`` under their names); non-finite numbers become ``null``."""
 
     def clean(v: object) -> object:
@@ -347,184 +339,6 @@ def to_json(
         payload["floor"] = dict(floor)
     payload.update(sections)
     return json.dumps(clean(payload), indent=2, allow_nan=False)
-
-
-# ---- the floor: weight-free baselines beside a network's scores ------------------------------------
-FLOOR_REFERENCE = "biharmonic"
-"""The floor method the gap is measured against when it is among the methods (else the first one)."""
-
-
-def floor_gap(network: dict[str, object], reference: dict[str, object]) -> dict[str, dict[str, float]]:
-    """Per bucket, network minus reference: ``{label: {"psnr": dB, "ssim", "l1"}}`` (NaN where a bucket is empty).
-
-    Both are :func:`summarize` results of the same images and masks (same conventions and buckets).
-    """
-    net: dict[str, dict] = network["buckets"]  # type: ignore[assignment]
-    ref: dict[str, dict] = reference["buckets"]  # type: ignore[assignment]
-    if list(net) != list(ref):
-        raise ValueError(f"the summaries have different buckets: {list(net)} vs {list(ref)}; summarize both alike")
-    gap = {}
-    for label in net:
-        empty = net[label]["count"] == 0 or ref[label]["count"] == 0
-        gap[label] = {k: math.nan if empty else net[label][k] - ref[label][k] for k in ("psnr", "ssim", "l1")}
-    return gap
-
-
-def floor_verdict(gap: Mapping[str, Mapping[str, float]], name: str, reference: str, count: int | None = None,
-                  standard_error: Mapping[str, float] | None = None) -> str:
-    """One line on the ``all`` bucket of a :func:`floor_gap`: is the network above or below the reference?
-
-    E.g. ``"net is above biharmonic overall: +0.80 dB PSNR / +0.012 SSIM (8 images)"``; when PSNR and SSIM
-    disagree, each gets its own word. Signs are read on the printed (rounded) values. ``standard_error``
-    (:func:`gap_standard_error`) adds how precisely these images measure the gap, e.g.
-    ``"; standard error of the gap 0.05 dB / 0.0004 SSIM"``.
-    """
-    dp, ds = round(gap["all"]["psnr"], 2), round(gap["all"]["ssim"], 3)
-    if math.isnan(dp) or math.isnan(ds):
-        return f"{name} vs {reference}: no image to compare"
-
-    def word(d: float) -> str:
-        return "above" if d > 0 else "below" if d < 0 else "level with"
-
-    notes = [f"{count} images"] if count is not None else []
-    if standard_error is not None and not math.isnan(standard_error["psnr"]):
-        notes.append(f"standard error of the gap {standard_error['psnr']:.2f} dB / {standard_error['ssim']:.4f} SSIM")
-    images = f" ({'; '.join(notes)})" if notes else ""
-    if word(dp) == word(ds):
-        return f"{name} is {word(dp)} {reference} overall: {dp:+.2f} dB PSNR / {ds:+.3f} SSIM{images}"
-    return f"{name} vs {reference} overall: {dp:+.2f} dB PSNR ({word(dp)}) / {ds:+.3f} SSIM ({word(ds)}){images}"
-
-
-def gap_standard_error(network: Sequence[MetricRow], reference: Sequence[MetricRow]) -> dict[str, float]:
-    """Standard error of the overall gap, from the per-image differences of two methods on the same images
-    and masks: ``{"psnr": dB, "ssim"}``, ``std(d, ddof=1) / sqrt(n)`` of ``d = network - reference`` per image
-    (NaN for fewer than 2 images). How far another draw of as many images from the same photos could move the
-    gap, about: a gap smaller than its standard error says little either way.
-    """
-    if len(network) != len(reference) or any(a.name != b.name for a, b in zip(network, reference)):
-        raise ValueError("the per-image rows of the network and the reference differ in images; score both on the "
-                         "same images and masks, in the same order")
-    n = len(network)
-    if n < 2:
-        return {"psnr": math.nan, "ssim": math.nan}
-    diffs = {key: [getattr(a, key) - getattr(b, key) for a, b in zip(network, reference)] for key in ("psnr", "ssim")}
-    return {key: float(np.std(d, ddof=1)) / math.sqrt(n) for key, d in diffs.items()}
-
-
-def compare_floor(
-    network: dict[str, object],
-    floors: Mapping[str, dict[str, object]],
-    *,
-    name: str = "network",
-    reference: str | None = None,
-    skipped: Mapping[str, str] | None = None,
-    rows: Mapping[str, Sequence[MetricRow]] | None = None,
-    network_rows: Sequence[MetricRow] | None = None,
-    keep_rows: bool = True,
-) -> dict[str, object]:
-    """A network's :func:`summarize` result against the floor methods' on the same images and masks.
-
-    Args:
-        network: the network's summary.
-        floors: ``{method: summary}`` of the weight-free baselines (:func:`kdinpaint.inference.evaluate_floor`).
-        name: how the tables call the network.
-        reference: the method the gap is measured against; default :data:`FLOOR_REFERENCE` when present,
-            else the first method.
-        skipped: ``{method: why}`` for methods that could not run (Telea without OpenCV); printed as notes.
-        rows: ``{method: per-image rows}`` to keep in the JSON (optional; ``keep_rows=False`` leaves them out).
-        network_rows: the network's per-image rows; with the reference's in ``rows``, the result gets the
-            standard error of the overall gap (:func:`gap_standard_error`) under ``"gap_se"`` and in the verdict.
-
-    Returns ``{"network": name, "convention", "reference", "methods": {method: summary (+ "rows")},
-    "gap": floor_gap(network, methods[reference]), "verdict": floor_verdict(...), "skipped": {...}}``, the
-    ``"floor"`` entry of ``to_json`` (and ``"gap_se"`` with ``network_rows``). Refused with ``ValueError``: no
-    method, a reference that is not one of them, summaries of other conventions or of other images (bucket counts
-    differ).
-    """
-    if not floors:
-        raise ValueError("no floor method to compare with; give at least one of biharmonic, telea, ns, mean")
-    reference = reference or (FLOOR_REFERENCE if FLOOR_REFERENCE in floors else next(iter(floors)))
-    if reference not in floors:
-        raise ValueError(f"reference {reference!r} is not among the floor methods {list(floors)}")
-    net_buckets: dict[str, dict] = network["buckets"]  # type: ignore[assignment]
-    net_counts = {k: v["count"] for k, v in net_buckets.items()}
-    for method, summary in floors.items():
-        if summary["convention"] != network["convention"]:
-            raise ValueError(f"floor {method!r} is scored with convention {summary['convention']!r}, the network with "
-                             f"{network['convention']!r}; evaluate both with the same convention")
-        buckets: dict[str, dict] = summary["buckets"]  # type: ignore[assignment]
-        counts = {k: v["count"] for k, v in buckets.items()}
-        if counts != net_counts:
-            raise ValueError(f"floor {method!r} has images per bucket {counts}, the network {net_counts}: "
-                             "run both on the same images and masks")
-    gap = floor_gap(network, floors[reference])
-    methods: dict[str, dict] = {}
-    for method, summary in floors.items():
-        methods[method] = dict(summary)
-        if keep_rows and rows is not None and method in rows:
-            methods[method]["rows"] = [asdict(r) for r in rows[method]]
-    se = None
-    if network_rows is not None and rows is not None and reference in rows:
-        se = gap_standard_error(network_rows, rows[reference])
-    count = net_buckets["all"]["count"] if "all" in net_buckets else None
-    out = {
-        "network": name,
-        "convention": network["convention"],
-        "reference": reference,
-        "methods": methods,
-        "gap": gap,
-        "verdict": floor_verdict(gap, name, reference, count, standard_error=se),
-        "skipped": dict(skipped or {}),
-    }
-    if se is not None:
-        out["gap_se"] = se
-    return out
-
-
-def floor_to_markdown(network: dict[str, object], floor: Mapping[str, object]) -> str:
-    """The comparison table: per bucket (columns), each metric of the network and of every floor method, then
-    the gap network − reference (PSNR in dB, SSIM), the image counts, the verdict line and a note per skipped
-    method. ``floor``: a :func:`compare_floor` result for ``network``; numbers formatted as :func:`to_markdown`.
-    """
-    convention = str(network["convention"])
-    table: dict[str, dict] = network["buckets"]  # type: ignore[assignment]
-    labels = list(table)
-    name, ref = str(floor["network"]), str(floor["reference"])
-    methods: dict[str, dict] = floor["methods"]  # type: ignore[assignment]
-    gap: dict[str, dict] = floor["gap"]  # type: ignore[assignment]
-    columns = [(name, table)] + [(m, s["buckets"]) for m, s in methods.items()]
-    lines = [f"| Metric ({convention}) | Method | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-
-    def cell(value: float, count: int, fmt: str) -> str:
-        return "-" if count == 0 or math.isnan(value) else format(value, fmt)
-
-    for title, key, scale, digits in _metric_specs(convention):
-        for method, buckets in columns:
-            cells = [cell(buckets[k][key] * scale, buckets[k]["count"], f".{digits}f") for k in labels]
-            lines.append(f"| {title} | {method} | " + " | ".join(cells) + " |")
-    for title, key, digits in (("Δ PSNR (dB)", "psnr", 2), ("Δ SSIM", "ssim", 3)):
-        cells = [cell(gap[k][key], table[k]["count"], f"+.{digits}f") for k in labels]
-        lines.append(f"| {title} | {name} − {ref} | " + " | ".join(cells) + " |")
-    lines.append("| images | | " + " | ".join(str(table[k]["count"]) for k in labels) + " |")
-    lines += ["", str(floor["verdict"])]
-    skipped: dict[str, str] = floor.get("skipped") or {}  # type: ignore[assignment]
-    lines += [f"{method}: skipped ({why})" for method, why in skipped.items()]
-    return "\n".join(lines) + "\n"
-
-
-def floor_to_csv(network: dict[str, object], floor: Mapping[str, object]) -> str:
-    """:func:`to_csv` with a leading ``method`` column: the network's lines, then each floor method's.
-
-    The gaps are differences of these lines (and the ``"gap"`` entry of the JSON).
-    """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "convention", "bucket", "count", "psnr", "ssim", "l1"])
-    methods: dict[str, dict] = floor["methods"]  # type: ignore[assignment]
-    for method, summary in [(str(floor["network"]), network), *methods.items()]:
-        for label, s in summary["buckets"].items():  # type: ignore[attr-defined]
-            writer.writerow([method, summary["convention"], label, s["count"], s["psnr"], s["ssim"], s["l1"]])
-    return buf.getvalue()
 
 
 class MetricUnavailable(RuntimeError):
@@ -590,3 +404,6 @@ def fid_score(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 32) -> f
 
     (m1, s1), (m2, s2) = feats(real), feats(fake)
     return float(calculate_frechet_distance(m1, s1, m2, s2))
+
+
+__getattr__ = _moved.moved_names(__name__)  # the floor functions, now in kdinpaint.evaluation.floor

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from kdinpaint.evaluation import metrics
+from kdinpaint.evaluation.floor import floor_to_markdown
 
 __all__ = ["write_evaluation_report", "write_divergence_report"]
 
@@ -20,7 +21,7 @@ def write_evaluation_report(run: Path, name: str, count: int, summary: dict, row
     ``rows``, ``gap`` of :func:`kdinpaint.compare.paired_gap`, ``verdict``, ``table``) a section "Did
     distillation help?" first, and ``"control"`` in the JSON. Returns the text to print."""
     table = metrics.to_markdown(summary)
-    comparison = metrics.floor_to_markdown(summary, floor)
+    comparison = floor_to_markdown(summary, floor)
     floor_title = f"Against the weight-free floor (same images and masks; gap to {floor['reference']})"
     help_title = "Did distillation help? The student against its control (no distillation; same images and masks)"
     helped = f"## {help_title}\n\n{control['table']}\n" if control else ""

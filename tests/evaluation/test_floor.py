@@ -17,22 +17,21 @@ import torch
 from skimage.restoration import inpaint_biharmonic
 
 import kdinpaint
-from kdinpaint.evaluation import baselines
 from kdinpaint.cli import main
 from kdinpaint.data import sample_images
-from kdinpaint.inference import FLOOR_METHODS, Inpainter, evaluate_floor, evaluate_with_floor, generated_masks
-from kdinpaint.evaluation.metrics import (
-    MetricRow,
+from kdinpaint.evaluation import baselines
+from kdinpaint.evaluation.floor import (
+    FLOOR_METHODS,
     compare_floor,
-    evaluate,
+    evaluate_floor,
+    evaluate_with_floor,
     floor_to_csv,
     floor_to_markdown,
     floor_verdict,
     gap_standard_error,
-    summarize,
-    to_json,
-    to_markdown,
 )
+from kdinpaint.evaluation.metrics import MetricRow, evaluate, summarize, to_json, to_markdown
+from kdinpaint.inference import Inpainter, generated_masks
 
 BUCKETS = ["10-20%", "20-30%", "30-40%", "40-50%", "all"]
 HAS_CV2 = importlib.util.find_spec("cv2") is not None
@@ -84,7 +83,7 @@ def test_telea_is_skipped_and_logged_without_opencv(data, monkeypatch, caplog):
     monkeypatch.setattr(baselines, "baseline_unavailable",
                         lambda name: "needs OpenCV: pip install 'kdinpaint[cv]'" if name == "telea" else None)
     images, masks = data
-    with caplog.at_level("INFO", logger="kdinpaint.inference"):
+    with caplog.at_level("INFO", logger="kdinpaint.evaluation.floor"):
         floor = evaluate_floor(images[:1], masks[:1], ("telea", "mean"))
     assert list(floor.summaries) == ["mean"] and "kdinpaint[cv]" in floor.skipped["telea"]
     assert "telea skipped" in caplog.text

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdinpaint.inference import crop_top_left, pad_bottom_right
+from kdinpaint.padding import crop_top_left, pad_bottom_right
 
 from .ffc import FFCResNetGenerator, generator_config
 

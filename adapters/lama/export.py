@@ -24,6 +24,10 @@ PGL is refused: their adaptive convolutions read the image size as Python number
 so a traced graph would serve one size only, while IOPaint calls the file at every size; such students export
 per size as ONNX or ``.pt2`` (``kdinpaint export``).
 
+Where IOPaint looks: ``$TORCH_HOME/hub/checkpoints/big-lama.pt`` (``~/.cache/torch/hub/checkpoints``; its md5 is
+checked only after a download, so a file put there is used as it is), or any path given in the environment
+variable ``LAMA_MODEL_URL`` (an existing path is loaded directly).
+
 Command line: ``python -m kdinpaint_adapters.lama.export OUT.pt|OUT.onnx --pretrained best.ckpt`` (a released
 LaMa) or ``--checkpoint student.safetensors`` (a file of :func:`kdinpaint.save_exported`).
 """

@@ -355,9 +355,8 @@ def export_teacher(run: Path) -> None:
     os.replace(tmp, run / "teacher.safetensors")
 
 
-def train_all(study: Study, args: argparse.Namespace, overrides: Sequence[str], env: Mapping[str, str]) -> None:
-    """Every unfinished (arm, seed), up to ``args.jobs`` at once, an arm after the arms its overrides name."""
-    out = Path(args.out)
+def train_all(study: Study, out: Path, args: argparse.Namespace, overrides: Sequence[str], env: Mapping[str, str]) -> None:
+    """Every unfinished (arm, seed) in ``out``, up to ``args.jobs`` at once, an arm after the arms its overrides name."""
     pending = [(a, s) for a in study.arms for s in seeds_of(a, args.seeds) if not is_done(a, run_dir(out, a.name, s))]
     running: list[tuple[Arm, int, subprocess.Popen, float, object]] = []
     failed: list[str] = []
@@ -762,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["ACCELERATE_USE_CPU"] = "true"
     t0 = time.time()
     if not args.table_only:
-        train_all(study, args, overrides, env)
+        train_all(study, out, args, overrides, env)
     got = collect(study, out, args.seeds)
     command = shlex.join(["python", "recipes/study.py", *argv])
     text = "\n".join([

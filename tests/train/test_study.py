@@ -151,9 +151,9 @@ def test_runs_start_after_their_teacher_and_finished_runs_are_skipped(study, tmp
         study.Arm("teacher", stage="teacher"),
         study.Arm("baseline"),
     ))
-    args = type("A", (), {"out": str(tmp_path), "seeds": [0, 1], "jobs": 2, "threads": 1})()
+    args = type("A", (), {"seeds": [0, 1], "jobs": 2, "threads": 1})()
     FakeRun.started = []
-    study.train_all(s, args, [], {})
+    study.train_all(s, tmp_path, args, [], {})
     order = [name for name, _ in FakeRun.started]
     assert sorted(order) == ["baseline", "baseline", "net3", "net3", "teacher", "teacher"]
     for seed in (0, 1):  # each net3 after the teacher of its seed, and taught by that teacher
@@ -161,8 +161,8 @@ def test_runs_start_after_their_teacher_and_finished_runs_are_skipped(study, tmp
     taught = [w for name, w in FakeRun.started if name == "net3"]
     assert sorted(w[0] for w in taught) == [f"teacher.weights={tmp_path / 'teacher' / f'seed{k}'}/teacher.safetensors" for k in (0, 1)]
     FakeRun.started = []
-    study.train_all(s, args, [], {})  # everything is done: nothing starts again
+    study.train_all(s, tmp_path, args, [], {})  # everything is done: nothing starts again
     assert FakeRun.started == []
     (tmp_path / "net3" / "seed1" / "report.json").unlink()  # a run cut off before its report
-    study.train_all(s, args, [], {})
+    study.train_all(s, tmp_path, args, [], {})
     assert [name for name, _ in FakeRun.started] == ["net3"]

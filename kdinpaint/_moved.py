@@ -29,6 +29,8 @@ MOVED = {
     "kdinpaint.metrics": "kdinpaint.evaluation.metrics",
     "kdinpaint.baselines": "kdinpaint.evaluation.baselines",
     "kdinpaint.compare": "kdinpaint.evaluation.compare",
+    "kdinpaint.memory": "kdinpaint.inference.memory",
+    "kdinpaint.timing": "kdinpaint.inference.timing",
 }
 
 

@@ -587,11 +587,11 @@ def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: 
                   repeats: int = 10, compile: bool = False, dtype: torch.dtype = torch.float32,
                   memory: bool = True) -> dict[str, Any]:
     """Median ms per image of the deployed model's forward at ``size`` (a centre hole of a quarter of the image),
-    its parameter count and the rise of peak memory during one forward (:func:`kdinpaint.memory.peak_bytes`)."""
+    its parameter count and the rise of peak memory during one forward (:func:`kdinpaint.inference.memory.peak_bytes`)."""
     from kdinpaint.calling import convention
     from kdinpaint.inference import deployed_model
-    from kdinpaint.memory import peak_bytes
-    from kdinpaint.timing import median_seconds
+    from kdinpaint.inference.memory import peak_bytes
+    from kdinpaint.inference.timing import median_seconds
 
     model, stride = deployed_model(name)
     params = sum(p.numel() for p in model.parameters())

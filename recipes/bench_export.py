@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kdinpaint import deploy
-from kdinpaint.timing import median_seconds
+from kdinpaint.inference.timing import median_seconds
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kdinpaint.data import FreeFormMasks, ImageFolder, InpaintingDataset, sample_images
-from kdinpaint.timing import median_seconds
+from kdinpaint.inference.timing import median_seconds
 
 
 def write_images(folder: Path, count: int, size: int, fmt: str = "jpg") -> None:

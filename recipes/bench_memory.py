@@ -31,7 +31,7 @@ def _child(what: str, size: int, checkpoint: str | None) -> dict:
     import numpy as np
     import torch
 
-    from kdinpaint.memory import _reset_peak_rss, _status_kib
+    from kdinpaint.inference.memory import _reset_peak_rss, _status_kib
 
     torch.manual_seed(0)
     row: dict = {"what": what, "size": size}

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from kdinpaint.timing import median_seconds, synchronize
+from kdinpaint.inference.timing import median_seconds, synchronize
 
 
 def bench_adaptive_conv(device: torch.device, repeats: int) -> dict:

@@ -187,7 +187,7 @@ def test_bench_row_for_tiny_unet(capsys, tmp_path):
 
 
 def test_inpaint_refuses_what_would_not_fit_and_max_side_runs_it(capsys, tmp_path, monkeypatch):
-    import kdinpaint.memory as memory
+    from kdinpaint.inference import memory
 
     rng = np.random.default_rng(5)
     photo = rng.integers(0, 256, (96, 64, 3), dtype=np.uint8)
@@ -229,21 +229,6 @@ def test_evaluate_image_folder_with_a_mask_folder(capsys, tmp_path):
     assert "skipped 1 mask" in err
     # p -> m1 (25 %), q -> m2 (45 % of 64 rows = 29 rows, at 32: 14.5 -> 45.3 %), r -> m1 again (cycling)
     assert _table(out)["images"] == ["0", "2", "0", "1", "3"]
-
-
-def test_peak_bytes_and_the_linear_fit():
-    import kdinpaint.memory as memory
-
-    # a 40 MB tensor created and dropped inside the call: the peak rises by about that much
-    peak = memory.peak_bytes(lambda: torch.ones(10_000_000), torch.device("cpu"))
-    if peak is None:
-        pytest.skip("peak resident memory cannot be measured here (not Linux)")
-    assert 0.9 * 40e6 <= peak <= 1.5 * 40e6
-    # least squares through three points on bytes = 100 + 3 x, by hand
-    fit = memory.fit_linear([(10, 130), (20, 160), (40, 220)], extra=50)
-    assert fit.intercept == pytest.approx(100) and fit.slope == pytest.approx(3)
-    assert fit.bytes(100) == int(1.25 * (100 + 300 + 50))
-    assert fit.max_pixels(int(1.25 * (100 + 300 + 50))) in (99, 100)
 
 
 def test_evaluate_against_a_control_gives_the_paired_gap(capsys, tmp_path, tiny_checkpoint):

@@ -1,7 +1,5 @@
-"""kdinpaint.padding: the bottom/right padding the adapters use inside their forward, against numpy.pad.
-
-(The centred padding of the Inpainter, pad_to_multiple / unpad, is tested in test_inference.py.)
-"""
+"""kdinpaint.padding against numpy.pad: the bottom/right padding the adapters use inside their forward, and the
+centred padding of the Inpainter (pad_to_multiple / unpad)."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdinpaint.padding import crop_top_left, pad_bottom_right
+from kdinpaint.padding import crop_top_left, pad_bottom_right, pad_to_multiple, unpad
 
 # (H, W, multiple, min_size): the sizes of EdgeConnect (4), DeepFill v2 (8) and StructureFlow (16, at least 48),
 # including maps too small to mirror (a pad as wide as the side)
@@ -47,3 +45,35 @@ def test_pad_bottom_right_hand_computed_and_no_copy_when_aligned():
     assert pad_bottom_right(two_rows, 4).tolist() == [[[[1, 2, 3, 3], [4, 5, 6, 6], [4, 5, 6, 6], [4, 5, 6, 6]]]]
     aligned = torch.zeros(1, 1, 8, 16)
     assert pad_bottom_right(aligned, 8) is aligned and pad_bottom_right(aligned, 8, value=0.0) is aligned
+
+
+# ---- centred: what the Inpainter does once, around the image ----------------------------------------------------
+def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("h, w, multiple", [(37, 50, 8), (32, 24, 8), (5, 9, 4), (3, 2, 8), (17, 1, 3)])
+def test_pad_round_trip_against_numpy(h, w, multiple):
+    image = _image(2, h, w)
+    mask = (torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(1)) > 0.6).float()
+    padded, pmask, crop = pad_to_multiple(image, mask, multiple)
+    H, W = padded.shape[-2:]
+    assert H % multiple == 0 and W % multiple == 0 and H - h < multiple and W - w < multiple
+    assert pmask.shape == (2, 1, H, W)
+    assert torch.equal(unpad(padded, crop), image) and torch.equal(unpad(pmask, crop), mask)
+    # oracle: numpy's pad, the border split evenly with the odd pixel bottom/right; mirror without repeating the
+    # edge pixel, or repeat the edge when the image is too small to mirror
+    ph, pw = H - h, W - w
+    widths = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    mode = "reflect" if max(widths[2]) < h and max(widths[3]) < w else "edge"
+    np.testing.assert_array_equal(padded.numpy(), np.pad(image.numpy(), widths, mode=mode))
+    np.testing.assert_array_equal(pmask.numpy(), np.pad(mask.numpy(), widths, mode=mode))
+    assert set(pmask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_pad_is_a_no_op_on_multiples_and_refuses_bad_multiples():
+    image, mask = _image(1, 16, 24), torch.zeros(1, 1, 16, 24)
+    padded, pmask, crop = pad_to_multiple(image, mask, 8)
+    assert padded is image and pmask is mask and crop == (0, 0, 16, 24)
+    with pytest.raises(ValueError, match="multiple"):
+        pad_to_multiple(image, mask, 0)

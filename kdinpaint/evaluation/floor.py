@@ -26,7 +26,8 @@ import torch
 
 from kdinpaint.evaluation.baselines import baseline_unavailable
 from kdinpaint.evaluation.metrics import MetricRow, _metric_specs
-from kdinpaint.inference import Inpainter, evaluate_model
+from kdinpaint.inference.evaluate import evaluate_model
+from kdinpaint.inference.inpainter import Inpainter
 
 __all__ = [
     "FLOOR_METHODS",
@@ -73,8 +74,8 @@ def floor_methods(methods: Sequence[str] = FLOOR_METHODS) -> tuple[list[str], di
 class Floor:
     """The weight-free baselines scored on one set of images and masks (:func:`evaluate_floor`).
 
-    ``rows[method]`` and ``summaries[method]`` are what :func:`~kdinpaint.inference.evaluate_model` returns for that baseline;
-    ``skipped`` names the methods that could not run here and why.
+    ``rows[method]`` and ``summaries[method]`` are what :func:`~kdinpaint.inference.evaluate_model` returns for that
+    baseline; ``skipped`` names the methods that could not run here and why.
     """
 
     rows: dict[str, list[MetricRow]] = field(default_factory=dict)
@@ -100,10 +101,11 @@ def evaluate_floor(
     batch_size: int = 8,
     on_batch: Callable[[str, int], None] | None = None,
 ) -> Floor:
-    """Score the weight-free baselines ``methods`` on ``images`` and ``masks`` (as :func:`~kdinpaint.inference.evaluate_model` takes them).
+    """Score the weight-free baselines ``methods`` on ``images`` and ``masks`` (as
+    :func:`~kdinpaint.inference.evaluate_model` takes them).
 
-    Each runs on the CPU through :meth:`~kdinpaint.inference.Inpainter.from_baseline`; biharmonic costs about 0.3 s per 64×64 image
-    and seconds per 256×256 one. Methods that cannot run here are skipped (:func:`floor_methods`); when none
+    Each runs on the CPU through :meth:`~kdinpaint.inference.Inpainter.from_baseline`; biharmonic costs about 0.3 s
+    per 64×64 image and seconds per 256×256 one. Methods that cannot run here are skipped (:func:`floor_methods`); when none
     can, ``ValueError``. ``on_batch(method, n)`` is called after every batch of ``n`` images (progress bars).
     """
     usable, skipped = floor_methods(methods)

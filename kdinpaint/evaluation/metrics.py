@@ -320,8 +320,9 @@ def to_json(
     summary: dict[str, object], rows: Sequence[MetricRow] | None = None, *, floor: Mapping[str, object] | None = None,
     **sections: object,
 ) -> str:
-    """Strict JSON of the summary (and the rows, and under ``"floor"`` a :func:`~kdinpaint.evaluation.floor.compare_floor` result, and any
-    further ``sections`` under their names); non-finite numbers become ``null``."""
+    """Strict JSON of the summary (and the rows, and under ``"floor"`` a
+    :func:`~kdinpaint.evaluation.floor.compare_floor` result, and any further ``sections`` under their names);
+    non-finite numbers become ``null``."""
 
     def clean(v: object) -> object:
         if isinstance(v, float) and not math.isfinite(v):

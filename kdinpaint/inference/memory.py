@@ -10,23 +10,41 @@ small sizes into ``bytes = intercept + slope × pixels``: since the pixel attent
 attention's smallest forward blocks so that their own attention buffers are linear too; the largest forward
 block (:data:`~kdinpaint.ops.attention.FORWARD_BLOCK_ELEMENTS`) is added once. :func:`available_bytes` is what
 the device can still give: ``MemAvailable`` bounded by the cgroup limit on Linux, the free memory on CUDA.
+
+:func:`probe_memory` runs those probes on a model and :func:`check_fits` refuses, with
+:class:`InferenceOutOfMemory`, images whose forward would not fit: what :meth:`Inpainter.memory_model
+<kdinpaint.inference.Inpainter.memory_model>` and :meth:`~kdinpaint.inference.Inpainter.check_memory` do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["MemoryModel", "peak_bytes", "available_bytes", "fit_linear", "small_attention_blocks", "gib"]
+from kdinpaint.attention import PixelAttention
+from kdinpaint.inference.device import model_dtype
+from kdinpaint.ops import attention
+
+__all__ = [
+    "InferenceOutOfMemory", "MemoryModel", "peak_bytes", "available_bytes", "fit_linear", "small_attention_blocks",
+    "side_that_fits", "probe_memory", "check_fits", "gib",
+]
 
 #: safety factor on the estimate (allocator fragmentation, the probes' measurement noise)
 MARGIN = 1.25
+
+
+class InferenceOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the batch size to lower."""
 
 
 def gib(n: float) -> str:
@@ -55,8 +73,6 @@ def _mmap_threshold(nbytes: int, trim: bool = False) -> None:
     without glibc). glibc raises its threshold as large blocks are freed (up to 32 MiB) and reuses freed heap
     memory, after which a repeated forward runs in memory already resident and its peak shows no rise."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
         if trim:
@@ -114,8 +130,6 @@ def available_bytes(device: torch.device) -> int | None:
 @contextlib.contextmanager
 def small_attention_blocks() -> Iterator[None]:
     """Pixel attention with its smallest forward blocks (their memory linear in ``N``), for the probes."""
-    from kdinpaint.ops import attention
-
     saved = attention.FORWARD_BLOCK_ELEMENTS
     attention.FORWARD_BLOCK_ELEMENTS = 0
     try:
@@ -163,3 +177,60 @@ def side_that_fits(model: MemoryModel, available: int, height: int, width: int, 
     longest = max(height, width)
     scale = math.sqrt(pixels / max(1, height * width))
     return int(longest * min(1.0, scale)) // multiple * multiple
+
+
+def probe_memory(module: nn.Module, call: Any, batch_size: int, stride: int, device: torch.device) -> MemoryModel | None:
+    """How ``module``'s peak memory grows with the pixel count at ``batch_size`` on ``device``, from two forwards
+    at small sizes (multiples of ``stride``, about 64² and 128²) with the attention's smallest blocks; ``call``:
+    the model's :class:`~kdinpaint.calling.CallConvention` (``None``: ``module(image, mask)``). ``None`` where
+    memory cannot be measured. The module runs in eval mode; its train/eval mode is restored."""
+    dtype = model_dtype(module) or torch.float32
+    side = -(-64 // stride) * stride
+    points = []
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode(), small_attention_blocks():
+            for s in (side, 2 * side):
+                image = torch.zeros(batch_size, 3, s, s, device=device, dtype=dtype)
+                mask = torch.zeros(batch_size, 1, s, s, device=device, dtype=dtype)
+                mask[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+                args, kwargs = call.build(image, mask) if call is not None else ((image, mask), {})
+                peak = peak_bytes(lambda: module(*args, **kwargs), device)
+                if peak is None:
+                    return None
+                points.append((s * s, peak))
+    finally:
+        module.train(was_training)
+    has_attention = any(isinstance(m, PixelAttention) for m in module.modules())
+    # one forward block of the attention at its full size (the probes ran the smallest): its scores and output
+    extra = 2 * attention.FORWARD_BLOCK_ELEMENTS * torch.finfo(dtype).bits // 8 if has_attention else 0
+    return fit_linear(points, extra)
+
+
+def check_fits(model: MemoryModel | None, device: torch.device, height: int, width: int, *, stride: int,
+               batch_size: int, name: str, option: str = "--max-side") -> int | None:
+    """Refuse, with :class:`InferenceOutOfMemory`, images of ``height × width`` (padded to ``stride``) whose forward
+    at ``batch_size`` would need more than :func:`available_bytes` of ``device`` by ``model``; the message names
+    the model (``name``), the longest side that fits with ``option`` (the command-line option that makes images
+    smaller), a lower batch size and the CPU. Returns the estimated bytes, or ``None`` where ``model`` or the
+    free memory is unknown (then nothing is checked)."""
+    free = available_bytes(device)
+    if model is None or free is None:
+        return None
+    H, W = -(-height // stride) * stride, -(-width // stride) * stride
+    need = model.bytes(H * W)
+    if need <= free:
+        return need
+    fixes = []
+    side = side_that_fits(model, free, H, W, stride)
+    if side >= stride:
+        fixes.append(f"use {option} {side} (the longest side that fits)")
+    if batch_size > 1:
+        fixes.append(f"lower --batch-size from {batch_size}")
+    if device.type != "cpu":
+        fixes.append("or run on the CPU (--device cpu)")
+    raise InferenceOutOfMemory(
+        f"{name} would need about {gib(need)} for {H}x{W} images at batch size {batch_size} on "
+        f"{device}, but only {gib(free)} is free: {'; '.join(fixes) or 'free memory on this machine'}"
+    )

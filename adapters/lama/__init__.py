@@ -37,7 +37,8 @@ from kdinpaint.adapter import Adapter
 from kdinpaint.hookspecs import hookimpl
 
 from .ffc import CONFIGS, FFC, FFCBnAct, FFCResNetGenerator, FFCResnetBlock, FourierUnit, SpectralTransform, generator_config, set_dft
-from .model import LaMa, lama_student
+from .builder import lama_student
+from .model import LaMa
 from .official import checkpoint_filter_fn, infer_config, load_official, read_checkpoint, save_official
 
 __all__ = [

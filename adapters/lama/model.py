@@ -17,7 +17,6 @@ runs the generator and crops back.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +27,7 @@ from kdinpaint.padding import crop_top_left, pad_bottom_right
 
 from .ffc import FFCResNetGenerator, generator_config
 
-__all__ = ["LaMa", "to_unit", "from_unit", "network_input", "lama_student"]
+__all__ = ["LaMa", "to_unit", "from_unit", "network_input"]
 
 
 def to_unit(image: torch.Tensor) -> torch.Tensor:
@@ -93,23 +92,3 @@ class LaMa(nn.Module):
         # reflection padding needs >= 2 pixels at the deepest level and > 3 at the 7x7 ends
         out = self.generator(pad_bottom_right(net_in, self.stride, min_size=max(4, 2 * self.stride)))
         return from_unit(crop_top_left(out, size))
-
-
-def lama_student(
-    config: str | Mapping[str, Any] = "big-lama",
-    pretrained: str | os.PathLike[str] | None = None,
-    dft: str = "fft",
-    **overrides: Any,
-) -> LaMa:
-    """The student (and, fed the ground truth with an empty mask, the teacher) of the ``lama`` adapter.
-
-    ``pretrained``: a LaMa ``best.ckpt`` (or any file :func:`~kdinpaint_adapters.lama.official.load_official`
-    reads), loaded strictly: a checkpoint of another config is refused naming the differing keys.
-    ``config``, ``dft`` and ``overrides``: as :class:`LaMa`.
-    """
-    model = LaMa(config, dft=dft, **overrides)
-    if pretrained is not None:
-        from .official import load_official
-
-        load_official(pretrained, model=model)
-    return model

@@ -33,11 +33,37 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from kdinpaint import deploy
+from kdinpaint.calling import convention
+from kdinpaint.data import ImageFolder, MaskFolder, list_images, sample_images
+from kdinpaint.evaluation.baselines import BASELINES
+from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
+from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
+from kdinpaint.evaluation.metrics import CONVENTIONS, to_csv, to_json, to_markdown
+from kdinpaint.export import load_checkpoint
+from kdinpaint.inference import (
+    GeneratedMasks,
+    InferenceOutOfMemory,
+    Inpainter,
+    deployed_model,
+    evaluate_model,
+    load_image,
+    load_mask,
+    mask_to_rgb,
+    resolve_device,
+    save_image,
+)
+from kdinpaint.inference.memory import peak_bytes
+from kdinpaint.inference.timing import median_seconds
+from kdinpaint.plugins import PluginError, get_adapter, list_adapters, plugin_failures
+from kdinpaint.suggest import analyse, example_call
 
 __all__ = ["main", "build_parser", "add_command"]
 
@@ -62,8 +88,6 @@ def _adapters_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from kdinpaint.plugins import list_adapters, plugin_failures
-
     adapters = list_adapters(strict=_strict(args))
     failures = plugin_failures(strict=_strict(args))
     rows = [
@@ -114,8 +138,6 @@ def _spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_spec_show(args: argparse.Namespace) -> int:
-    from kdinpaint.plugins import get_adapter
-
     name, _, variant = args.name.partition(":")
     adapter = get_adapter(name, strict=_strict(args))
     spec = adapter.spec.variant(variant or None)
@@ -144,15 +166,11 @@ def _load_factory(target: str) -> torch.nn.Module:
 
 
 def cmd_spec_suggest(args: argparse.Namespace) -> int:
-    from kdinpaint.suggest import analyse, example_call
-
     if (args.name is None) == (args.model is None):
         raise ValueError("spec suggest needs exactly one of NAME[:VARIANT] or --model package.module:callable")
     image_arg, mask_arg, hand, conv = _arg(args.image_arg), _arg(args.mask_arg), None, args.input
     shape = [1, 3, 64, 64]
     if args.name is not None:
-        from kdinpaint.plugins import get_adapter
-
         name, _, variant = args.name.partition(":")
         adapter = get_adapter(name, strict=_strict(args))
         hand = adapter.spec.variant(variant or None)
@@ -219,8 +237,6 @@ def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
     g.add_argument("--adapter", help="NAME[:VARIANT]: with --checkpoint, the adapter it must belong to; "
                                      "alone, that adapter with RANDOM weights (smoke tests only)")
     if baseline:
-        from kdinpaint.evaluation.baselines import BASELINES
-
         g.add_argument("--baseline", choices=sorted(BASELINES), help="a weight-free baseline (telea/ns need kdinpaint[cv])")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available of cuda, mps, cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (lower it when memory runs out)")
@@ -228,8 +244,6 @@ def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
 
 
 def _inpainter(args: argparse.Namespace) -> Any:
-    from kdinpaint.inference import Inpainter
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     baseline = getattr(args, "baseline", None)
@@ -248,8 +262,6 @@ def _inpainter(args: argparse.Namespace) -> Any:
 
 # ---- kdinpaint evaluate -------------------------------------------------------------------------
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    from kdinpaint.evaluation.metrics import CONVENTIONS
-
     _model_arguments(p)
     p.add_argument("--images", help="a folder of images or a .flist/.txt file list (default: the bundled sample photos)")
     p.add_argument("--count", type=int, default=None, help="number of images (default: 10 sample crops, or the whole folder)")
@@ -260,9 +272,6 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="generated masks instead (default freeform): mask i in Table 1 bucket i mod 4, seeded")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
     p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.evaluation.metrics)")
-    from kdinpaint.evaluation.baselines import BASELINES
-    from kdinpaint.evaluation.floor import FLOOR_METHODS
-
     p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
                    help=f"weight-free baselines scored beside the network on the same images and masks, with the gap "
                         f"to biharmonic (default for a checkpoint or adapter: {' '.join(FLOOR_METHODS)}; Telea only "
@@ -279,8 +288,6 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluation_images(args: argparse.Namespace) -> tuple[Sequence[torch.Tensor], list[str], str]:
-    from kdinpaint.data import ImageFolder, sample_images
-
     if args.size < 16:
         raise ValueError(f"--size must be at least 16 (SSIM's 11x11 window), got {args.size}")
     if args.count is not None and args.count < 1:
@@ -319,14 +326,11 @@ class _Picked(Sequence):
 
 
 def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[torch.Tensor], str]:
-    from kdinpaint.inference import GeneratedMasks
-
     if args.masks and args.mask_generator:
         raise ValueError("give --masks DIR or --mask-generator, not both")
     if not args.masks:
         kind = args.mask_generator or "freeform"
         return GeneratedMasks(kind, count, args.size, args.seed), f"{kind} masks (seed {args.seed}, bucket i mod 4)"
-    from kdinpaint.data import MaskFolder
 
     if not os.path.exists(args.masks):
         raise FileNotFoundError(f"--masks {args.masks!r} does not exist")
@@ -356,8 +360,6 @@ def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[to
 
 def _floor_choice(args: argparse.Namespace) -> list[str]:
     """The floor methods to run: ``--floor``, else the default for a network and none for ``--baseline``."""
-    from kdinpaint.evaluation.floor import FLOOR_METHODS
-
     if args.no_floor and args.floor:
         raise ValueError("give --floor METHOD ... or --no-floor, not both")
     if args.no_floor:
@@ -368,10 +370,6 @@ def _floor_choice(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kdinpaint.evaluation.floor import evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
-    from kdinpaint.evaluation.metrics import to_csv, to_json, to_markdown
-    from kdinpaint.inference import evaluate_model
-
     usable, skipped = floor_methods(_floor_choice(args))
     if args.floor and skipped:  # asked for by name: say why it is missing
         if not usable:
@@ -419,11 +417,6 @@ def _control_comparison(args: argparse.Namespace, images, masks, names, rows, su
     """``--control``: the second network's rows on the same images and masks and the paired gap, or None."""
     if not args.control:
         return None
-    from dataclasses import asdict
-
-    from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
-    from kdinpaint.inference import Inpainter, evaluate_model
-
     other = Inpainter.from_checkpoint(args.control, device=args.device, batch_size=args.batch_size)
     label = f"{other.name} ({Path(args.control).name})" if other.name == name else other.name
     c_rows, c_summary = evaluate_model(other, images, masks, convention=args.compat, names=names)
@@ -452,8 +445,6 @@ def _inpaint_arguments(p: argparse.ArgumentParser) -> None:
 
 def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
     """(image, mask, output) for every image; every missing path is named before anything runs."""
-    from kdinpaint.data import list_images
-
     src, msk, out = Path(args.input), Path(args.mask), Path(args.output)
     for label, path in (("input", src), ("mask", msk)):
         if not path.exists():
@@ -502,8 +493,6 @@ def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) ->
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    from kdinpaint.inference import load_image, load_mask, mask_to_rgb, save_image
-
     jobs = _inpaint_jobs(args)
     inpainter = _inpainter(args)
     skipped: list[str] = []
@@ -588,11 +577,6 @@ def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: 
                   memory: bool = True) -> dict[str, Any]:
     """Median ms per image of the deployed model's forward at ``size`` (a centre hole of a quarter of the image),
     its parameter count and the rise of peak memory during one forward (:func:`kdinpaint.inference.memory.peak_bytes`)."""
-    from kdinpaint.calling import convention
-    from kdinpaint.inference import deployed_model
-    from kdinpaint.inference.memory import peak_bytes
-    from kdinpaint.inference.timing import median_seconds
-
     model, stride = deployed_model(name)
     params = sum(p.numel() for p in model.parameters())
     side = -(-size // stride) * stride  # the size the model runs at after padding
@@ -611,9 +595,6 @@ def bench_adapter(name: str, device: torch.device, size: int = 256, batch_size: 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kdinpaint.inference import resolve_device
-    from kdinpaint.plugins import list_adapters
-
     device = resolve_device(args.device)
     on_cpu = device.type == "cpu"
     args.repeats = args.repeats if args.repeats is not None else (3 if on_cpu else 10)
@@ -684,11 +665,6 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kdinpaint import deploy
-    from kdinpaint.export import load_checkpoint
-    from kdinpaint.inference import deployed_model
-    from kdinpaint.plugins import get_adapter
-
     out = Path(args.output)
     fmt = args.format or {".pt2": "pt2", ".onnx": "onnx"}.get(out.suffix)
     if fmt is None:
@@ -744,7 +720,7 @@ def _check_weights_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
-    from kdinpaint.inference import GeneratedMasks, resolve_device
+    # an adapter package, imported when its command runs: a broken adapter does not break the other commands
     from kdinpaint_adapters.gatedconv import check_channel_order
 
     images, names, what_images = _evaluation_images(args)
@@ -770,7 +746,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """The Trainer on one process (several: ``accelerate launch recipes/train.py --config RECIPE``)."""
-    from kdinpaint.train.trainer import main as train_main
+    from kdinpaint.train.trainer import main as train_main  # here: accelerate takes seconds to import
 
     flags = [f"--stage={args.stage}", *(["--resume-changed"] if args.resume_changed else []),
              *(["--debug"] if args.debug else [])]
@@ -808,8 +784,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    from kdinpaint.inference import InferenceOutOfMemory
-    from kdinpaint.plugins import PluginError
 
     try:
         return int(args.run(args) or 0)

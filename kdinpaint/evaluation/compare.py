@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from kdinpaint.evaluation.metrics import TABLE1_BUCKETS, MetricRow, _label
 
@@ -29,6 +28,8 @@ def _interval(d: Sequence[float]) -> dict[str, float]:
     mean = float(np.mean(d))
     if n < 2:
         return {"gap": mean, "se": math.nan, "lo": math.nan, "hi": math.nan}
+    from scipy import stats  # here, not at the top: importing scipy.stats takes about a second
+
     se = float(np.std(d, ddof=1)) / math.sqrt(n)
     half = float(stats.t.ppf(0.975, n - 1)) * se
     return {"gap": mean, "se": se, "lo": mean - half, "hi": mean + half}

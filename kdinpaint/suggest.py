@@ -39,6 +39,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kdinpaint._modules import training_mode
+from kdinpaint.calling import CallConvention
+from kdinpaint.masking import masked
 from kdinpaint.spec import AdapterSpec, AttentionSite
 
 __all__ = ["suggest_spec", "analyse", "example_call", "Suggestion", "SoftmaxSite"]
@@ -265,9 +267,6 @@ def example_call(
     ``input=None``: ``concat`` when the model's ``forward`` takes one required argument (and no mask place
     is given), else ``separate``; the image is passed masked, as kdinpaint passes it.
     """
-    from kdinpaint.calling import CallConvention
-    from kdinpaint.masking import masked
-
     if input is None:
         input = "concat" if mask_arg is None and _takes_one_tensor(model) else "separate"
     call = CallConvention(model, 0 if image_arg is None else image_arg, 1 if mask_arg is None else mask_arg, input)

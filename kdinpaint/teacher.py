@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdinpaint import _modules
+from kdinpaint.attach import is_attached
 from kdinpaint.calling import CallConvention, convention, select_output
 from kdinpaint.masking import check_image_range
 from kdinpaint.plugins import resolve_spec
@@ -31,8 +32,6 @@ def build_teacher(student: nn.Module) -> nn.Module:
 
     Build it before :func:`kdinpaint.attach` (a hooked model is refused: its hooks would be copied).
     """
-    from kdinpaint.attach import is_attached
-
     root = _modules.unwrap(student)
     if is_attached(root):
         raise RuntimeError("build the teacher before kdinpaint.attach(), or call kd.detach() first")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 # a state_dict key without DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes, in any order
@@ -29,8 +30,6 @@ def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_loc
         raise FileNotFoundError(f"no {what} at {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             data: Any = load_file(str(path), device=str(map_location))
         else:
             data = torch.load(path, map_location=map_location, weights_only=True)

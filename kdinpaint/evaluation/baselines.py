@@ -24,8 +24,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from skimage.restoration import inpaint_biharmonic
 
 from kdinpaint.masking import check_mask, composite
+from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
 
 __all__ = [
     "BASELINES", "NEEDS_OPENCV", "get_baseline", "baseline_unavailable", "biharmonic", "opencv_inpaint", "telea",
@@ -64,8 +66,6 @@ def _from_numpy(out: np.ndarray, image: torch.Tensor, mask: torch.Tensor) -> tor
 
 def biharmonic(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Biharmonic inpainting (``skimage.restoration.inpaint_biharmonic``); shapes in the module docstring."""
-    from skimage.restoration import inpaint_biharmonic
-
     mask = _check(image, mask)
     img, hole = _to_numpy(image, mask)
     out = np.stack(
@@ -116,8 +116,6 @@ def pyramid_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`kdinpaint.ops.fill.harmonic_fill` with the settings ``ReferenceNet(prefill=True)`` starts from
     (64 Jacobi sweeps and 100 biharmonic conjugate-gradient steps per level): what such a network adds to its
     own starting point is its score minus this one."""
-    from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
-
     mask = _check(image, mask).to(image.dtype)
     return composite(harmonic_fill(image, mask, PREFILL_SWEEPS, PREFILL_BIHARMONIC).clamp(-1, 1), image, mask)
 

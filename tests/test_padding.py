@@ -48,13 +48,9 @@ def test_pad_bottom_right_hand_computed_and_no_copy_when_aligned():
 
 
 # ---- centred: what the Inpainter does once, around the image ----------------------------------------------------
-def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
 @pytest.mark.parametrize("h, w, multiple", [(37, 50, 8), (32, 24, 8), (5, 9, 4), (3, 2, 8), (17, 1, 3)])
-def test_pad_round_trip_against_numpy(h, w, multiple):
-    image = _image(2, h, w)
+def test_pad_round_trip_against_numpy(h, w, multiple, random_image):
+    image = random_image(2, h, w)
     mask = (torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(1)) > 0.6).float()
     padded, pmask, crop = pad_to_multiple(image, mask, multiple)
     H, W = padded.shape[-2:]
@@ -71,8 +67,8 @@ def test_pad_round_trip_against_numpy(h, w, multiple):
     assert set(pmask.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_pad_is_a_no_op_on_multiples_and_refuses_bad_multiples():
-    image, mask = _image(1, 16, 24), torch.zeros(1, 1, 16, 24)
+def test_pad_is_a_no_op_on_multiples_and_refuses_bad_multiples(random_image):
+    image, mask = random_image(1, 16, 24), torch.zeros(1, 1, 16, 24)
     padded, pmask, crop = pad_to_multiple(image, mask, 8)
     assert padded is image and pmask is mask and crop == (0, 0, 16, 24)
     with pytest.raises(ValueError, match="multiple"):

@@ -12,10 +12,6 @@ import kdinpaint
 from kdinpaint.inference import InferenceOutOfMemory, Inpainter, NonFiniteOutput
 
 
-def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
 class _Blur(torch.nn.Module):
     """Translation-equivariant: a fixed 3x3 mean filter; records the sizes it was called at."""
 
@@ -30,8 +26,8 @@ class _Blur(torch.nn.Module):
         return F.conv2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), self.weight, groups=3) * 3  # leaves [-1, 1]
 
 
-def test_inpainter_pads_crops_and_keeps_known_pixels_exactly():
-    image = _image(3, 37, 50)
+def test_inpainter_pads_crops_and_keeps_known_pixels_exactly(random_image):
+    image = random_image(3, 37, 50)
     mask = torch.zeros(3, 1, 37, 50)
     mask[..., 10:25, 15:35] = 1
     net = _Blur(8)
@@ -49,11 +45,11 @@ def test_inpainter_pads_crops_and_keeps_known_pixels_exactly():
     assert float(out.abs().max()) <= 1
 
 
-def test_inpainter_never_lets_the_prediction_leak_into_known_pixels():
+def test_inpainter_never_lets_the_prediction_leak_into_known_pixels(random_image):
     def far_off(image, mask):
         return torch.full_like(image, 5.0)
 
-    image, mask = _image(2, 16, 16), torch.zeros(1, 1, 16, 16)
+    image, mask = random_image(2, 16, 16), torch.zeros(1, 1, 16, 16)
     mask[..., 4:8, 4:8] = 1
     out = Inpainter(far_off)(image, mask)  # a single mask broadcast over the batch
     known = mask.expand_as(image) == 0
@@ -62,40 +58,40 @@ def test_inpainter_never_lets_the_prediction_leak_into_known_pixels():
         Inpainter(lambda i, m: torch.full_like(i, float("nan")), name="nan_model")(image, mask)
 
 
-def test_inpainter_hides_the_hole_from_the_model():
+def test_inpainter_hides_the_hole_from_the_model(random_image):
     seen = {}
 
     def spy(image, mask):
         seen["hole"] = image[mask.expand_as(image) == 1]
         return image
 
-    image, mask = _image(1, 8, 8), torch.zeros(1, 1, 8, 8)
+    image, mask = random_image(1, 8, 8), torch.zeros(1, 1, 8, 8)
     mask[..., 2:5, 2:5] = 1
     Inpainter(spy)(image, mask)
     assert torch.equal(seen["hole"], torch.zeros(27))
 
 
-def test_inpainter_refuses_bad_input_with_the_fix():
+def test_inpainter_refuses_bad_input_with_the_fix(random_image):
     inp = Inpainter(lambda i, m: i)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         inp(torch.full((1, 3, 8, 8), 200.0), torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="nearest"):
-        inp(_image(1, 8, 8), torch.zeros(1, 1, 4, 4))
+        inp(random_image(1, 8, 8), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="255"):
-        inp(_image(1, 8, 8), torch.full((1, 1, 8, 8), 255.0))
+        inp(random_image(1, 8, 8), torch.full((1, 1, 8, 8), 255.0))
 
 
-def test_out_of_memory_names_the_batch_size():
+def test_out_of_memory_names_the_batch_size(random_image):
     def oom(image, mask):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(InferenceOutOfMemory, match=r"batch size 4.*--batch-size.*from 4 to 2"):
-        Inpainter(oom, batch_size=4)(_image(4, 8, 8), torch.ones(1, 1, 8, 8))
+        Inpainter(oom, batch_size=4)(random_image(4, 8, 8), torch.ones(1, 1, 8, 8))
     with pytest.raises(InferenceOutOfMemory, match="already 1"):
-        Inpainter(oom)(_image(1, 8, 8), torch.ones(1, 1, 8, 8))
+        Inpainter(oom)(random_image(1, 8, 8), torch.ones(1, 1, 8, 8))
 
 
-def test_checkpoint_inpainter_equals_the_model_composited(tmp_path):
+def test_checkpoint_inpainter_equals_the_model_composited(tmp_path, random_image):
     torch.manual_seed(0)
     adapter = kdinpaint.get_adapter("tiny-unet")
     student = adapter.student(width=4)
@@ -105,7 +101,7 @@ def test_checkpoint_inpainter_equals_the_model_composited(tmp_path):
     kd.detach()
     inp = Inpainter.from_checkpoint(path, "tiny-unet", device="cpu", batch_size=3)
     assert inp.stride == 8
-    image, mask = _image(2, 24, 32), torch.zeros(2, 1, 24, 32)
+    image, mask = random_image(2, 24, 32), torch.zeros(2, 1, 24, 32)
     mask[0, :, 3:12, 5:20] = 1
     mask[1, :, 10:20, 0:9] = 1
     fresh = kdinpaint.load_exported(path, adapter.student(width=4)).eval()

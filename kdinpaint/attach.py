@@ -16,6 +16,10 @@ What the hooks do, per forward of the student:
 ``losses()`` runs the frozen teacher under ``no_grad`` on the ground truth (teacher hooks record ``x*_l``),
 evaluates Eq. (2) and (3) with the meta-networks, and clears every captured tensor before returning.
 
+A black-box teacher (:mod:`kdinpaint.blackbox`: a TorchScript or ONNX file, or a function) has no modules to
+hook: it teaches through its prediction only (``output_distillation``), and a spec asking it for features is
+refused at attach time, naming the fields to switch off.
+
 Nothing is registered on the student: its ``state_dict`` and parameters are untouched, the added modules
 live in the Distiller. Theta (trained with the student) = completion blocks + alignment convs ``f_l``;
 Psi (trained by Algorithm 1) = gamma, rho, phi.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import warnings
 import weakref
@@ -37,20 +42,22 @@ from torch import nn
 from kdinpaint import _modules
 import torch.nn.functional as F
 
+from kdinpaint.blackbox import is_blackbox
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import convention, select_output
 from kdinpaint.losses._target import target as as_target
 from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
-from kdinpaint.losses.distillation import cross_distillation, self_distillation
-from kdinpaint.masking import check_mask, mask_at, masked, masked_mean
+from kdinpaint.losses.distillation import cross_distillation, output_distillation_terms, self_distillation
+from kdinpaint.masking import check_mask, mask_at, masked
 from kdinpaint.meta import ChannelWeights, FeatureTransform, PixelWeights
 from kdinpaint.plugins import resolve_spec
-from kdinpaint.spec import AdapterSpec, SpecLike
+from kdinpaint.spec import AdapterSpec, SpecLike, TeacherCall
 
 __all__ = ["attach", "Distiller"]
 
 log = logging.getLogger(__name__)
 
+BLACKBOX_CALL = TeacherCall("separate", 0, 1, None)  # how a black-box teacher is called: teacher(image, mask)
 MAX_RESAMPLE = 8  # teacher and student levels further apart than this are refused as a wrong pairing
 PLAUSIBLE_LEVELS = 6  # more encoder levels than this (and than resolutions) is warned about
 
@@ -126,6 +133,15 @@ class Distiller(nn.Module):
         example_inputs: tuple | None = None,
     ):
         super().__init__()
+        if teacher is not None and (not isinstance(teacher, nn.Module) or isinstance(teacher, torch.jit.ScriptModule)):
+            raise TypeError(
+                f"the teacher is a {type(teacher).__name__}: a function or TorchScript module is a black box; wrap it "
+                "with kdinpaint.blackbox.load_blackbox(teacher, range=..., channels=..., mask=...), which declares its "
+                "conventions"
+            )
+        self._blackbox = teacher is not None and is_blackbox(_modules.unwrap(teacher))
+        if self._blackbox:
+            spec = _blackbox_spec(spec)
         self.spec = spec
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule on purpose
@@ -149,7 +165,7 @@ class Distiller(nn.Module):
         self.levels = _modules.resolve(self._root, spec.encoder_levels, what=f"spec {spec.name!r} encoder_levels")
         self.sites = _modules.resolve(self._root, spec.sites, what=f"spec {spec.name!r} completion_sites") if spec.sites else []
         self.teacher_levels: list[str] = []
-        if teacher is not None and self.levels:
+        if teacher is not None and self.levels and not self._blackbox:  # a black box has no levels to tap
             self.teacher_levels = _modules.resolve(
                 self._teacher_root, spec.teacher_paths, what=f"spec {spec.name!r} teacher_levels"
             )
@@ -259,7 +275,9 @@ class Distiller(nn.Module):
         )
         teacher_shapes: dict[Any, Any] = {}
         teacher_att = [p for site in self.attention if site.transfer for p in (site.module, site.capture)]
-        if self.teacher is not None and (self.teacher_levels or teacher_att or self.spec.output_distillation > 0):
+        # a black box is first called on the first batch (it may serve only the training size); it checks itself there
+        probe_teacher = self.teacher_levels or teacher_att or self.spec.output_distillation > 0
+        if self.teacher is not None and probe_teacher and not self._blackbox:
             ta, tkw = self._teacher_args(args, kwargs, image, mask)
             teacher_shapes = run(
                 self._teacher_root, list(dict.fromkeys(self.teacher_levels + teacher_att)), ta, tkw, "teacher", tuple(teacher_att)
@@ -303,7 +321,7 @@ class Distiller(nn.Module):
             log.info("teacher features resampled to the student's size at levels %s", self._resampled)
 
     def _check_output(self, shapes: dict, teacher_shapes: dict) -> None:
-        if self.spec.output_distillation <= 0:
+        if self.spec.output_distillation <= 0 or "__output__" not in teacher_shapes:  # a black box: at the first batch
             return
         pred = select_output(shapes["__output__"], self.spec.output)
         t_pred = select_output(teacher_shapes["__output__"], self.spec.teacher_convention.output)
@@ -661,9 +679,13 @@ class Distiller(nn.Module):
             pred = select_output(s.output, self.spec.output)
             t_pred = teacher["__output__"]
             if pred.shape != t_pred.shape:
-                raise ValueError(f"student prediction {tuple(pred.shape)} and teacher prediction {tuple(t_pred.shape)} differ")
-            # L1 between the predictions in the holes, per hole pixel and channel (the teacher's is a constant)
-            term = masked_mean((pred.float() - t_pred.float()).abs(), mask_at(s.mask, pred.shape[-2:]).float())
+                who = "black-box teacher" if self._blackbox else "teacher"
+                raise ValueError(f"student prediction {tuple(pred.shape)} and {who} prediction {tuple(t_pred.shape)} differ")
+            # L1 between the predictions in the holes, per hole cell and channel, at output_scales resolutions
+            terms = output_distillation_terms(pred, t_pred, mask_at(s.mask, pred.shape[-2:]), self.spec.output_scales)
+            if len(terms) > 1:
+                out.update({f"output/{2**k}": t for k, t in enumerate(terms)})  # keyed by the pooling factor
+            term = torch.stack(terms).sum()
             out["output"] = term
             out["total"] = out["total"] + self.spec.output_distillation * term
         return out
@@ -772,6 +794,34 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, levels={self.levels}, sites={self.sites}, attached={self.attached}"
+
+
+def _blackbox_spec(spec: AdapterSpec) -> AdapterSpec:
+    """``spec`` for a black-box teacher, called ``teacher(image, mask)``; a ``ValueError`` naming every field that
+    asks it for what it cannot give (features, or nothing at all)."""
+    problems = []
+    if spec.encoder_levels and spec.cross_distillation:
+        problems.append("cross_distillation: false (Eq. 2 reads the teacher's encoder features)")
+    if spec.teacher_levels is not None:
+        problems.append("teacher_levels: null (there are no modules inside a black box to tap; self-distillation's phi "
+                        "then reads the student's deeper feature)")
+    transfer = [a.module for a in spec.attention_sites if a.transfer]
+    if transfer:
+        problems.append(f"transfer: false in attention_sites {transfer} (Eq. 9 reads the teacher's affinities)")
+    if spec.output_distillation <= 0:
+        problems.append("output_distillation > 0 (its prediction is all a black box can teach)")
+    if spec.teacher_input in ("empty_mask", "image_only"):
+        problems.append(f"teacher_input: student_input, not {spec.teacher_input} (a trained inpainting network must "
+                        "see the student's holes to fill them)")
+    if spec.teacher_call is not None and spec.teacher_call != BLACKBOX_CALL:
+        problems.append("teacher_call: null (a black box is called teacher(image, mask) in the toolkit's conventions; "
+                        "its own range, channels and mask go to load_blackbox)")
+    if problems:
+        raise ValueError(
+            f"spec {spec.name!r} cannot distil from a black-box teacher; set " + "; ".join(problems)
+            + ". spec.for_blackbox() makes these changes"
+        )
+    return dataclasses.replace(spec, teacher_call=BLACKBOX_CALL)
 
 
 def _resample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:

@@ -205,6 +205,9 @@ class AdapterSpec:
             ``lambda_d`` weighs a relative error whatever the network's feature scale.
         output_distillation: weight of an output-level term in ``total``: the L1 distance between the
             student's and the teacher's predictions in the holes (0: off).
+        output_scales: at how many resolutions the output term compares the predictions: 1 (full size) or
+            more, adding the average-pooled 1/2, 1/4, 1/8 ... each normalised by its hole count (MI-GAN's
+            recipe; :func:`kdinpaint.losses.distillation.output_distillation`).
         clone_taps: clone every tapped feature (needed when an in-place op such as ``ReLU(inplace=True)``
             follows a tapped module and the pre-activation value is wanted; otherwise tap the activation).
         probe_shape: ``[B, C, H, W]`` of the dummy input used at attach time when no example is given.
@@ -225,6 +228,7 @@ class AdapterSpec:
     teacher_call: TeacherCall | None = None
     distill_scale: str = "plain"
     output_distillation: float = 0.0
+    output_scales: int = 1
     clone_taps: bool = False
     completion: CompletionOptions = field(default_factory=CompletionOptions)
     meta: MetaOptions = field(default_factory=MetaOptions)
@@ -262,6 +266,9 @@ class AdapterSpec:
         if not self.output_distillation >= 0 or self.output_distillation == float("inf"):
             raise ValueError(f"{where}.output_distillation must be a finite weight >= 0, got {self.output_distillation!r}")
         self.output_distillation = float(self.output_distillation)
+        _check_type(self.output_scales, (int,), "output_scales", where, "an int >= 1 (1: full size only)")
+        if self.output_scales < 1:
+            raise ValueError(f"{where}.output_scales must be >= 1 (1: full size only), got {self.output_scales}")
         if isinstance(self.completion, dict):
             _reject_unknown(CompletionOptions, self.completion, f"{where}.completion")
             self.completion = CompletionOptions(**self.completion)
@@ -375,6 +382,51 @@ class AdapterSpec:
             attention_sites=[dataclasses.replace(a, transfer=False) for a in self.attention_sites],
             name=f"{self.name} (no distillation)",
         )
+
+    def for_trained_teacher(
+        self,
+        teacher_levels: list[str] | None = None,
+        teacher_call: TeacherCall | dict | None = None,
+        output_distillation: float = 1.0,
+        output_scales: int = 4,
+    ) -> "AdapterSpec":
+        """This spec for distilling from a trained inpainting network of another architecture (compression).
+
+        The teacher sees the student's input (``teacher_input: student_input``) and teaches through its
+        prediction in the holes at ``output_scales`` resolutions with weight ``output_distillation``, plus, when
+        ``teacher_levels`` names its encoder levels (one per student level), cross-distillation; self-distillation
+        and completion blocks stay as they are. Attention transfer is switched off (a teacher of another
+        architecture has no attention of the student's form; the attention modules and PGL stay).
+        ``teacher_levels=None``: a black box (:mod:`kdinpaint.blackbox`): no feature term, cross-distillation off,
+        self-distillation's phi reads the student's deeper feature. ``teacher_call``: how the teacher is called
+        (a black box: ``teacher(image, mask)``, the default).
+        """
+        if teacher_levels is not None and len(teacher_levels) != len(self.encoder_levels):
+            raise ValueError(
+                f"spec {self.name!r} has {len(self.encoder_levels)} encoder levels {self.encoder_levels} but the teacher "
+                f"{len(teacher_levels)} {list(teacher_levels)}; pair one teacher level with each student level"
+            )
+        if teacher_call is None:
+            teacher_call = TeacherCall("separate", 0, 1, None)
+        data = self.to_dict()
+        data.update(
+            teacher_levels=None if teacher_levels is None else list(teacher_levels),
+            cross_distillation=self.cross_distillation and teacher_levels is not None,
+            attention_sites=[{**a, "transfer": False} for a in data["attention_sites"]],
+            teacher_input="student_input",
+            teacher_call=dataclasses.asdict(teacher_call) if isinstance(teacher_call, TeacherCall) else dict(teacher_call),
+            output_distillation=output_distillation,
+            output_scales=output_scales,
+            name=f"{self.name} (taught by a {'black box' if teacher_levels is None else 'trained network'})",
+            variants={},
+        )
+        return AdapterSpec.from_dict(data)
+
+    def for_blackbox(self, output_distillation: float = 1.0, output_scales: int = 4) -> "AdapterSpec":
+        """This spec for a black-box teacher (:func:`kdinpaint.blackbox.load_blackbox`): no feature term (cross-
+        distillation and attention transfer off), the teacher fed the student's input and compared in the holes
+        at ``output_scales`` resolutions (:meth:`for_trained_teacher` with no teacher levels)."""
+        return self.for_trained_teacher(None, None, output_distillation, output_scales)
 
     def variant(self, name: str | None) -> "AdapterSpec":
         """The spec with the named variant's overrides applied (``None`` or ``""``: this spec)."""

@@ -306,11 +306,8 @@ def test_random_in_range_recipe_values_are_accepted(case):
 
 
 def test_a_model_kwargs_typo_names_the_valid_keywords():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        from train import build_models
-    finally:
-        sys.path.remove(str(ROOT / "recipes"))
+    from kdinpaint.train.runs import build_models
+
     recipe = load_recipe(None, ["model.adapter=tiny-unet", "model.kwargs={widht: 4}"])
     with pytest.raises(ValueError, match=r"model.kwargs \['widht'\] .*valid keyword names: \['width', 'act_layer'\]"):
         build_models(recipe)

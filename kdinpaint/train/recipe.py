@@ -45,11 +45,26 @@ class ModelSection:
 
 @dataclass
 class TeacherSection:
-    """The auxiliary network (Eq. 2, 3, 9): pre-trained as an L1 autoencoder of the ground truth (§4)."""
+    """The auxiliary network (Eq. 2, 3, 9): pre-trained as an L1 autoencoder of the ground truth (§4); or a trained
+    inpainting network of another architecture, ``file`` (a black box) or ``adapter`` (a white box), which teaches
+    the student through its prediction in the holes (compression; the teacher stage is skipped)."""
 
     steps: int = 1000  # stage "teacher"; 0 with `weights` given skips it
     lr: float = 1e-4
     weights: Optional[str] = None  # a pre-trained teacher (safetensors state_dict)
+    file: Optional[str] = None  # a black box: TorchScript or ONNX file, (image, mask) -> image (kdinpaint.blackbox)
+    range: list = field(default_factory=lambda: [0, 1])  # the black box's image values: [0, 1] | [-1, 1] | [0, 255]
+    channels: str = "rgb"  # the black box's channel order: rgb | bgr
+    mask: str = "hole_is_1"  # the black box's mask: hole_is_1 | hole_is_0
+    adapter: Optional[str] = None  # or a white box: a registered adapter name:variant (its encoder_levels are tapped)
+    kwargs: dict = field(default_factory=dict)  # its builder's arguments, e.g. {pretrained: /path/to/big-lama}
+    output_distillation: float = 1.0  # with file / adapter: the weight of the output term in R_distil (times lambda_d)
+    output_scales: int = 4  # ... at full size and average-pooled 1/2, 1/4, 1/8 (MI-GAN)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the teacher is a trained network given by ``file`` or ``adapter`` (no teacher stage)."""
+        return self.file is not None or self.adapter is not None
 
 
 @dataclass
@@ -191,6 +206,8 @@ _CHOICES = {
     ("masks", "train_ratio"): ("any", "table1"),
     ("losses", "gan_loss"): ("nsgan", "lsgan", "hinge"),
     ("losses", "recon_padding"): ("reflect", "zeros"),
+    ("teacher", "channels"): ("rgb", "bgr"),
+    ("teacher", "mask"): ("hole_is_1", "hole_is_0"),
 }
 
 
@@ -269,7 +286,23 @@ def recipe_from_dict(data: dict) -> Recipe:
             "options are the other losses keys: remove objective_kwargs or name an objective"
         )
     _check_ranges(recipe)
+    _check_teacher(recipe.teacher)
     return recipe
+
+
+def _check_teacher(t: TeacherSection) -> None:
+    """The teacher is one of: the student's architecture (trained here or ``weights``), ``file`` or ``adapter``."""
+    if t.file is not None and t.adapter is not None:
+        raise ValueError(f"teacher.file ({t.file!r}) and teacher.adapter ({t.adapter!r}) both name the teacher: keep "
+                         "one (file: a TorchScript / ONNX black box; adapter: a network whose features are tapped)")
+    if t.trained and t.weights is not None:
+        raise ValueError("teacher.weights is a pre-trained auxiliary network of the student's architecture; with "
+                         "teacher.file or teacher.adapter the teacher is that network: remove teacher.weights")
+    if t.kwargs and t.adapter is None:
+        raise ValueError("teacher.kwargs are the arguments of teacher.adapter's builder; set teacher.adapter or remove them")
+    if t.trained and t.output_distillation == 0 and t.file is not None:
+        raise ValueError("teacher.output_distillation is 0, but a black-box teacher (teacher.file) teaches only through "
+                         "its prediction: set teacher.output_distillation > 0")
 
 
 # ---- value ranges: one table, checked when the recipe is loaded, before any model or data is built ----
@@ -295,6 +328,10 @@ def _betas(v: list) -> bool:
 _RANGES: dict[tuple[str, str], _Range] = {
     ("teacher", "steps"): _ge(0, "L1 steps of the teacher stage; 0 with teacher.weights skips it"),
     ("teacher", "lr"): _gt(0, "Adam's learning rate of the teacher"),
+    ("teacher", "range"): ("one of [0, 1], [-1, 1], [0, 255]", lambda v: list(v) in ([0, 1], [-1, 1], [0, 255]),
+                           "the black box's image values"),
+    ("teacher", "output_distillation"): _ge(0, "the weight of the output term of a trained teacher"),
+    ("teacher", "output_scales"): _ge(1, "resolutions of the output term: 1 full size, 4 adds 1/2, 1/4, 1/8"),
     ("data", "size"): (">= 8 and a multiple of 8", lambda v: v >= 8 and v % 8 == 0, "the crop side; the networks downsample by 8"),
     ("data", "sample_count"): _ge(1, "crops per bundled photo"),
     ("data", "eval_count"): _ge(1, "held-out images scored after training"),

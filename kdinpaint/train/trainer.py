@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from kdinpaint import data as kdata
 from kdinpaint.attach import attach
+from kdinpaint.blackbox import load_blackbox
 from kdinpaint.calling import convention, select_output
 from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
 from kdinpaint.data.training import images_from, mask_source
@@ -57,7 +58,8 @@ from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
 from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
-from kdinpaint.plugins import PluginError, resolve_objective
+from kdinpaint.plugins import PluginError, get_adapter, resolve_objective
+from kdinpaint.spec import TeacherCall
 from kdinpaint.teacher import autoencoder_call
 from kdinpaint.train.averaging import WeightAverage
 from kdinpaint.train.bilevel import MetaLearner, TrainingDiverged
@@ -180,7 +182,7 @@ class Trainer:
         self._set_threads()
         if self.changed:
             accelerator.print(f"resuming with changed recipe keys {self.changed} (recipe.yaml rewritten)")
-        parts = build_models(recipe)
+        parts = self.trained_teacher(build_models(recipe))
         eval_set(recipe)  # evaluation images and masks are read now, not after training
         if recipe.checkpoint.resume and checkpoints_in(run):
             check_random_states(checkpoints_in(run)[-1], accelerator.process_index)
@@ -194,22 +196,23 @@ class Trainer:
             if not Path(recipe.teacher.weights).is_file():
                 raise FileNotFoundError(f"teacher.weights {recipe.teacher.weights!r} does not exist")
             teacher_path = Path(recipe.teacher.weights)
-        if spec.uses_teacher and teacher_path.is_file():  # refused before it is copied or trained with
+        own_teacher = spec.uses_teacher and not recipe.teacher.trained  # the student's architecture, trained here
+        if own_teacher and teacher_path.is_file():  # refused before it is copied or trained with
             check_teacher_weights(teacher_path, teacher, parts[0].name)
-        if spec.uses_teacher and not teacher_path.is_file() and recipe.teacher.steps == 0:
+        if own_teacher and not teacher_path.is_file() and recipe.teacher.steps == 0:
             raise ValueError(
                 f"{recipe.model.name} distils from a teacher, but teacher.steps is 0 and there is no teacher.weights: "
                 "the student would learn from a network of random weights; set teacher.steps > 0 or teacher.weights=PATH"
             )
         self._callback("on_train_start")
-        if self.stage in ("all", "teacher") and spec.uses_teacher and not teacher_path.is_file():
+        if self.stage in ("all", "teacher") and own_teacher and not teacher_path.is_file():
             stream = kdata.TrainingStream(images, train_masks, recipe.teacher.steps * recipe.optim.batch_size * world,
                                           seed=recipe.train.seed + 1, augment=d.augment)
             self.train_teacher(teacher, spec, stream, teacher_path)
         if self.stage in ("all", "student"):
-            if spec.uses_teacher and not teacher_path.is_file():
+            if own_teacher and not teacher_path.is_file():
                 raise FileNotFoundError(f"no teacher weights at {teacher_path}: run --stage teacher first or set teacher.weights")
-            if spec.uses_teacher and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
+            if own_teacher and teacher_path != run / "teacher.safetensors" and accelerator.is_main_process:
                 shutil.copyfile(teacher_path, run / "teacher.safetensors")
             accelerator.wait_for_everyone()
             blocks = recipe.train.steps // recipe.meta.steps
@@ -238,6 +241,47 @@ class Trainer:
             f"{self.recipe.model.name}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
             f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
         )
+
+    # ---- a trained teacher: teacher.file (black box) or teacher.adapter (white box) ----------------------
+    def trained_teacher(self, parts: tuple) -> tuple:
+        """``parts`` (:func:`~kdinpaint.train.runs.build_models`) with the recipe's trained teacher, if it names one:
+        ``teacher.file`` loaded as a black box (:func:`~kdinpaint.blackbox.load_blackbox`, the spec's feature terms
+        off: :meth:`~kdinpaint.spec.AdapterSpec.for_blackbox`), or ``teacher.adapter``'s network built with
+        ``teacher.kwargs``, its variant's encoder levels paired with the student's
+        (:meth:`~kdinpaint.spec.AdapterSpec.for_trained_teacher`). Either teaches through its prediction in the
+        holes (``teacher.output_distillation`` at ``teacher.output_scales`` resolutions); no teacher stage runs."""
+        t = self.recipe.teacher
+        if not t.trained:
+            return parts
+        adapter, variant, spec, student, _ = parts
+        if t.file is not None:
+            teacher = load_blackbox(t.file, range=t.range, channels=t.channels, mask=t.mask)
+            spec = spec.for_blackbox(t.output_distillation, t.output_scales)
+            what = f"black box {t.file} (range {teacher.convention.range_name}, {t.channels}, {t.mask})"
+        else:
+            name, _, t_variant = t.adapter.partition(":")
+            t_adapter = get_adapter(name)
+            t_spec = t_adapter.spec.variant(t_variant or None)
+            if not t_spec.encoder_levels:
+                with_levels = [v for v in t_adapter.variants if t_adapter.spec.variant(v).encoder_levels]
+                raise ValueError(f"teacher.adapter {t.adapter!r} names no encoder levels to tap; name a variant that does "
+                                 f"({', '.join(f'{name}:{v}' for v in with_levels) or 'none has'}), or use teacher.file")
+            try:
+                teacher = t_adapter.student(t_variant or None, **t.kwargs)
+            except TypeError as e:
+                if "unexpected keyword" not in str(e):
+                    raise
+                raise ValueError(f"teacher.kwargs not accepted by the {name} builder ({e}); valid keyword names: "
+                                 f"{t_adapter.keyword_names(str(e))}") from None
+            call = TeacherCall(t_spec.input, t_spec.image_arg, t_spec.mask_arg, t_spec.output)
+            spec = spec.for_trained_teacher(t_spec.encoder_levels, call, t.output_distillation, t.output_scales)
+            what = f"{t.adapter} {t.kwargs or '(random weights)'}, levels {t_spec.encoder_levels}"
+        self.accelerator.print(
+            f"teacher: {what}; no teacher stage. Distilled: output x {t.output_distillation} at {t.output_scales} "
+            f"resolution(s), cross-distillation {'on' if spec.cross_distillation and spec.encoder_levels else 'off'}, "
+            f"self-distillation {'on' if spec.self_distillation and len(spec.encoder_levels) > 1 else 'off'}"
+        )
+        return adapter, variant, spec, student, teacher
 
     # ---- stage teacher ---------------------------------------------------------------------------
     def train_teacher(self, teacher: torch.nn.Module, spec, stream: kdata.TrainingStream, path: Path) -> None:
@@ -330,7 +374,7 @@ class Trainer:
     def train_student(self, parts: tuple, loader: DataLoader) -> None:
         recipe, accelerator, run = self.recipe, self.accelerator, self.run
         adapter, variant, spec, student, teacher = parts
-        if spec.uses_teacher:
+        if spec.uses_teacher and not recipe.teacher.trained:  # a trained teacher (file / adapter) comes ready
             teacher.load_state_dict(load_file(str(run / "teacher.safetensors")))
         cls, objective_kwargs, train_spec = self._resolve_objective(spec)
         check_control(recipe, train_spec)

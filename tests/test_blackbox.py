@@ -237,8 +237,27 @@ def test_a_bare_function_or_script_module_as_teacher_is_refused(tmp_path):
     with pytest.raises(TypeError, match="load_blackbox"):
         kdinpaint.attach(TinyUNet(), lambda image, mask: image, spec())
     _script(unit_net(), tmp_path / "box.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(tmp_path / "box.pt"))
     with pytest.raises(TypeError, match="load_blackbox"):
-        kdinpaint.attach(TinyUNet(), torch.jit.load(str(tmp_path / "box.pt")), spec())
+        kdinpaint.attach(TinyUNet(), scripted, spec())
+
+
+def test_for_trained_teacher_pairs_levels_and_keeps_the_rest():
+    shipped = AdapterSpec(encoder_levels=LEVELS, attention_sites=[{"module": "att", "fusion": True}], name="net")
+    white = shipped.for_trained_teacher(["a", "b", "c"], {"input": "concat", "output": 0}, 0.5, 2)
+    assert white.teacher_levels == ["a", "b", "c"] and white.cross_distillation and white.self_distillation
+    assert white.teacher_input == "student_input" and white.teacher_call.input == "concat"
+    assert white.output_distillation == 0.5 and white.output_scales == 2
+    assert [(a.module, a.transfer, a.fusion) for a in white.attention_sites] == [("att", False, True)]
+    black = shipped.for_blackbox()
+    assert black.teacher_levels is None and not black.cross_distillation and black.output_scales == 4
+    assert AdapterSpec.from_dict(black.to_dict()) == black  # round trip, output_scales included
+    with pytest.raises(ValueError, match="3 encoder levels .* but the teacher 2"):
+        shipped.for_trained_teacher(["a", "b"])
+    with pytest.raises(ValueError, match="output_scales must be >= 1"):
+        AdapterSpec(output_scales=0)
 
 
 # ---- wrong shape or range: refused at the first batch -------------------------------------------------------

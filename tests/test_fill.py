@@ -1,11 +1,12 @@
-"""harmonic_fill against the exact discrete harmonic and biharmonic interpolants (direct solves), and its contract."""
+"""harmonic_fill and biharmonic_fill against the exact discrete harmonic and biharmonic interpolants (direct
+solves) and scikit-image's inpaint_biharmonic, and their contract."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.ops.fill import harmonic_fill
+from kdinpaint.ops.fill import biharmonic_fill, harmonic_fill
 
 
 def _exact(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -184,3 +185,78 @@ def test_bad_arguments_are_named():
         harmonic_fill(image, mask, -1)
     with pytest.raises(ValueError, match="biharmonic_iterations -2"):
         harmonic_fill(image, mask, 4, -2)
+
+
+@pytest.mark.parametrize("kind,H,W", [("rects", 12, 12), ("rects", 13, 17), ("random", 13, 17), ("random", 3, 7), ("random", 1, 9)])
+def test_biharmonic_fill_is_the_least_squares_biharmonic_fill(kind, H, W):
+    # float64 to a tight tolerance: the direct solve's values (clipped to the known range, as scikit-image does)
+    hole = _rect_holes(H, W) if kind == "rects" else _random_holes(H, W)
+    image = np.random.default_rng(3).uniform(-1, 1, (2, 3, H, W))
+    expected = np.stack([_exact_biharmonic(im, hole) for im in image])
+    lo = image[..., ~hole].min(-1)[..., None, None]
+    hi = image[..., ~hole].max(-1)[..., None, None]
+    expected = np.clip(expected, lo, hi)
+    mask = torch.from_numpy(hole).double()[None, None]
+    out = biharmonic_fill(torch.from_numpy(image), mask, tol=1e-12, max_iterations=200)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-8, rtol=0)
+    assert np.array_equal(out.numpy()[..., ~hole], image[..., ~hole])
+    out32 = biharmonic_fill(torch.from_numpy(image).float(), mask.float())
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["inside", "edges", "strokes"])
+def test_biharmonic_fill_matches_scikit_image(where):
+    skimage_restoration = pytest.importorskip("skimage.restoration")
+    from skimage.data import chelsea
+    from skimage.transform import resize
+
+    size = 48
+    photo = resize(chelsea(), (size, size), anti_aliasing=True)  # (H, W, 3) in [0, 1], float64
+    hole = np.zeros((size, size), bool)
+    if where == "inside":
+        hole[12:36, 10:40] = True
+    elif where == "edges":  # touching the image's border: no fixed value there
+        hole[:16, :] = True
+        hole[:, -10:] = True
+    else:
+        hole[np.random.default_rng(4).random((size, size)) < 0.3] = True
+        hole[20:23, :] = True
+    expected = skimage_restoration.inpaint_biharmonic(photo, hole, channel_axis=-1)  # float64 direct solve
+    image = torch.from_numpy(photo).permute(2, 0, 1)[None].float()
+    out = biharmonic_fill(image, torch.from_numpy(hole).float()[None, None])[0].permute(1, 2, 0).double().numpy()
+    np.testing.assert_allclose(out, expected, atol=2e-4, rtol=0)
+
+
+def test_biharmonic_fill_samples_without_holes_or_known_pixels():
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 2, 16, 12, generator=g)
+    mask = torch.zeros(3, 1, 16, 12)
+    mask[1] = 1  # nothing known: zeros
+    mask[2, :, 3:9, 2:10] = 1
+    out = biharmonic_fill(image, mask)
+    assert torch.equal(out[0], image[0]) and torch.equal(out[1], torch.zeros(2, 16, 12))
+    torch.testing.assert_close(out[2:], biharmonic_fill(image[2:], mask[2:]))
+    garbage = image + mask * 100  # values under the holes are not read
+    assert torch.equal(biharmonic_fill(garbage, mask), out)
+    with pytest.raises(ValueError, match="biharmonic_fill needs image"):
+        biharmonic_fill(image, mask[:, :, :8])
+
+
+class _Fills(torch.nn.Module):
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([harmonic_fill(image, mask, 64), biharmonic_fill(image, mask)], 1)
+
+
+@pytest.mark.slow
+def test_traced_fills_hold_each_loop_once_and_equal_eager():
+    # torch.export: every loop is one while_loop (3 pyramid levels of sweeps at 8×8, one conjugate-gradient loop),
+    # not 64 copies of a sweep per level
+    g = torch.Generator().manual_seed(6)
+    image = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1
+    program = torch.export.export(_Fills(), (image, mask))
+    loops = [n for n in program.graph.nodes if n.op == "call_function" and "while_loop" in str(n.target)]
+    assert len(loops) == 4
+    torch.testing.assert_close(program.module()(image, mask), _Fills()(image, mask), atol=1e-5, rtol=0)

@@ -4,10 +4,11 @@
     kdinpaint spec show NAME[:VARIANT]          an adapter's spec as YAML
     kdinpaint spec suggest NAME[:VARIANT]       a draft spec traced from a registered adapter's student
     kdinpaint spec suggest --model pkg.mod:fn   ... or from any model built by ``fn()``
-    kdinpaint evaluate MODEL [--images SRC] [--masks DIR | --mask-generator freeform|rect]
+    kdinpaint evaluate MODEL [--images SRC] [--masks DIR | --mask-generator freeform|rect | --protocol NAME]
                                                 the paper's Table 1 layout (PSNR / SSIM / mean L1 per hole-ratio bucket);
                                                 for a network also the floor (weight-free baselines on the same
-                                                images and masks, the gap to biharmonic): --floor M ..., --no-floor
+                                                images and masks, the gap to biharmonic): --floor M ..., --no-floor;
+                                                LPIPS and FID when their weights are here (--[no-]perceptual)
     kdinpaint inpaint MODEL INPUT MASK OUTPUT   one image, or a folder (masks by file stem, or one mask for all)
     kdinpaint bench [--adapters NAME ...]       the paper's Table 2 layout (ms per image, parameters), each model's
                                                 time relative to Net8 in the same run, peak memory;
@@ -15,6 +16,7 @@
     kdinpaint export --checkpoint PATH OUT      the deployed model as torch.export (.pt2) or ONNX (.onnx)
     kdinpaint check-weights gatedconv FILE      which channel order DeepFill v2 weights expect (PSNR on the holes
                                                 of the bundled photos in RGB and in BGR) and the setting to use
+    kdinpaint serve [--checkpoint F]            a local page to brush a mask and see the fill (kdinpaint[serve])
 
 MODEL is ``--checkpoint PATH`` (``--adapter NAME[:VARIANT]`` then checks what it is), ``--adapter`` alone
 (random weights, for smoke tests), or ``--baseline biharmonic|telea|ns|mean``. Running, padding and
@@ -43,10 +45,12 @@ import torch
 from kdinpaint import deploy
 from kdinpaint.calling import convention
 from kdinpaint.data import ImageFolder, MaskFolder, list_images, sample_images
+from kdinpaint.data.protocols import PROTOCOLS, describe_protocol, protocol_masks
 from kdinpaint.evaluation.baselines import BASELINES
 from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
 from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
 from kdinpaint.evaluation.metrics import CONVENTIONS, to_csv, to_json, to_markdown
+from kdinpaint.evaluation.perceptual import perceptual_report, perceptual_unavailable
 from kdinpaint.export import load_checkpoint
 from kdinpaint.inference import (
     GeneratedMasks,
@@ -63,6 +67,7 @@ from kdinpaint.inference import (
 from kdinpaint.inference.memory import peak_bytes
 from kdinpaint.inference.timing import median_seconds
 from kdinpaint.plugins import PluginError, get_adapter, list_adapters, plugin_failures
+from kdinpaint.serve.command import cmd_serve, serve_arguments
 from kdinpaint.suggest import analyse, example_call
 
 __all__ = ["main", "build_parser", "add_command"]
@@ -271,6 +276,15 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-generator", choices=("freeform", "rect"), default=None,
                    help="generated masks instead (default freeform): mask i in Table 1 bucket i mod 4, seeded")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                   help="the field's fixed masks instead: LaMa's thin/medium/thick or MAT's large/small at their config's "
+                        "side, fixed by the name (kdinpaint.data.protocols; --seed does not apply)")
+    p.add_argument("--perceptual", action=argparse.BooleanOptionalAction, default=None,
+                   help="LPIPS and FID beside the table (default: when torchmetrics and the backbone weights are here; "
+                        "--perceptual requires them, --no-perceptual skips them)")
+    p.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex", help="LPIPS backbone (default alex)")
+    p.add_argument("--weights", metavar="DIR", default=None,
+                   help="folder of the LPIPS / FID backbone files (default $KDINPAINT_WEIGHTS, else torch's hub cache)")
     p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.evaluation.metrics)")
     p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
                    help=f"weight-free baselines scored beside the network on the same images and masks, with the gap "
@@ -326,8 +340,10 @@ class _Picked(Sequence):
 
 
 def _evaluation_masks(args: argparse.Namespace, count: int) -> tuple[Sequence[torch.Tensor], str]:
-    if args.masks and args.mask_generator:
-        raise ValueError("give --masks DIR or --mask-generator, not both")
+    if sum(map(bool, (args.masks, args.mask_generator, args.protocol))) > 1:
+        raise ValueError("give one of --masks DIR, --mask-generator or --protocol")
+    if args.protocol:
+        return protocol_masks(args.protocol, count, args.size), describe_protocol(args.protocol)
     if not args.masks:
         kind = args.mask_generator or "freeform"
         return GeneratedMasks(kind, count, args.size, args.seed), f"{kind} masks (seed {args.seed}, bucket i mod 4)"
@@ -370,6 +386,8 @@ def _floor_choice(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.perceptual and (why := perceptual_unavailable(args.lpips_net, args.weights)):
+        raise ValueError(f"--perceptual: {why}")  # before any image is inpainted
     usable, skipped = floor_methods(_floor_choice(args))
     if args.floor and skipped:  # asked for by name: say why it is missing
         if not usable:
@@ -396,6 +414,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result.skipped.update(skipped)
         floor = result.compare(summary, name=inpainter.name, network_rows=rows)
     control = _control_comparison(args, images, masks, names, rows, summary, inpainter.name, floor)
+    shown = {inpainter.name: inpainter}  # LPIPS / FID of the network and of the reference floor method
+    if "biharmonic" in usable:
+        shown["biharmonic"] = Inpainter.from_baseline("biharmonic")
+    perceptual, perceptual_text = perceptual_report(
+        shown, images, masks, mode={None: "auto", True: "on", False: "off"}[args.perceptual], lpips_net=args.lpips_net,
+        weights=args.weights, batch_size=args.batch_size)
     print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
     if control is not None:
         print(f"Did distillation help? {inpainter.name} against {control['name']} on the same images and masks\n")
@@ -404,8 +428,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if floor is not None:
         print(f"\nThe floor: weight-free baselines on the same images and masks, gap to {floor['reference']}\n")
         print(floor_to_markdown(summary, floor), end="")
+    if perceptual_text:
+        title = "Perceptual: LPIPS per image and FID of the set, composites against the originals\n\n"
+        print(f"\n{title if perceptual is not None else ''}{perceptual_text}", end="")
     if args.json_path:
         extra = {} if control is None else {"control": {k: v for k, v in control.items() if k != "table"}}
+        if perceptual is not None:
+            extra["perceptual"] = perceptual
         Path(args.json_path).write_text(to_json(summary, rows, floor=floor, **extra) + "\n")
     if args.csv_path:
         Path(args.csv_path).write_text(to_csv(summary) if floor is None else floor_to_csv(summary, floor))
@@ -765,6 +794,8 @@ add_command("export", "the deployed model as a torch.export program (.pt2) or ON
             _export_arguments, cmd_export)
 add_command("check-weights", "which channel order DeepFill v2 weights expect: PSNR on the holes in RGB and BGR",
             _check_weights_arguments, cmd_check_weights)
+add_command("serve", "a local web page: brush a mask on a photo, see the network's fill beside biharmonic",
+            serve_arguments, cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

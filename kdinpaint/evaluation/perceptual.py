@@ -53,6 +53,7 @@ __all__ = [
     "PerceptualScorer",
     "score_perceptual",
     "perceptual_to_markdown",
+    "perceptual_report",
 ]
 
 ENV = "KDINPAINT_WEIGHTS"
@@ -351,3 +352,35 @@ def perceptual_to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     if first.get("fid") is not None and first["count"] < 1000:
         text += f". FID on {first['count']} images is dominated by its estimation bias (papers use thousands)"
     return text + ".\n"
+
+
+def perceptual_report(
+    methods: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    images: torch.Tensor | Sequence[torch.Tensor],
+    masks: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mode: str = "auto",
+    lpips_net: str = "alex",
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+) -> tuple[dict[str, Any] | None, str]:
+    """LPIPS and FID of each of ``methods`` (``{name: inpainter}``) on the same images and masks, for a report:
+    ``({name: score_perceptual result}, table)``.
+
+    ``mode``: ``"auto"`` scores when the packages and weights are here and otherwise returns ``(None, a line naming
+    what is missing and where to put it)``; ``"on"`` raises ``ValueError`` with that line instead; ``"off"`` returns
+    ``(None, "")``.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        return None, ""
+    why = perceptual_unavailable(lpips_net, weights)
+    if why is not None:
+        if mode == "on":
+            raise ValueError(why)
+        return None, f"LPIPS and FID not computed: {why}\n"
+    lp = LPIPS(lpips_net, weights=weights)
+    results = {name: score_perceptual(method, images, masks, lpips=lp, fid=FID(weights=weights), batch_size=batch_size)
+               for name, method in methods.items()}
+    return results, perceptual_to_markdown(results)

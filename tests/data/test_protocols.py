@@ -242,3 +242,20 @@ def test_a_bucket_restricts_the_ratio_and_names_are_checked():
         protocol("lama-thin")
     assert "random_thick_256.yaml" in describe_protocol("lama-thick-256")
     assert "mask_generator_512_small.py" in describe_protocol("mat-small-512")
+
+
+def test_evaluate_scores_on_a_protocol_and_names_it(tmp_path, capsys):
+    import json
+
+    from kdinpaint.cli import main
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--baseline", "mean", "--count", "3", "--size", "32", "--no-progress", "--no-perceptual"]
+    assert main([*args, "--protocol", "lama-thick-256", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"protocol lama-thick-256 (LaMa configs/data_gen/random_thick_256.yaml; seed {protocol_seed('lama-thick-256')})" in printed
+    ratios = [row["mask_ratio"] for row in json.loads(out.read_text())["rows"]]
+    masks = protocol_masks("lama-thick-256", 3, 32)
+    assert ratios == pytest.approx([float(masks.hole(i).mean()) for i in range(3)])
+    assert main([*args, "--protocol", "mat-small-256", "--mask-generator", "rect"]) == 1
+    assert "give one of --masks DIR, --mask-generator or --protocol" in capsys.readouterr().err

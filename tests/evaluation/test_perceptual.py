@@ -220,3 +220,44 @@ def test_score_perceptual_scores_composites_per_bucket_and_says_the_backbone_is_
     table = perceptual_to_markdown({"grey": worse, "perfect": perfect})
     assert "| LPIPS-alex ↓ | grey |" in table and "| FID ↓ | perfect |" in table
     assert "UNTRAINED BACKBONE" in table and "random (seed 0)" in table and "custom (SmallFeatures)" in table
+
+
+def test_evaluate_names_the_missing_weights_and_refuses_perceptual_before_running(tmp_path, capsys):
+    from kdinpaint.cli import main
+
+    args = ["evaluate", "--baseline", "mean", "--count", "2", "--size", "32", "--no-progress", "--weights", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"LPIPS and FID not computed: LPIPS-alex needs the weights file alexnet-owt-7be5be79.pth in {tmp_path}" in out
+    assert main([*args, "--perceptual"]) == 1
+    err = capsys.readouterr()
+    assert "--perceptual: LPIPS-alex needs the weights file" in err.err and "PSNR" not in err.out
+    assert main([*args, "--no-perceptual"]) == 0
+    assert "LPIPS" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_evaluate_prints_and_writes_lpips_and_fid_when_the_weights_are_there(tmp_path, capsys, monkeypatch):
+    """With the weight files present ``kdinpaint evaluate`` scores the network and biharmonic and writes the scores
+    into --json: LPIPS with an AlexNet file of random values the test writes, FID with the small random feature
+    network in place of the Inception (whose file-loading is tested above; its forward at 299 px is slow here)."""
+    import json
+
+    import torchvision
+
+    from kdinpaint.cli import main
+    from kdinpaint.evaluation import perceptual
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / LPIPS_BACKBONES["alex"][1])
+    (tmp_path / INCEPTION_FILES[0]).write_bytes(b"")  # present; the stand-in below does not read it
+    monkeypatch.setattr(perceptual, "FID", lambda weights=None: FID(extractor=SmallFeatures()))
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", "--baseline", "mean", "--floor", "biharmonic", "--count", "3", "--size", "32",
+                 "--no-progress", "--weights", str(tmp_path), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "| LPIPS-alex ↓ | mean |" in out and "| LPIPS-alex ↓ | biharmonic |" in out and "| FID ↓ | mean |" in out
+    assert "ImageNet (alexnet-owt-7be5be79.pth)" in out and "UNTRAINED BACKBONE" in out
+    saved = json.loads(out_json.read_text())["perceptual"]
+    assert set(saved) == {"mean", "biharmonic"} and saved["mean"]["lpips"]["buckets"]["all"]["count"] == 3
+    assert saved["mean"]["lpips"]["buckets"]["all"]["mean"] > 0 and saved["mean"]["fid"] > 0

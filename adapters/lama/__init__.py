@@ -27,6 +27,11 @@ same builder. Builder options (``model.kwargs`` of a recipe): ``config`` (``big-
 a generator mapping), ``pretrained`` (a ``best.ckpt``), ``dft`` (``fft`` | ``matmul``) and generator
 overrides such as ``ngf=8, n_blocks=2``. Exports: :mod:`.export` (ONNX with the FFT inside; TorchScript
 with the call IOPaint makes to its ``big-lama.pt``).
+
+LaMa as the teacher of a small student (``recipes/compress-lama.yaml``): a ``best.ckpt`` or model folder read here
+is a white box (recipe ``teacher.adapter: lama:star``, ``teacher.kwargs.pretrained``: cross-distillation from the
+three levels above, plus the output term); a TorchScript or ONNX big-lama is a black box
+(:mod:`kdinpaint.blackbox`, recipe ``teacher.file``: the output term only).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from kdinpaint.data.generators import FreeFormMasks, MixedMasks, RectangleMasks, rng_for
 from kdinpaint.data.images import ImageFolder
 from kdinpaint.data.masks import MaskFolder, mask_to_tensor
+from kdinpaint.data.protocols import PROTOCOLS, is_protocol, protocol
 from kdinpaint.data.samples import SAMPLE_NAMES, SampleCrops, sample_images
 
 __all__ = ["TrainingStream", "AUGMENTATIONS", "HELD_OUT", "images_from", "mask_source", "valid_augment"]
@@ -55,7 +56,8 @@ def images_from(source: str, size: int, count: int, crop: str, held_out: bool) -
 
 def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | None = None,
                 buckets: Sequence[tuple[float, float]] | None = None):
-    """The masks a recipe's ``masks.train`` / ``masks.eval`` names: ``freeform``, ``rect`` or a mask folder.
+    """The masks a recipe's ``masks.train`` / ``masks.eval`` names: ``freeform``, ``rect``, a mask protocol
+    (:data:`kdinpaint.data.protocols.PROTOCOLS`, e.g. ``lama-thick-256``) or a mask folder.
 
     ``ratio``: every mask in that hole-ratio bucket. ``buckets``: each mask in one of these buckets, drawn evenly
     (:class:`~kdinpaint.data.MixedMasks`; ``masks.train_ratio: table1`` passes the Table 1 buckets)."""
@@ -67,8 +69,11 @@ def mask_source(kind: str, size: int, hole: str, ratio: tuple[float, float] | No
         return FreeFormMasks(ratio=ratio)
     if kind == "rect":
         return RectangleMasks(ratio=ratio)
+    if is_protocol(kind):
+        return protocol(kind, ratio)
     if not Path(kind).exists():
-        raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform' or 'rect'")
+        raise FileNotFoundError(f"mask folder {kind!r} does not exist; give a folder of mask PNGs, 'freeform', 'rect' "
+                                f"or a mask protocol ({', '.join(PROTOCOLS)})")
     return MaskFolder(kind, size, hole=hole, ratio=ratio)
 
 

@@ -363,10 +363,12 @@ _EVAL_SETS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out images of ``data.eval_images`` and their fixed masks, spread over the Table 1 buckets
-    (image ``i`` gets bucket ``i % 4``); built once per ``(data, masks)`` setting, so a run can build it before
-    training (a bad evaluation setting fails before the first step) and reuse it at the end."""
+    (image ``i`` gets bucket ``i % 4``), or mask ``i`` of the protocol ``masks.eval`` names; built once per
+    ``(data, masks)`` setting, so a run can build it before training (a bad evaluation setting fails before the first
+    step) and reuse it at the end."""
     from kdinpaint.evaluation import metrics
     from kdinpaint.data import EvalMasks
+    from kdinpaint.data.protocols import is_protocol, protocol_masks
     from kdinpaint.data.training import images_from, mask_source
 
     key = repr((recipe.data, recipe.masks))
@@ -375,8 +377,12 @@ def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
         images = images_from(d.eval_images, d.size, d.eval_count, d.crop, held_out=True)
         if not isinstance(images, torch.Tensor):
             images = torch.stack([images[i]["image"] for i in range(min(len(images), d.eval_count))])
-        sources = [mask_source(m.eval, d.size, m.hole, lo_hi) for lo_hi in metrics.TABLE1_BUCKETS]  # a folder is read once
-        masks = [EvalMasks(sources[i % len(sources)], 1, size=d.size, seed=m.seed * 1000 + i)[0] for i in range(len(images))]
+        if is_protocol(m.eval):  # the field's fixed masks: mask i of the protocol's set, whatever its hole ratio
+            masks = list(protocol_masks(m.eval, len(images), d.size))
+        else:
+            sources = [mask_source(m.eval, d.size, m.hole, lo_hi) for lo_hi in metrics.TABLE1_BUCKETS]  # a folder is read once
+            masks = [EvalMasks(sources[i % len(sources)], 1, size=d.size, seed=m.seed * 1000 + i)[0]
+                     for i in range(len(images))]
         _EVAL_SETS[key] = (images, torch.stack(masks))
     return _EVAL_SETS[key]
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import ks_2samp
 
 from kdinpaint.data import EvalMasks, rng_for
@@ -259,3 +261,19 @@ def test_evaluate_scores_on_a_protocol_and_names_it(tmp_path, capsys):
     assert ratios == pytest.approx([float(masks.hole(i).mean()) for i in range(3)])
     assert main([*args, "--protocol", "mat-small-256", "--mask-generator", "rect"]) == 1
     assert "give one of --masks DIR, --mask-generator or --protocol" in capsys.readouterr().err
+
+
+def test_recipes_take_a_protocol_for_evaluation_and_training_masks():
+    from kdinpaint.data.training import mask_source
+    from kdinpaint.train.recipe import load_recipe
+    from kdinpaint.train.runs import eval_set
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml", ["masks.eval=mat-small-256", "data.eval_count=3", "data.size=32"])
+    images, masks = eval_set(recipe)
+    expected = protocol_masks("mat-small-256", 3, 32)
+    assert images.shape == (3, 3, 32, 32) and masks.shape == (3, 1, 32, 32)
+    assert all(torch.equal(masks[i], expected[i]) for i in range(3))
+    source = mask_source("lama-thin-256", 32, "auto", (0.2, 0.3))  # masks.train, one Table 1 bucket
+    assert all(0.19 <= source.sample(rng_for(5, i), (64, 64)).mean() < 0.31 for i in range(4))
+    with pytest.raises(FileNotFoundError, match="or a mask protocol \\(lama-thin-256"):
+        mask_source("lama-thin", 32, "auto")

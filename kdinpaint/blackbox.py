@@ -20,7 +20,8 @@ image in ``[0, 1]``: the default convention with ``multiple=8``. The wrapper con
 (``[-1, 1]``, RGB, 1 = hole) to the declared convention, calls the function without gradient and converts its
 answer back. A black box that returns another shape is refused at every call; one whose values leave its
 declared range (or, declared ``[0, 255]`` or ``[-1, 1]``, that looks like a ``[0, 1]`` network) is refused at
-its first call, the first batch of a training run, with the shapes and ranges named.
+its first call, the first batch of a training run, with the shapes and ranges named (declared ``[-1, 1]`` and
+answering like a ``[0, 1]`` network, it is warned about: an untrained network may answer so too).
 
 Loading: a ``.onnx`` file through onnxruntime (CPU unless ``providers`` says otherwise; inputs named ``image``
 and ``mask``, else taken in order, each fed in the dtype the graph declares); any other file through
@@ -260,7 +261,8 @@ class BlackBoxTeacher(nn.Module):
         )
 
     def _check_values(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """At the first call: finite, inside the declared range, and not a network of another range."""
+        """At the first call: finite, inside the declared range, and not a network of another range (a ``[0, 1]`` network
+        declared ``[0, 255]`` is refused, declared ``[-1, 1]`` warned about)."""
         conv = self.convention
         lo, hi = conv.range
         declared = conv.range_name
@@ -284,10 +286,13 @@ class BlackBoxTeacher(nn.Module):
                 f"black-box teacher {self.name} returned {seen}, declared range [0, 255]: it answers like a [0, 1] "
                 "network; declare range [0, 1]"
             )
-        if declared == "[-1, 1]" and dark > 0.1 and imin < -0.5 and omin >= -slack:
-            raise ValueError(
+        spread = omax - omin > 0.25 * (hi - lo)  # an image's worth of values, not an untrained network's near-constant
+        if declared == "[-1, 1]" and dark > 0.1 and imin < -0.5 and omin >= -slack and spread:  # a warning: a poorly
+            # trained network may answer so too
+            warnings.warn(
                 f"black-box teacher {self.name} returned {seen}, declared range [-1, 1], with {dark:.0%} of the input "
-                "below -0.25 and no output below 0: it answers like a [0, 1] network; declare range [0, 1]"
+                "below -0.25 and no output below 0: it answers like a [0, 1] network; if it is one, declare range [0, 1]",
+                UserWarning, stacklevel=3,
             )
 
     def extra_repr(self) -> str:

@@ -85,3 +85,24 @@ def test_compress_a_lama_read_by_the_adapter(tmp_path):
     run = _train(tmp_path, *WHITE_BOX)
     last = _check_run(run)
     assert last["kd/cross"] > 0  # LaMa's encoder levels taught the student's
+
+
+@pytest.mark.slow
+def test_an_onnx_lama_of_this_project_is_a_black_box_of_range_minus_one_one(tmp_path):
+    """``python -m kdinpaint_adapters.lama.export OUT.onnx`` writes inputs image [-1, 1] and mask (1 = hole) and the
+    prediction in [-1, 1]: loaded with range [-1, 1], the black box gives LaMa's own prediction."""
+    pytest.importorskip("onnxruntime")
+    from kdinpaint.blackbox import load_blackbox
+    from kdinpaint_adapters.lama.export import export_onnx
+
+    torch.manual_seed(0)
+    lama = LaMa(**TINY_LAMA).eval()
+    export_onnx(lama, tmp_path / "lama.onnx", 32, 32, check=False)
+    teacher = load_blackbox(tmp_path / "lama.onnx", range=[-1, 1])
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 10:24] = 1
+    with torch.no_grad():
+        want = lama(torch.cat([image * (1 - mask), mask], 1))
+    torch.testing.assert_close(teacher(image * (1 - mask), mask), want, rtol=0, atol=1e-4)

@@ -177,3 +177,24 @@ def test_fused_and_dense_paths_and_both_derivatives_equal_the_full_matrix(widths
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
     for a, b in zip(_second_order(softmax_attention, (q, k, v)), _second_order(naive_attention, ref)):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_default_path_creates_no_affinity_for_strided_values(grad):
+    # a decoder attention's values are a (B, N, C) view of a (B, C, H, W) map: strided channels must not send the
+    # fused kernel to torch's math fallback (which creates the N x N affinity)
+    B, C, H, W = 1, 8, 16, 16
+    d = torch.randn(B, C, H, W, requires_grad=grad)
+    v = d.flatten(2).transpose(1, 2)  # (B, N, C), channels strided
+    q, k = (torch.randn(B, H * W, 4, requires_grad=grad) for _ in range(2))
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(softmax_attention(q, k, v), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+        N = H * W
+        if grad:  # the dense path's chunks: at most CHUNK_ELEMENTS entries, never the whole affinity at once
+            from kdinpaint.ops import attention
+
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(attention, "CHUNK_ELEMENTS", N * N // 8)
+                assert _largest_created(lambda *a: softmax_attention(*a), q, k, v) <= N * N // 8
+        else:
+            assert _largest_created(lambda *a: softmax_attention(*a), q, k, v) < N * N // 8

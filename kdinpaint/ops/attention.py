@@ -133,6 +133,9 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k = F.pad(q, (0, C - c)), F.pad(k, (0, C - c))
     elif C < c:
         v = F.pad(v, (0, c - C))
+    # the flash kernel needs rows of contiguous channels (a (B, N, C) view of a (B, C, H, W) map has not):
+    # without them torch takes the math fallback, which stores the rows x N affinity
+    q, k, v = (t.contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
     return out[..., :C] if C < c else out
 

@@ -1,7 +1,8 @@
 """``report.html`` of a run folder: the evaluation tables, and the held-out crops behind the numbers.
 
 For each hole-ratio bucket of the paper's Table 1 (and one for the holes outside them), the crops where the network
-gains most over the biharmonic floor and where it loses most (PSNR of the network minus PSNR of the floor, per image),
+gains most over the biharmonic floor and where it loses most, or gains least (PSNR of the network minus PSNR of the
+floor, per image),
 each as a row: input (the hole in grey) | network | floor | truth (| control, when the run has one). One file, no
 external resources: the images are PNGs embedded as base64, so the page opens anywhere and can be mailed.
 """
@@ -31,7 +32,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; } h3 { font-size: 15px; margin: 20px 0 8px; }
 table { border-collapse: collapse; margin: 8px 0 16px; }
 th, td { border: 1px solid #d8d8dc; padding: 4px 8px; text-align: right; }
-th:first-child, td:first-child, td.method { text-align: left; }
+th:first-child, th:nth-child(2), td:first-child, td.method { text-align: left; }
 thead th { background: #f4f4f6; }
 .gain { color: #1a7f37; } .loss { color: #c4281c; }
 .crops { display: grid; gap: 6px 10px; align-items: start; margin-bottom: 10px; }
@@ -119,7 +120,8 @@ def write_report_html(
         rows: the network's per-image :class:`~kdinpaint.evaluation.metrics.MetricRow` s, in image order.
         floor_rows: the biharmonic fill's, same images and order.
         control_outputs: the control network's composites (a run with ``train.control``), scored here.
-        per_bucket: crops shown per bucket where the network gains most, and as many where it loses most.
+        per_bucket: crops shown per bucket where the network gains most, and as many where it loses most (or gains
+            least, when it gains on every crop); a bucket of few crops shows its top half and its bottom half.
     """
     n = images.shape[0]
     shapes = {"masks": masks, "outputs": outputs, "floor_outputs": floor_outputs}
@@ -162,11 +164,12 @@ def write_report_html(
         if not ranked:
             parts.append("<p>No held-out crop has a hole in this range.</p>")
             continue
-        best = ranked[:per_bucket]
-        worst = [t for t in ranked[::-1][:per_bucket] if t not in best][::-1]
+        best = ranked[: min(per_bucket, (len(ranked) + 1) // 2)]  # the top half at most, the rest from the bottom
+        worst = ranked[len(best):][::-1][:per_bucket][::-1]
         parts.append(f"<div class='crops' style='{template}'>")
-        for kind, chosen in (("gains most", best), ("loses most", worst)):
+        for chosen, at_top in ((best, True), (worst, False)):
             for i, gain in chosen:
+                kind = "gains most" if at_top else "loses most" if gain < 0 else "gains least"
                 row, frow = rows[i], floor_rows[i]
                 note = (f"{html.escape(row.name)}: {kind}, {_cell(gain, 2, signed=True)} dB "
                         f"({row.psnr:.2f} vs {frow.psnr:.2f} dB; SSIM {row.ssim:.3f} vs {frow.ssim:.3f}; "

@@ -78,7 +78,7 @@ def test_gains_rank_each_bucket_by_the_psnr_difference_computed_by_hand():
 
 def test_report_html_shows_the_tables_and_the_crops_of_each_bucket(tmp_path):
     images, masks, outputs, floor_outputs, rows, floor_rows = _data()
-    path = write_report_html(tmp_path, "tiny:net", images, masks, outputs, floor_outputs, rows, floor_rows, per_bucket=1)
+    path = write_report_html(tmp_path, "tiny:net", images, masks, outputs, floor_outputs, rows, floor_rows, per_bucket=3)
     assert path == tmp_path / "report.html" and not (tmp_path / "report.html.tmp").exists()
     text = path.read_text()
     assert "http" not in text.replace("<!doctype html>", "")  # self-contained: nothing loads from elsewhere
@@ -91,6 +91,8 @@ def test_report_html_shows_the_tables_and_the_crops_of_each_bucket(tmp_path):
         notes, shots = sections[section]
         assert [re.match(r"(eval_\d+):", note).group(1) for note in notes] == [f"eval_{i}" for i in expect], section
         assert notes[0].startswith(f"eval_{expect[0]}: gains most")
+        if len(expect) > 1:
+            assert notes[1].startswith(f"eval_{expect[1]}: {'loses most' if entries[-1][1] < 0 else 'gains least'}")
         assert len(shots) == 4 * len(expect) and [t.split()[0] for t, _ in shots[:4]] == ["input", "tiny:net", "biharmonic", "truth"]
         i = expect[0]
         u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731

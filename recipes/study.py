@@ -137,7 +137,8 @@ def register_study_adapters() -> None:
 class Arm:
     """One configuration of a study: ``overrides`` after the study's, ``control`` trains the twin beside it,
     ``stage`` ``teacher`` runs the teacher stage only, ``seeds`` fixes the seeds (a shared teacher), ``export_teacher``
-    rewrites the exported student as a plain state dict (``teacher.safetensors``) for arms that learn from it."""
+    rewrites the exported student as a plain state dict (``teacher.safetensors``) for arms that learn from it,
+    ``same_as`` (``"study/arm"``) reuses another study's arm trained with the same settings."""
 
     name: str
     overrides: tuple[str, ...] = ()
@@ -145,6 +146,7 @@ class Arm:
     stage: str = "all"
     seeds: tuple[int, ...] | None = None
     export_teacher: bool = False
+    same_as: str | None = None  # "study/arm": that study's runs (the same settings), read here and never retrained
 
     @property
     def scored(self) -> bool:
@@ -238,44 +240,51 @@ STUDIES: dict[str, Study] = {
              "lambda_d 1. The twin is the same width-8 backbone trained alone.",
     ),
     "lambda32": Study(
-        title="lambda_d over a decade each way: net3 (plain and feature scale) and the compression student",
+        title="lambda_d over a decade each way: net3 in the paper's regime, plain and feature scale",
         config="recipes/demo.yaml",
         common=_paper(PAPER_STEPS, PAPER_TEACHER, PAPER_EVAL),
         arms=(
-            _arm("teacher", "model.adapter=reference:net3", stage="teacher"),
+            _arm("teacher", "model.adapter=reference:net3", stage="teacher", same_as="paper32/teacher"),
             *(_arm(f"net3-plain-{lam:g}", "model.adapter=reference:net3", "teacher.weights={teacher}/teacher.safetensors",
-                   f"losses.lambda_d={lam:g}", control=True) for lam in (2, 20, 200)),
+                   f"losses.lambda_d={lam:g}", control=True, same_as="paper32/net3" if lam == 20 else None)
+              for lam in (2, 20, 200)),
             *(_arm(f"net3-feature-{lam:g}", "model.adapter=study-feature:net3", "teacher.weights={teacher}/teacher.safetensors",
                    f"losses.lambda_d={lam:g}", control=True) for lam in (0.1, 1, 10)),
         ),
-        note="Plain scale: the paper's lambda_d 20 and a decade each way. Feature scale: each level's term is a "
-             "relative error, so 1 and a decade each way.",
+        note="net3 (cross- and self-distillation from the 1000-step autoencoder teacher of paper32). Plain scale "
+             "(Eq. 2/3 as written): the paper's lambda_d 20 (paper32's net3 runs) and a decade each way. Feature "
+             "scale: each level's term is a relative error, so 1 and a decade each way.",
     ),
     "levels32": Study(
-        title="Which encoder levels carry the compression teacher (feature distillation alone), and lambda_d",
+        title="The compression teacher: which encoder levels carry it (feature distillation alone), and lambda_d",
         config="recipes/demo.yaml",
         common=_compress_common(),
         arms=(
-            _compress_teacher_arm(),
+            _arm("teacher", *_compress_teacher_arm().overrides, seeds=(0,), export_teacher=True, same_as="compress32/teacher"),
             *(_arm(lv, f"model.adapter=study-compress:{lv}", TEACHER_OF_COMPRESS, "losses.lambda_d=1", control=True)
               for lv in _LEVELS),
+            _arm("enc1-3", "model.adapter=study-compress:feat", TEACHER_OF_COMPRESS, "losses.lambda_d=1", control=True,
+                 same_as="compress32/feat"),
             *(_arm(f"outfeat-{lam:g}", "model.adapter=study-compress:outfeat", TEACHER_OF_COMPRESS,
-                   f"losses.lambda_d={lam:g}", control=True) for lam in (0.1, 10)),
+                   f"losses.lambda_d={lam:g}", control=True, same_as="compress32/outfeat" if lam == 1 else None)
+              for lam in (0.1, 1, 10)),
         ),
-        note="The teacher is compress32's (the same command and settings: the same folder when --out is shared).",
+        note="compress32's teacher; enc1-3 and outfeat-1 are compress32's feat and outfeat runs.",
     ),
     "teacher32": Study(
         title="The autoencoder teacher's quality against the student's gain: net3 taught by teachers of 0-3000 L1 steps",
         config="recipes/demo.yaml",
         common=_paper(PAPER_STEPS, PAPER_TEACHER, PAPER_EVAL),
         arms=tuple(
-            arm for t in (0, 100, 3000) for arm in (
-                _arm(f"teacher-{t}", "model.adapter=reference:net3", f"teacher.steps={t}", stage="teacher"),
+            arm for t in (0, 100, 1000, 3000) for arm in (
+                _arm(f"teacher-{t}", "model.adapter=reference:net3", f"teacher.steps={t}", stage="teacher",
+                     same_as="paper32/teacher" if t == PAPER_TEACHER else None),
                 _arm(f"net3-teacher-{t}", "model.adapter=reference:net3", f"teacher.weights={{teacher-{t}}}/teacher.safetensors",
-                     control=True),
+                     control=True, same_as="paper32/net3" if t == PAPER_TEACHER else None),
             )
         ),
-        note="teacher.steps 0 is the untrained teacher (random weights); paper32's net3 has the 1000-step teacher.",
+        note="teacher.steps 0 is the untrained teacher (random weights); the 1000-step teacher and its students are "
+             "paper32's. Teacher L1: its reconstruction error on the held-out images (ground truth in, empty mask).",
     ),
     "paper128": Study(
         title="Table 3's core rows in the paper's regime at 128x128 (GPU), each against its twin",
@@ -298,8 +307,9 @@ def seeds_of(arm: Arm, seeds: Sequence[int]) -> list[int]:
     return list(arm.seeds) if arm.seeds is not None else list(seeds)
 
 
-def run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / arm / f"seed{seed}"
+def run_dir(out: Path, arm: Arm, seed: int) -> Path:
+    """``<out>/<arm>/seed<S>``; an arm ``same_as`` another study's is read from that study's folder beside ``out``."""
+    return (out.parent / arm.same_as if arm.same_as else out / arm.name) / f"seed{seed}"
 
 
 def is_done(arm: Arm, run: Path) -> bool:
@@ -329,13 +339,13 @@ def resolve(study: Study, arm: Arm, seed: int, out: Path) -> list[str]:
             key = "{" + other.name + "}"
             if key in item:
                 s = seed if other.seeds is None else other.seeds[0]
-                item = item.replace(key, str(run_dir(out, other.name, s)))
+                item = item.replace(key, str(run_dir(out, other, s)))
         resolved.append(item)
     return resolved
 
 
 def train_command(study: Study, arm: Arm, seed: int, out: Path, overrides: Sequence[str], threads: int) -> list[str]:
-    run = run_dir(out, arm.name, seed)
+    run = run_dir(out, arm, seed)
     return [sys.executable, str(HERE / "study.py"), "train", "--config", str(ROOT / study.config), "--stage", arm.stage,
             *study.common, *resolve(study, arm, seed, out), *overrides, f"train.seed={seed}", f"checkpoint.dir={run}",
             f"train.threads={threads}", f"train.control={'true' if arm.control else 'false'}"]
@@ -358,7 +368,11 @@ def export_teacher(run: Path) -> None:
 
 def train_all(study: Study, out: Path, args: argparse.Namespace, overrides: Sequence[str], env: Mapping[str, str]) -> None:
     """Every unfinished (arm, seed) in ``out``, up to ``args.jobs`` at once, an arm after the arms its overrides name."""
-    pending = [(a, s) for a in study.arms for s in seeds_of(a, args.seeds) if not is_done(a, run_dir(out, a.name, s))]
+    pending = [(a, s) for a in study.arms for s in seeds_of(a, args.seeds) if not is_done(a, run_dir(out, a, s))]
+    borrowed = [f"{a.same_as}/seed{s}" for a, s in pending if a.same_as]
+    if borrowed:
+        print(f"not finished in the study they belong to (run it first; they are left out here): {borrowed}", flush=True)
+        pending = [(a, s) for a, s in pending if not a.same_as]
     running: list[tuple[Arm, int, subprocess.Popen, float, object]] = []
     failed: list[str] = []
     while pending or running:
@@ -369,15 +383,18 @@ def train_all(study: Study, out: Path, args: argparse.Namespace, overrides: Sequ
             deps = dependencies(study, arm)
             blocking = [d for d in deps for other in study.arms if other.name == d
                         for s in ([seed] if other.seeds is None else other.seeds[:1])
-                        if not is_done(other, run_dir(out, d, s))]
+                        if not is_done(other, run_dir(out, other, s))]
             if any(f"{d}/seed" in f for d in blocking for f in failed):
                 pending.remove(item)
                 failed.append(f"{arm.name}/seed{seed} (needs a failed run)")
                 continue
+            if blocking and all(o.same_as for o in study.arms if o.name in blocking):
+                pending.remove(item)  # it needs a borrowed run that is not there
+                continue
             if blocking:
                 continue
             pending.remove(item)
-            run = run_dir(out, arm.name, seed)
+            run = run_dir(out, arm, seed)
             run.mkdir(parents=True, exist_ok=True)
             cmd = train_command(study, arm, seed, out, overrides, args.threads)
             print(f"== {arm.name} seed {seed}: {shlex.join(cmd[2:])}", flush=True)
@@ -393,7 +410,7 @@ def train_all(study: Study, out: Path, args: argparse.Namespace, overrides: Sequ
                 continue
             running.remove(entry)
             log.close()
-            run = run_dir(out, arm.name, seed)
+            run = run_dir(out, arm, seed)
             record = _read_json(run / "study.json") or {"wall_s": 0.0, "sessions": []}
             wall = time.time() - t0
             record["wall_s"] += wall
@@ -492,14 +509,17 @@ def mean_metric(reports: Sequence[Mapping], which: str, key: str) -> float:
     return _finite_mean(vals)
 
 
-def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str]) -> str:
+def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str],
+                  teacher_l1: Mapping[str, float] | None = None) -> str:
     """Per arm with a twin: both networks' mean PSNR / SSIM over the held-out images and seeds, the paired gap
     student - twin pooled over seeds with its 95 % interval (PSNR all, SSIM all, PSNR in Table 3's bucket), each
-    seed's gap, and both networks' gaps to biharmonic (pooled)."""
+    seed's gap, and both networks' gaps to biharmonic (pooled); with ``teacher_l1`` (arm -> the reconstruction
+    error of its autoencoder teacher) a last column with it."""
+    teacher_l1 = teacher_l1 or {}
     head = ("| arm | seeds | PSNR student | PSNR twin | Δ PSNR student − twin [95 %] | distillation | Δ PSNR per seed "
             "| Δ SSIM student − twin [95 %] | Δ PSNR 30-40 % [95 %] | student − biharmonic PSNR [95 %] "
-            "| twin − biharmonic PSNR [95 %] |")
-    lines = [head, "|" + "---|" * 11]
+            "| twin − biharmonic PSNR [95 %] |" + (" teacher L1 |" if teacher_l1 else ""))
+    lines = [head, "|" + "---|" * (11 + bool(teacher_l1))]
     for arm in arms:
         reps = [runs[k] for k in sorted(runs) if k[0] == arm and "control" in runs[k]]
         if not reps:
@@ -514,6 +534,7 @@ def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str]) 
             f"{_fmt(mean_metric(reps, 'control', 'psnr'), 2, False)} | {interval_text(p, 2)} | {verdict(p)} | "
             f"{' / '.join(_fmt(s, 2) for s in p['seeds'])} | {interval_text(g[('ssim', 'all')], 4)} | "
             f"{interval_text(g[('psnr', BUCKET)], 2)} | {interval_text(floor['student'], 2)} | {interval_text(floor['control'], 2)} |"
+            + (f" {_fmt(teacher_l1.get(arm, math.nan), 4, False)} |" if teacher_l1 else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -593,7 +614,7 @@ def collect(study: Study, out: Path, seeds: Sequence[int]) -> Collected:
     reports, metrics, walls, teacher_errors = {}, {}, {}, {}
     for arm in study.arms:
         for s in seeds_of(arm, seeds):
-            run = run_dir(out, arm.name, s)
+            run = run_dir(out, arm, s)
             record = _read_json(run / "study.json")
             if record:
                 walls[(arm.name, s)] = record
@@ -659,7 +680,13 @@ def runs_table(study: Study, got: Collected, seeds: Sequence[int]) -> str:
 def tables(study: Study, got: Collected, seeds: Sequence[int]) -> str:
     scored = [a.name for a in study.arms if a.scored]
     parts = []
-    ctl = control_table(got.reports, [a.name for a in study.arms if a.control])
+    errors: dict[str, float] = {}
+    for arm in study.arms:  # the autoencoder teacher each arm learns from, when the study trained it
+        for dep in dependencies(study, arm):
+            vals = [v for (a, _), v in got.teacher_errors.items() if a == dep]
+            if vals:
+                errors[arm.name] = sum(vals) / len(vals)
+    ctl = control_table(got.reports, [a.name for a in study.arms if a.control], errors)
     if ctl.count("\n") > 2:
         parts += ["### Each distilled student against its twin (paired per image, pooled over seeds)", "", ctl]
     if study.versus:

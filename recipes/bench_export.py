@@ -2,16 +2,20 @@
 
     python recipes/bench_export.py                       # Net8 (reference, full width), 256x256, CPU
     python recipes/bench_export.py --adapter tiny-unet --size 64 --repeats 5
+    python recipes/bench_export.py --kwargs '{"width": 8, "prefill": true}' --size 512 --skip compile   # demo-sized
 
 Every variant runs :class:`kdinpaint.deploy.Deployable` (``(image, mask) -> prediction``) of the same deployed
 model (random weights unless ``--checkpoint``) on the same random image with a centre hole of a quarter of it,
 batch 1: the median of ``--repeats`` calls after one warm-up (for torch.compile the warm-up includes the
 compilation, reported apart), and the largest difference from eager. onnxruntime uses as many threads as torch.
+``--kwargs`` (JSON) builds the adapter's student with those arguments (the demo recipe's network: width 8 and a
+prefill); the export column is the whole ``kdinpaint export`` step (tracing, and for ONNX the conversion).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], choices=("compile", "pt2", "onnx"))
+    p.add_argument("--kwargs", type=json.loads, default=None, help="the student builder's arguments, as JSON")
     args = p.parse_args()
     from kdinpaint.export import load_checkpoint
     from kdinpaint.inference import deployed_model
@@ -37,9 +42,10 @@ def main() -> None:
     if args.checkpoint:
         model, which = load_checkpoint(args.checkpoint)
     else:
-        model, _ = deployed_model(args.adapter)
+        model, _ = deployed_model(args.adapter, args.kwargs)
         which = args.adapter
     stride = get_adapter(which.partition(":")[0]).stride
+    which += f" {json.dumps(args.kwargs)}" if args.kwargs and not args.checkpoint else ""
     model = model.eval()
     image, mask = deploy.example_inputs(args.size, args.size)
     cpu = torch.device("cpu")

@@ -498,7 +498,6 @@ def bench_train_step(device: torch.device, repeats: int, baseline: str | None = 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import kdinpaint
-    import kdinpaint.attach
     from kdinpaint.masking import masked
     from kdinpaint.plugins import resolve_objective
     from kdinpaint.train.bilevel import MetaLearner
@@ -561,14 +560,18 @@ def bench_train_step(device: torch.device, repeats: int, baseline: str | None = 
         finally:
             for owner, name, original in patches:
                 setattr(owner, name, original)
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        totals[event.key] = event.cpu_time_total / 1e3
+    events = prof.key_averages()
+    totals = {event.key: event.cpu_time_total / 1e3 for event in events}
     whole = totals.get("round", float("nan"))
-    print(f"  one round under the profiler: {whole:.0f} ms; parts (inclusive, they nest):")
+    print(f"  one round under the profiler: {whole:.0f} ms; forward calls of the parts (inclusive, they nest; their "
+          "backward passes run in autograd's engine, counted below by operator):")
     for label in [*PARTS, "aten::convolution", "aten::convolution_backward"]:
         if label in totals:
             print(f"    {label}: {totals[label] / every:.0f} ms per batch ({totals[label] / whole:.0%})")
+    print("  operators with the most time of their own (per batch):")
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"    {event.key}: {event.self_cpu_time_total / 1e3 / every:.0f} ms ({event.self_cpu_time_total / 1e3 / whole:.0%}, "
+              f"{event.count // every} calls)")
 
 
 def _range_patches(record_function) -> list:
@@ -595,9 +598,7 @@ def _range_patches(record_function) -> list:
         module = importlib.import_module(module_name)
         owner_name, _, name = attribute.rpartition(".")
         wrap(getattr(module, owner_name) if owner_name else module, name, label)
-    import kdinpaint.attach as attach_module
-
-    wrap(attach_module, "attention_transfer", "attention transfer (Eq. 9)")
+    wrap(importlib.import_module("kdinpaint.attach"), "attention_transfer", "attention transfer (Eq. 9)")
     del transfer_module
     return patches
 

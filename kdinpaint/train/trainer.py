@@ -66,6 +66,7 @@ from kdinpaint.train.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.train.objective import build_objective, total_of
 from kdinpaint.train.recipe import Recipe, load_recipe
 from kdinpaint.train.report import write_divergence_report, write_evaluation_report
+from kdinpaint.train.report_html import write_report_html
 from kdinpaint.train.runs import (
     MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
     RunLock, checkpoints_in, cpu_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs,
@@ -526,9 +527,10 @@ class Trainer:
         prefill = getattr(arms[0].kd.student, "prefill_mode", None)
         methods = (*FLOOR_METHODS, "pyramid") if prefill == "pyramid" else FLOOR_METHODS
         floor = evaluate_floor(images, masks, methods=methods, names=names)  # biharmonic: ~0.3 s per 64x64 image
+        floor_rows = floor.rows.get("biharmonic")  # before compare(), which returns the summary of the comparison
         control = None
         if "control" in scored:
-            c_label, _, _, _, _, c_rows, c_summary = scored["control"]
+            c_label, c_inpainter, _, _, _, c_rows, c_summary = scored["control"]
             gap = paired_gap(rows, c_rows)
             summaries = {label: summary, c_label: c_summary}
             reference = floor.summaries.get("biharmonic")
@@ -541,6 +543,10 @@ class Trainer:
         first = slice(0, 4)
         sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
         text = write_evaluation_report(run, name, len(images), summary, rows, floor, control=control)
+        if floor_rows is not None:  # report.html: per bucket, the crops where the network gains and loses most
+            write_report_html(run, name, images, masks, inpainter(images, masks),
+                              Inpainter.from_baseline("biharmonic", batch_size=8)(images, masks), rows, floor_rows,
+                              c_inpainter(images, masks) if control is not None else None)
         accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{text}")
         accelerator.print(f"run folder: {run}")
 

@@ -257,10 +257,27 @@ def test_inference_keeps_every_name_it_had_and_refuses_others():
         exec("from kdinpaint.evaluation.metrics import nope", {})
 
 
+def _fallbacks(tree: ast.AST) -> set[int]:
+    """``id`` of every node inside an ``except ImportError`` (or ``ModuleNotFoundError``) handler: an old path
+    imported there runs only where the new one is missing (a script run against an older checkout)."""
+    inside: set[int] = set()
+    for handler in ast.walk(tree):
+        if isinstance(handler, ast.ExceptHandler) and handler.type is not None:
+            types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+            if any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError") for t in types):
+                inside |= {id(n) for stmt in handler.body for n in ast.walk(stmt)}
+    return inside
+
+
 def _old_imports(path: Path) -> Iterator[str]:
-    """Imports of a moved module, or of a moved name from the module it left, in a Python file."""
+    """Imports of a moved module, or of a moved name from the module it left, in a Python file (fallbacks in an
+    ``except ImportError`` handler aside)."""
     moved_names = {(m, n) for m, names in _moved.MOVED_NAMES.items() for n in names}
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    fallbacks = _fallbacks(tree)
+    for node in ast.walk(tree):
+        if id(node) in fallbacks:
+            continue
         if isinstance(node, ast.Import):
             yield from (f"{node.lineno}: import {a.name}" for a in node.names if _known_old(a.name))
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:

@@ -71,6 +71,7 @@ def test_gradient_graph_form_equals_the_kernel_form():
         torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_second_derivatives_match_finite_differences():
     # gradgradcheck: central differences of the (create_graph) gradient in float64; offsets keep every tap
     # off the integer grid, where bilinear interpolation has kinks

@@ -94,6 +94,7 @@ def test_onnx_matches_eager_under_onnxruntime(net8, tmp_path, size):
     torch.testing.assert_close(got, _eager(model, image, mask), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_command(tmp_path, capsys):
     code = main(["export", str(tmp_path / "tiny.pt2"), "--adapter", "tiny-unet", "--size", "32", "24"])
     out, err = capsys.readouterr()

@@ -564,6 +564,7 @@ def test_process_group_timeout_reaches_accelerate():
     assert handler.timeout == timedelta(seconds=600)
 
 
+@pytest.mark.slow
 def test_train_refuses_a_bad_teacher_file_in_one_line_before_copying_it(tmp_path):
     import subprocess
 

@@ -146,6 +146,7 @@ def test_guard_state_round_trips():
         other.end_batch(("loss_inp", "loss_inp is NaN"), {})
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_diverged_run(tmp_path):
     """NaN images from step 5 on (an InjectNaN callback): exit 2, report.md/json say diverged, the checkpoint
     at step 4 stays, nothing is exported, metrics.jsonl records the skips."""

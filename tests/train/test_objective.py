@@ -83,6 +83,7 @@ TINY_SF = [
 ]
 
 
+@pytest.mark.slow
 def test_train_py_names_a_broken_objective(train, tmp_path):
     class Plugin:
         __name__ = "broken-objective-test"

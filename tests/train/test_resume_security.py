@@ -34,6 +34,7 @@ def finished(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_trainer_state_as_json_and_safetensors(finished):
     last = finished / "checkpoints" / "step_0000004"
     assert not list(last.glob("custom_checkpoint_*"))
@@ -52,6 +53,7 @@ def test_checkpoints_hold_the_trainer_state_as_json_and_safetensors(finished):
     assert isinstance(sinks["average"].state["shadow"][0], torch.Tensor)
 
 
+@pytest.mark.slow
 def test_a_pickled_trainer_state_is_refused_and_never_unpickled(finished, tmp_path):
     import shutil
 
@@ -65,6 +67,7 @@ def test_a_pickled_trainer_state_is_refused_and_never_unpickled(finished, tmp_pa
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_crafted_random_state_file_runs_no_code(finished, tmp_path, caplog):
     import shutil
 

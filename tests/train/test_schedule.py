@@ -25,6 +25,7 @@ def closed_form(k: int, schedule: str, warmup: int, total: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule, warmup", [("constant", 0), ("constant", 4), ("cosine", 0), ("cosine", 3)])
 def test_lr_after_k_steps_is_the_closed_form(schedule, warmup):
     total, lr = 20, 1e-3
@@ -50,6 +51,7 @@ def test_lr_after_k_steps_is_the_closed_form(schedule, warmup):
     kd.detach()
 
 
+@pytest.mark.slow
 def test_skipped_batches_advance_the_schedule_and_an_explicit_inner_lr_stays():
     recipe = load_recipe(None, ["optim.schedule=cosine", "train.steps=10"])
     torch.manual_seed(0)

@@ -48,6 +48,7 @@ def test_bad_recipes_name_the_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_missing_data_path_is_named(tmp_path):
     proc = _train(tmp_path / "run", "data.images=/no/such/folder", check=False)
     assert proc.returncode != 0 and "data path '/no/such/folder' does not exist" in proc.stderr
@@ -76,6 +77,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, every):
     assert "| PSNR" in report and "10-20%" in report
 
 
+@pytest.mark.slow
 def test_eval_every_logs_the_exported_weights_without_changing_training(tmp_path):
     """log.eval_every: held-out scores in metrics.jsonl during training; the last one is the final report's
     (the same averaged weights, the same images and masks), and evaluating does not change what is trained."""
@@ -101,6 +103,7 @@ def test_cpu_threads_share_the_cores_among_local_processes():
     assert cpu_threads(0, 1) == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.slow
 def test_main_job_prints_its_threads(tmp_path):
     proc = _train(tmp_path / "t", "train.steps=2", "train.threads=1")
     assert "device cpu (1 thread)," in proc.stdout + proc.stderr
@@ -117,6 +120,7 @@ def test_two_processes_on_cpu(tmp_path):
     assert "Did distillation help?" in (tmp_path / "ddp" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_objective_from_a_registered_loss(tmp_path):
     """losses.objective swaps R_recon + R_style for an adapter's own objective (here EdgeConnect's)."""
     _train(tmp_path / "ec", "train.steps=2", "losses.objective=edgeconnect")
@@ -126,6 +130,7 @@ def test_objective_from_a_registered_loss(tmp_path):
     assert proc.returncode != 0 and "no-such-loss" in proc.stderr and "edgeconnect" in proc.stderr
 
 
+@pytest.mark.slow
 def test_control_twin_trains_beside_the_student_without_changing_it(tmp_path):
     """train.control: the student's weights are those of a run without the twin; the twin is exported and
     report.json's paired gap is the per-image difference of the two networks' rows."""
@@ -151,6 +156,7 @@ def test_control_twin_trains_beside_the_student_without_changing_it(tmp_path):
     assert all(r["control/kd/total"] == 0 for r in records) and all(r["kd/total"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_control_without_distillation_is_refused(tmp_path):
     proc = _train(tmp_path / "run", "train.steps=2", "train.control=true", "losses.lambda_d=0", check=False)
     assert proc.returncode == 1 and "nothing to compare" in proc.stderr and "losses.lambda_d is 0" in proc.stderr
@@ -175,6 +181,7 @@ def test_overrides_reach_into_mappings_and_duplicate_keys_are_refused(tmp_path):
         load_recipe(listed, ["train.steps=3"])
 
 
+@pytest.mark.slow
 def test_one_run_per_folder_and_no_mixing_with_a_finished_run_of_another_recipe(tmp_path):
     from kdinpaint.train.runs import RunLock
 
@@ -190,6 +197,7 @@ def test_one_run_per_folder_and_no_mixing_with_a_finished_run_of_another_recipe(
     assert proc.returncode == 1 and "holds the outputs" in proc.stderr and "teacher.lr" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_random_teacher_is_refused(tmp_path):
     proc = _train(tmp_path / "run", "train.steps=2", "teacher.steps=0", check=False)
     assert proc.returncode == 1 and "teacher.steps is 0 and there is no teacher.weights" in proc.stderr

@@ -108,6 +108,7 @@ def test_switched_off_terms_and_bad_keys():
         objective.generator_loss((pred, pred), gt, mask)
 
 
+@pytest.mark.slow
 def test_train_py_trains_ec_hash_with_its_objective(train, tiny_run, tmp_path):
     config = ROOT / "recipes" / "edgeconnect-hash.yaml"
     assert load_recipe(config).losses.objective == "edgeconnect-gan"

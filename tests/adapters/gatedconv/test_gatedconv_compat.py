@@ -204,6 +204,7 @@ def _tinted(size: int) -> torch.Tensor:
     return (sample_images(size, 10) * 0.5 + torch.tensor([0.4, 0.0, -0.4]).view(1, 3, 1, 1)).clamp(-1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["rgb", "bgr"])
 def test_check_weights_finds_the_order_weights_were_trained_in(order, tmp_path, capsys):
     images = _tinted(32)

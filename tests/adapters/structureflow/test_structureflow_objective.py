@@ -141,6 +141,7 @@ def test_sf_hash_output_and_wrong_inputs_are_named():
 # ---- recipes/train.py ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, extra",
     [

@@ -19,6 +19,8 @@ against an ``nn.Conv2d`` of the same channels and kernel (C -> C, 3×3), forward
 shapes of full-width Net8 at 256×256 (batch 1) and of the main job's training (batch 16); then the modules
 (:class:`~kdinpaint.blocks.GlobalLocalFusion`, PGL with its predictors) against the same convolution.
 
+deployed: the deployed Net8 (full width) against EdgeConnect at 256×256, in turns (``kdinpaint bench``'s pair).
+
 main_model: the main job's model (the demo recipe's Net8 with completion blocks and PGL, random weights) on a
 256×256 photograph with a centre hole of a quarter, against scikit-image's biharmonic fill of the same image.
 
@@ -268,15 +270,19 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    clock = time.process_time if CLOCK == "cpu" and device.type == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+CLOCK = "wall"  # --clock cpu: this process's CPU time (with one thread, what the work costs on a busy machine)
 
 
 def baseline_module(commit: str, path: str, name: str):
@@ -603,6 +609,21 @@ def _range_patches(record_function) -> list:
     return patches
 
 
+# ---- Table 2: the deployed Net8 against EdgeConnect ------------------------------------------------------
+def bench_deployed(device: torch.device, repeats: int, baseline: str | None = None, size: int = 256) -> None:
+    """``kdinpaint bench``'s Table 2 pair, timed in turns: the deployed Net8 (full width, completion blocks and
+    PGL) and EdgeConnect, random weights, batch 1, a centre hole of a quarter."""
+    from kdinpaint import deploy
+    from kdinpaint.inference import deployed_model
+
+    models = {name: deploy.Deployable(deployed_model(name)[0].to(device)) for name in ("reference", "edgeconnect")}
+    image, mask = (t.to(device) for t in deploy.example_inputs(size, size))
+    with torch.inference_mode():
+        ms = interleaved({name: (lambda m=m: m(image, mask)) for name, m in models.items()}, device, repeats)
+    print(f"deployed models at {size}x{size} ({_load()}, clock {CLOCK})", flush=True)
+    _line("Net8 (reference) and EdgeConnect", ms, "edgeconnect")
+
+
 # ---- the main job's model against scikit-image -----------------------------------------------------------
 def bench_main_model(device: torch.device, repeats: int, baseline: str | None = None, size: int = 256) -> None:
     """The main job's model (``recipes/demo.yaml``'s network with its completion blocks and PGL, random weights:
@@ -688,7 +709,7 @@ def bench_threads(device: torch.device, repeats: int, rounds: int = 3) -> dict:
 
 BENCHES = {
     "attention": bench_attention, "adaptive_conv": bench_adaptive_conv, "fill": bench_fill, "train_step": bench_train_step,
-    "main_model": bench_main_model,
+    "main_model": bench_main_model, "deployed": bench_deployed,
     "threads": bench_threads, "adaptive_conv_oracle": bench_adaptive_conv_oracle, "attention_memory": bench_attention_memory, "meta_step": bench_meta_step,
 }
 
@@ -704,8 +725,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="meta_step: tiny-unet (width 16, batch 4) or demo (the main job's Net8, width 8, fill, batch 16)")
     parser.add_argument("--baseline", metavar="COMMIT", help="attention, adaptive_conv, fill: also time the kernels of this "
                         "commit (git show), e.g. the one before the fused kernels")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time this process's CPU time instead of the wall clock (a busy shared machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = args.clock
     if args.worker == "threads":
         return _threads_worker(args.repeats)
     if args.worker:
@@ -717,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
     for name in args.names or list(BENCHES):
         options = {"autocast": args.autocast, "model": args.model} if name == "meta_step" else {}
-        if name in ("attention", "adaptive_conv", "fill", "train_step", "main_model"):
+        if name in ("attention", "adaptive_conv", "fill", "train_step", "main_model", "deployed"):
             options = {"baseline": args.baseline}
         result = BENCHES[name](device, args.repeats, **options)
         if result is not None:

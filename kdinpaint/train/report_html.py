@@ -72,10 +72,10 @@ def gains(rows: Sequence[MetricRow], floor_rows: Sequence[MetricRow]) -> dict[st
 def _cell(value: float, digits: int, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    if signed:
-        return f'<span class="{"gain" if value > 0 else "loss" if value < 0 else ""}">{text}</span>'
-    return text
+    if not signed:
+        return f"{value:.{digits}f}"
+    shown = round(value, digits) + 0.0  # a value that rounds to zero is +0.00, neither gain nor loss
+    return f'<span class="{"gain" if shown > 0 else "loss" if shown < 0 else ""}">{shown:+.{digits}f}</span>'
 
 
 def _table(summaries: dict[str, dict], gap: dict[str, dict], name: str) -> str:

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
 
-
-def start(app) -> tuple[str, "uvicorn.Server", threading.Thread]:
+def start(app) -> tuple[str, object, threading.Thread]:
+    uvicorn = pytest.importorskip("uvicorn", reason="kdinpaint serve needs uvicorn: pip install -e '.[dev]'")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -262,12 +262,12 @@ STUDIES: dict[str, Study] = {
             _arm("teacher", "model.adapter=reference:net3", stage="teacher", same_as="paper32/teacher"),
             *(_arm(f"net3-plain-{lam:g}", "model.adapter=reference:net3", "teacher.weights={teacher}/teacher.safetensors",
                    f"losses.lambda_d={lam:g}", control=True, same_as="paper32/net3" if lam == 20 else None)
-              for lam in (2, 20, 200)),
+              for lam in (0.2, 2, 20, 200)),
             *(_arm(f"net3-feature-{lam:g}", "model.adapter=study-feature:net3", "teacher.weights={teacher}/teacher.safetensors",
                    f"losses.lambda_d={lam:g}", control=True) for lam in (0.1, 1, 10)),
         ),
         note="net3 (cross- and self-distillation from the 1000-step autoencoder teacher of paper32). Plain scale "
-             "(Eq. 2/3 as written): the paper's lambda_d 20 (paper32's net3 runs) and a decade each way. Feature "
+             "(Eq. 2/3 as written): the paper's lambda_d 20 (paper32's net3 runs), a decade each way and 0.2. Feature "
              "scale: each level's term is a relative error, so 1 and a decade each way.",
     ),
     "levels32": Study(
@@ -359,6 +359,23 @@ def resolve(study: Study, arm: Arm, seed: int, out: Path) -> list[str]:
     return resolved
 
 
+def selected(study: Study, names: Sequence[str] | None) -> set[str]:
+    """``names`` and the arms they depend on, recursively (every arm when ``names`` is None)."""
+    if not names:
+        return {a.name for a in study.arms}
+    by_name = {a.name: a for a in study.arms}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"arms {unknown} are not in this study; its arms: {list(by_name)}")
+    chosen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in chosen:
+            chosen.add(name)
+            todo += dependencies(study, by_name[name])
+    return chosen
+
+
 def train_command(study: Study, arm: Arm, seed: int, out: Path, overrides: Sequence[str], threads: int) -> list[str]:
     run = run_dir(out, arm, seed)
     return [sys.executable, str(HERE / "study.py"), "train", "--config", str(ROOT / study.config), "--stage", arm.stage,
@@ -382,8 +399,11 @@ def export_teacher(run: Path) -> None:
 
 
 def train_all(study: Study, out: Path, args: argparse.Namespace, overrides: Sequence[str], env: Mapping[str, str]) -> None:
-    """Every unfinished (arm, seed) in ``out``, up to ``args.jobs`` at once, an arm after the arms its overrides name."""
-    pending = [(a, s) for a in study.arms for s in seeds_of(a, args.seeds) if not is_done(a, run_dir(out, a, s))]
+    """Every unfinished (arm, seed) in ``out`` (of ``args.arms`` and what they need, when given), up to ``args.jobs``
+    at once, an arm after the arms its overrides name."""
+    chosen = selected(study, getattr(args, "arms", None))
+    pending = [(a, s) for a in study.arms if a.name in chosen for s in seeds_of(a, args.seeds)
+               if not is_done(a, run_dir(out, a, s))]
     borrowed = [f"{a.same_as}/seed{s}" for a, s in pending if a.same_as]
     if borrowed:
         print(f"not finished in the study they belong to (run it first; they are left out here): {borrowed}", flush=True)
@@ -773,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and train.threads of each run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cpu forces the CPU")
     parser.add_argument("--table-only", action="store_true", help="write the table of the finished runs, train nothing")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help="train only these arms (and the arms they need) now; the table shows every finished run")
     parser.add_argument("--results", default=str(RESULTS),
                         help="markdown document whose section of this study is (re)written (default: %(default)s)")
     options, overrides = split_overrides(argv)
@@ -786,6 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{item.split('=', 1)[0]} is set by the study for every run")
     study = STUDIES[args.study]
     out = Path(args.out) / args.study
+    try:
+        selected(study, args.arms)
+    except ValueError as e:
+        parser.error(str(e))
     if args.device == "cuda":
         import torch
 

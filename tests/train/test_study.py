@@ -166,3 +166,13 @@ def test_runs_start_after_their_teacher_and_finished_runs_are_skipped(study, tmp
     (tmp_path / "net3" / "seed1" / "report.json").unlink()  # a run cut off before its report
     study.train_all(s, tmp_path, args, [], {})
     assert [name for name, _ in FakeRun.started] == ["net3"]
+
+
+def test_chosen_arms_bring_what_they_need(study):
+    s = study.Study(title="t", config="recipes/demo.yaml", common=(), arms=(
+        study.Arm("teacher", stage="teacher"), study.Arm("net3", ("teacher.weights={teacher}/teacher.safetensors",)),
+        study.Arm("baseline")))
+    assert study.selected(s, ["net3"]) == {"net3", "teacher"}
+    assert study.selected(s, None) == {"teacher", "net3", "baseline"}
+    with pytest.raises(ValueError, match="net9"):
+        study.selected(s, ["net9"])

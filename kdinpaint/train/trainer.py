@@ -55,6 +55,7 @@ from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_
 from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.export import save_exported
 from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor
+from kdinpaint.evaluation.perceptual import perceptual_report
 from kdinpaint.inference import Inpainter, evaluate_model, save_image
 from kdinpaint.masking import composite, masked
 from kdinpaint.evaluation.metrics import TABLE1_BUCKETS
@@ -542,11 +543,14 @@ class Trainer:
         floor = floor.compare(summary, name=name, network_rows=rows)
         first = slice(0, 4)
         sample_grid(masked(images[first], masks[first]), inpainter(images[first], masks[first]), images[first], run / "samples" / "final.png")
-        text = write_evaluation_report(run, name, len(images), summary, rows, floor, control=control)
+        biharmonic = Inpainter.from_baseline("biharmonic", batch_size=8)
+        # LPIPS and FID when their backbone files are here (else report.md names the missing file)
+        perceptual = perceptual_report({name: inpainter, "biharmonic": biharmonic,
+                                        **({control["name"]: c_inpainter} if control is not None else {})}, images, masks)
+        text = write_evaluation_report(run, name, len(images), summary, rows, floor, control=control, perceptual=perceptual)
         if floor_rows is not None:  # report.html: per bucket, the crops where the network gains and loses most
-            write_report_html(run, name, images, masks, inpainter(images, masks),
-                              Inpainter.from_baseline("biharmonic", batch_size=8)(images, masks), rows, floor_rows,
-                              c_inpainter(images, masks) if control is not None else None)
+            write_report_html(run, name, images, masks, inpainter(images, masks), biharmonic(images, masks), rows,
+                              floor_rows, c_inpainter(images, masks) if control is not None else None)
         accelerator.print(f"\n{name} on {len(images)} held-out images ({recipe.data.eval_images}, masks {recipe.masks.eval}):\n{text}")
         accelerator.print(f"run folder: {run}")
 

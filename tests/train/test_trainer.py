@@ -150,6 +150,8 @@ def test_control_twin_trains_beside_the_student_without_changing_it(tmp_path):
     assert gap["gap"] == pytest.approx(d.mean()) and gap["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
     md = (tmp_path / "twin" / "report.md").read_text()
     assert "## Did distillation help?" in md and report["control"]["verdict"] in md
+    assert "## Perceptual (LPIPS, FID" in md  # scores with the backbone files, else the missing file named
+    assert ("perceptual" in report) != ("LPIPS and FID not computed" in md)
     html = (tmp_path / "twin" / "report.html").read_text()
     assert "reference (control)" in html and html.count("data:image/png;base64,") >= 5  # input | net | floor | truth | control
     records = [json.loads(line) for line in (tmp_path / "twin" / "metrics.jsonl").read_text().splitlines()]

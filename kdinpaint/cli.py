@@ -51,7 +51,7 @@ from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_
 from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
 from kdinpaint.evaluation.metrics import CONVENTIONS, to_csv, to_json, to_markdown
 from kdinpaint.evaluation.perceptual import perceptual_report, perceptual_unavailable
-from kdinpaint.export import load_checkpoint
+from kdinpaint.export import load_checkpoint_adapter
 from kdinpaint.inference import (
     GeneratedMasks,
     InferenceOutOfMemory,
@@ -704,14 +704,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     H, W = args.size[0], args.size[-1]
     if args.checkpoint:
-        model, which = load_checkpoint(args.checkpoint, args.adapter)
+        model, which, adapter = load_checkpoint_adapter(args.checkpoint, args.adapter)
+        stride = adapter.stride
     elif args.adapter:
         print(f"WARNING: --adapter {args.adapter} without --checkpoint exports RANDOM WEIGHTS", file=sys.stderr)
-        model, _ = deployed_model(args.adapter)
+        model, stride = deployed_model(args.adapter)
         which = args.adapter
     else:
         raise ValueError("choose a model: --checkpoint PATH (or --adapter NAME[:VARIANT] for random weights)")
-    stride = get_adapter(which.partition(":")[0]).stride
     model = model.eval().float()
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pt2":

@@ -26,6 +26,8 @@ from kdinpaint import _modules
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import convention
 from kdinpaint.masking import check_image_range, check_mask
+from kdinpaint.adapter import Adapter
+from kdinpaint.plugins import adapter_from_target, get_adapter
 from kdinpaint.spec import AdapterSpec
 
 __all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint"]
@@ -126,12 +128,14 @@ class CompletedModel(nn.Module):
 
 
 def save_exported(
-    model: CompletedModel, path: str | Path, *, adapter: str | None = None, builder_kwargs: dict | None = None
+    model: CompletedModel, path: str | Path, *, adapter: str | None = None, builder_kwargs: dict | None = None,
+    target: str | None = None, stride: int = 1,
 ) -> None:
     """Write weights as safetensors, with the spec and block widths in the metadata (atomic).
 
-    ``adapter`` (``"name:variant"``) and ``builder_kwargs`` record how to build a fresh student, so that
-    :func:`load_checkpoint` can rebuild the model from the file alone.
+    ``adapter`` (``"name:variant"``) or ``target`` (``"package.module:Class"``, with ``stride``) and
+    ``builder_kwargs`` record how to build a fresh student, so that :func:`load_checkpoint` can rebuild the model
+    from the file alone.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -144,6 +148,10 @@ def save_exported(
     }
     if adapter is not None:
         meta["kdinpaint.adapter"] = adapter
+    if target is not None:  # a network named by import path (recipe model.target): the file alone rebuilds it
+        meta["kdinpaint.target"] = target
+        meta["kdinpaint.stride"] = str(int(stride))
+    if adapter is not None or target is not None:
         meta["kdinpaint.builder_kwargs"] = json.dumps(builder_kwargs or {})
     save_model(model, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -166,14 +174,26 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: str | Path, expected: str | None = None, device: str | torch.device = "cpu") -> tuple[CompletedModel, str]:
-    """Rebuild an exported model from its file alone (written with ``adapter=``); returns it and ``name:variant``.
+    """Rebuild an exported model from its file alone (written with ``adapter=`` or ``target=``); returns it and
+    ``name:variant`` (or the import path). ``expected`` refuses a checkpoint of another adapter or variant."""
+    model, which, _ = load_checkpoint_adapter(path, expected, device)
+    return model, which
 
-    ``expected`` (``"name"`` or ``"name:variant"``) refuses a checkpoint of another adapter or variant.
-    """
-    from kdinpaint.plugins import get_adapter
 
+def load_checkpoint_adapter(path: str | Path, expected: str | None = None,
+                            device: str | torch.device = "cpu") -> tuple[CompletedModel, str, Adapter]:
+    """:func:`load_checkpoint`, and the :class:`~kdinpaint.adapter.Adapter` that built it (its ``stride``): a
+    registered adapter, or for a file of a network named by import path (``kdinpaint.target``) that class with the
+    file's own spec, when it is importable here."""
     path = Path(path)
     meta = _metadata(path)
+    kwargs = json.loads(meta.get("kdinpaint.builder_kwargs", "{}"))
+    target = meta.get("kdinpaint.target")
+    if target is not None:
+        if expected is not None and expected != target:
+            raise ValueError(f"{path} is a checkpoint of {target!r}, but {expected!r} was expected")
+        adapter = adapter_from_target(target, yaml.safe_load(meta["kdinpaint.spec"]), int(meta.get("kdinpaint.stride", "1")))
+        return load_exported(path, adapter.student(None, **kwargs), device), target, adapter
     which = meta.get("kdinpaint.adapter")
     if which is None:
         raise ValueError(f"{path} does not say which adapter it belongs to; use load_exported(path, fresh_model)")
@@ -183,8 +203,8 @@ def load_checkpoint(path: str | Path, expected: str | None = None, device: str |
         if e_name != name or (e_variant and e_variant != variant):
             raise ValueError(f"{path} is a checkpoint of {which!r}, but {expected!r} was expected")
     name, _, variant = which.partition(":")
-    model = get_adapter(name).student(variant or None, **json.loads(meta.get("kdinpaint.builder_kwargs", "{}")))
-    return load_exported(path, model, device), which
+    adapter = get_adapter(name)
+    return load_exported(path, adapter.student(variant or None, **kwargs), device), which, adapter
 
 
 def load_exported(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> CompletedModel:

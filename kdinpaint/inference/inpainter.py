@@ -32,7 +32,7 @@ from kdinpaint._modules import unwrap
 from kdinpaint.attach import attach
 from kdinpaint.calling import convention, select_output
 from kdinpaint.evaluation.baselines import get_baseline
-from kdinpaint.export import CompletedModel, load_checkpoint
+from kdinpaint.export import CompletedModel, load_checkpoint_adapter
 from kdinpaint.inference.device import model_device, model_dtype, resolve_device
 from kdinpaint.inference.memory import InferenceOutOfMemory, MemoryModel, check_fits, probe_memory
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
@@ -108,9 +108,8 @@ class Inpainter:
                         device: str | torch.device | None = None, batch_size: int = 1) -> "Inpainter":
         """A file written by ``save_exported(..., adapter="name:variant")``; ``expected`` refuses another adapter."""
         device = resolve_device(device)
-        model, which = load_checkpoint(path, expected, device=device)
-        stride = get_adapter(which.partition(":")[0]).stride
-        return cls(model.eval(), stride=stride, spec=model.spec, device=device, batch_size=batch_size,
+        model, which, adapter = load_checkpoint_adapter(path, expected, device=device)
+        return cls(model.eval(), stride=adapter.stride, spec=model.spec, device=device, batch_size=batch_size,
                    name=f"{which.rstrip(':')} ({Path(path).name})")
 
     @classmethod

@@ -520,7 +520,9 @@ class Trainer:
             with self._averaged(a):
                 exported = a.kd.export().eval()
             label = name if a.name == "student" else f"{name} ({a.name})"
-            save_exported(exported, run / f"{a.name}.safetensors", adapter=name, builder_kwargs=recipe.model.kwargs)
+            m = recipe.model  # a network named by import path is recorded by it, so the file alone rebuilds it
+            save_exported(exported, run / f"{a.name}.safetensors", adapter=None if m.target else name,
+                          builder_kwargs=m.kwargs, target=m.target, stride=m.stride)
             scored[a.name] = (label, *self.held_out(exported, spec, adapter, label))
         label, inpainter, images, masks, names, rows, summary = scored["student"]
         # a network that starts from the pyramid fill is also shown beside that fill (what training added); one that

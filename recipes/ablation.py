@@ -187,6 +187,7 @@ def tables(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds: Se
     count = metric(scored[0], "all", "count") if scored else math.nan
     lines += ["", f"Mean ± sample standard deviation over seeds; {_fmt(count, 0)} held-out images, "
               "the same masks for every run."]
+    lines += perceptual_lines(runs, variants, seeds)
 
     if baseline in variants:
         lines += ["", f"Paired difference to {baseline} (same seed), mean [95 % confidence interval, t with n - 1 "
@@ -216,6 +217,28 @@ def tables(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds: Se
                          f"{_fmt(metric(r['report'], 'all', 'ssim'), 3)} | {_fmt(r['wall_s'], 0)} | {note} |")
     lines += consistency_notes(runs)
     return "\n".join(lines) + "\n"
+
+
+def _perceptual(report: dict, key: str) -> float:
+    """The network's LPIPS (all holes) or FID in a report.json written with the backbone files present, else NaN."""
+    scores = report.get("perceptual") or {}
+    own = next((v for k, v in scores.items() if k != "biharmonic" and "(control)" not in k), None)
+    if own is None:
+        return math.nan
+    value = own["lpips"]["buckets"]["all"]["mean"] if key == "lpips" and own.get("lpips") else own.get(key)
+    return math.nan if value is None else float(value)
+
+
+def perceptual_lines(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """LPIPS and FID per variant (mean ± std over seeds) when the runs' reports have them (their backbone files
+    were present); nothing otherwise."""
+    if not any((r["report"].get("perceptual") or {}) for r in runs.values()):
+        return []
+    lines = ["", "Perceptual (lower is better; the runs' report.json):", "", "| method | LPIPS all | FID |", "|---|---|---|"]
+    for v in variants:
+        ok = [runs[(v, s)]["report"] for s in seeds if (v, s) in runs and not runs[(v, s)]["report"].get("diverged")]
+        lines.append(f"| {v} | {_pm([_perceptual(r, 'lpips') for r in ok], 4)} | {_pm([_perceptual(r, 'fid') for r in ok], 2)} |")
+    return lines
 
 
 def consistency_notes(runs: dict[tuple[str, int], dict]) -> list[str]:

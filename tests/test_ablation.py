@@ -212,3 +212,16 @@ def test_a_diverged_run_is_counted_apart_and_a_failed_one_stops(ablation, monkey
     monkeypatch.setattr(ablation, "run_training", lambda cmd, env: 1)
     with pytest.raises(SystemExit, match="exit status 1"):
         _main(ablation, tmp_path / "again")
+
+
+def test_perceptual_scores_of_the_runs_get_their_own_table(ablation):
+    def report(lpips, fid):
+        scores = {"reference:net3": {"lpips": {"buckets": {"all": {"mean": lpips}}}, "fid": fid},
+                  "biharmonic": {"lpips": {"buckets": {"all": {"mean": 9.0}}}, "fid": 99.0}}
+        return {"report": {"perceptual": scores}, "wall_s": 1.0, "reused": False}
+
+    runs = {("net3", 0): report(0.10, 20.0), ("net3", 1): report(0.20, 30.0)}
+    lines = ablation.perceptual_lines(runs, ["net3"], [0, 1])
+    # mean 0.15 and 25.0, sample deviations 0.0707 and 7.07; biharmonic's own scores are not the network's
+    assert lines[-1] == "| net3 | 0.1500 ± 0.0707 | 25.00 ± 7.07 |"
+    assert ablation.perceptual_lines({("net3", 0): {"report": {}, "wall_s": 1.0}}, ["net3"], [0]) == []

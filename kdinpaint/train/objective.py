@@ -45,7 +45,12 @@ import torch
 from torch import nn
 
 from kdinpaint._modules import training_mode
+from kdinpaint.evaluation.metrics import ssim
+from kdinpaint.losses.adversarial import PatchDiscriminator, discriminator_loss, generator_adv_loss
+from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
+from kdinpaint.losses.style import VGGStyleLoss
 from kdinpaint.hookspecs import hookimpl
+from kdinpaint.masking import composite
 
 __all__ = [
     "TrainingObjective", "Eq11Objective", "BatchMemo", "is_training_objective", "build_objective", "total_of",
@@ -241,8 +246,6 @@ class Eq11Objective(TrainingObjective):
         ssim: float = 0.0,
         loss: Callable[..., torch.Tensor] | None = None,
     ) -> None:
-        from kdinpaint.losses.adversarial import PatchDiscriminator
-        from kdinpaint.losses.style import VGGStyleLoss
 
         super().__init__()
         if loss is not None and (is_training_objective(loss) or not callable(loss)):
@@ -260,10 +263,6 @@ class Eq11Objective(TrainingObjective):
 
     def generator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"recon" (or "loss"), "style", "ssim", "adversarial", "total"}``, each term with its weight, on the prediction."""
-        from kdinpaint.losses.adversarial import generator_adv_loss
-        from kdinpaint.losses.reconstruction import confidence_weight, spatially_varying_l1
-        from kdinpaint.masking import composite
-        from kdinpaint.evaluation.metrics import ssim
 
         key = (target, mask)
         if self.loss is not None:
@@ -291,8 +290,6 @@ class Eq11Objective(TrainingObjective):
 
     def discriminator_loss(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """``{"total": D loss}``: the ground truth against the detached composite of the prediction."""
-        from kdinpaint.losses.adversarial import discriminator_loss
-        from kdinpaint.masking import composite
 
         if "patch" not in self.discriminators:
             return None

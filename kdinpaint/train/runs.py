@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -32,8 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils.other import load as accelerate_load
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdinpaint.data import EvalMasks
+from kdinpaint.data.protocols import is_protocol, protocol_masks
+from kdinpaint.data.training import images_from, mask_source
+from kdinpaint.evaluation import metrics
 from kdinpaint.plugins import adapter_from_target, get_adapter
 from kdinpaint.train.recipe import Recipe
 from kdinpaint.weights import load_weights
@@ -123,7 +131,6 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _write_states(folder: Path, states: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     plain = {name: _split(obj.state_dict(), tensors, name) for name, obj in states.items()}
@@ -137,7 +144,6 @@ def load_trainer_state(checkpoint: str | os.PathLike[str], states: dict[str, Any
     JSON and safetensors only: nothing in a run folder is unpickled with code. A checkpoint that holds pickled
     states instead (``custom_checkpoint_*.pkl``, which accelerate loads with ``weights_only=False``) is refused:
     a crafted one would run code on resume."""
-    from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
@@ -250,7 +256,6 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
@@ -302,7 +307,6 @@ def check_teacher_weights(path: str | os.PathLike[str], teacher: nn.Module, adap
 
 def process_group_kwargs(timeout_s: int) -> list:
     """accelerate ``kwargs_handlers`` that set the process-group timeout to ``timeout_s`` seconds."""
-    from accelerate.utils import InitProcessGroupKwargs
 
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
 
@@ -311,11 +315,10 @@ def check_random_states(checkpoint: str | os.PathLike[str], process_index: int) 
     """Whether this process's random-state file of ``checkpoint`` loads the way accelerate loads it
     (``torch.load(weights_only=True)``, then Python's, numpy's and torch's generator states); a warning naming
     the file when not (accelerate would continue with fresh random states, logged at INFO level only)."""
-    from accelerate.utils.other import load
 
     path = Path(checkpoint) / f"random_states_{process_index}.pkl"
     try:
-        states = load(path)
+        states = accelerate_load(path)
         random.Random().setstate(states["random_state"])
         np.random.RandomState().set_state(states["numpy_random_seed"])
         torch.Generator().set_state(states["torch_manual_seed"])
@@ -366,10 +369,6 @@ def eval_set(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     (image ``i`` gets bucket ``i % 4``), or mask ``i`` of the protocol ``masks.eval`` names; built once per
     ``(data, masks)`` setting, so a run can build it before training (a bad evaluation setting fails before the first
     step) and reuse it at the end."""
-    from kdinpaint.evaluation import metrics
-    from kdinpaint.data import EvalMasks
-    from kdinpaint.data.protocols import is_protocol, protocol_masks
-    from kdinpaint.data.training import images_from, mask_source
 
     key = repr((recipe.data, recipe.masks))
     if key not in _EVAL_SETS:

@@ -11,7 +11,7 @@ _moved.install()  # old import paths of moved modules (kdinpaint.objective, ...)
 
 from kdinpaint.adapter import Adapter  # noqa: E402
 from kdinpaint.attach import Distiller, attach
-from kdinpaint.attention import PixelAttention
+from kdinpaint.pixel_attention import PixelAttention
 from kdinpaint.train.bilevel import MetaLearner, TrainingDiverged
 from kdinpaint.export import CompletedModel, load_checkpoint, load_exported, save_exported
 from kdinpaint.hookspecs import hookimpl

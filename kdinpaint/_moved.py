@@ -31,6 +31,8 @@ MOVED = {
     "kdinpaint.compare": "kdinpaint.evaluation.compare",
     "kdinpaint.memory": "kdinpaint.inference.memory",
     "kdinpaint.timing": "kdinpaint.inference.timing",
+    "kdinpaint.attention": "kdinpaint.pixel_attention",
+    "kdinpaint.losses.attention": "kdinpaint.losses.attention_transfer",
 }
 
 

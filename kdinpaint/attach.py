@@ -46,7 +46,7 @@ from kdinpaint.blackbox import is_blackbox
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import convention, select_output
 from kdinpaint.losses._target import target as as_target
-from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
+from kdinpaint.losses.attention_transfer import attention_transfer, attention_transfer_from_affinity
 from kdinpaint.losses.distillation import cross_distillation, output_distillation_terms, self_distillation
 from kdinpaint.masking import check_mask, mask_at, masked
 from kdinpaint.meta import ChannelWeights, FeatureTransform, PixelWeights

@@ -157,7 +157,7 @@ class AttentionSite:
 
     ``module``: the attention module (PGL wraps it: input D, output att(D)).
     ``affinity``: the submodule whose forward output is the affinity, as a path relative to ``module``
-    (``None``: the attention module is a :class:`kdinpaint.attention.PixelAttention`; its ``qk`` output is
+    (``None``: the attention module is a :class:`kdinpaint.pixel_attention.PixelAttention`; its ``qk`` output is
     captured and only the hole rows of the affinity are ever computed).
     ``layout``: ``queries_keys`` (B × N_q × N_k, pixel attention) or ``keys_hw`` (B × N_k × H × W, the
     patch-based contextual attention of DeepFill).

@@ -36,7 +36,7 @@ def _child(what: str, size: int, checkpoint: str | None) -> dict:
     torch.manual_seed(0)
     row: dict = {"what": what, "size": size}
     if what == "attention":
-        from kdinpaint.attention import PixelAttention
+        from kdinpaint.pixel_attention import PixelAttention
 
         att = PixelAttention(128).eval()
         d = torch.randn(1, 128, size, size)

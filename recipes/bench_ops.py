@@ -12,7 +12,7 @@ attention: :func:`kdinpaint.ops.attention.softmax_attention` against the plain `
 ``--baseline`` commit's kernel): without autograd at the shapes of full-width Net8's decoder attention on a
 256×256 image (hole rows of a quarter hole), and at the main job's training shapes (batch 16, 64×64 crops, the
 hole rows at H/2) forward+backward and the second derivative Reverse-HG takes; then attention transfer (Eq. 9,
-:func:`kdinpaint.losses.attention.attention_transfer`) against the naive full-matrix loss, the same ways.
+:func:`kdinpaint.losses.attention_transfer.attention_transfer`) against the naive full-matrix loss, the same ways.
 
 adaptive_conv: :func:`kdinpaint.ops.adaptive_conv` against ``torchvision.ops.deform_conv2d`` (its oracle) and
 against an ``nn.Conv2d`` of the same channels and kernel (C -> C, 3×3), forward and forward+backward, at the
@@ -43,7 +43,7 @@ adaptive_conv_oracle: forward+backward of :func:`kdinpaint.ops.adaptive_conv` ov
 K=3. Target: ratio <= 0.2.
 
 attention_memory: peak memory of the attention-transfer loss (Eq. 9) forward+backward, hole rows only
-(:func:`kdinpaint.losses.attention.attention_transfer`) over a naive full-matrix computation, B=4, a 64×64
+(:func:`kdinpaint.losses.attention_transfer.attention_transfer`) over a naive full-matrix computation, B=4, a 64×64
 feature with 64 channels (queries/keys of 8 channels), 30 % holes. Each variant runs in its own fresh process;
 on CPU the figure is the rise of the peak resident set size over the resident size just before the
 computation, on CUDA ``torch.cuda.max_memory_allocated`` over the allocation before it. Target: ratio <= 0.45.
@@ -125,7 +125,7 @@ def _attention_worker(variant: str, device: torch.device) -> None:
     """Runs one variant and prints its peak memory rise in bytes (used by bench_attention_memory)."""
     import resource
 
-    from kdinpaint.losses.attention import attention_transfer
+    from kdinpaint.losses.attention_transfer import attention_transfer
 
     inputs = _attention_inputs(device)
     q, k, q_t, k_t, t, mask = inputs
@@ -322,7 +322,7 @@ def _second_order(f: Callable, inputs: list[torch.Tensor], grad: torch.Tensor) -
 
 
 def bench_attention(device: torch.device, repeats: int, baseline: str | None = None) -> None:
-    from kdinpaint.losses.attention import attention_transfer
+    from kdinpaint.losses.attention_transfer import attention_transfer
     from kdinpaint.ops.attention import softmax_attention
 
     kernels = {"ours": softmax_attention, "naive": _naive_attention}
@@ -491,7 +491,7 @@ def _training_batch() -> tuple[torch.Tensor, torch.Tensor]:
 # ---- the demo recipe's training step --------------------------------------------------------------------
 PARTS = {  # profiler ranges: (module, attribute) wrapped while train_step runs
     "fills (prefill and guide)": ("kdinpaint_adapters.reference.model", "ReferenceNet._compute_fills"),
-    "decoder attention kernel": ("kdinpaint.attention", "softmax_attention"),
+    "decoder attention kernel": ("kdinpaint.pixel_attention", "softmax_attention"),
     "attention transfer (Eq. 9)": ("kdinpaint.train.objective", None),
     "adaptive convolution": ("kdinpaint.blocks", "adaptive_conv"),
     "hypergradient (Psi step)": ("kdinpaint.train.bilevel", "MetaLearner.hypergradient"),
@@ -584,7 +584,7 @@ def _range_patches(record_function) -> list:
     """Wrap the functions of :data:`PARTS` in profiler ranges named after the part; returns what to restore."""
     import importlib
 
-    from kdinpaint.losses import attention as transfer_module
+    from kdinpaint.losses import attention_transfer as transfer_module
 
     patches = []
 

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from tiny import LEVELS, TinyAttentionUNet, batch
 
 import kdinpaint
-from kdinpaint.attention import PixelAttention
+from kdinpaint.pixel_attention import PixelAttention
 from kdinpaint.blocks import GlobalLocalFusion
-from kdinpaint.losses.attention import attention_transfer, attention_transfer_from_affinity
+from kdinpaint.losses.attention_transfer import attention_transfer, attention_transfer_from_affinity
 
 
 def _naive_affinity(att: PixelAttention, d: torch.Tensor) -> torch.Tensor:

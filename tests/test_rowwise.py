@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdinpaint.losses.attention import attention_transfer
+from kdinpaint.losses.attention_transfer import attention_transfer
 from kdinpaint.ops.attention import softmax_attention
 from kdinpaint.ops.rowwise import rowwise
 

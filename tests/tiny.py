@@ -61,7 +61,7 @@ class TinyAttentionUNet(TinyUNet):
 
     def __init__(self, width: int = 8, norm: bool = False):
         super().__init__(width, norm)
-        from kdinpaint.attention import PixelAttention
+        from kdinpaint.pixel_attention import PixelAttention
 
         self.att = PixelAttention(2 * width, qk_channels=4)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdinpaint.attention import PixelAttention
+from kdinpaint.pixel_attention import PixelAttention
 from kdinpaint.evaluation.baselines import biharmonic
 from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.layers import ConvAct, LayerLike

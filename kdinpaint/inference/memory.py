@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdinpaint.attention import PixelAttention
+from kdinpaint.pixel_attention import PixelAttention
 from kdinpaint.inference.device import model_dtype
 from kdinpaint.ops import attention
 

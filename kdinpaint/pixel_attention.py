@@ -8,7 +8,7 @@ residual, exactly Eq. (8). No ``1/sqrt(d)`` scaling either: the paper has none.
 Two submodules make the affinity reachable by forward hooks without changing the result:
 
 * ``qk`` (:class:`QueryKey`) returns ``(q, k)``, each ``(B, N, C_qk)``; attention transfer hooks it and
-  computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention.attention_transfer`);
+  computes only the hole rows of the affinity (:func:`kdinpaint.losses.attention_transfer.attention_transfer`);
 * ``affinity`` (:class:`Affinity`) returns the full ``(B, N, N)`` matrix ``r``. It only runs when something
   hooks it; otherwise the module calls :func:`kdinpaint.ops.attention.softmax_attention` (a fused kernel, a
   dense batched matrix where it fits, blocks of query rows beyond), which never materialises ``N×N``: not at

@@ -162,6 +162,7 @@ class Study:
     arms: tuple[Arm, ...]
     versus: str | None = None  # every scored arm's student against this arm's, same seed
     note: str = ""
+    seeds: tuple[int, ...] = (0, 1, 2)  # train.seed of the runs unless --seeds says otherwise
 
 
 def _arm(name: str, *overrides: str, **kw) -> Arm:
@@ -252,7 +253,9 @@ STUDIES: dict[str, Study] = {
         note="The teacher sees the student's input (teacher_input: student_input); feature distillation is Eq. 2 "
              "with distill_scale feature on enc1-enc3 (gamma projects 32/64/128 channels to 16/32/64), output "
              "distillation an L1 to the teacher's prediction in the holes (weight 1 inside the distillation total); "
-             "lambda_d 1. The twin is the same width-8 backbone trained alone.",
+             "lambda_d 1. The twin is the same width-8 backbone trained alone. Six seeds: the first three put every "
+             "seed's gap above zero but their spread left the interval over seeds across it.",
+        seeds=(0, 1, 2, 3, 4, 5),
     ),
     "lambda32": Study(
         title="lambda_d over a decade each way: net3 in the paper's regime, plain and feature scale",
@@ -516,6 +519,23 @@ def pooled(per_seed: Sequence[Sequence[float]]) -> dict[str, float]:
     return out
 
 
+def seed_interval(values: Sequence[float]) -> dict[str, float]:
+    """The mean of per-seed gaps with a 95 % interval from Student's t with ``n - 1`` degrees of freedom: how far
+    the gap moves with the training seed (NaN bounds below two seeds)."""
+    from scipy import stats
+
+    vals = [v for v in values if math.isfinite(v)]
+    n = len(vals)
+    if n == 0:
+        return {"gap": math.nan, "lo": math.nan, "hi": math.nan}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"gap": mean, "lo": math.nan, "hi": math.nan}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"gap": mean, "lo": mean - half, "hi": mean + half}
+
+
 def _finite_mean(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -539,6 +559,11 @@ def verdict(p: Mapping) -> str:
     return "**above**" if p["lo"] > 0 else "below" if p["hi"] < 0 else "level"
 
 
+def verdicts(p: Mapping) -> str:
+    """``images / seeds``: where the pooled interval over images and the interval over seeds lie."""
+    return f"{verdict(p)} / {verdict(seed_interval(p['seeds']))}"
+
+
 def mean_metric(reports: Sequence[Mapping], which: str, key: str) -> float:
     vals = [_finite_mean([_value(r, key) for r in network_rows(rep, which)]) for rep in reports]
     return _finite_mean(vals)
@@ -551,10 +576,11 @@ def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str],
     seed's gap, and both networks' gaps to biharmonic (pooled); with ``teacher_l1`` (arm -> the reconstruction
     error of its autoencoder teacher) a last column with it."""
     teacher_l1 = teacher_l1 or {}
-    head = ("| arm | seeds | PSNR student | PSNR twin | Δ PSNR student − twin [95 %] | distillation | Δ PSNR per seed "
-            "| Δ SSIM student − twin [95 %] | Δ PSNR 30-40 % [95 %] | student − biharmonic PSNR [95 %] "
-            "| twin − biharmonic PSNR [95 %] |" + (" teacher L1 |" if teacher_l1 else ""))
-    lines = [head, "|" + "---|" * (11 + bool(teacher_l1))]
+    head = ("| arm | seeds | PSNR student | PSNR twin | Δ PSNR student − twin [95 % images] | Δ PSNR per seed "
+            "| Δ PSNR [95 % seeds] | distillation (images / seeds) | Δ SSIM [95 % images] | Δ PSNR 30-40 % [95 % images] "
+            "| student − biharmonic PSNR [95 % images] | twin − biharmonic PSNR [95 % images] |"
+            + (" teacher L1 |" if teacher_l1 else ""))
+    lines = [head, "|" + "---|" * (12 + bool(teacher_l1))]
     for arm in arms:
         reps = [runs[k] for k in sorted(runs) if k[0] == arm and "control" in runs[k]]
         if not reps:
@@ -566,8 +592,9 @@ def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str],
         p = g[("psnr", "all")]
         lines.append(
             f"| {arm} | {len(reps)} | {_fmt(mean_metric(reps, 'student', 'psnr'), 2, False)} | "
-            f"{_fmt(mean_metric(reps, 'control', 'psnr'), 2, False)} | {interval_text(p, 2)} | {verdict(p)} | "
-            f"{' / '.join(_fmt(s, 2) for s in p['seeds'])} | {interval_text(g[('ssim', 'all')], 4)} | "
+            f"{_fmt(mean_metric(reps, 'control', 'psnr'), 2, False)} | {interval_text(p, 2)} | "
+            f"{' / '.join(_fmt(s, 2) for s in p['seeds'])} | {interval_text(seed_interval(p['seeds']), 2)} | {verdicts(p)} | "
+            f"{interval_text(g[('ssim', 'all')], 4)} | "
             f"{interval_text(g[('psnr', BUCKET)], 2)} | {interval_text(floor['student'], 2)} | {interval_text(floor['control'], 2)} |"
             + (f" {_fmt(teacher_l1.get(arm, math.nan), 4, False)} |" if teacher_l1 else "")
         )
@@ -577,8 +604,8 @@ def control_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str],
 def versus_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str], reference: str) -> str:
     """Each arm's student (and its twin) against ``reference``'s student of the same seed, paired per image and
     pooled over the seeds both have; ``reference`` against biharmonic last."""
-    lines = [f"| network − {reference} | seeds | Δ PSNR [95 %] | Δ PSNR per seed | Δ SSIM [95 %] | Δ PSNR 30-40 % [95 %] |",
-             "|" + "---|" * 6]
+    lines = [f"| network − {reference} | seeds | Δ PSNR [95 % images] | Δ PSNR per seed | Δ PSNR [95 % seeds] "
+             "| Δ SSIM [95 % images] | Δ PSNR 30-40 % [95 % images] |", "|" + "---|" * 7]
     ref = {s: r for (a, s), r in runs.items() if a == reference and "rows" in r}
     for arm in arms:
         for which in ("student", "control"):
@@ -591,11 +618,12 @@ def versus_table(runs: Mapping[tuple[str, int], Mapping], arms: Sequence[str], r
             label = arm if which == "student" else f"{arm} twin"
             p = g[("psnr", "all")]
             lines.append(f"| {label} | {len(pairs)} | {interval_text(p, 2)} | {' / '.join(_fmt(s, 2) for s in p['seeds'])} | "
-                         f"{interval_text(g[('ssim', 'all')], 4)} | {interval_text(g[('psnr', BUCKET)], 2)} |")
+                         f"{interval_text(seed_interval(p['seeds']), 2)} | {interval_text(g[('ssim', 'all')], 4)} | "
+                         f"{interval_text(g[('psnr', BUCKET)], 2)} |")
     if ref:
         p = pooled([image_gaps(network_rows(r, "student"), network_rows(r, "biharmonic"), "psnr") for r in ref.values()])
         lines.append(f"| ({reference} − biharmonic) | {len(ref)} | {interval_text(p, 2)} | "
-                     f"{' / '.join(_fmt(s, 2) for s in p['seeds'])} | | |")
+                     f"{' / '.join(_fmt(s, 2) for s in p['seeds'])} | {interval_text(seed_interval(p['seeds']), 2)} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -736,10 +764,11 @@ def tables(study: Study, got: Collected, seeds: Sequence[int]) -> str:
 
 LEGEND = (
     "Δ student − twin: the per-image gap of the two networks of one run (same initial weights, batches, masks and "
-    "steps; the twin without distillation), averaged over the seeds image by image; [95 %]: Student's t interval "
-    "over the held-out images of that seed-averaged gap (`kdinpaint.compare.pooled_interval`). It measures how "
-    "sure the gap is on these images for these seeds; the per-seed gaps show how much it moves with the seed. "
-    "\"above\": the whole interval is above zero. Gaps to biharmonic are pooled the same way.")
+    "steps; the twin without distillation). [95 % images]: averaged over the seeds image by image, Student's t "
+    "interval over the held-out images (`pooled_interval`): how sure the gap is on these images for these seeds. "
+    "[95 % seeds]: Student's t interval (n − 1 degrees of freedom) over the per-seed mean gaps: how sure it is "
+    "against the training noise of another seed; with 3 seeds its half-width is 2.48 times their standard "
+    "deviation. \"above\": the whole interval is above zero. Gaps to biharmonic are pooled the same way.")
 
 
 RESULTS = HERE / "results" / "2026-12-07-distillation-study.md"
@@ -787,7 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(argv[1:], prog="study.py train", default_recipe=HERE / "demo.yaml")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=sorted(STUDIES), help="which table")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed of the runs (default: 0 1 2)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="train.seed of the runs (default: the study's, 0 1 2 unless it says otherwise)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "study"), help="run folders <out>/<study>/<arm>/seed<S>")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and train.threads of each run (default 1)")
@@ -801,12 +831,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(options)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
-    if len(set(args.seeds)) < len(args.seeds):
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
         parser.error("a seed is given twice")
     for item in overrides:
         if item.split("=", 1)[0] in ("train.seed", "checkpoint.dir", "train.control"):
             parser.error(f"{item.split('=', 1)[0]} is set by the study for every run")
     study = STUDIES[args.study]
+    args.seeds = list(study.seeds) if args.seeds is None else args.seeds
     out = Path(args.out) / args.study
     try:
         selected(study, args.arms)

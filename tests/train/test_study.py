@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 T_975_2 = 4.303  # Student's t, 0.975 quantile, 2 degrees of freedom
+T_975_1 = 12.706  # ... 1 degree of freedom
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,16 @@ def test_pooled_gap_over_seeds_matches_the_hand_computation(study):
     assert study.verdict({"gap": -1.0, "lo": -2.0, "hi": -0.1}) == "below"
 
 
+def test_interval_over_seeds(study):
+    # 1.0, 2.0, 4.0: mean 7/3, sample sd sqrt(7/3), half-width 4.303 * sqrt(7/3) / sqrt(3)
+    s = study.seed_interval([1.0, 2.0, 4.0])
+    half = T_975_2 * math.sqrt(7 / 3) / math.sqrt(3)
+    assert s["gap"] == pytest.approx(7 / 3)
+    assert (s["lo"], s["hi"]) == pytest.approx((7 / 3 - half, 7 / 3 + half), abs=1e-3)
+    one = study.seed_interval([0.5])
+    assert one["gap"] == 0.5 and math.isnan(one["lo"])
+
+
 def test_control_table_row(study):
     table = study.control_table({("net3", 0): SEED0, ("net3", 1): SEED1}, ["net3", "net4"])
     lines = table.splitlines()
@@ -64,14 +75,16 @@ def test_control_table_row(study):
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     # student PSNR: mean of the per-image means (20.333 and 20.5) = 20.42; twin (19.333, 19.5) = 19.42
     assert cells[:4] == ["net3", "2", "20.42", "19.42"]
-    assert cells[4] == "+1.00 [-0.24, +2.24]" and cells[5] == "level" and cells[6] == "+1.00 / +1.00"
-    assert cells[7] == "+0.0000 [+0.0000, +0.0000]"  # SSIM equal everywhere: a zero gap with no spread
+    assert cells[4] == "+1.00 [-0.24, +2.24]" and cells[5] == "+1.00 / +1.00"
+    assert cells[6] == "+1.00 [+1.00, +1.00]"  # both seeds' mean gaps are 1.0: no spread over seeds
+    assert cells[7] == "level / **above**"
+    assert cells[8] == "+0.0000 [+0.0000, +0.0000]"  # SSIM equal everywhere: a zero gap with no spread
     # 30-40 % holds image 1 only: gaps 1.0 and 2.0, one image, no interval
-    assert cells[8] == "+1.50"
+    assert cells[9] == "+1.50"
     # student - biharmonic: seed 0 (-0.5, -1.0, -0.5), seed 1 (0, 0, -1.5): per image -0.25, -0.5, -1.0, mean -0.5833
     sd = math.sqrt(((-0.25 + 7 / 12) ** 2 + (-0.5 + 7 / 12) ** 2 + (-1.0 + 7 / 12) ** 2) / 2)
     lo, hi = -7 / 12 - T_975_2 * sd / math.sqrt(3), -7 / 12 + T_975_2 * sd / math.sqrt(3)
-    assert cells[9] == f"-0.58 [{lo:+.2f}, {hi:+.2f}]"
+    assert cells[10] == f"-0.58 [{lo:+.2f}, {hi:+.2f}]"
 
 
 def test_versus_table_pairs_the_same_seed(study):
@@ -83,6 +96,8 @@ def test_versus_table_pairs_the_same_seed(study):
     # seed 0: 0.5, 1.0, 0.5; seed 1: 1.0, 2.0, -0.5; per image 0.75, 1.5, 0.0, mean 0.75, sd 0.75
     half = T_975_2 * 0.75 / math.sqrt(3)
     assert net3[:4] == ["net3", "2", f"+0.75 [{0.75 - half:+.2f}, {0.75 + half:+.2f}]", "+0.67 / +0.83"]
+    # over the seeds: 2/3 and 5/6, mean 0.75, sd sqrt(2) / 12, half-width t_{0.975,1} * sd / sqrt(2) = 12.706 / 12
+    assert net3[4] == f"+0.75 [{0.75 - T_975_1 / 12:+.2f}, {0.75 + T_975_1 / 12:+.2f}]"
     twin = [c.strip() for c in lines[3].strip("|").split("|")]
     assert twin[0] == "net3 twin" and twin[2].startswith("-0.25 [")  # 0, 0, -1 and 0.5, 0, -1: per image 0.25, 0, -1
     assert lines[-1].startswith("| (baseline − biharmonic) | 2 | -1.33")

@@ -12,6 +12,7 @@ Saving and loading go through safetensors; the file's metadata carries the spec 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from kdinpaint.calling import convention
 from kdinpaint.masking import check_image_range, check_mask
 from kdinpaint.adapter import Adapter
 from kdinpaint.plugins import adapter_from_target, get_adapter
-from kdinpaint.spec import AdapterSpec
+from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
+from kdinpaint.weights import load_weights
 
-__all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint"]
+__all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint",
+           "is_exported", "load_network", "as_completed"]
 
 
 class _MaskContext:
@@ -239,6 +242,37 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     if missing or unexpected:
         raise ValueError(f"{path}{origin} does not fit {type(model).__name__}: " + "; ".join(_file_report(path, completed)) + f"; {fix}")
     return completed
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_exported` (safetensors with ``kdinpaint.spec``)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "kdinpaint.spec" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not safetensors (a .pth), unreadable: not an export
+        return False
+
+
+def load_network(path: str | Path, model: nn.Module, spec: SpecLike | None = None,
+                 device: str | torch.device = "cpu") -> CompletedModel:
+    """``model`` (a fresh instance of your network) with the weights of ``path``, ready to run or export.
+
+    ``path`` is a file of :func:`save_exported` (its completion blocks and spec come with it; ``spec`` is then not
+    needed) or a plain state dict of ``model`` (``.pth`` / ``.pt`` read with ``weights_only=True``, or
+    ``.safetensors``), loaded strictly and wrapped without completion blocks; ``spec`` says how it is called
+    (default ``model(image, mask)``). A file of another network is refused naming the keys that differ."""
+    if is_exported(path):
+        return load_exported(path, model, device)
+    load_weights(model, path, f"state dict of {type(model).__name__}")
+    return as_completed(model, spec).to(device)
+
+
+def as_completed(model: nn.Module, spec: SpecLike | None = None) -> CompletedModel:
+    """``model`` as it is (no completion blocks, no fusion) in a :class:`CompletedModel`, so that what runs and
+    exports a trained student runs and exports it too; ``spec`` says how it is called (default ``model(image, mask)``)."""
+    spec = load_spec(spec) if spec is not None else AdapterSpec()
+    spec = dataclasses.replace(spec, completion_sites=[], attention_sites=[])  # nothing is added to the network
+    return CompletedModel(_modules.unwrap(model), spec, nn.ModuleDict(), [])
 
 
 def _file_report(path: Path, model: nn.Module) -> list[str]:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .ffc import set_dft
 from .model import LaMa
 from .official import load_official
 
@@ -17,7 +18,7 @@ __all__ = ["lama_student"]
 
 
 def lama_student(
-    config: str | Mapping[str, Any] = "big-lama",
+    config: str | Mapping[str, Any] | None = None,
     pretrained: str | os.PathLike[str] | None = None,
     dft: str = "fft",
     **overrides: Any,
@@ -26,9 +27,13 @@ def lama_student(
 
     ``pretrained``: a LaMa ``best.ckpt`` or model folder (or any file :func:`~kdinpaint_adapters.lama.official.load_official`
     reads), loaded strictly: a checkpoint of another config is refused naming the differing keys.
-    ``config``, ``dft`` and ``overrides``: as :class:`~kdinpaint_adapters.lama.model.LaMa`.
+    ``config``, ``dft`` and ``overrides``: as :class:`~kdinpaint_adapters.lama.model.LaMa`; without ``config``
+    and ``overrides``, the config of ``pretrained`` (its folder's ``config.yaml``, else read from the weights'
+    shapes), or ``big-lama`` when there is no file.
     """
-    model = LaMa(config, dft=dft, **overrides)
+    if config is None and pretrained is not None and not overrides:
+        return set_dft(load_official(pretrained), dft)
+    model = LaMa("big-lama" if config is None else config, dft=dft, **overrides)
     if pretrained is not None:
         load_official(pretrained, model=model)
     return model

@@ -4,8 +4,8 @@ Plugins are modules exposed through the ``kdinpaint`` entry-point group; the bui
 group (``pyproject.toml``); kdinpaint registers its own objective, ``eq11`` (the paper's Eq. 11,
 :class:`kdinpaint.train.objective.Eq11Objective`), through the same ``register_losses`` hook. Nothing is imported
 until first use (:func:`load_plugins`, called by every registry function). Entry points load one at a
-time: a plugin that fails to import, fails validation, or whose hook raises is logged and recorded with its
-distribution name (:func:`plugin_failures`) and the others still load. Environment:
+time: a plugin that fails to import (an exception, or ``sys.exit()`` at import), fails validation, or whose hook
+raises is logged and recorded with its distribution name (:func:`plugin_failures`) and the others still load. Environment:
 
 - ``KDINPAINT_STRICT_PLUGINS=1`` (or ``strict=True``): any such failure raises :class:`PluginError` (CI).
 - ``KDINPAINT_LOAD_PLUGINS=dist-a,dist-b``: load only these third-party distributions (or entry-point
@@ -92,6 +92,14 @@ def _raise_if_strict(failures: list[Failure], strict: bool | None) -> None:
         raise PluginError("; ".join(map(str, failures)) + f" (strict mode: unset {STRICT_ENV} to continue)")
 
 
+def _what_failed(e: BaseException) -> str:
+    """A plugin's exception in a Failure's words; ``sys.exit()`` (``SystemExit``) said for what it is, since
+    uncaught it would end the program quietly, with its exit status."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r}): the plugin called sys.exit() or exit() while loading; it must not end the program"
+    return f"{type(e).__name__}: {e}"
+
+
 def _providers_of(entries: list[_Entry]) -> str:
     return " and ".join(_who(e.distribution, e.version) for e in entries)
 
@@ -122,8 +130,10 @@ def load_plugins(*, strict: bool | None = None, reload: bool = False) -> list[Fa
                 except pluggy.PluginValidationError:
                     pm.unregister(name=name)
                     raise
-            except Exception as e:  # noqa: BLE001 - one broken plugin must not break the others
-                _failures.append(Failure(dist, version, ep.name, f"{type(e).__name__}: {e}"))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001 - one broken plugin must not break the others, nor end the program
+                _failures.append(Failure(dist, version, ep.name, _what_failed(e)))
                 log.warning("kdinpaint %s", _failures[-1])
                 continue
             _providers[name] = (dist, version)
@@ -172,8 +182,10 @@ def _registry(hook: str, strict: bool | None) -> dict[str, list[_Entry]]:
 
             try:
                 impl.function(register=register)
-            except Exception as e:  # noqa: BLE001
-                failures.append(Failure(dist, version, impl.plugin_name, f"{hook} raised {type(e).__name__}: {e}"))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001 - sys.exit() in a hook too
+                failures.append(Failure(dist, version, impl.plugin_name, f"{hook} raised {_what_failed(e)}"))
                 log.warning("kdinpaint %s", failures[-1])
                 continue
             for entry in got:
@@ -278,6 +290,10 @@ def import_target(target: str) -> Any:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ValueError(f"{target!r}: module {module_name!r} cannot be imported ({e}); install it or run from its folder") from None
+    except SystemExit as e:  # uncaught, it would end the program quietly with the module's exit status
+        raise ValueError(f"{target!r}: importing module {module_name!r} called sys.exit({e.code!r}); a module that names "
+                         "a network must not end the program when imported (guard its script part with "
+                         "if __name__ == '__main__':)") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{target!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no {part!r}")

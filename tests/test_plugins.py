@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 import textwrap
 import tomllib
@@ -208,6 +209,61 @@ def test_strict_mode_makes_failures_fatal(dists, monkeypatch):
     plugins.load_plugins(reload=True)
     with pytest.raises(plugins.PluginError, match="kdinpaint-raising-hook 1.0.*weights folder missing"):
         plugins.list_adapters()
+
+
+EXITING = {  # plugins that end the program instead of raising: at import, or in a hook
+    "kdinpaint-exits-at-import": ("kdp_exits_at_import", "import sys\nsys.exit(0)\n"),
+    "kdinpaint-exits-in-hook": (
+        "kdp_exits_in_hook",
+        """
+        import sys
+        from kdinpaint.hookspecs import hookimpl
+
+        @hookimpl
+        def register_adapters(register):
+            sys.exit(3)
+        """,
+    ),
+}
+
+
+@pytest.fixture
+def exiting(dists, monkeypatch):
+    for dist, (module, source) in EXITING.items():
+        make_dist(dists, dist, "2.0", {module.removeprefix("kdp_"): module}, {module: source})
+    importlib.invalidate_caches()
+    monkeypatch.setenv(plugins.LOAD_ENV, ",".join(EXITING))
+    plugins.load_plugins(reload=True)
+    yield
+    for module, _ in EXITING.values():
+        sys.modules.pop(module, None)
+
+
+def test_a_plugin_that_calls_sys_exit_is_a_named_failure_not_the_end_of_the_program(exiting, capsys):
+    """sys.exit(0) in a plugin made `kdinpaint inpaint` exit 0 with no output; now it is a broken plugin, named."""
+    from kdinpaint.cli import main
+
+    assert "tiny-unet" in {a.name for a in plugins.list_adapters()}  # the built-ins still load
+    failures = {f.distribution: f.error for f in plugins.plugin_failures()}
+    assert set(failures) == set(EXITING)
+    assert failures["kdinpaint-exits-at-import"].startswith("SystemExit(0): the plugin called sys.exit()")
+    assert failures["kdinpaint-exits-in-hook"].startswith("register_adapters raised SystemExit(3)")
+    assert main(["adapters", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {f["distribution"] for f in listed["failures"]} == set(EXITING) and listed["adapters"]
+    assert main(["--strict-plugins", "adapters"]) != 0
+    err = capsys.readouterr().err
+    assert "kdinpaint-exits-at-import 2.0" in err and "SystemExit(0)" in err
+    with pytest.raises(plugins.PluginError, match="kdinpaint-exits-at-import 2.0: SystemExit"):
+        plugins.load_plugins(strict=True)
+
+
+def test_a_target_module_that_calls_sys_exit_is_refused_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"'exits_on_import:Net': importing module 'exits_on_import' called sys.exit\(0\)"):
+        plugins.import_target("exits_on_import:Net")
+    sys.modules.pop("exits_on_import", None)
 
 
 def test_load_restriction_env_var(dists, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -27,19 +28,28 @@ __all__ = ["build_teacher", "pretrain", "autoencoder_call"]
 log = logging.getLogger(__name__)
 
 
-def build_teacher(student: nn.Module) -> nn.Module:
+# how a teacher is called, remembered from build_teacher(spec=) for pretrain() (weak: a dropped teacher is forgotten)
+_SPECS: "weakref.WeakKeyDictionary[nn.Module, AdapterSpec]" = weakref.WeakKeyDictionary()
+
+
+def build_teacher(student: nn.Module, spec: SpecLike | None = None) -> nn.Module:
     """A copy of the student's architecture with fresh weights (every ``reset_parameters`` called).
 
-    Build it before :func:`kdinpaint.attach` (a hooked model is refused: its hooks would be copied).
+    Build it before :func:`kdinpaint.attach` (a hooked model is refused: its hooks would be copied). ``spec`` (as
+    for :func:`kdinpaint.attach`) is remembered for the teacher, so that :func:`pretrain` calls it the same way
+    without being told again: ``{"input": "concat"}`` for a network called with one tensor.
     """
     root = _modules.unwrap(student)
     if is_attached(root):
         raise RuntimeError("build the teacher before kdinpaint.attach(), or call kd.detach() first")
+    resolved = resolve_spec(spec) if spec is not None else None  # a bad spec fails here, not at pretrain
     teacher = copy.deepcopy(root)
     for module in teacher.modules():
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
             reset()
+    if resolved is not None:
+        _SPECS[teacher] = resolved
     return teacher
 
 
@@ -94,17 +104,22 @@ def pretrain(
         data: an iterable (re-iterated as needed) of image batches ``(B, 3, H, W)`` in [-1, 1], of dicts with
             an ``"image"`` key, or of tuples whose first item is the image.
         spec: how to call the network (``input``, ``image_arg``, ``mask_arg``, ``output``, ``teacher_input``,
-            or ``teacher_call`` for a teacher of another convention); default ``teacher(image, mask=zeros)``.
+            or ``teacher_call`` for a teacher of another convention); default: the spec given to
+            :func:`build_teacher`, else ``teacher(image, mask=zeros)``.
         steps, lr: optimisation steps and Adam learning rate (the paper: Adam, 1e-4).
         optimizer: an optimiser of your own over the teacher's parameters (``lr`` is then ignored).
         device: where to train (default: where the teacher's parameters are).
         log_every: log the loss every this many steps (0: never).
     """
-    spec = resolve_spec(spec) if spec is not None else AdapterSpec()
+    spec = resolve_spec(spec) if spec is not None else _SPECS.get(_modules.unwrap(teacher), AdapterSpec())
     if device is None:
         p = next(iter(teacher.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    call = convention(_modules.unwrap(teacher), spec, teacher=True)
+    try:
+        call = convention(_modules.unwrap(teacher), spec, teacher=True)
+    except ValueError as e:
+        raise ValueError(f"pretrain() cannot call the teacher: {e}; give the spec as spec= here or to "
+                         "kdinpaint.build_teacher(student, spec=...)") from None
     opt = optimizer or torch.optim.Adam(teacher.parameters(), lr=lr)
     teacher.train()
     history: list[float] = []

@@ -1,5 +1,8 @@
 """Teacher helpers: a fresh copy of the student's architecture, and L1 autoencoder pre-training."""
 
+import copy
+
+import pytest
 import torch
 from tiny import TinyUNet, batch
 
@@ -32,3 +35,25 @@ def test_pretrain_reduces_the_autoencoder_l1():
     assert abs(history[0] - first) < 1e-6
     assert sum(history[-5:]) / 5 < 0.6 * history[0]
     assert not teacher.training
+
+
+class _OneTensorNet(TinyUNet):
+    """TinyUNet called with one tensor, ``model(torch.cat([image, mask], 1))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x[:, :3], x[:, 3:])
+
+
+def test_pretrain_calls_a_one_tensor_teacher_as_build_teacher_was_told():
+    torch.manual_seed(0)
+    student = _OneTensorNet(width=4)
+    image, _ = batch(2, 32, seed=2)
+    with pytest.raises(ValueError, match=r"input: concat.*build_teacher\(student, spec="):
+        kdinpaint.pretrain(kdinpaint.build_teacher(student), [image], steps=1)
+    teacher = kdinpaint.build_teacher(student, spec={"input": "concat"})
+    before = copy.deepcopy(teacher)
+    history = kdinpaint.pretrain(teacher, [image], steps=1)
+    # the first loss, by hand: the teacher fed torch.cat([ground truth, empty mask], 1)
+    with torch.no_grad():
+        first = (before(torch.cat([image, torch.zeros_like(image[:, :1])], 1)) - image).abs().mean().item()
+    assert abs(history[0] - first) < 1e-6

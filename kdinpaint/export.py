@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,38 @@ def _metadata(path: Path) -> dict[str, str]:
     return meta
 
 
+def _meta_json(meta: dict[str, str], key: str, path: Path, default: str, kind: type, items: type | None = None) -> Any:
+    """The JSON value of metadata ``key`` (``default`` when absent); a ``ValueError`` naming the file when it is not
+    JSON, not a ``kind`` or (a list) holds other than ``items`` (JSON builds only plain values: no object is ever
+    constructed from a file)."""
+    try:
+        value = json.loads(meta.get(key, default))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({e}); the file is damaged or was not written by "
+                         "kdinpaint.save_exported: export it again") from None
+    bad_item = items is not None and isinstance(value, list) and not all(isinstance(v, items) and not isinstance(v, bool) for v in value)
+    if not isinstance(value, kind) or isinstance(value, bool) or bad_item:
+        what = f"a {kind.__name__}" + (f" of {items.__name__}" if items is not None else "")
+        raise ValueError(f"{path}: metadata {key!r} is {reprlib.repr(value)}, not {what}; the file is damaged or was not written "
+                         "by kdinpaint.save_exported: export it again")
+    return value
+
+
+def _meta_spec(meta: dict[str, str], path: Path) -> dict:
+    """The spec stored in the metadata as a mapping, read with ``yaml.safe_load`` (a ``!!python/object`` tag, or any
+    other tag that would construct an object, is refused, never run); a ``ValueError`` naming the file otherwise."""
+    try:
+        stored = yaml.safe_load(meta["kdinpaint.spec"])
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: metadata 'kdinpaint.spec' is not a plain YAML spec ({first}); kdinpaint reads no "
+                         "tagged objects from a file. The file is damaged or crafted: export it again") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: metadata 'kdinpaint.spec' holds a {type(stored).__name__}, not a spec mapping; "
+                         "export the model again")
+    return stored
+
+
 def load_checkpoint(path: str | Path, expected: str | None = None, device: str | torch.device = "cpu") -> tuple[CompletedModel, str]:
     """Rebuild an exported model from its file alone (written with ``adapter=`` or ``target=``); returns it and
     ``name:variant`` (or the import path). ``expected`` refuses a checkpoint of another adapter or variant."""
@@ -190,12 +223,17 @@ def load_checkpoint_adapter(path: str | Path, expected: str | None = None,
     file's own spec, when it is importable here."""
     path = Path(path)
     meta = _metadata(path)
-    kwargs = json.loads(meta.get("kdinpaint.builder_kwargs", "{}"))
+    kwargs = _meta_json(meta, "kdinpaint.builder_kwargs", path, "{}", dict)
     target = meta.get("kdinpaint.target")
     if target is not None:
         if expected is not None and expected != target:
             raise ValueError(f"{path} is a checkpoint of {target!r}, but {expected!r} was expected")
-        adapter = adapter_from_target(target, yaml.safe_load(meta["kdinpaint.spec"]), int(meta.get("kdinpaint.stride", "1")))
+        stride = _meta_json(meta, "kdinpaint.stride", path, "1", int)
+        adapter = adapter_from_target(target, _meta_spec(meta, path), stride)
+        if not (isinstance(adapter.build_student, type) and issubclass(adapter.build_student, nn.Module)):
+            # a file names what is called with its builder kwargs: only a network class, never any function
+            raise ValueError(f"{path} names {target!r} as its network, which is not a torch.nn.Module class; a file may "
+                             "only name a network class. Build the network yourself and use load_exported(path, model)")
         return load_exported(path, adapter.student(None, **kwargs), device), target, adapter
     which = meta.get("kdinpaint.adapter")
     if which is None:
@@ -214,17 +252,21 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     """Rebuild a :class:`CompletedModel` around ``model`` (a fresh instance of the student's class)."""
     path = Path(path)
     meta = _metadata(path)
-    stored = yaml.safe_load(meta["kdinpaint.spec"])
+    stored = _meta_spec(meta, path)
     completion = stored.setdefault("completion", {})
     for key in ("kernel_limit", "offset_limit"):  # files written before the bounds existed: unbounded, as trained
         completion.setdefault(key, None)
-    spec = AdapterSpec.from_dict(stored)
-    sites = json.loads(meta["kdinpaint.sites"])
-    channels = json.loads(meta["kdinpaint.site_channels"])
+    try:
+        spec = AdapterSpec.from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: metadata 'kdinpaint.spec' is not a valid spec ({e}); export the model again") from None
+    sites = _meta_json(meta, "kdinpaint.sites", path, "[]", list, str)
+    channels = _meta_json(meta, "kdinpaint.site_channels", path, "[]", list, int)
     c = spec.completion
     blocks = build_completion_blocks(channels, c.kernel_size, c.share_predictors, c.kernel_limit, c.offset_limit)
-    fusion_sites = json.loads(meta.get("kdinpaint.fusion_sites", "[]"))
-    fusions = build_fusions(json.loads(meta.get("kdinpaint.fusion_channels", "[]")), c.kernel_size, c.kernel_limit, c.offset_limit)
+    fusion_sites = _meta_json(meta, "kdinpaint.fusion_sites", path, "[]", list, str)
+    fusion_channels = _meta_json(meta, "kdinpaint.fusion_channels", path, "[]", list, int)
+    fusions = build_fusions(fusion_channels, c.kernel_size, c.kernel_limit, c.offset_limit)
     origin = f" (exported from {meta['kdinpaint.adapter']!r})" if "kdinpaint.adapter" in meta else ""
     fix = "pass a fresh instance of the exported model's class, built with the same arguments"
     modules = dict(_modules.unwrap(model).named_modules())

@@ -171,3 +171,69 @@ def test_a_file_written_before_the_bounds_loads_unbounded(tmp_path):
     assert convs(legacy) and all(c.kernel_limit is None and c.offset_limit is None for c in convs(legacy))
     with torch.no_grad():
         assert not torch.allclose(legacy(image, mask), new(image, mask))
+
+
+# ---- a file's metadata never builds objects or calls functions ------------------------------------------------
+def _crafted(path, **metadata):
+    """A safetensors file with one tensor and the given metadata, as anyone can write it."""
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(1)}, str(path), metadata={"kdinpaint.sites": "[]", "kdinpaint.site_channels": "[]",
+                                                               "kdinpaint.adapter": "tiny-unet", **metadata})
+    return path
+
+
+def test_a_tagged_spec_in_a_files_metadata_never_runs_and_names_the_file(tmp_path):
+    from kdinpaint.export import load_checkpoint, load_exported
+
+    marker = tmp_path / "payload-ran"
+    code = f"open({str(marker)!r}, 'w').close()"
+    tagged = {
+        "python/object/apply": f"!!python/object/apply:builtins.exec [{code!r}]",
+        "python/object/new": f"name: x\nencoder_levels: !!python/object/new:builtins.exec [{code!r}]",
+        "python/name": "!!python/name:os.system",
+    }
+    for kind, spec in tagged.items():
+        path = _crafted(tmp_path / f"{kind.replace('/', '-')}.safetensors", **{"kdinpaint.spec": spec})
+        for load in (lambda: load_checkpoint(path), lambda: load_exported(path, TinyUNet())):
+            with pytest.raises(ValueError, match=rf"{path.name}: metadata 'kdinpaint.spec' is not a plain YAML spec"):
+                load()
+        assert not marker.exists(), kind
+    # the payload is live: an unsafe YAML loader would have run it
+    import yaml
+
+    yaml.unsafe_load(tagged["python/object/apply"])
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("kdinpaint.builder_kwargs", "{'width': 4", r"metadata 'kdinpaint.builder_kwargs' is not valid JSON"),
+    ("kdinpaint.builder_kwargs", "[1, 2]", r"metadata 'kdinpaint.builder_kwargs' is \[1, 2\], not a dict"),
+    ("kdinpaint.sites", '"down1"', r"metadata 'kdinpaint.sites' is 'down1', not a list of str"),
+    ("kdinpaint.site_channels", '["8"]', r"metadata 'kdinpaint.site_channels' is \['8'\], not a list of int"),
+    ("kdinpaint.spec", "- a\n- b", r"metadata 'kdinpaint.spec' holds a list, not a spec mapping"),
+    ("kdinpaint.spec", "{encoder_levels: 3}", r"metadata 'kdinpaint.spec' is not a valid spec"),
+])
+def test_malformed_metadata_names_the_file_and_the_key(tmp_path, key, value, match):
+    from kdinpaint.export import load_checkpoint
+
+    path = _crafted(tmp_path / "bad.safetensors", **{"kdinpaint.spec": "{}", key: value})
+    with pytest.raises(ValueError, match=rf"bad.safetensors: {match}"):
+        load_checkpoint(path)
+
+
+def test_a_file_naming_a_function_as_its_network_is_refused_before_calling_it(tmp_path):
+    """kdinpaint.target names what is built with the file's builder kwargs: a function there (subprocess.run with
+    a command) would run that command. Only an nn.Module class is accepted."""
+    from kdinpaint.export import load_checkpoint
+
+    marker = tmp_path / "command-ran"
+    import json
+    import sys
+
+    argv = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    path = _crafted(tmp_path / "run.safetensors", **{"kdinpaint.spec": "{}", "kdinpaint.target": "subprocess:run",
+                                                     "kdinpaint.builder_kwargs": json.dumps({"args": argv})})
+    with pytest.raises(ValueError, match=r"run.safetensors names 'subprocess:run' as its network, which is not a torch.nn.Module class"):
+        load_checkpoint(path)
+    assert not marker.exists()

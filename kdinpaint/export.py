@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from kdinpaint import _modules
+from kdinpaint._files import usual_permissions
 from kdinpaint.blocks import CompletionBlock, GlobalLocalFusion, build_completion_blocks, build_fusions
 from kdinpaint.calling import convention
 from kdinpaint.masking import check_image_range, check_mask
@@ -158,6 +159,7 @@ def save_exported(
     if adapter is not None or target is not None:
         meta["kdinpaint.builder_kwargs"] = json.dumps(builder_kwargs or {})
     save_model(model, str(tmp), metadata=meta)
+    usual_permissions(tmp)  # safetensors writes 0600
     tmp.replace(path)
 
 

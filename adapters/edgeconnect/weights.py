@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from kdinpaint._files import usual_permissions
 from kdinpaint.layers import legacy_spectral_norm_key
 from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 
@@ -285,6 +286,7 @@ def pack_official(
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        usual_permissions(tmp)  # safetensors writes 0600
     else:
         torch.save({p: {"generator": getattr(model, p).state_dict()} for p in ("edge", "inpaint")}, tmp)
     os.replace(tmp, path)

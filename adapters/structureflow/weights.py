@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from kdinpaint._files import usual_permissions
 from kdinpaint.layers import legacy_spectral_norm_key
 from kdinpaint.weights import load_reported, read_weights, strip_wrapper_prefixes
 
@@ -220,6 +221,7 @@ def pack_official(
     model = build_structureflow(folder, **kwargs)
     path = Path(path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    usual_permissions(path)  # safetensors writes 0600
     return path
 
 

@@ -33,6 +33,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -46,9 +47,10 @@ from kdinpaint import deploy
 from kdinpaint.calling import convention
 from kdinpaint.data import ImageFolder, MaskFolder, list_images, sample_images
 from kdinpaint.data.protocols import PROTOCOLS, describe_protocol, protocol_masks
-from kdinpaint.evaluation.baselines import BASELINES
+from kdinpaint.evaluation.baselines import BASELINES, BYTES_PER_PIXEL
 from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
-from kdinpaint.evaluation.floor import FLOOR_METHODS, evaluate_floor, floor_methods, floor_to_csv, floor_to_markdown
+from kdinpaint.evaluation.floor import (FLOOR_BATCH_SIZE, FLOOR_METHODS, evaluate_floor, floor_methods, floor_to_csv,
+                                       floor_to_markdown)
 from kdinpaint.evaluation.metrics import CONVENTIONS, to_csv, to_json, to_markdown
 from kdinpaint.evaluation.perceptual import perceptual_report, perceptual_unavailable
 from kdinpaint.export import load_checkpoint_adapter
@@ -64,7 +66,7 @@ from kdinpaint.inference import (
     resolve_device,
     save_image,
 )
-from kdinpaint.inference.memory import peak_bytes
+from kdinpaint.inference.memory import available_bytes, gib, peak_bytes
 from kdinpaint.inference.timing import median_seconds
 from kdinpaint.plugins import PluginError, get_adapter, list_adapters, plugin_failures
 from kdinpaint.serve.command import cmd_serve, serve_arguments
@@ -248,6 +250,12 @@ def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` checked even where the model ignores it (a baseline runs on the CPU): ``meta`` is refused."""
+    if args.device is not None:
+        resolve_device(args.device)
+
+
 def _inpainter(args: argparse.Namespace) -> Any:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -395,9 +403,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for method, why in skipped.items():
             print(f"warning: floor {method} skipped: {why}", file=sys.stderr)
     inpainter = _inpainter(args)
+    _check_evaluation_memory(args, inpainter, usable)  # before any image is built
     images, names, what_images = _evaluation_images(args)
     masks, what_masks = _evaluation_masks(args, len(images))
-    inpainter.check_memory(args.size, args.size, option="--size")  # refuse before running what would not fit
     bar = _progress(len(images), "evaluate", not args.no_progress)
     try:
         rows, summary = evaluate_model(inpainter, images, masks, convention=args.compat, names=names, on_batch=bar.update)
@@ -441,6 +449,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_evaluation_memory(args: argparse.Namespace, inpainter: Any, floor: Sequence[str]) -> None:
+    """Refuse, with :class:`InferenceOutOfMemory` naming the ``--size`` that fits, an evaluation whose images and
+    methods would not fit in memory, before any image is built: the sample crops are held whole (twice: the crops
+    and their cache), ``count × 3 × size² × 4`` bytes each time; a folder is read one batch at a time. The method's
+    own need is the network's measured one (:meth:`Inpainter.check_memory`, on its device) or, for a baseline and
+    the floor, :data:`~kdinpaint.evaluation.baselines.BYTES_PER_PIXEL` per pixel of each image of a batch."""
+    _check_device(args)
+    size, pixels = args.size, args.size * args.size
+    if size < 16 or (args.count is not None and args.count < 1):
+        return  # refused with its own message by _evaluation_images
+    held = 2 * (args.count or 10) if args.images is None else 0
+    images = held * 3 * pixels * 4
+    runs = [(args.baseline, args.batch_size)] if args.baseline else []
+    runs += [(m, FLOOR_BATCH_SIZE) for m in floor]
+    needs = {m: n * pixels * (BYTES_PER_PIXEL[m] + 16) for m, n in runs}  # + 16: the batch's image and mask
+    if not args.baseline and inpainter.device.type == "cpu" and (model := inpainter.memory_model()) is not None:
+        needs[inpainter.name] = model.bytes(pixels)
+    method, need = max(needs.items(), key=lambda kv: kv[1], default=(None, 0))
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and images + need > free:
+        fits = int(size * math.sqrt(free / (images + need))) // 8 * 8  # every term grows with the pixels
+        what = [f"{held // 2} sample images held twice, {held} x 3 x {size} x {size} x 4 bytes = {gib(images)}"]
+        what = what if held else []
+        what += [f"{gib(need)} for {method} at a time"] * bool(need)
+        fix = f"use --size {fits} or less" if fits >= 16 else "free memory first: even --size 16 would not fit"
+        raise InferenceOutOfMemory(
+            f"evaluating at --size {size} needs about {gib(images + need)} ({'; '.join(what)}), but only "
+            f"{gib(free)} is free: {fix}{', or fewer images (--count)' if held else ''}")
+    inpainter.check_memory(size, size, option="--size")  # the network on its own device
+
+
 def _control_comparison(args: argparse.Namespace, images, masks, names, rows, summary, name: str,
                         floor: dict | None) -> dict | None:
     """``--control``: the second network's rows on the same images and masks and the paired gap, or None."""
@@ -461,7 +500,8 @@ def _control_comparison(args: argparse.Namespace, images, masks, names, rows, su
 def _inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="an image file, or a folder of images")
     p.add_argument("mask", help="a mask file (used for every image), or a folder of masks matched by file stem "
-                                "(NAME.* or NAME_mask.*); any size: resized to each image, thresholded")
+                                "(NAME.* or NAME_mask.*); resized to each image when of its aspect ratio, thresholded "
+                                "when binary up to edges and noise (another aspect ratio or a soft mask is refused)")
     p.add_argument("output", help="the output file (single image) or folder (written as STEM.png, same subfolders)")
     _model_arguments(p)
     p.add_argument("--mask-hole", choices=("white", "black"), default="white", help="which colour marks holes in the masks")
@@ -482,7 +522,7 @@ def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
         if msk.is_dir():
             raise ValueError(f"a single image needs a single mask file, but {str(msk)!r} is a folder")
         target = out / f"{src.stem}.png" if out.is_dir() or not out.suffix else out
-        return [(src, msk, target)]
+        return _check_collisions([(src, msk, target)])
     if out.is_file():
         raise ValueError(f"input {str(src)!r} is a folder, so the output must be a folder, but {str(out)!r} is a file")
     images = [Path(p) for p in list_images(src)]
@@ -506,6 +546,26 @@ def _inpaint_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
     if missing:
         raise ValueError(f"no mask in {str(msk)!r} for {len(missing)} image(s), e.g. {missing[:3]}; "
                          "name masks like the images (NAME.png or NAME_mask.png) or pass one mask file for all")
+    return _check_collisions(jobs)
+
+
+def _check_collisions(jobs: list[tuple[Path, Path, Path]]) -> list[tuple[Path, Path, Path]]:
+    """Refuse, before anything runs, two inputs written to one output (``a.png`` and ``a.jpg`` both give ``a.png``)
+    and an output that is an input image or a mask (paths resolved): either would silently replace a file."""
+    writers: dict[Path, list[Path]] = {}
+    for img, _, target in jobs:
+        writers.setdefault(target.resolve(), []).append(img)
+    clashes = {t: imgs for t, imgs in writers.items() if len(imgs) > 1}
+    if clashes:
+        t, imgs = next(iter(clashes.items()))
+        raise ValueError(f"{len(clashes)} output file(s) would each be written by several inputs, e.g. {str(t)!r} by "
+                         f"{[str(i) for i in imgs]}: the last would replace the others. Rename the inputs so that "
+                         "their names differ without the extension (e.g. a.jpg -> a_jpg.jpg)")
+    inputs = {p.resolve(): label for img, mask, _ in jobs for p, label in ((img, "input image"), (mask, "mask"))}
+    for t in writers:
+        if t in inputs:
+            raise ValueError(f"the output {str(t)!r} is an {inputs[t]}: writing the result would replace it; "
+                             "choose another output file or folder")
     return jobs
 
 
@@ -523,6 +583,7 @@ def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) ->
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     jobs = _inpaint_jobs(args)
+    _check_device(args)
     inpainter = _inpainter(args)
     skipped: list[str] = []
     pending: list[tuple[torch.Tensor, torch.Tensor, Path]] = []
@@ -563,7 +624,16 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
                 logging.getLogger(__name__).warning("%s", e)
                 bar.update(1)
                 continue
-            mask = load_mask(mask_path, tuple(image.shape[-2:]), args.mask_hole)
+            try:  # a mask of another aspect ratio or a soft one is refused (nothing else about it is guessed)
+                mask = load_mask(mask_path, tuple(image.shape[-2:]), args.mask_hole,
+                                 image_name=f"image {str(img_path)!r}")
+            except ValueError as e:
+                if len(jobs) == 1:
+                    raise
+                skipped.append(str(img_path))
+                print(f"kdinpaint inpaint: skipped {img_path}: {e}", file=sys.stderr)
+                bar.update(1)
+                continue
             if not mask.any():
                 print(f"warning: mask {mask_path} has no hole over {img_path}: the output is the input", file=sys.stderr)
             if pending and (pending[0][0].shape != image.shape or len(pending) >= inpainter.batch_size):
@@ -573,7 +643,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if skipped:
-        print(f"kdinpaint inpaint: skipped {len(skipped)} unreadable image(s): {skipped[:5]}", file=sys.stderr)
+        print(f"kdinpaint inpaint: skipped {len(skipped)} image(s) unreadable or with a refused mask: {skipped[:5]}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -117,12 +117,12 @@ def _png(path, array):
 
 def test_inpaint_folder_with_one_broadcast_mask_and_concat(capsys, tmp_path, tiny_checkpoint):
     rng = np.random.default_rng(0)
-    sizes = {"a.png": (21, 30), "b.png": (21, 30), "sub/c.png": (40, 17)}  # none a multiple of the stride 8
+    sizes = {"a.png": (21, 30), "b.png": (21, 30), "sub/c.png": (35, 50)}  # none a multiple of the stride 8
     for name, (h, w) in sizes.items():
         _png(tmp_path / "in" / name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    hole = np.zeros((50, 50), np.uint8)
-    hole[10:30, 15:40] = 255
-    _png(tmp_path / "mask.png", hole)  # another size than every image: resized to each
+    hole = np.zeros((42, 60), np.uint8)
+    hole[12:30, 15:45] = 255
+    _png(tmp_path / "mask.png", hole)  # another size than every image, of their aspect ratio: resized to each
     code, _, err = run(capsys, "inpaint", tmp_path / "in", tmp_path / "mask.png", tmp_path / "out",
                        "--checkpoint", tiny_checkpoint, "--concat", "--batch-size", 2, "--device", "cpu")
     assert code == 0, err

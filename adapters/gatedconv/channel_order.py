@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from kdinpaint.evaluation.metrics import PSNR_CEILING
 from kdinpaint.masking import check_mask, check_rgb_image
 from kdinpaint.weights import read_weights
 
@@ -51,7 +52,8 @@ def hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     """Per-image PSNR over the hole pixels only, ``(B,)`` in dB, images in ``[-1, 1]`` scaled to ``[0, 255]``.
 
     ``pred`` is clamped to ``[-1, 1]``; ``mask`` ``(B, 1, H, W)`` with 1 = hole (every image needs a hole).
-    The mean squared error runs over the three channels of the hole pixels; +inf where they are equal.
+    The mean squared error runs over the three channels of the hole pixels; where they are equal the score is
+    :data:`~kdinpaint.evaluation.metrics.PSNR_CEILING` (100 dB), not +inf, so means over images stay finite.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
@@ -61,7 +63,7 @@ def hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
         raise ValueError("every mask needs a hole: the PSNR on the holes of an image without one is undefined")
     err = ((pred.clamp(-1, 1) - target) * 127.5) ** 2 * hole
     mse = err.flatten(1).sum(1) / count
-    return 10 * torch.log10(255.0**2 / mse)
+    return 10 * torch.log10(255.0**2 / mse.clamp_min(255.0**2 * 10 ** (-PSNR_CEILING / 10)))
 
 
 @dataclass

@@ -9,7 +9,13 @@
 * Pixel formats: grayscale is replicated to RGB; palette, CMYK and other modes go through PIL's RGB
   conversion; an alpha channel is dropped (colours kept as stored); 16-bit grayscale (``I;16``, ``I``)
   is scaled by 1/65535 and kept in float until the end (PIL's own conversion would clip it to white);
-  16-bit RGB PNGs are decoded by PIL to their high byte (8-bit precision).
+  16-bit RGB PNGs are decoded by PIL to their high byte (8-bit precision). Float images (PIL mode ``F``,
+  e.g. a 32-bit float TIFF) are read on the scale their values show: a maximum up to 1.5 is [0, 1], up to
+  257.55 (255 + 1 %) is [0, 255], up to 66190 (65535 + 1 %) is [0, 65535]; anything larger, or NaN/inf, is
+  refused naming the file (:func:`float_scale`).
+* Orientation: a photo whose EXIF Orientation tag says it is stored sideways (phones write such JPEGs) is
+  turned upright as every viewer shows it (:func:`upright`); masks are turned alike, so a mask drawn over
+  the photo as seen matches it.
 * Files that cannot be decoded never end an epoch: the item is replaced by the next readable file, the
   path is logged once, added to :attr:`ImageFolder.skipped` (per process) and counted in the sample's
   ``"skipped"`` field (summed by the caller across DataLoader workers). :meth:`ImageFolder.scan`
@@ -26,10 +32,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "list_images", "open_image", "read_image", "fit_image", "to_tensor"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "ImageFolder", "list_images", "open_image", "read_image", "fit_image", "to_tensor", "upright",
+    "float_scale",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,7 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             )
         return images
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        lines = [ln.strip() for ln in _read_list(path).splitlines()]
         entries = []
         for ln in lines:
             if not ln or ln.startswith("#"):
@@ -90,6 +99,18 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             "pass the folder of images or a .flist with one path per line"
         )
     raise FileNotFoundError(f"image source {str(path)!r} does not exist")
+
+
+def _read_list(path: Path) -> str:
+    """The text of a file list, UTF-8 (a byte-order mark is dropped); ``ValueError`` naming the file and the first
+    byte that is not UTF-8 otherwise (a list saved in a legacy code page, or a binary file given as a list)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"file list {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}: "
+            f"{e.reason}); save it as UTF-8, one image path per line"
+        ) from None
 
 
 def _check_listed(entries: list[str], where: str) -> list[str]:
@@ -122,20 +143,53 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         ) from None
 
 
+ORIENTATION = 0x0112  # the EXIF tag: 1 = stored upright, 2-8 = mirrored and/or turned by quarter turns
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF Orientation tag says (``PIL.ImageOps.exif_transpose``), or ``im`` itself when the
+    tag is absent, 1, or the EXIF block cannot be read (then the pixels are kept as stored)."""
+    try:
+        if im.getexif().get(ORIENTATION, 1) == 1:
+            return im
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        return im
+
+
+def float_scale(values: np.ndarray, path: str | os.PathLike[str]) -> float:
+    """The full scale of a float image's ``values``: 1, 255 or 65535, whichever range the largest value fits
+    (with 1.5 and 1 % of slack); ``ValueError`` naming ``path`` for NaN/inf values or a larger maximum."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ValueError(f"float image {os.fspath(path)!r} has {int((~finite).sum())} NaN/inf value(s); "
+                         "replace them and save it again")
+    hi = float(values.max()) if values.size else 0.0
+    for limit, full in ((1.5, 1.0), (255 * 1.01, 255.0), (65535 * 1.01, 65535.0)):
+        if hi <= limit:
+            return full
+    raise ValueError(f"float image {os.fspath(path)!r} has values up to {hi:g}, beyond the [0, 1], [0, 255] and "
+                     "[0, 65535] scales kdinpaint reads; scale it to [0, 1] and save it again")
+
+
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit gray scaled to [0, 1]).
+    """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit or float gray scaled to
+    [0, 1]), turned upright by its EXIF orientation (:func:`upright`).
 
     Raises the decoder's error (``OSError``, ``UnidentifiedImageError``, ...) for unreadable files and a
-    ``ValueError`` naming the file for one over PIL's pixel limit (:func:`open_image`).
+    ``ValueError`` naming the file for one over PIL's pixel limit (:func:`open_image`) or a float image
+    of no known scale (:func:`float_scale`).
     """
     with open_image(path) as im:
         im.load()
+        im = upright(im)
         mode = im.mode
         if mode in _SIXTEEN_BIT_MODES:
             arr = np.asarray(im, dtype=np.float32) / 65535.0
             return Image.fromarray(np.clip(arr, 0, 1), mode="F")
         if mode == "F":
-            return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32), 0, 1), mode="F")
+            arr = np.asarray(im, dtype=np.float32)
+            return Image.fromarray(np.clip(arr / float_scale(arr, path), 0, 1), mode="F")
         if mode == "RGB":
             return im.copy()
         if mode == "P" and "transparency" in im.info:

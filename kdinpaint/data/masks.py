@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdinpaint.data.images import _DECODE_ERRORS, _SIXTEEN_BIT_MODES, _size2, list_images, open_image
+from kdinpaint.data.images import (_DECODE_ERRORS, _SIXTEEN_BIT_MODES, _size2, float_scale, list_images, open_image,
+                                   upright)
 
-__all__ = ["MaskFolder", "read_mask", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
+__all__ = ["MaskFolder", "read_mask", "binarize", "soft_share", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,19 @@ def _read_luminance(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """Decode a mask image to its luminance ``(H, W)`` and the value of full white.
 
     16-bit and integer modes keep their stored values (``uint16`` / ``int32``, full scale 65535), ``F``
-    its floats (full scale 1); every other mode is flattened onto black (alpha and transparency dropped)
-    and reduced to 8-bit ``L`` (``uint8``, full scale 255). Raises the decoder's error for unreadable files.
+    its floats (full scale 1, 255 or 65535 by their range: :func:`~kdinpaint.data.images.float_scale`); every
+    other mode is flattened onto black (alpha and transparency dropped) and reduced to 8-bit ``L`` (``uint8``,
+    full scale 255). The mask is turned upright by its EXIF orientation, as its photo is. Raises the decoder's
+    error for unreadable files.
     """
     with open_image(path) as im:
         im.load()
-        if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
-            return np.asarray(im), (1.0 if im.mode == "F" else 65535.0)
+        im = upright(im)
+        if im.mode == "F":
+            values = np.asarray(im)
+            return values, float_scale(values, path)
+        if im.mode in _SIXTEEN_BIT_MODES:
+            return np.asarray(im), 65535.0
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA").convert("RGB")
         return np.asarray(im.convert("L"), dtype=np.uint8), 255.0
@@ -81,6 +88,39 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None,
     else:  # wider modes are scaled to [0, 1] in float32
         white = values.astype(np.float32) / full > threshold
     return _resize_nearest(white, size)
+
+
+SOFT_BAND: tuple[float, float] = (0.1, 0.9)
+"""Grey levels (fractions of full scale) strictly between these are neither black nor white: a soft mask's."""
+SOFT_LIMIT = 0.05
+"""The largest share of such pixels a mask file may have and still be read as binary (:func:`binarize`)."""
+
+
+def soft_share(values: np.ndarray, full: float) -> float:
+    """The share of pixels whose level lies strictly inside :data:`SOFT_BAND` of ``full``: a few percent for a
+    binary mask with anti-aliased edges or JPEG noise, much more for a feathered (soft) mask."""
+    if values.size == 0:
+        return 0.0
+    lo, hi = SOFT_BAND[0] * full, SOFT_BAND[1] * full
+    return float(((values > lo) & (values < hi)).mean())
+
+
+def binarize(values: np.ndarray, full: float, *, name: str = "mask", limit: float = SOFT_LIMIT) -> np.ndarray:
+    """A mask file's luminance ``values`` (full white = ``full``) as a boolean white map, ``values > full / 2``.
+
+    A mask that is binary up to anti-aliased edges and compression noise (at most ``limit`` of its pixels strictly
+    between 10 % and 90 % grey) is thresholded; a soft mask, with more such pixels, is refused with ``ValueError``
+    naming ``name``, the share and the fix: thresholding it would move the hole's border by a guess. The tensor API
+    (:func:`~kdinpaint.masking.check_mask`) refuses any value but 0 and 1; this is the file readers' rule.
+    """
+    share = soft_share(values, full)
+    if share > limit:
+        raise ValueError(
+            f"{name} is a soft mask: {share:.1%} of its pixels are grey (strictly between 10 % and 90 % of white), "
+            f"more than the {limit:.0%} that edges and compression noise leave; a hole must be black or white. "
+            "Threshold it and save it as a PNG, e.g. Image.open(path).convert('L').point(lambda v: 255 * (v > 127))"
+        )
+    return values > full / 2
 
 
 def mask_to_tensor(hole: np.ndarray) -> torch.Tensor:

@@ -31,6 +31,7 @@ from kdinpaint.inference.inpainter import Inpainter
 
 __all__ = [
     "FLOOR_METHODS",
+    "FLOOR_BATCH_SIZE",
     "FLOOR_REFERENCE",
     "Floor",
     "floor_methods",
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 FLOOR_METHODS: tuple[str, ...] = ("biharmonic", "telea", "mean")
 """The default floor: biharmonic (the reference of the gap), Telea (when OpenCV is installed), mean fill."""
+
+
+FLOOR_BATCH_SIZE = 8
+"""Images per call of a floor method in :func:`evaluate_floor` (they run on the CPU, one image after another)."""
 
 
 def floor_methods(methods: Sequence[str] = FLOOR_METHODS) -> tuple[list[str], dict[str, str]]:
@@ -98,7 +103,7 @@ def evaluate_floor(
     *,
     convention: str = "default",
     names: Sequence[str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = FLOOR_BATCH_SIZE,
     on_batch: Callable[[str, int], None] | None = None,
 ) -> Floor:
     """Score the weight-free baselines ``methods`` on ``images`` and ``masks`` (as

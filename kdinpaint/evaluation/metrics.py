@@ -5,7 +5,8 @@ convention. kdinpaint's default (``convention="default"``):
 
 * evaluate the **composite** (prediction in the hole, ground truth outside), both images mapped from
   [-1, 1] to [0, 255] and **rounded** to integers (what saving a PNG does);
-* **PSNR** over the RGB image, data range 255: ``10 log10(255² / mean((a - b)²))``;
+* **PSNR** over the RGB image, data range 255: ``10 log10(255² / mean((a - b)²))``, at most
+  :data:`PSNR_CEILING` (100 dB): an image filled exactly would score +inf and make every mean it enters inf;
 * **SSIM** per channel with an 11×11 Gaussian window, σ = 1.5, population covariance, ``K1 = 0.01``,
   ``K2 = 0.03``, data range 255, averaged over the valid (uncropped-by-padding) region and the
   channels: what ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
@@ -56,6 +57,7 @@ __all__ = [
     "MetricUnavailable",
     "to_uint8",
     "rgb_to_gray",
+    "PSNR_CEILING",
     "psnr",
     "ssim",
     "evaluate",
@@ -90,11 +92,20 @@ def rgb_to_gray(image: torch.Tensor) -> torch.Tensor:
     return (image * w).sum(1, keepdim=True)
 
 
+PSNR_CEILING = 100.0
+"""The highest PSNR reported, in dB: identical images (an exact fill) score this, not +inf, so means, gaps and
+verdicts over a set stay finite. The mean squared error is clamped at ``R² · 10^(-PSNR_CEILING / 10)``, the
+epsilon clamp of several toolkits. Only an all-but-exact fill gets near it: one 8-bit level wrong in one channel
+of one pixel of a 256×256 RGB image is 101.1 dB, so such a fill ties with an exact one at the ceiling."""
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
-    """Per-image PSNR ``10 log10(R² / mean((a - b)²))`` over C, H, W; ``(B,)``, +inf for identical images."""
+    """Per-image PSNR ``10 log10(R² / mean((a - b)²))`` over C, H, W; ``(B,)``, at most :data:`PSNR_CEILING`
+    (identical images score exactly the ceiling)."""
     check_pair(a, b)
     mse = ((a - b) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
+    floor = data_range**2 * 10 ** (-PSNR_CEILING / 10)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
 
 
 def _window(kind: str, size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -186,9 +197,10 @@ def evaluate(
 ) -> list[MetricRow]:
     """Metrics of a batch, one :class:`MetricRow` per image.
 
-    ``pred``, ``target``: ``(B, 3, H, W)`` in [-1, 1]; ``mask``: ``(B, 1, H, W)`` with 1 = hole. The
+    ``pred``, ``target``: ``(B, 3, H, W)`` in [-1, 1]; ``mask``: ``(B, 1, H, W)`` with 1 = hole (float, or bool
+    with True = hole, or integer 0/1). The
     composite ``pred ⊙ M + target ⊙ (1 - M)`` is scored unless ``use_composite=False``. Refused with
-    ``ValueError``: an empty mask (nothing was inpainted; PSNR would be infinite), a hole ratio above
+    ``ValueError``: an empty mask (nothing was inpainted; every score would be perfect), a hole ratio above
     ``max_hole_ratio`` (almost surely an inverted mask), images not in [-1, 1] or with NaN/inf values (a
     score of NaN is never returned), an empty batch.
     """
@@ -197,6 +209,8 @@ def evaluate(
     check_rgb_image(pred, "evaluate", name="pred")
     check_pair(pred, target)
     check_mask(mask, pred)
+    if not mask.is_floating_point():  # a bool (True = hole) or 0/1 integer mask says the same: composite in floats
+        mask = mask.to(pred.dtype)
     if mask.shape[0] != pred.shape[0]:
         mask = mask.expand(pred.shape[0], -1, -1, -1)
     for label, x in (("pred", pred), ("target", target)):
@@ -204,7 +218,8 @@ def evaluate(
     ratios = hole_ratio(mask.float())
     empty = (ratios == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"mask of image(s) {empty[:5]} has no hole: nothing to evaluate (PSNR would be infinite)")
+        raise ValueError(f"mask of image(s) {empty[:5]} has no hole: nothing to evaluate (every score would be "
+                         "perfect)")
     inverted = (ratios > max_hole_ratio).nonzero().flatten().tolist()
     if inverted:
         raise ValueError(

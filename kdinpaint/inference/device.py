@@ -10,6 +10,10 @@ from torch import nn
 __all__ = ["default_device", "resolve_device", "model_dtype", "model_device"]
 
 
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
+"""The device types :func:`resolve_device` accepts (``meta`` holds no data; others are untested)."""
+
+
 def default_device() -> torch.device:
     """The first available of ``cuda``, ``mps``, ``cpu``."""
     if torch.cuda.is_available():
@@ -21,13 +25,16 @@ def default_device() -> torch.device:
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``None`` / ``"auto"``: :func:`default_device`; otherwise the named device, refused if absent here."""
+    """``None`` / ``"auto"``: :func:`default_device`; otherwise the named device, refused if absent here or not
+    one of :data:`DEVICE_TYPES`."""
     if name is None or name == "auto":
         return default_device()
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"--device {name!r} is not a device; use cuda, cuda:N, mps or cpu") from None
+    if device.type not in DEVICE_TYPES:  # meta, xla, ...: torch names them, but no image can be inpainted there
+        raise ValueError(f"--device {name!r} cannot run a model on images; kdinpaint runs on cuda, cuda:N, mps or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device {default_device()}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

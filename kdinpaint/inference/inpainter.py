@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+OUTPUT_LIMIT = 2.0
+"""The largest magnitude a prediction may reach in the holes (the convention is [-1, 1]; a network's output a
+little beyond it is clamped): above it the model answers on another scale and is refused."""
+
+
 class NonFiniteOutput(ValueError):
     """The model returned NaN/inf: its weights are bad (a diverged run, a damaged file), not the image."""
 
@@ -67,7 +72,8 @@ class Inpainter:
     ``(B or 1, 1, H, W)`` in {0, 1} with 1 = hole; returns the composite ``(B, 3, H, W)`` in [-1, 1] on the
     image's device in the image's dtype. The model sees its own dtype (a float64 or bfloat16 image is cast for
     a float32 network); the known pixels of the result are the input's, bit for bit. Refused with
-    ``ValueError``: NaN/inf pixels, values outside [-1, 1], an empty batch, a bad mask; a model that returns
+    ``ValueError``: NaN/inf pixels, values outside [-1, 1], an empty batch, a bad mask, a model whose prediction
+    in the holes reaches beyond ±2 (:data:`OUTPUT_LIMIT`: a [0, 255] answer); a model that returns
     NaN/inf raises :class:`NonFiniteOutput`. A mask that is mostly hole (> 60 %) is warned about once per call:
     it is usually inverted (1 = known).
     """
@@ -141,6 +147,7 @@ class Inpainter:
             raise ValueError(f"{self.name} returned {tuple(pred.shape)} for an input of {tuple(image.shape)}; "
                              "set the spec's `output` to the image prediction")
         self._check_finite(pred, start)
+        self._check_scale(pred, mask, start)
         # where(), not pred*M + image*(1-M): known pixels stay the input's bit for bit
         return torch.where(mask.bool(), pred.clamp(-1, 1).to(image.dtype), image)
 
@@ -154,6 +161,21 @@ class Inpainter:
                 f"{self.name} returned NaN/inf at {int(bad.sum())} of {bad.numel()} pixels ({images} of the batch): "
                 f"the checkpoint is probably from a diverged run or damaged{half}; use an earlier checkpoint of the "
                 "run (its log shows the step where the loss became NaN) or retrain"
+            )
+
+    def _check_scale(self, pred: torch.Tensor, mask: torch.Tensor, start: int) -> None:
+        """Refuse a prediction whose hole values reach beyond ±:data:`OUTPUT_LIMIT`: a model answering on [0, 255]
+        (or any other scale) would have every hole clamped to white."""
+        if torch.compiler.is_compiling():
+            return
+        peak = float(pred.detach().masked_fill(~mask.bool(), 0).abs().max())  # the known pixels are never used
+        if peak > OUTPUT_LIMIT:
+            images = f"image {start}" if len(pred) == 1 else f"images {start}-{start + len(pred) - 1}"
+            scale = " (it looks like [0, 255]: return pred / 127.5 - 1)" if peak > 50 else ""
+            raise ValueError(
+                f"{self.name} returned values up to {peak:g} in magnitude in the holes ({images} of the batch), but "
+                f"an inpainting model here answers in [-1, 1] like its input{scale}; clamping would paint every hole "
+                "white or black. Map the output to [-1, 1] in the callable (from [0, 1]: pred * 2 - 1)"
             )
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

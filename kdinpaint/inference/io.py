@@ -1,8 +1,12 @@
 """Image and mask files for inference: read as tensors in the toolkit's conventions, written as 8-bit images.
 
 Mask files (:func:`load_mask`): luminance, white = hole by default; thresholded at half the range of the
-stored values (0/255 and 0/1 label PNGs alike; grey JPEG artefacts go to the nearer side); then resized with
-nearest-neighbour sampling to the image size, so a mask of another size is adapted, not refused.
+stored values (0/255 and 0/1 label PNGs alike; anti-aliased edges and grey JPEG artefacts go to the nearer side),
+but a soft mask (more than 5 % of its pixels grey, :func:`~kdinpaint.data.masks.binarize`) is refused; then
+resized with nearest-neighbour sampling to the image size. A mask of the image's aspect ratio at another
+resolution is resized; one of another aspect ratio (beyond 1 % and a pixel's rounding) is refused, since
+stretching it would move every hole: it is the mask of another image. Images and masks are turned upright by
+their EXIF orientation (:func:`~kdinpaint.data.images.upright`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kdinpaint.data.images import read_image, to_tensor
-from kdinpaint.data.masks import _read_luminance, _resize_nearest
+from kdinpaint.data.masks import _read_luminance, _resize_nearest, binarize
 
-__all__ = ["load_image", "load_mask", "save_image", "mask_to_rgb"]
+__all__ = ["load_image", "load_mask", "check_aspect", "save_image", "mask_to_rgb"]
 
 
 def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -31,12 +35,36 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
         raise ValueError(f"cannot read image {str(path)!r} ({type(e).__name__}: {e})") from None
 
 
+ASPECT_TOLERANCE = 0.01
+"""How far (relative) a mask's aspect ratio may differ from its image's and still be resized to it, beyond the
+rounding of one pixel: :func:`load_mask`."""
+
+
+def check_aspect(mask_hw: tuple[int, int], image_hw: tuple[int, int], *, tolerance: float = ASPECT_TOLERANCE,
+                 mask_name: str = "the mask", image_name: str = "the image") -> None:
+    """Refuse, with ``ValueError`` naming both sizes, a mask of ``mask_hw = (H, W)`` whose aspect ratio differs from
+    the image's by more than ``tolerance`` (relative) plus half a pixel of rounding on each side of either."""
+    (mh, mw), (ih, iw) = mask_hw, image_hw
+    ratio = (mw / mh) / (iw / ih)
+    slack = tolerance + 0.5 * (1 / mh + 1 / mw + 1 / ih + 1 / iw)
+    if abs(ratio - 1) > slack:
+        raise ValueError(
+            f"{mask_name} is {mw}x{mh} (aspect {mw / mh:.3f}) but {image_name} is {iw}x{ih} (aspect {iw / ih:.3f}): "
+            "stretching it would move every hole, so it is probably the mask of another image. Use the mask made "
+            "for this image (one of the same aspect ratio at another resolution is resized)"
+        )
+
+
 def load_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None,
-              hole: Literal["white", "black"] = "white") -> torch.Tensor:
+              hole: Literal["white", "black"] = "white", *, aspect_tolerance: float | None = ASPECT_TOLERANCE,
+              image_name: str = "the image") -> torch.Tensor:
     """A mask file as ``(1, 1, H, W)`` float32 in {0, 1}, 1 = hole, resized to ``size = (H, W)`` (nearest).
 
     The file's luminance is thresholded at half its range: ``> 0.5`` of full scale for ordinary masks;
     a file whose values are all 0 or 1 (a label PNG) is read as those labels. ``hole="black"`` inverts.
+    Refused with ``ValueError``: a soft mask (:func:`~kdinpaint.data.masks.binarize`), and with ``size`` a mask
+    of another aspect ratio (:func:`check_aspect`; ``aspect_tolerance=None`` stretches any mask to ``size``).
+    ``image_name`` names the image in that message.
     """
     if hole not in ("white", "black"):
         raise ValueError(f"hole must be 'white' or 'black', got {hole!r}")
@@ -48,7 +76,10 @@ def load_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None,
         raise ValueError(f"cannot read mask {str(path)!r} ({type(e).__name__}: {e})") from None
     if full > 1 and arr.max() <= 1:  # a 0/1 label image
         full = 1.0
-    white = arr > full / 2
+    if size is not None and aspect_tolerance is not None:
+        check_aspect(arr.shape, tuple(size), tolerance=aspect_tolerance, mask_name=f"mask {str(path)!r}",
+                     image_name=image_name)
+    white = binarize(arr, full, name=f"mask {str(path)!r}")
     hole_map = _resize_nearest(white if hole == "white" else ~white, size)
     return torch.from_numpy(hole_map.astype(np.float32))[None, None]
 

@@ -1,4 +1,5 @@
-"""kdinpaint.inference.io: mask files thresholded and resized nearest, images written and read back, bad files named."""
+"""kdinpaint.inference.io: mask files thresholded and resized nearest (of the image's aspect ratio), images written
+and read back, bad files named."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def test_mask_files_are_thresholded_and_resized_nearest(tmp_path):
     for name in ("m255.png", "m01.png", "rgba.png"):
         m = load_mask(tmp_path / name)
         assert m.shape == (1, 1, 6, 5) and torch.equal(m[0, 0], torch.from_numpy(holes).float())
-    big = load_mask(tmp_path / "m255.png", size=(18, 10))  # 3x taller, 2x wider: every pixel repeated
+    big = load_mask(tmp_path / "m255.png", size=(18, 15))  # 3x larger, the same aspect: every pixel repeated
+    assert torch.equal(big[0, 0], torch.from_numpy(np.kron(holes, np.ones((3, 3)))).float())
+    with pytest.raises(ValueError, match=r"5x6 .* 10x18 .*mask of another image"):  # another aspect ratio
+        load_mask(tmp_path / "m255.png", size=(18, 10))
+    big = load_mask(tmp_path / "m255.png", size=(18, 10), aspect_tolerance=None)  # stretched only when asked
     assert torch.equal(big[0, 0], torch.from_numpy(np.kron(holes, np.ones((3, 2)))).float())
     assert torch.equal(load_mask(tmp_path / "m255.png", hole="black")[0, 0], torch.from_numpy(~holes).float())
     with pytest.raises(FileNotFoundError, match="nope.png"):

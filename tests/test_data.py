@@ -307,3 +307,19 @@ def test_training_stream_bad_augmentations():
         TrainingStream(image, FreeFormMasks(), 4, augment="flip")
     with pytest.raises(ValueError, match="rot90 needs square images, got \\(8, 12\\)"):
         TrainingStream(image, FreeFormMasks(), 4, augment=["rot90"])[0]
+
+
+@pytest.mark.parametrize(("size", "hint"), [("32", "write size=32"), (32.0, ""), (True, ""), ((32, "32"), ""),
+                                             ((32, 0), ""), ([32, 32, 3], ""), (b"32", "")])
+def test_image_folder_refuses_a_size_that_is_not_ints_naming_it(tmp_path, size, hint):
+    """A string is a sequence: size="32" used to resize every image to 3 x 2 pixels."""
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"size must be a positive int or \(height, width\)") as err:
+        ImageFolder(tmp_path, size=size)
+    assert repr(size) in str(err.value) and hint in str(err.value)
+
+
+def test_image_folder_size_of_numpy_and_plain_ints(tmp_path):
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.png")
+    assert ImageFolder(tmp_path, size=np.int64(8))[0]["image"].shape == (3, 8, 8)
+    assert ImageFolder(tmp_path, size=(8, np.int32(12)), crop="resize")[0]["image"].shape == (3, 8, 12)

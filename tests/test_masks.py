@@ -178,3 +178,64 @@ def test_check_mask_refuses_bad_values_eagerly_and_does_not_break_a_compiled_gra
 
     explained = torch._dynamo.explain(composite_known)(torch.zeros(1, 1, 4, 4), image)
     assert explained.graph_break_count == 0
+
+
+def _square_mask(path, side, size=16):
+    """A white square hole of ``side`` pixels in the top-left corner of a black ``size`` x ``size`` mask."""
+    hole = np.zeros((size, size), bool)
+    hole[:side, :side] = True
+    Image.fromarray(hole.astype(np.uint8) * 255).save(path)
+
+
+def test_ratio_cache_measures_a_rewritten_mask_file_again(tmp_path):
+    """The cache keeps each ratio with its file's mtime and size: a mask rewritten with another hole is measured
+    again, not bucketed by the ratio of the file it replaced."""
+    import json
+
+    root, cache = tmp_path / "m", tmp_path / "ratios.json"
+    root.mkdir()
+    for k, side in enumerate([4, 6, 8]):  # hole ratios 16/256, 36/256, 64/256
+        _square_mask(root / f"{k}.png", side)
+    folder = MaskFolder(root, size=16, hole="white", ratio=(0.0, 0.2), cache=cache)
+    assert [p.rsplit("/", 1)[1] for p in folder.paths] == ["0.png", "1.png"]
+    assert folder.ratios.tolist() == [16 / 256, 36 / 256]
+    _square_mask(root / "1.png", 12)  # 144/256 = 0.5625: out of the bucket now
+    folder = MaskFolder(root, size=16, hole="white", ratio=(0.0, 0.2), cache=cache)
+    assert [p.rsplit("/", 1)[1] for p in folder.paths] == ["0.png"]
+    table = json.loads(cache.read_text())["16x16:white:0.5"]
+    stat = (root / "1.png").stat()
+    assert table[str(root / "1.png")] == [144 / 256, stat.st_mtime_ns, stat.st_size]
+    # an unchanged file is read from the cache: a ratio planted there (with the file's true stamp) is what is used
+    planted = {**table, str(root / "2.png"): [0.1, *table[str(root / "2.png")][1:]]}
+    cache.write_text(json.dumps({"16x16:white:0.5": planted}))
+    folder = MaskFolder(root, size=16, hole="white", ratio=(0.0, 0.2), cache=cache)
+    assert folder.ratios.tolist() == [16 / 256, 0.1]
+
+
+@pytest.mark.parametrize("content", ['[0.1, 0.2]', '{"16x16:white:0.5": [0.1]}', '"ratios"'])
+def test_ratio_cache_of_another_shape_is_refused_naming_the_file_and_the_fix(tmp_path, content):
+    root, cache = tmp_path / "m", tmp_path / "ratios.json"
+    root.mkdir()
+    _square_mask(root / "0.png", 4)
+    cache.write_text(content)
+    with pytest.raises(ValueError, match=r"mask ratio cache '.*ratios.json' is not shaped as kdinpaint writes it .*delete it"):
+        MaskFolder(root, size=16, hole="white", ratio=(0.0, 0.5), cache=cache)
+    assert cache.read_text() == content  # nothing overwritten
+
+
+def test_ratio_cache_entries_of_another_shape_are_measured_again_with_a_warning(tmp_path, caplog):
+    import json
+
+    root, cache = tmp_path / "m", tmp_path / "ratios.json"
+    root.mkdir()
+    _square_mask(root / "0.png", 4)
+    _square_mask(root / "1.png", 8)
+    old = {"16x16:white:0.5": {str(root / "0.png"): 0.9, str(root / "1.png"): "x"}, "32x32:white:0.5": {"a.png": 0.3}}
+    cache.write_text(json.dumps(old))  # a cache of the earlier format (bare ratios) and an edited entry
+    with caplog.at_level("WARNING"):
+        folder = MaskFolder(root, size=16, hole="white", ratio=(0.0, 0.5), cache=cache)
+    assert folder.ratios.tolist() == [16 / 256, 64 / 256]
+    assert "2 entries are not [hole ratio, mtime_ns, size]" in caplog.text and "ratios.json" in caplog.text
+    stored = json.loads(cache.read_text())
+    assert stored["32x32:white:0.5"] == {"a.png": 0.3}  # another setting's entries are kept
+    assert [v[0] for v in stored["16x16:white:0.5"].values()] == [16 / 256, 64 / 256]

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,10 +53,15 @@ _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Imag
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
+    """``(H, W)`` of a positive int or a pair of them. Anything else is refused naming it: a string is a sequence
+    of characters (``"32"`` would read as 3 x 2), a float or a bool is no pixel count."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         size = (size, size)
-    if len(size) != 2 or any(int(s) < 1 for s in size):
-        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+    pair = isinstance(size, Sequence) and not isinstance(size, (str, bytes)) and len(size) == 2
+    if not pair or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in size):
+        hint = f"; write size={int(size)} (a number, not a string)" if isinstance(size, str) and size.strip().isdigit() else ""
+        raise ValueError(f"size must be a positive int or (height, width) of positive ints, got {size!r} "
+                         f"({type(size).__name__}){hint}")
     return int(size[0]), int(size[1])
 
 

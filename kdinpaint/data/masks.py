@@ -19,8 +19,9 @@ Unreadable files (truncated, not an image, over PIL's pixel limit) are treated l
 :class:`~kdinpaint.data.images.ImageFolder`: skipped wherever masks are drawn or measured, logged once with
 the file name and listed in :attr:`MaskFolder.skipped`; only indexing one file directly (``folder[i]``)
 raises, with the file name. A folder whose probed masks are all empty (or all hole) under an explicit
-``hole=`` colour is refused at construction: it is the other colour. A ratio cache that is not valid JSON
-is refused naming the file.
+``hole=`` colour is refused at construction: it is the other colour. A ratio cache keeps each file's hole ratio
+with the file's mtime and size; a file rewritten since (another hole) is measured again. A cache that is not valid
+JSON, or not shaped as kdinpaint writes it, is refused naming the file (it can be deleted: it is rebuilt).
 """
 
 from __future__ import annotations
@@ -139,18 +140,52 @@ def _check_bucket(ratio: tuple[float, float] | None) -> None:
         raise ValueError(f"ratio must be a bucket (lo, hi) with 0 <= lo < hi <= 1, got {ratio!r}")
 
 
-def _read_cache(cache: Path) -> object:
+def _read_cache(cache: Path) -> dict:
     """The parsed JSON of a ratio cache file, ``{}`` when it does not exist yet; ``ValueError`` naming the file
-    when it is not JSON (a run killed while writing it, or another file at that path)."""
+    when it is not JSON (a run killed while writing it, or another file at that path) or not shaped as kdinpaint
+    writes it: ``{setting: {mask path: [hole ratio, mtime_ns, size]}}``."""
     if not cache.is_file():
         return {}
     try:
-        return json.loads(cache.read_text())
+        stored = json.loads(cache.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(
             f"mask ratio cache {str(cache)!r} is not valid JSON ({e}); delete it (it is rebuilt from the masks) "
             "or pass another cache path"
         ) from None
+    wrong = next((k for k, v in stored.items() if not isinstance(v, dict)), None) if isinstance(stored, dict) else ""
+    if wrong is not None:
+        found = type(stored).__name__ if wrong == "" else f"{type(stored[wrong]).__name__} under {wrong!r}"
+        raise ValueError(
+            f"mask ratio cache {str(cache)!r} is not shaped as kdinpaint writes it ({{setting: {{mask path: "
+            f"[hole ratio, mtime_ns, size]}}}}; found a {found}); delete it (it is rebuilt from the masks) or pass "
+            "another cache path"
+        )
+    return stored
+
+
+def _stamp(path: str) -> list[int] | None:
+    """``[mtime_ns, size]`` of a file, what a ratio cache entry is checked against; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _well_formed(entry: object) -> bool:
+    """Whether a ratio cache entry is ``[hole ratio in [0, 1], mtime_ns, size]``."""
+    return (
+        isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], (int, float)) and 0 <= entry[0] <= 1
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:])
+    )
+
+
+def _write_cache(cache: Path, stored: dict) -> None:
+    """Write the ratio cache atomically (a run killed while writing leaves the earlier file whole)."""
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stored))
+    os.replace(tmp, cache)
 
 
 def _readable(paths: Sequence[str], skipped: list[str], threshold: float, probe: int) -> list[tuple[str, np.ndarray]]:
@@ -300,24 +335,37 @@ class MaskFolder:
         return np.array([float(self.hole(i).mean()) for i in range(len(self.paths))])
 
     def _filter(self, bucket: tuple[float, float], cache: str | os.PathLike[str] | None) -> None:
+        # a cached ratio holds while its file keeps the mtime and size it was measured at; a rewritten file is measured again
         key = f"{self.size[0]}x{self.size[1]}:{self.hole_colour}:{self.threshold}"
-        table: dict[str, float] = {}
+        entries: dict[str, object] = {}
         if cache is not None:
-            stored = _read_cache(Path(cache))
-            table = stored.get(key, {}) if isinstance(stored, dict) else {}
-        todo = [p for p in self.paths if p not in table]
-        for p in todo:
+            entries = _read_cache(Path(cache)).get(key, {})
+        malformed = [p for p in self.paths if p in entries and not _well_formed(entries[p])]
+        if malformed:
+            log.warning(
+                "mask ratio cache %s: %d entries are not [hole ratio, mtime_ns, size] (an earlier kdinpaint's cache or "
+                "an edited file), e.g. %s; those masks are measured again", cache, len(malformed), malformed[0],
+            )
+        table: dict[str, float] = {}
+        measured: dict[str, list] = {}
+        for p in self.paths:
+            stamp, entry = _stamp(p), entries.get(p)
+            if stamp is not None and _well_formed(entry) and entry[1:] == stamp:
+                table[p] = float(entry[0])
+                continue
             try:
                 table[p] = float(self._hole_of(p).mean())
             except _DECODE_ERRORS as exc:  # not cached: a file fixed later is measured then
                 _skip(p, exc, self.skipped)
+                continue
+            if stamp is not None:
+                measured[p] = [table[p], *stamp]  # the stamp from before the read: a file rewritten meanwhile is stale
         unreadable = set(self.skipped)
-        todo = [p for p in todo if p not in unreadable]
-        if cache is not None and todo:
+        if cache is not None and measured:
             # read again: the pass above can take minutes, and another run may have stored its own key meanwhile
             stored = _read_cache(Path(cache))
-            stored[key] = table
-            Path(cache).write_text(json.dumps(stored))
+            stored[key] = {**stored.get(key, {}), **measured}
+            _write_cache(Path(cache), stored)
         readable = [p for p in self.paths if p not in unreadable]
         degenerate = [p for p in readable if table[p] in (0.0, 1.0)]
         self.dropped.extend(degenerate)

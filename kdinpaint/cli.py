@@ -18,8 +18,10 @@
                                                 of the bundled photos in RGB and in BGR) and the setting to use
     kdinpaint serve [--checkpoint F]            a local page to brush a mask and see the fill (kdinpaint[serve])
 
-MODEL is ``--checkpoint PATH`` (``--adapter NAME[:VARIANT]`` then checks what it is), ``--adapter`` alone
-(random weights, for smoke tests), or ``--baseline biharmonic|telea|ns|mean``. Running, padding and
+MODEL is ``--checkpoint PATH`` (``--adapter NAME[:VARIANT]`` then checks what it is), ``--model PKG.MODULE:CLASS``
+(your own network; ``--model-kwargs``, ``--spec``, ``--stride``) with ``--checkpoint`` an exported file or a plain
+state dict, ``--adapter NAME --weights PATH`` (the official release), ``--adapter`` alone (random weights, for
+smoke tests), or ``--baseline biharmonic|telea|ns|mean``. Running, padding and
 compositing go through :class:`kdinpaint.inference.Inpainter`.
 
 Other subcommands plug in with :func:`add_command` (``name``, help, a function adding arguments, a function
@@ -42,10 +44,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from kdinpaint import deploy
 from kdinpaint.calling import convention
 from kdinpaint.data import ImageFolder, MaskFolder, list_images, sample_images
+from kdinpaint.data.masks import detect_hole_colour
 from kdinpaint.data.protocols import PROTOCOLS, describe_protocol, protocol_masks
 from kdinpaint.evaluation.baselines import BASELINES, BYTES_PER_PIXEL
 from kdinpaint.evaluation.compare import paired_gap, paired_to_markdown, paired_verdict
@@ -53,7 +57,7 @@ from kdinpaint.evaluation.floor import (FLOOR_BATCH_SIZE, FLOOR_METHODS, evaluat
                                        floor_to_markdown)
 from kdinpaint.evaluation.metrics import CONVENTIONS, to_csv, to_json, to_markdown
 from kdinpaint.evaluation.perceptual import perceptual_report, perceptual_unavailable
-from kdinpaint.export import load_checkpoint_adapter
+from kdinpaint.export import as_completed, is_exported, load_checkpoint_adapter, load_network
 from kdinpaint.inference import (
     GeneratedMasks,
     InferenceOutOfMemory,
@@ -68,7 +72,7 @@ from kdinpaint.inference import (
 )
 from kdinpaint.inference.memory import available_bytes, gib, peak_bytes
 from kdinpaint.inference.timing import median_seconds
-from kdinpaint.plugins import PluginError, get_adapter, list_adapters, plugin_failures
+from kdinpaint.plugins import PluginError, get_adapter, import_target, list_adapters, plugin_failures, resolve_spec
 from kdinpaint.serve.command import cmd_serve, serve_arguments
 from kdinpaint.suggest import analyse, example_call
 
@@ -245,9 +249,121 @@ def _model_arguments(p: argparse.ArgumentParser, baseline: bool = True) -> None:
                                      "alone, that adapter with RANDOM weights (smoke tests only)")
     if baseline:
         g.add_argument("--baseline", choices=sorted(BASELINES), help="a weight-free baseline (telea/ns need kdinpaint[cv])")
+    _network_arguments(g)
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the first available of cuda, mps, cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (lower it when memory runs out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _network_arguments(g: Any) -> None:
+    g.add_argument("--weights", metavar="PATH",
+                   help="with --adapter NAME: its official weights, the released file or folder (see the README's "
+                        "Weights), read by the adapter's own loader; nothing is downloaded")
+    g.add_argument("--model", metavar="PKG.MODULE:CLASS",
+                   help="your own network by import path, built with --model-kwargs; --checkpoint gives its weights "
+                        "(a file of kdinpaint.save_exported or a plain state dict)")
+    g.add_argument("--model-kwargs", metavar="YAML", default=None,
+                   help="keyword arguments of --model (or of --adapter's builder) as YAML or JSON, e.g. '{width: 32}'")
+    g.add_argument("--spec", default=None,
+                   help="how --model is called (input, image_arg, mask_arg, output): a YAML file, a registered "
+                        "adapter's name or inline YAML such as '{input: concat}' (default: model(image, mask)); a "
+                        "file of save_exported brings its own")
+    g.add_argument("--stride", type=int, default=None,
+                   help="--model takes sizes that are multiples of this (e.g. 8 for three stride-2 levels; default: "
+                        "the file's record, else 1)")
+
+
+def _model_kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        kwargs = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--model-kwargs {text!r} is not YAML or JSON ({str(e).splitlines()[0]}); write e.g. '{{width: 32}}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs {text!r} must be a mapping of keyword arguments, e.g. '{{width: 32}}'")
+    return kwargs
+
+
+def _cli_spec(text: str | None) -> Any:
+    """``--spec``: inline YAML (``{...}``), else a YAML file or a registered adapter's name."""
+    if text is None:
+        return None
+    if not text.lstrip().startswith("{"):
+        return resolve_spec(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--spec {text!r} is not YAML ({str(e).splitlines()[0]}); write e.g. '{{input: concat}}' "
+                         "or give a spec file") from None
+
+
+def _recorded_stride(path: str) -> int:
+    if not is_exported(path):
+        return 1
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return int((f.metadata() or {}).get("kdinpaint.stride", "1"))
+
+
+def _network(args: argparse.Namespace) -> tuple[Any, int, str] | None:
+    """``--model`` (with or without ``--checkpoint``) or ``--adapter NAME --weights PATH``: the model to deploy, its
+    stride and its name; ``None`` when neither is asked for."""
+    model_arg, weights = getattr(args, "model", None), getattr(args, "weights", None)
+    kwargs = _model_kwargs(getattr(args, "model_kwargs", None))
+    if model_arg is None and weights is None:
+        if args.spec or args.stride or (kwargs and not (args.adapter and not args.checkpoint)):
+            raise ValueError("--model-kwargs, --spec and --stride go with --model PKG.MODULE:CLASS (--model-kwargs "
+                             "also with --adapter NAME, alone or with --weights PATH)")
+        return None
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be at least 1, got {args.stride}")
+    if model_arg is not None:
+        if args.adapter or weights:
+            raise ValueError("--model names your own network: give its weights with --checkpoint PATH, without "
+                             "--adapter / --weights (those are for a registered adapter's official weights)")
+        factory = import_target(model_arg)
+        try:
+            network = factory(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"--model {model_arg} could not be built with --model-kwargs {kwargs}: {e}") from None
+        if not isinstance(network, torch.nn.Module):
+            raise ValueError(f"--model {model_arg} built a {type(network).__name__}, not an nn.Module")
+        spec = _cli_spec(args.spec)
+        if args.checkpoint is None:
+            print(f"WARNING: --model {model_arg} without --checkpoint runs RANDOM WEIGHTS: the output is noise. "
+                  "Pass --checkpoint PATH (an exported file or a state dict) for a trained model.", file=sys.stderr)
+            return as_completed(network, spec), args.stride or 1, f"{model_arg} (random weights)"
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+        if spec is not None and is_exported(args.checkpoint):
+            print(f"note: {args.checkpoint} was exported with its spec, which is used; --spec is ignored", file=sys.stderr)
+        try:
+            model = load_network(args.checkpoint, network, spec)
+        except ValueError as e:  # most often a network built otherwise than the trained one
+            raise ValueError(f"{e} (--model {model_arg} was built with --model-kwargs {kwargs}: give the arguments it "
+                             "was trained with)") from None
+        return model, args.stride or _recorded_stride(args.checkpoint), f"{model_arg} ({Path(args.checkpoint).name})"
+    if not args.adapter:
+        raise ValueError("--weights PATH is an adapter's official weights: name the adapter, e.g. --adapter edgeconnect "
+                         "(your own network: --model PKG.MODULE:CLASS --checkpoint PATH; LPIPS / FID backbone files: "
+                         "--perceptual-weights DIR)")
+    if args.checkpoint:
+        raise ValueError("--weights and --checkpoint are both weights: --weights PATH for the official release, "
+                         "--checkpoint PATH for a file kdinpaint exported")
+    if args.spec or args.stride:
+        raise ValueError(f"--spec and --stride go with --model; {args.adapter} has its own")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"--weights {weights!r} does not exist (nothing is downloaded: see the README's Weights "
+                                "for where the official files come from)")
+    name, _, variant = args.adapter.partition(":")
+    spec = get_adapter(name, strict=_strict(args)).spec.variant(variant or None)
+    if spec.sites or any(site.fusion for site in spec.attention_sites):
+        raise ValueError(f"--weights loads {name} as released, but {args.adapter} adds completion blocks that no "
+                         f"official file holds: use --adapter {name}, or --checkpoint for a trained {args.adapter}")
+    model, stride = deployed_model(args.adapter, {**kwargs, "pretrained": weights})
+    return model, stride, f"{args.adapter} ({Path(weights).name})"
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -260,17 +376,24 @@ def _inpainter(args: argparse.Namespace) -> Any:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     baseline = getattr(args, "baseline", None)
-    if baseline and (args.checkpoint or args.adapter):
-        raise ValueError("--baseline takes no --checkpoint or --adapter: choose one model")
+    if baseline and (args.checkpoint or args.adapter or args.model or args.weights):
+        raise ValueError("--baseline takes no --checkpoint, --adapter, --model or --weights: choose one model")
     if baseline:
         return Inpainter.from_baseline(baseline, batch_size=args.batch_size)
+    network = _network(args)
+    if network is not None:
+        model, stride, name = network
+        return Inpainter(model.eval(), stride=stride, spec=model.spec, device=resolve_device(args.device),
+                         batch_size=args.batch_size, name=name)
     if args.checkpoint:
         return Inpainter.from_checkpoint(args.checkpoint, args.adapter, device=args.device, batch_size=args.batch_size)
     if args.adapter:
         print(f"WARNING: --adapter {args.adapter} without --checkpoint runs RANDOM WEIGHTS: the output is noise and "
               "any metric says nothing about the method. Pass --checkpoint PATH for a trained model.", file=sys.stderr)
-        return Inpainter.from_adapter(args.adapter, device=args.device, batch_size=args.batch_size)
-    raise ValueError("choose a model: --checkpoint PATH, --adapter NAME[:VARIANT] or --baseline NAME")
+        return Inpainter.from_adapter(args.adapter, device=args.device, batch_size=args.batch_size,
+                                      builder_kwargs=_model_kwargs(args.model_kwargs))
+    raise ValueError("choose a model: --checkpoint PATH, --model PKG.MODULE:CLASS --checkpoint PATH, --adapter NAME "
+                     "--weights PATH (official weights), --adapter NAME[:VARIANT] alone or --baseline NAME")
 
 
 # ---- kdinpaint evaluate -------------------------------------------------------------------------
@@ -291,7 +414,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="LPIPS and FID beside the table (default: when torchmetrics and the backbone weights are here; "
                         "--perceptual requires them, --no-perceptual skips them)")
     p.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex", help="LPIPS backbone (default alex)")
-    p.add_argument("--weights", metavar="DIR", default=None,
+    p.add_argument("--perceptual-weights", metavar="DIR", default=None,
                    help="folder of the LPIPS / FID backbone files (default $KDINPAINT_WEIGHTS, else torch's hub cache)")
     p.add_argument("--compat", choices=CONVENTIONS, default="default", help="metric convention (kdinpaint.evaluation.metrics)")
     p.add_argument("--floor", nargs="+", metavar="METHOD", choices=sorted(BASELINES), default=None,
@@ -394,7 +517,7 @@ def _floor_choice(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.perceptual and (why := perceptual_unavailable(args.lpips_net, args.weights)):
+    if args.perceptual and (why := perceptual_unavailable(args.lpips_net, args.perceptual_weights)):
         raise ValueError(f"--perceptual: {why}")  # before any image is inpainted
     usable, skipped = floor_methods(_floor_choice(args))
     if args.floor and skipped:  # asked for by name: say why it is missing
@@ -403,6 +526,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for method, why in skipped.items():
             print(f"warning: floor {method} skipped: {why}", file=sys.stderr)
     inpainter = _inpainter(args)
+    inpainter.inverted_mask_fix = "check --mask-hole (white or black: the colour of the holes in --masks)"
     _check_evaluation_memory(args, inpainter, usable)  # before any image is built
     images, names, what_images = _evaluation_images(args)
     masks, what_masks = _evaluation_masks(args, len(images))
@@ -427,7 +551,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shown["biharmonic"] = Inpainter.from_baseline("biharmonic")
     perceptual, perceptual_text = perceptual_report(
         shown, images, masks, mode={None: "auto", True: "on", False: "off"}[args.perceptual], lpips_net=args.lpips_net,
-        weights=args.weights, batch_size=args.batch_size)
+        weights=args.perceptual_weights, batch_size=args.batch_size)
     print(f"{inpainter.name} on {what_images} at {args.size}x{args.size}, {what_masks}, convention {args.compat}\n")
     if control is not None:
         print(f"Did distillation help? {inpainter.name} against {control['name']} on the same images and masks\n")
@@ -504,7 +628,8 @@ def _inpaint_arguments(p: argparse.ArgumentParser) -> None:
                                 "when binary up to edges and noise (another aspect ratio or a soft mask is refused)")
     p.add_argument("output", help="the output file (single image) or folder (written as STEM.png, same subfolders)")
     _model_arguments(p)
-    p.add_argument("--mask-hole", choices=("white", "black"), default="white", help="which colour marks holes in the masks")
+    p.add_argument("--mask-hole", choices=("auto", "white", "black"), default="white",
+                   help="which colour marks holes in the masks (auto: the colour covering less of them, as evaluate)")
     p.add_argument("--concat", action="store_true", help="write input | mask | result side by side")
     p.add_argument("--max-side", type=int, default=None,
                    help="run the network on the image scaled down so its longer side is at most this (the result "
@@ -584,7 +709,12 @@ def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) ->
 def cmd_inpaint(args: argparse.Namespace) -> int:
     jobs = _inpaint_jobs(args)
     _check_device(args)
+    if args.mask_hole == "auto":  # as evaluate: the median white fraction of the masks (refused when near a half)
+        args.mask_hole = detect_hole_colour(list(dict.fromkeys(str(m) for _, m, _ in jobs)))
     inpainter = _inpainter(args)
+    other = "black" if args.mask_hole == "white" else "white"
+    inpainter.inverted_mask_fix = f"run again with --mask-hole {other}"
+    written = 0
     skipped: list[str] = []
     pending: list[tuple[torch.Tensor, torch.Tensor, Path]] = []
     bar = _progress(len(jobs), "inpaint", not args.no_progress)
@@ -610,6 +740,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         for i, (_, _, target) in enumerate(pending):
             view = torch.cat([image[i], mask_to_rgb(mask[i : i + 1])[0], result[i]], -1) if args.concat else result[i]
             save_image(target, view)  # (3, H, W) or (3, H, 3W)
+        nonlocal written
+        written += len(pending)
         bar.update(len(pending))
         pending.clear()
 
@@ -642,6 +774,10 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         flush()
     finally:
         bar.close()
+    if len(jobs) == 1 and written:
+        print(f"wrote {jobs[0][2]}")
+    elif written:
+        print(f"wrote {written} image(s) under {args.output} ({inpainter.name}, holes {args.mask_hole})")
     if skipped:
         print(f"kdinpaint inpaint: skipped {len(skipped)} image(s) unreadable or with a refused mask: {skipped[:5]}",
               file=sys.stderr)
@@ -756,6 +892,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="a file written by kdinpaint.save_exported(..., adapter='name:variant')")
     g.add_argument("--adapter", help="NAME[:VARIANT]: with --checkpoint, the adapter it must belong to; alone, that "
                                      "adapter with RANDOM weights (to try the export)")
+    _network_arguments(g)
     p.add_argument("--size", type=int, nargs="+", default=[256], metavar="SIDE",
                    help="H [W] of the images the graph is for (multiples of the adapter's stride; default 256): a "
                         "graph is specialised to one size, export once per deployed size")
@@ -774,15 +911,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     H, W = args.size[0], args.size[-1]
-    if args.checkpoint:
+    network = _network(args)
+    if network is not None:
+        model, stride, which = network
+    elif args.checkpoint:
         model, which, adapter = load_checkpoint_adapter(args.checkpoint, args.adapter)
         stride = adapter.stride
     elif args.adapter:
         print(f"WARNING: --adapter {args.adapter} without --checkpoint exports RANDOM WEIGHTS", file=sys.stderr)
-        model, stride = deployed_model(args.adapter)
+        model, stride = deployed_model(args.adapter, _model_kwargs(args.model_kwargs))
         which = args.adapter
     else:
-        raise ValueError("choose a model: --checkpoint PATH (or --adapter NAME[:VARIANT] for random weights)")
+        raise ValueError("choose a model: --checkpoint PATH, --model PKG.MODULE:CLASS --checkpoint PATH, --adapter "
+                         "NAME --weights PATH (or --adapter NAME[:VARIANT] alone for random weights)")
     model = model.eval().float()
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pt2":
@@ -841,6 +982,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
     p.add_argument("--resume-changed", action="store_true", help="resume a run folder whose recipe.yaml differs")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu: train on the CPU even where a GPU is; cuda: refuse to start without one (default: the GPU "
+                        "when there is one)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=1 checkpoint.dir=runs/seed1")
 
 
@@ -849,7 +993,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdinpaint.train.trainer import main as train_main  # here: accelerate takes seconds to import
 
     flags = [f"--stage={args.stage}", *(["--resume-changed"] if args.resume_changed else []),
-             *(["--debug"] if args.debug else [])]
+             *(["--debug"] if args.debug else []), *([f"--device={args.device}"] if args.device else [])]
     return train_main([*flags, args.config, *args.overrides], prog="kdinpaint train")
 
 

@@ -141,15 +141,16 @@ def check_finite(x: torch.Tensor, *, name: str, fix: str) -> None:
         )
 
 
-def warn_if_inverted(mask: torch.Tensor, limit: float = 0.6, stacklevel: int = 3) -> None:
-    """Warn when a sample is more than ``limit`` hole: the usual sign of a mask with 1 = known."""
+def warn_if_inverted(mask: torch.Tensor, limit: float = 0.6, stacklevel: int = 3, fix: str = "pass 1 - mask") -> None:
+    """Warn when a sample is more than ``limit`` hole: the usual sign of a mask with 1 = known. ``fix`` says what
+    to do then (the command line names its ``--mask-hole`` option)."""
     if torch.compiler.is_compiling():
         return
     ratio = hole_ratio(mask)
     if bool((ratio > limit).any()):
         warnings.warn(
             f"a mask is {float(ratio.max()):.0%} hole; kdinpaint masks use 1 = hole. If yours uses 1 = known, "
-            "pass 1 - mask",
+            f"{fix}",
             UserWarning,
             stacklevel=stacklevel + 1,
         )

@@ -15,7 +15,7 @@ takes a random backbone, into which kdinpaint loads the ImageNet weights itself 
 ``weights_only=True`` (no pickled code runs; torchvision's and torch-fidelity's own loaders would unpickle, and
 would download a missing file).
 
-Weights: each backbone is one file, looked up in ``directory`` (``--weights DIR``), else ``$KDINPAINT_WEIGHTS``,
+Weights: each backbone is one file, looked up in ``directory`` (``--perceptual-weights DIR``), else ``$KDINPAINT_WEIGHTS``,
 else torch's hub cache (``torch.hub.get_dir()/checkpoints``, where torchvision and torch-fidelity keep them). A
 missing file raises :class:`~kdinpaint.evaluation.metrics.MetricUnavailable` naming the file, the folder to put it
 in and where the library would have downloaded it from. U-IDS / P-IDS (MAT, MI-GAN) are not offered: neither
@@ -103,7 +103,7 @@ def weights_file(what: str, directory: str | os.PathLike[str] | None = None) -> 
     metric = "FID" if what == "inception" else f"LPIPS-{what}"
     raise MetricUnavailable(
         f"{metric} needs the weights file {names[0]} in {folder} (nothing is downloaded here): copy it there from a "
-        f"machine that has it ({_download_hint(what)}), or give its folder with --weights DIR / ${ENV}"
+        f"machine that has it ({_download_hint(what)}), or give its folder with --perceptual-weights DIR / ${ENV}"
     )
 
 

@@ -101,6 +101,7 @@ class Inpainter:
         self.stride = stride
         self.spec = spec
         self.batch_size = batch_size
+        self.inverted_mask_fix = "pass 1 - mask"  # the warning's advice; the command line names its --mask-hole
         self.name = name or getattr(spec, "name", None) or getattr(model, "__name__", type(model).__name__)
         self._call = None
         if spec is not None and isinstance(model, nn.Module):
@@ -182,7 +183,7 @@ class Inpainter:
         check_rgb_image(image, self.name)
         check_image_range(image, tol=0.01)
         check_mask(mask, image)
-        warn_if_inverted(mask, stacklevel=2)
+        warn_if_inverted(mask, stacklevel=2, fix=self.inverted_mask_fix)
         dtype = model_dtype(self.model) or image.dtype
         mask = mask.to(image.dtype).expand(image.shape[0], -1, -1, -1)
         out = torch.empty_like(image)

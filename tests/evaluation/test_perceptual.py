@@ -162,7 +162,7 @@ def test_fid_loads_the_inception_from_a_file_of_its_architecture(tmp_path):
 
 def test_a_missing_file_is_named_with_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, str(tmp_path))
-    with pytest.raises(MetricUnavailable, match=f"alexnet-owt-7be5be79.pth in {tmp_path}.*--weights DIR"):
+    with pytest.raises(MetricUnavailable, match=f"alexnet-owt-7be5be79.pth in {tmp_path}.*--perceptual-weights DIR"):
         weights_file("alex")
     with pytest.raises(MetricUnavailable, match=f"FID needs the weights file {INCEPTION_FILES[0]} in {tmp_path}"):
         FID()
@@ -225,7 +225,7 @@ def test_score_perceptual_scores_composites_per_bucket_and_says_the_backbone_is_
 def test_evaluate_names_the_missing_weights_and_refuses_perceptual_before_running(tmp_path, capsys):
     from kdinpaint.cli import main
 
-    args = ["evaluate", "--baseline", "mean", "--count", "2", "--size", "32", "--no-progress", "--weights", str(tmp_path)]
+    args = ["evaluate", "--baseline", "mean", "--count", "2", "--size", "32", "--no-progress", "--perceptual-weights", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"LPIPS and FID not computed: LPIPS-alex needs the weights file alexnet-owt-7be5be79.pth in {tmp_path}" in out
@@ -254,7 +254,7 @@ def test_evaluate_prints_and_writes_lpips_and_fid_when_the_weights_are_there(tmp
     monkeypatch.setattr(perceptual, "FID", lambda weights=None: FID(extractor=SmallFeatures()))
     out_json = tmp_path / "eval.json"
     assert main(["evaluate", "--baseline", "mean", "--floor", "biharmonic", "--count", "3", "--size", "32",
-                 "--no-progress", "--weights", str(tmp_path), "--json", str(out_json)]) == 0
+                 "--no-progress", "--perceptual-weights", str(tmp_path), "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "| LPIPS-alex ↓ | mean |" in out and "| LPIPS-alex ↓ | biharmonic |" in out and "| FID ↓ | mean |" in out
     assert "ImageNet (alexnet-owt-7be5be79.pth)" in out and "UNTRAINED BACKBONE" in out

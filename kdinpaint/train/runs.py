@@ -38,6 +38,7 @@ from accelerate.utils.other import load as accelerate_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdinpaint._files import usual_permissions
 from kdinpaint.data import EvalMasks
 from kdinpaint.data.protocols import is_protocol, protocol_masks
 from kdinpaint.data.training import images_from, mask_source
@@ -49,7 +50,7 @@ from kdinpaint.weights import load_weights
 __all__ = [
     "RESUME_MAY_CHANGE", "TRAINER_STATE", "RunLock", "checkpoints_in", "load_trainer_state", "restart_metrics", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
     "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
-    "cpu_threads", "tensorboard_installed",
+    "cpu_threads", "user_threads", "tensorboard_installed",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def save_checkpoint(accelerator: Any, run: str | os.PathLike[str], step: int, ke
         ) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        usual_permissions(tmp)  # accelerate's safetensors files are written 0600
         os.replace(tmp, final)
         for old in checkpoints_in(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -136,6 +138,7 @@ def _write_states(folder: Path, states: dict[str, Any]) -> None:
     plain = {name: _split(obj.state_dict(), tensors, name) for name, obj in states.items()}
     (folder / f"{TRAINER_STATE}.json").write_text(json.dumps(plain))
     save_file(tensors, str(folder / f"{TRAINER_STATE}.safetensors"))
+    usual_permissions(folder / f"{TRAINER_STATE}.safetensors")
 
 
 def load_trainer_state(checkpoint: str | os.PathLike[str], states: dict[str, Any]) -> None:
@@ -431,6 +434,19 @@ def cpu_threads(setting: int | None, local_processes: int, cores: int | None = N
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, local_processes))
+
+
+def user_threads(environ: dict[str, str] | None = None) -> int | None:
+    """The ``OMP_NUM_THREADS`` the user set, which wins over ``train.threads: 0`` (all cores), or ``None``: unset, not
+    a positive number, or the ``1`` that ``accelerate launch`` exports by itself when the user set none (a run under
+    it takes ``--num_cpu_threads_per_process N``, or an ``OMP_NUM_THREADS`` other than 1)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("OMP_NUM_THREADS", "").strip()
+    if not value.isdigit() or int(value) < 1:
+        return None
+    if value == "1" and "ACCELERATE_MIXED_PRECISION" in environ:  # set by accelerate launch, not necessarily the user
+        return None
+    return int(value)
 
 
 def tensorboard_installed() -> bool:

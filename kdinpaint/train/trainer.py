@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdinpaint import data as kdata
+from kdinpaint._files import usual_permissions
 from kdinpaint.attach import attach
 from kdinpaint.blackbox import load_blackbox
 from kdinpaint.calling import convention, select_output
@@ -70,7 +71,7 @@ from kdinpaint.train.report import write_divergence_report, write_evaluation_rep
 from kdinpaint.train.report_html import write_report_html
 from kdinpaint.train.runs import (
     MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
-    RunLock, checkpoints_in, cpu_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs,
+    RunLock, checkpoints_in, cpu_threads, user_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs,
     restart_metrics, save_checkpoint, tensorboard_installed,
 )
 
@@ -235,10 +236,13 @@ class Trainer:
     def _set_threads(self) -> None:
         accelerator = self.accelerator
         threads = cpu_threads(self.recipe.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        why = "train.threads" if threads is not None else "the launcher's setting"
+        if self.recipe.train.threads == 0 and (mine := user_threads()) is not None:  # the user's setting wins over "all"
+            threads, why = mine, f"OMP_NUM_THREADS={mine} in the environment, over train.threads: 0"
         if threads is not None and accelerator.device.type == "cpu":
             torch.set_num_threads(threads)
         n = torch.get_num_threads()
-        on_cpu = f" ({n} thread{'s' * (n != 1)})" if accelerator.device.type == "cpu" else ""
+        on_cpu = f" ({n} thread{'s' * (n != 1)}: {why})" if accelerator.device.type == "cpu" else ""
         accelerator.print(
             f"{self.recipe.model.name}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
             f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
@@ -316,6 +320,7 @@ class Trainer:
                 accelerator.print(f"teacher {step}/{recipe.teacher.steps}  L1 {loss.item():.4f}")
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}, str(path) + ".tmp")
+            usual_permissions(str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
         accelerator.wait_for_everyone()
 
@@ -569,8 +574,21 @@ def parser(prog: str, default_recipe: str | os.PathLike[str] | None) -> argparse
     p.add_argument("--stage", choices=("all", "teacher", "student"), default="all")
     p.add_argument("--resume-changed", action="store_true", help="resume a run folder whose recipe.yaml differs")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu: train on the CPU even where a GPU is (accelerate's ACCELERATE_USE_CPU); cuda: refuse to "
+                        "start without one (default: the GPU when there is one)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     return p
+
+
+def _choose_device(device: str | None) -> None:
+    """``--device``: ``cpu`` sets accelerate's own switch for this process (and the processes it starts); ``cuda``
+    fails before anything is built when there is no GPU."""
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False here (a CPU build of PyTorch, or no "
+                         "NVIDIA driver): pass --device cpu, or install the CUDA build of PyTorch")
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "kdinpaint train",
@@ -583,6 +601,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kdinpaint train",
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
     try:
+        _choose_device(args.device)
         recipe = load_recipe(args.config, args.overrides)
         Trainer(recipe, callbacks=callbacks, stage=args.stage, resume_changed=args.resume_changed).fit()
     except TrainingDiverged:

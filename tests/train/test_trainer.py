@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from training_helpers import ROOT, TINY, train_child
 
 from kdinpaint.train.recipe import Recipe, load_recipe
-from kdinpaint.train.runs import cpu_threads
+from kdinpaint.train.runs import cpu_threads, user_threads
 
 TRAIN = ROOT / "recipes" / "train.py"
 
@@ -103,10 +103,19 @@ def test_cpu_threads_share_the_cores_among_local_processes():
     assert cpu_threads(0, 1) == len(os.sched_getaffinity(0))
 
 
+def test_an_omp_num_threads_of_the_user_wins_over_all_cores():
+    assert user_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert user_threads({"OMP_NUM_THREADS": "1"}) == 1  # set by the user: a process that must stay on one core
+    assert [user_threads(e) for e in ({}, {"OMP_NUM_THREADS": "0"}, {"OMP_NUM_THREADS": "four"})] == [None] * 3
+    under_accelerate = {"ACCELERATE_MIXED_PRECISION": "no"}  # accelerate launch exports OMP_NUM_THREADS=1 by itself
+    assert user_threads({**under_accelerate, "OMP_NUM_THREADS": "1"}) is None
+    assert user_threads({**under_accelerate, "OMP_NUM_THREADS": "2"}) == 2  # --num_cpu_threads_per_process 2
+
+
 @pytest.mark.slow
 def test_main_job_prints_its_threads(tmp_path):
     proc = _train(tmp_path / "t", "train.steps=2", "train.threads=1")
-    assert "device cpu (1 thread)," in proc.stdout + proc.stderr
+    assert "device cpu (1 thread: train.threads)," in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -222,3 +231,15 @@ def test_a_network_by_import_path_needs_no_plugin(tmp_path):
     bad = load_recipe(None, ["model.target=tiny:NoSuchNet", f"model.spec={spec}"])
     with pytest.raises(ValueError, match="'tiny:NoSuchNet'.*has no 'NoSuchNet'"):
         build_models(bad)
+
+
+def test_device_flag_of_kdinpaint_train(monkeypatch, capsys, tmp_path):
+    from kdinpaint.cli import main as cli_main
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # restored after the test
+    missing = str(tmp_path / "no-recipe.yaml")
+    assert cli_main(["train", missing, "--device", "cpu"]) == 1  # the recipe is refused after the device is chosen
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"  # accelerate's switch: Accelerator() then takes the CPU
+    if not torch.cuda.is_available():
+        assert cli_main(["train", missing, "--device", "cuda"]) == 1
+        assert "--device cuda, but torch.cuda.is_available() is False" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,10 +58,35 @@ def _my_package(ns: dict) -> None:
     sys.modules["my_package"] = module
 
 
+class MyOneTensorNet(MyInpaintingNet):
+    """Called as ``model(torch.cat([masked_image, mask], 1))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x[:, :3], x[:, 3:])
+
+
+def _one_tensor_student(ns: dict) -> None:
+    ns["student"] = MyOneTensorNet()
+
+
+def _photo_and_mask(ns: dict) -> None:
+    """``photo.png`` (random, 40x48: the inpainter pads it to the stride) and ``mask.png`` (white = hole)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save("photo.png")
+    hole = np.zeros((40, 48), np.uint8)
+    hole[10:25, 12:30] = 255
+    Image.fromarray(hole).save("mask.png")
+
+
 # run before a snippet that contains the key
 BEFORE = {
     "MetaLearner(kd,": _attached,
     "from my_package import MyNet": _my_package,
+    '"input": "concat"}': _one_tensor_student,
+    'load_image("photo.png")': _photo_and_mask,
 }
 
 
@@ -117,3 +143,16 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     # what the first snippet promises: an exported file that loads back into a fresh instance
     assert isinstance(ns["model"], kdinpaint.export.CompletedModel)
     assert (tmp_path / "student.safetensors").is_file()
+    # the running snippet: the photo's known pixels kept, and the saved program computes the model's prediction
+    from PIL import Image
+
+    photo, out = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("photo", "out"))
+    known = np.asarray(Image.open(tmp_path / "mask.png")) == 0
+    assert out.shape == photo.shape and (out[known] == photo[known]).all()
+    image, mask = kdinpaint.deploy.example_inputs(64, 64, seed=3)
+    with torch.no_grad():
+        eager = ns["model"](image * (1 - mask), mask)
+        torch.testing.assert_close(kdinpaint.deploy.load_program(tmp_path / "student.pt2")(image, mask), eager,
+                                   atol=1e-5, rtol=1e-5)
+    # the one-tensor snippet: the teacher was pre-trained through its one-tensor call and attached
+    assert isinstance(ns["teacher"], MyOneTensorNet) and ns["spec"]["input"] == "concat"

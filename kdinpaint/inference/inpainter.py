@@ -34,7 +34,7 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.evaluation.baselines import get_baseline
 from kdinpaint.export import CompletedModel, load_checkpoint_adapter
 from kdinpaint.inference.device import model_device, model_dtype, resolve_device
-from kdinpaint.inference.memory import InferenceOutOfMemory, MemoryModel, check_fits, probe_memory
+from kdinpaint.inference.memory import InferenceOutOfMemory, MemoryModel, check_fits, probe_memory, warn_if_slow
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
 from kdinpaint.padding import pad_to_multiple, unpad
 from kdinpaint.plugins import get_adapter
@@ -224,14 +224,18 @@ class Inpainter:
     def check_memory(self, height: int, width: int, option: str = "--max-side") -> int | None:
         """Refuse, with :class:`~kdinpaint.inference.memory.InferenceOutOfMemory`, images of ``height × width``
         whose forward at this batch size would need more memory than the device has free (on the CPU the kernel
-        would kill the process).
+        would kill the process), and warn when the forward is estimated above 30 s, naming the ``option`` side that
+        takes about 10 s (:func:`~kdinpaint.inference.memory.warn_if_slow`).
 
         ``option`` is the command-line option that makes images smaller (``--max-side`` for ``kdinpaint
         inpaint``, ``--size`` for ``evaluate``): the message names it with the largest side that fits.
         Returns the estimated bytes, or ``None`` where no estimate is possible (then nothing is checked).
         """
-        return check_fits(self.memory_model(), self.device, height, width, stride=self.stride,
+        need = check_fits(self.memory_model(), self.device, height, width, stride=self.stride,
                           batch_size=self.batch_size, name=self.name, option=option)
+        warn_if_slow(self.memory_model(), height, width, stride=self.stride, batch_size=self.batch_size,
+                     name=self.name, device=self.device, option=option)
+        return need
 
     def _oom(self, x: torch.Tensor, error: Exception) -> InferenceOutOfMemory:
         if self.device.type == "cuda":

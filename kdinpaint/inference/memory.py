@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import re
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,11 +143,16 @@ def small_attention_blocks() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """``bytes(pixels) = intercept + slope × pixels`` of one model at one batch size, on one device."""
+    """``bytes(pixels) = intercept + slope × pixels`` of one model at one batch size, on one device, and the
+    forward's time per pixel of the larger probe (``seconds(pixels)``: a lower bound where attention grows faster)."""
 
     intercept: float
     slope: float
     extra: float = 0.0
+    seconds_per_pixel: float = 0.0
+
+    def seconds(self, pixels: int) -> float:
+        return self.seconds_per_pixel * pixels
 
     def bytes(self, pixels: int) -> int:
         return int(MARGIN * (max(0.0, self.intercept) + self.slope * pixels + self.extra))
@@ -196,7 +204,9 @@ def probe_memory(module: nn.Module, call: Any, batch_size: int, stride: int, dev
                 mask = torch.zeros(batch_size, 1, s, s, device=device, dtype=dtype)
                 mask[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
                 args, kwargs = call.build(image, mask) if call is not None else ((image, mask), {})
+                start = time.perf_counter()
                 peak = peak_bytes(lambda: module(*args, **kwargs), device)
+                seconds = time.perf_counter() - start
                 if peak is None:
                     return None
                 points.append((s * s, peak))
@@ -205,7 +215,30 @@ def probe_memory(module: nn.Module, call: Any, batch_size: int, stride: int, dev
     has_attention = any(isinstance(m, PixelAttention) for m in module.modules())
     # one forward block of the attention at its full size (the probes ran the smallest): its scores and output
     extra = 2 * attention.FORWARD_BLOCK_ELEMENTS * torch.finfo(dtype).bits // 8 if has_attention else 0
-    return fit_linear(points, extra)
+    return dataclasses.replace(fit_linear(points, extra), seconds_per_pixel=seconds / points[-1][0])
+
+
+SLOW_SECONDS = 30.0  # a forward estimated longer than this is warned about, with the side that makes it quick
+QUICK_SECONDS = 10.0
+
+
+def warn_if_slow(model: MemoryModel | None, height: int, width: int, *, stride: int, batch_size: int, name: str,
+                 device: torch.device, option: str = "--max-side") -> float | None:
+    """Warn when a forward of ``height × width`` images (padded to ``stride``) is estimated above
+    :data:`SLOW_SECONDS` by ``model``, naming the estimate and the ``option`` side that takes about
+    :data:`QUICK_SECONDS`; returns the estimate in seconds (``None`` without a model)."""
+    if model is None or model.seconds_per_pixel <= 0:
+        return None
+    H, W = -(-height // stride) * stride, -(-width // stride) * stride
+    seconds = model.seconds(H * W)
+    if seconds > SLOW_SECONDS:
+        scale = math.sqrt(QUICK_SECONDS / seconds)
+        side = max(stride, int(max(H, W) * scale) // stride * stride)
+        warnings.warn(
+            f"{name} needs about {seconds:.0f} s per forward of {batch_size} image(s) of {H}x{W} on {device} (timed "
+            f"on small probes; more with attention): {option} {side} runs it in about {QUICK_SECONDS:.0f} s "
+            "(the result is scaled back up into the holes)", UserWarning, stacklevel=3)
+    return seconds
 
 
 def check_fits(model: MemoryModel | None, device: torch.device, height: int, width: int, *, stride: int,

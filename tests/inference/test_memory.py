@@ -35,3 +35,26 @@ def test_check_fits_names_the_side_that_fits(monkeypatch):
     assert memory.check_fits(None, cpu, 96, 64, stride=8, batch_size=1, name="net") is None  # nothing to check
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)
     assert memory.check_fits(model, cpu, 96, 64, stride=8, batch_size=1, name="net") is None
+
+
+def test_a_slow_forward_is_warned_with_the_side_that_makes_it_quick():
+    import warnings
+
+    from kdinpaint.inference import Inpainter
+    from kdinpaint.inference.memory import MemoryModel, warn_if_slow
+    from tiny import TinyUNet
+
+    model = MemoryModel(0.0, 1.0, seconds_per_pixel=1e-4)  # 100 s for a 1000 x 1000 image
+    # the quick side: the largest multiple of 8 whose square takes at most 10 s (312² · 1e-4 = 9.7 s; 320²: 10.2 s)
+    assert 312**2 * 1e-4 <= 10 < 320**2 * 1e-4
+    with pytest.warns(UserWarning, match=r"about 100 s per forward of 1 image\(s\) of 1000x1000 .*--max-side 312 "):
+        assert warn_if_slow(model, 1000, 1000, stride=8, batch_size=1, name="net", device=torch.device("cpu")) == 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 500 padded to 504: 25.4 s, below the 30 s that is warned about
+        seconds = warn_if_slow(model, 500, 500, stride=8, batch_size=1, name="net", device=torch.device("cpu"))
+        assert seconds == pytest.approx(504**2 * 1e-4)
+    inpainter = Inpainter(TinyUNet(width=4), stride=8)
+    assert inpainter.memory_model().seconds_per_pixel > 0  # timed on the probes
+    inpainter._memory = model
+    with pytest.warns(UserWarning, match="--size 312 runs it"):
+        inpainter.check_memory(1000, 1000, option="--size")

@@ -75,6 +75,34 @@ class Adapter:
         ``**kwargs``, those of what it forwards them to: the callable a TypeError message ``error`` names
         (``StructureFlow.__init__() got ...``) and the classes of its return annotation (for a message that
         lists the valid names when a ``model.kwargs`` key is not one)."""
+        return list(self._keyword_parameters(error))
+
+    def check_kwargs(self, kwargs: dict[str, Any], key: str = "model.kwargs") -> None:
+        """Refuse, naming ``key``, a builder argument whose value cannot be what the builder's default is: a string
+        or a float where the default is an int (``width: "8"`` in YAML) or a bool where it is a number; a
+        parameter annotated to take a string or None (``prefill: bool | str``) is left to the builder."""
+        params = self._keyword_parameters()
+        for name, value in kwargs.items():
+            param = params.get(name)
+            if param is None or isinstance(param.default, bool) or not isinstance(param.default, (int, float)):
+                continue
+            annotation = str(param.annotation)
+            if (value is None and "None" in annotation) or (isinstance(value, str) and "str" in annotation):
+                continue
+            want = "int" if isinstance(param.default, int) else "float"
+            fits = isinstance(value, int) or (want == "float" and isinstance(value, float))
+            if isinstance(value, bool) or not fits:
+                if want == "int" and isinstance(value, float) and "float" in annotation:
+                    continue
+                hint = (f"; write {name}: {value.strip()} without quotes" if isinstance(value, str)
+                        and value.strip().lstrip("-").replace(".", "", 1).isdigit() else "")
+                raise ValueError(
+                    f"{key}.{name} of the {self.name} builder must be {'an int' if want == 'int' else 'a number'} "
+                    f"(its default is {param.default!r}), got {value!r} ({type(value).__name__}){hint}"
+                )
+
+    def _keyword_parameters(self, error: str = "") -> dict[str, inspect.Parameter]:
+        """:meth:`keyword_names` with each one's ``inspect.Parameter`` (its default and annotation)."""
         builder = self.build_student
         module = inspect.getmodule(builder)
         params = dict(inspect.signature(builder).parameters)
@@ -84,4 +112,4 @@ class Adapter:
             for target in {getattr(module, n.strip(), None) for n in names} - {None, builder}:
                 if callable(target):
                     params.update(inspect.signature(target).parameters)
-        return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+        return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}

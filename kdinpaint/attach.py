@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import warnings
 import weakref
@@ -96,9 +97,11 @@ class _Session:
     calls: dict[str, int] = field(default_factory=dict)
     teacher_running: bool = False
     output: Any = None  # the student's output (kept only for output-level distillation)
+    grad: bool = False  # whether the student's call computes gradients (taps run without them under checkpointing)
 
     def reset(self) -> None:
         self.active = False
+        self.grad = False
         self.call = None
         self.image = None
         self.mask = None
@@ -131,6 +134,7 @@ class Distiller(nn.Module):
         teacher: nn.Module | None,
         spec: AdapterSpec,
         example_inputs: tuple | None = None,
+        allow_empty: bool = False,
     ):
         super().__init__()
         if teacher is not None and (not isinstance(teacher, nn.Module) or isinstance(teacher, torch.jit.ScriptModule)):
@@ -142,6 +146,7 @@ class Distiller(nn.Module):
         self._blackbox = teacher is not None and is_blackbox(_modules.unwrap(teacher))
         if self._blackbox:
             spec = _blackbox_spec(spec)
+        _check_not_empty(spec, allow_empty)
         self.spec = spec
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule on purpose
@@ -249,9 +254,16 @@ class Distiller(nn.Module):
                     shapes[path] = output.shape
 
                 handles.append(_modules.get(root, path).register_forward_hook(hook))
+            problem = _binding_problem(root, a, kw)
+            if problem is not None:
+                raise ValueError(self._call_problem(who, root, a, kw, problem, binding=True))
             try:
                 with _probing(root):
                     shapes["__output__"] = root(*a, **kw)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError) as e:  # e.g. a teacher of another channel count than it is given
+                raise ValueError(self._call_problem(who, root, a, kw, f"{type(e).__name__}: {e}")) from e
             finally:
                 for h in handles:
                     h.remove()
@@ -294,6 +306,40 @@ class Distiller(nn.Module):
         self._check_output(shapes, teacher_shapes)
         self._warn_implausible_levels(shapes)
         return shapes, teacher_shapes
+
+    def _call_problem(self, who: str, root: nn.Module, args: tuple, kwargs: dict, problem: str, binding: bool = False) -> str:
+        """The message for a probe call that ``root`` (the student or the teacher) refuses: the call, the problem, and
+        the spec fields that made the call (for a teacher: teacher_input and teacher_call) with their fix."""
+        spec, name = self.spec, type(root).__name__
+        call = f"{name}({_describe_args(args, kwargs)})"
+        required = _required_positional(root)
+        two_args = len(required) >= 2
+        if who == "student":
+            if binding and self._call.concat and two_args:
+                fix = (f"the spec's input is {spec.input!r} (one tensor torch.cat([image * (1 - mask), mask], 1)), but "
+                       f"{name}.forward takes the image and the mask apart: set input: separate, image_arg: "
+                       f"{required[0]!r}, mask_arg: {required[1]!r}")
+            else:
+                fix = (f"the spec's input={spec.input!r}, image_arg={spec.image_arg!r}, mask_arg={spec.mask_arg!r} and "
+                       f"probe_shape={spec.probe_shape} say how it is called: fix them, or pass example_inputs= (a real call)")
+            return f"the student {call} fails at attach time ({problem}); {fix}"
+        how = (f"teacher_call={dataclasses.asdict(spec.teacher_call)}" if spec.teacher_call is not None else
+               f"teacher_call is null, so it is called like the student (input={spec.input!r}, image_arg={spec.image_arg!r}, "
+               f"mask_arg={spec.mask_arg!r})")
+        field_ = "teacher_call.input: separate" if spec.teacher_call is not None else "teacher_call: {input: separate}"
+        if binding and spec.teacher_input == "image_only" and two_args:
+            fix = (f"teacher_input: image_only calls it with the image alone, but {name}.forward takes the image and the "
+                   "mask: set teacher_input to empty_mask (the ground truth and no hole), same_mask or student_input")
+        elif binding and spec.teacher_convention.input != "separate" and two_args:
+            fix = (f"it is given one concatenated tensor ({how}), but {name}.forward takes the image and the mask apart: "
+                   f"set {field_}, image_arg: {required[0]!r}, mask_arg: {required[1]!r}")
+        else:
+            channels = (f"the teacher expects another channel count than the {args[0].shape[1] if args and torch.is_tensor(args[0]) else ''} "
+                        "it is given; " if "channels" in problem else "")
+            fix = (f"{channels}teacher_input={spec.teacher_input!r} says what it sees and {how}: a teacher that takes other "
+                   "inputs (another channel count, one concatenated tensor, no mask) needs teacher_call set to its own "
+                   "convention (input, image_arg, mask_arg) and teacher_input to what it is fed")
+        return f"the teacher {call} fails on the call the spec gives it ({problem}); {fix}"
 
     def _check_pairs(self, shapes: dict, teacher_shapes: dict) -> None:
         """A teacher of another architecture (class) may have levels of another resolution: they are resampled
@@ -479,6 +525,7 @@ class Distiller(nn.Module):
         s.mask = check_mask(self._call.get(args, kwargs, "mask"), image)
         s.image = image
         s.call = (args, kwargs)
+        s.grad = torch.is_grad_enabled()
         s.active = True
 
     def _on_student_return(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -493,12 +540,20 @@ class Distiller(nn.Module):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             s = self._session
             if not s.active:
+                if block is not None and _in_backward():
+                    raise RuntimeError(
+                        f"completion site {path!r} ran again in the backward pass: torch.utils.checkpoint recomputes the "
+                        "block that holds it there, where the mask of its forward is unknown (a tapped module recomputed "
+                        "under checkpointing is captured twice or not at all); checkpoint a block that holds no "
+                        "completion site, or set completion_sites to modules outside the checkpointed block"
+                    )
                 if block is not None:
                     raise RuntimeError(
                         f"completion site {path!r} ran outside a call of the attached model, so the mask is "
                         "unknown; call the whole model with (image, mask)"
                     )
-                return None
+                return None  # an encoder level recomputed by non-reentrant checkpointing: its forward's capture stands
+            _check_gradients(s, path, block is not None)
             n = s.calls.get(path, 0) + 1
             s.calls[path] = n
             if n > 1:
@@ -529,6 +584,8 @@ class Distiller(nn.Module):
     def _make_capture_hook(self, key: tuple, student: bool, take_input: bool = False):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             s = self._session
+            if s.active and student:
+                _check_gradients(s, self.attention[key[1]].module, False)  # key: ("att", site index)
             if (s.active and student) or (s.teacher_running and not student):
                 (s.student if student else s.teacher)[key] = inputs[0] if take_input else output
 
@@ -824,6 +881,72 @@ def _blackbox_spec(spec: AdapterSpec) -> AdapterSpec:
     return dataclasses.replace(spec, teacher_call=BLACKBOX_CALL)
 
 
+def _in_backward() -> bool:
+    """Whether this code runs inside autograd's backward pass (where torch.utils.checkpoint recomputes its blocks)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _check_gradients(s: _Session, path: str, completion: bool) -> None:
+    """Refuse a tap that runs without gradients inside a student call that computes them: reentrant checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=True)`` runs its block under ``no_grad`` and again in the backward
+    pass) would leave the captured feature, and a completion block there, without any gradient."""
+    if s.grad and not torch.is_grad_enabled():
+        what = "its captured feature and its completion block" if completion else "its captured feature"
+        raise RuntimeError(
+            f"tapped module {path!r} ran without gradients inside a forward that computes them: torch.utils.checkpoint "
+            "with use_reentrant=True (or a torch.no_grad() region of the model) runs it so, and recomputes it in the "
+            f"backward pass, so {what} would get no gradient (a tapped module recomputed under checkpointing is "
+            "captured twice or not at all); pass use_reentrant=False (encoder levels inside the block are then "
+            "captured once, correctly; completion sites must stay outside it), or tap a module outside the "
+            "checkpointed block"
+        )
+
+
+def _describe_args(args: tuple, kwargs: dict) -> str:
+    """``tensor (1, 3, 64, 64), mask=tensor (1, 1, 64, 64)``: a call's arguments by shape."""
+    def one(v: Any) -> str:
+        return f"tensor {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+    return ", ".join([*(one(a) for a in args), *(f"{k}={one(v)}" for k, v in kwargs.items())])
+
+
+def _required_positional(module: nn.Module) -> list[str]:
+    """Names of the parameters of ``module.forward`` that must be given (positional, no default)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+def _binding_problem(module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why ``module(*args, **kwargs)`` does not fit the signature of its ``forward`` (None when it fits or has none)."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # builtins or C extensions without a signature
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        return f"{type(module).__name__}.forward{signature}: {e}"
+    return None
+
+
+def _check_not_empty(spec: AdapterSpec, allow_empty: bool) -> None:
+    """Refuse a spec that taps nothing (no encoder level, completion site or attention site, no output term) unless
+    ``allow_empty``: attached, it would add nothing and ``kd.losses()["total"]`` would be 0 for every batch."""
+    if allow_empty or spec.encoder_levels or spec.sites or spec.output_distillation > 0:
+        return
+    if any(a.transfer or a.fusion for a in spec.attention_sites):
+        return
+    raise ValueError(
+        f"spec {spec.name!r} taps no module: encoder_levels, completion_sites and attention_sites (with transfer or "
+        "fusion) are empty and output_distillation is 0, so attach would add nothing and every distillation loss would "
+        "be 0. Name the encoder levels (kdinpaint spec suggest drafts them from the model), or pass allow_empty=True "
+        "to attach the network as it is (a baseline trained without distillation)"
+    )
+
+
 def _resample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """A teacher feature at the student's (H, W): bilinear, antialiased when shrinking (no gradient flows
     into the frozen teacher, so the antialiased kernel's missing double backward does not matter)."""
@@ -855,6 +978,7 @@ def attach(
     spec: SpecLike | None = None,
     *,
     example_inputs: tuple | dict | None = None,
+    allow_empty: bool = False,
 ) -> Distiller:
     """Attach the paper's distillation to ``model`` with forward hooks; returns the :class:`Distiller`.
 
@@ -865,7 +989,9 @@ def attach(
         spec: an :class:`AdapterSpec`, a dict, a YAML path, or a registered adapter name ``name[:variant]``.
         example_inputs: arguments of one call of ``model`` for the attach-time probe (a tuple of positional
             arguments or a dict of keyword arguments); default: zeros of the spec's ``probe_shape``.
+        allow_empty: accept a spec that taps nothing (a network trained as released, e.g. ``reference:baseline``);
+            without it such a spec is refused, since its losses would be 0 for every batch.
     """
     if spec is None:
         raise ValueError("attach() needs a spec: an AdapterSpec, a dict like {'encoder_levels': [...]}, a YAML path or an adapter name")
-    return Distiller(model, teacher, resolve_spec(spec), example_inputs)
+    return Distiller(model, teacher, resolve_spec(spec), example_inputs, allow_empty)

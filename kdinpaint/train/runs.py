@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdinpaint._files import usual_permissions
+from kdinpaint.adapter import Adapter
 from kdinpaint.data import EvalMasks
 from kdinpaint.data.protocols import is_protocol, protocol_masks
 from kdinpaint.data.training import images_from, mask_source
@@ -49,7 +50,7 @@ from kdinpaint.weights import load_weights
 
 __all__ = [
     "RESUME_MAY_CHANGE", "TRAINER_STATE", "RunLock", "checkpoints_in", "load_trainer_state", "restart_metrics", "check_run_folder", "check_teacher_weights", "process_group_kwargs",
-    "check_random_states", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
+    "check_random_states", "build_network", "build_models", "eval_set", "MetricsLog", "average_gradients", "no_accelerator",
     "cpu_threads", "user_threads", "tensorboard_installed",
 ]
 
@@ -94,9 +95,13 @@ def save_checkpoint(accelerator: Any, run: str | os.PathLike[str], step: int, ke
         shutil.rmtree(tmp, ignore_errors=True)
         done = checkpoints_in(run)
         kept = f"the last complete checkpoint, {done[-1]}, is kept" if done else "no earlier checkpoint exists"
+        try:
+            free = f"{shutil.disk_usage(run).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
         raise OSError(
             f"writing the checkpoint of step {step} into {tmp} failed ({type(e).__name__}: {e}); is the disk full? "
-            f"{kept}; free some space and resume the run"
+            f"(the disk holding {run}: {free}) {kept}; free some space and resume the run"
         ) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -336,6 +341,27 @@ def check_random_states(checkpoint: str | os.PathLike[str], process_index: int) 
 
 
 # ---- what a recipe builds ------------------------------------------------------------------------------
+def build_network(adapter: Adapter, variant: str | None, kwargs: dict, key: str, teacher: bool = False) -> nn.Module:
+    """``adapter``'s student (or ``teacher``) of ``variant`` built with the recipe's ``kwargs`` (at ``key``, e.g.
+    ``model.kwargs``). Every way the builder refuses them is a ``ValueError`` naming ``key``: an unknown keyword
+    (with the valid ones), a value of another type than its default (``width: "8"``), and what the builder itself
+    raises for a value (``width: 0``)."""
+    adapter.check_kwargs(kwargs, key)
+    build = adapter.teacher if teacher else adapter.student
+    try:
+        return build(variant or None, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise ValueError(f"{key} {kwargs} do not build the {adapter.name} network ({type(e).__name__}: {e}); "
+                             f"fix {key} in the recipe") from e
+        valid = adapter.keyword_names(str(e))
+        unknown = [k for k in kwargs if k not in valid] or sorted(kwargs)
+        raise ValueError(f"{key} {unknown} not accepted by the {adapter.name} builder ({e}); valid keyword names: {valid}") from None
+    except (ValueError, RuntimeError) as e:  # the builder's own checks, or torch refusing a layer of that size
+        raise ValueError(f"{key} {kwargs} do not build the {adapter.name} network ({type(e).__name__}: {e}); "
+                         f"fix {key} in the recipe") from e
+
+
 def build_models(recipe: Recipe):
     """``(adapter, variant, spec, student, teacher)`` of ``recipe.model``: the adapter's builders with
     ``model.kwargs`` (an unknown keyword is refused with the valid ones), both networks loaded from
@@ -347,17 +373,8 @@ def build_models(recipe: Recipe):
         name, _, variant = (recipe.model.adapter or "reference").partition(":")
         adapter = get_adapter(name)
     spec = adapter.spec.variant(variant or None)
-    try:
-        student = adapter.student(variant or None, **recipe.model.kwargs)
-        teacher = adapter.teacher(variant or None, **recipe.model.kwargs)
-    except TypeError as e:
-        if "unexpected keyword" not in str(e):
-            raise
-        valid = adapter.keyword_names(str(e))
-        unknown = [k for k in recipe.model.kwargs if k not in valid] or sorted(recipe.model.kwargs)
-        raise ValueError(
-            f"model.kwargs {unknown} not accepted by the {adapter.name} builder ({e}); valid keyword names: {valid}"
-        ) from None
+    student = build_network(adapter, variant, recipe.model.kwargs, "model.kwargs")
+    teacher = build_network(adapter, variant, recipe.model.kwargs, "model.kwargs", teacher=True)
     if recipe.model.init:
         for net, role in ((student, "student"), (teacher, "teacher")):
             load_weights(net, recipe.model.init, f"{adapter.name} {role} (model.init)", adapter.checkpoint_filter_fn)

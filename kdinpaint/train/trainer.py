@@ -70,7 +70,7 @@ from kdinpaint.train.recipe import Recipe, load_recipe
 from kdinpaint.train.report import write_divergence_report, write_evaluation_report
 from kdinpaint.train.report_html import write_report_html
 from kdinpaint.train.runs import (
-    MetricsLog, average_gradients, build_models, check_random_states, check_run_folder, check_teacher_weights,
+    MetricsLog, average_gradients, build_models, build_network, check_random_states, check_run_folder, check_teacher_weights,
     RunLock, checkpoints_in, cpu_threads, user_threads, eval_set, load_trainer_state, no_accelerator, process_group_kwargs,
     restart_metrics, save_checkpoint, tensorboard_installed,
 )
@@ -272,13 +272,7 @@ class Trainer:
                 with_levels = [v for v in t_adapter.variants if t_adapter.spec.variant(v).encoder_levels]
                 raise ValueError(f"teacher.adapter {t.adapter!r} names no encoder levels to tap; name a variant that does "
                                  f"({', '.join(f'{name}:{v}' for v in with_levels) or 'none has'}), or use teacher.file")
-            try:
-                teacher = t_adapter.student(t_variant or None, **t.kwargs)
-            except TypeError as e:
-                if "unexpected keyword" not in str(e):
-                    raise
-                raise ValueError(f"teacher.kwargs not accepted by the {name} builder ({e}); valid keyword names: "
-                                 f"{t_adapter.keyword_names(str(e))}") from None
+            teacher = build_network(t_adapter, t_variant, t.kwargs, "teacher.kwargs")  # errors name teacher.kwargs
             call = TeacherCall(t_spec.input, t_spec.image_arg, t_spec.mask_arg, t_spec.output)
             spec = spec.for_trained_teacher(t_spec.encoder_levels, call, t.output_distillation, t.output_scales)
             what = f"{t.adapter} {t.kwargs or '(random weights)'}, levels {t_spec.encoder_levels}"
@@ -386,7 +380,8 @@ class Trainer:
         cls, objective_kwargs, train_spec = self._resolve_objective(spec)
         check_control(recipe, train_spec)
         twin = copy.deepcopy(student) if recipe.train.control else None  # the student's initial weights
-        kd = self.kd = attach(student, teacher if spec.uses_teacher else None, train_spec)
+        # a spec that taps nothing is the recipe's choice here: the network trained as released (reference:baseline)
+        kd = self.kd = attach(student, teacher if spec.uses_teacher else None, train_spec, allow_empty=True)
         kd.to(accelerator.device)
         L = recipe.losses
         objective = build_objective(cls, objective_kwargs, {k: getattr(L, k) for k in cls.recipe_keys}).to(accelerator.device)
@@ -395,7 +390,7 @@ class Trainer:
         arms = [arm]
         if twin is not None:
             with torch.random.fork_rng(devices=[]):  # the student trains exactly as it would without its twin
-                control = self.control = attach(twin, None, train_spec.without_distillation())
+                control = self.control = attach(twin, None, train_spec.without_distillation(), allow_empty=True)
                 control.blocks.load_state_dict(kd.blocks.state_dict())  # the same initial completion blocks and PGL
                 control.fusion.load_state_dict(kd.fusion.state_dict())
                 control.to(accelerator.device)

@@ -317,6 +317,35 @@ def test_a_model_kwargs_typo_names_the_valid_keywords():
 
 
 
+@pytest.mark.parametrize(("adapter", "kwargs", "message"), [
+    ("reference", '{width: "8"}', r"model.kwargs.width of the reference builder must be an int \(its default is 64\), got '8' \(str\); write width: 8 without quotes"),
+    ("reference", "{width: 2.5}", r"model.kwargs.width .* got 2.5 \(float\)"),
+    ("tiny-unet", "{width: 0}", r"model.kwargs \{'width': 0\} do not build the tiny-unet network .*width must be a positive int"),
+    ("gatedconv", '{cnum: "8"}', r"model.kwargs.cnum of the gatedconv builder must be an int"),
+    ("structureflow", "{dim: 0}", r"model.kwargs \{'dim': 0\} do not build the structureflow network \(RuntimeError"),
+])
+def test_model_kwargs_of_the_wrong_type_or_size_name_the_recipe_key(adapter, kwargs, message):
+    """A width written as a string used to fail deep in the builder (reference: 'not all arguments converted during
+    string formatting'), and width 0 built a reference network of 51 parameters without a word."""
+    from kdinpaint.train.runs import build_models
+
+    recipe = load_recipe(None, [f"model.adapter={adapter}", f"model.kwargs={kwargs}"])
+    with pytest.raises(ValueError, match=message):
+        build_models(recipe)
+    good = load_recipe(None, ["model.adapter=reference", "model.kwargs={width: 2, prefill: biharmonic}"])
+    assert build_models(good)[3].prefill_mode == "biharmonic"  # a str where the default is a bool: the builder's to judge
+
+
+def test_teacher_kwargs_errors_name_teacher_kwargs():
+    from kdinpaint import get_adapter
+    from kdinpaint.train.runs import build_network
+
+    with pytest.raises(ValueError, match=r"teacher.kwargs.width of the tiny-unet builder must be an int"):
+        build_network(get_adapter("tiny-unet"), None, {"width": "4"}, "teacher.kwargs")
+    with pytest.raises(ValueError, match=r"teacher.kwargs \['widht'\] not accepted by the tiny-unet builder"):
+        build_network(get_adapter("tiny-unet"), None, {"widht": 4}, "teacher.kwargs")
+
+
 # ---- files: masks, images, weights, exported models -------------------------------------------------
 def _mask_files(root: Path, holes: list[int], *, white_hole: bool = True, size: int = 16) -> list[Path]:
     """Square holes of side ``holes[k]`` at the top left, drawn in white (or black) on the other colour."""

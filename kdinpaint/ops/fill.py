@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["harmonic_fill", "biharmonic_fill", "PREFILL_SWEEPS", "PREFILL_BIHARMONIC", "BIHARMONIC_TOLERANCE", "BIHARMONIC_MAX_ITERATIONS"]
+__all__ = ["harmonic_fill", "biharmonic_fill", "is_tracing", "PREFILL_SWEEPS", "PREFILL_BIHARMONIC", "BIHARMONIC_TOLERANCE", "BIHARMONIC_MAX_ITERATIONS"]
 
 PREFILL_SWEEPS = 64
 """Jacobi sweeps per level of the fill networks start from (``ReferenceNet(prefill=True)``, baseline ``pyramid``)."""
@@ -91,7 +91,8 @@ def harmonic_fill(
     return (x * known + fill * hole).to(image.dtype)
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
+    """Whether the code runs under ``torch.export``, ONNX export or ``torch.compile`` (fake tensors), not eagerly."""
     return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or _fake())
 
 
@@ -107,7 +108,7 @@ def _loop(steps: int, body, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tens
     (unrolled, the fill's thousands of steps made exports take tens of minutes)."""
     if steps <= 0:
         return state
-    if not _tracing():
+    if not is_tracing():
         for _ in range(steps):
             state = body(*state)
         return state
@@ -324,7 +325,7 @@ def _pcg(levels: list[_Level], b: torch.Tensor, tol: float, max_iterations: int)
     def unconverged(r: torch.Tensor) -> torch.Tensor:
         return (dot(r, r) > target).any()
 
-    if not _tracing():
+    if not is_tracing():
         for _ in range(max_iterations):
             if not bool(unconverged(state[1])):
                 break

@@ -121,7 +121,8 @@ def train_all(args: argparse.Namespace, overrides: list[str], env: dict[str, str
                 shared = [f"teacher.weights={teachers[key]}"] if key in teachers else []
                 cmd = [sys.executable, str(HERE / "train.py"), "--config", args.config, *overrides,
                        f"model.adapter=reference:{variant}", f"train.seed={seed}", f"checkpoint.dir={run}",
-                       "checkpoint.resume=false", "train.threads=null", *shared]  # OMP_NUM_THREADS=--threads decides
+                       "checkpoint.resume=false", "train.threads=null", *shared,  # OMP_NUM_THREADS=--threads decides
+                       *(["train.control=false"] if variant == "baseline" else [])]  # nothing distils: no twin
                 print(f"== {variant} seed {seed}: {shlex.join(cmd[2:])}", flush=True)
                 t0 = time.time()
                 status = run_training(cmd, env)

@@ -151,6 +151,7 @@ def test_every_variant_and_seed_trains_once_with_its_seed_threads_and_folder(abl
         assert opts["train.steps"] == "4" and opts["train.mixed_precision"] == "bf16"
         assert env["OMP_NUM_THREADS"] == "3" and env["ACCELERATE_USE_CPU"] == "true"
         assert opts["train.threads"] == "null"  # the recipe's train.threads would override --threads
+        assert (opts.get("train.control") == "false") == (variant == "baseline")  # a twin of nothing is refused
     assert seen == [(v, s) for s in (0, 1, 2) for v in ("baseline", "net4", "net8")]  # one at a time, seed by seed
 
 

@@ -70,7 +70,7 @@ from kdinpaint.inference import (
     resolve_device,
     save_image,
 )
-from kdinpaint.inference.memory import available_bytes, gib, peak_bytes
+from kdinpaint.inference.memory import QUICK_SECONDS, available_bytes, gib, peak_bytes
 from kdinpaint.inference.timing import median_seconds
 from kdinpaint.plugins import PluginError, get_adapter, import_target, list_adapters, plugin_failures, resolve_spec
 from kdinpaint.serve.command import cmd_serve, serve_arguments
@@ -706,6 +706,28 @@ def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) ->
     return small, (torch.nn.functional.interpolate(mask, size=size, mode="area") > 0).to(mask.dtype)
 
 
+def _image_progress(inpainter: Any, shape: tuple[int, int], count: int, enabled: bool) -> Any:
+    """A second bar, within one forward, for images whose forward is estimated above 10 s (the layers run so far
+    of the forward's total, counted by the memory probe); ``None`` for quick ones or without an estimate."""
+    model = inpainter.memory_model() if enabled and hasattr(inpainter, "memory_model") else None
+    if model is None or model.calls_per_forward <= 0 or model.seconds(shape[0] * shape[1]) <= QUICK_SECONDS:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=model.calls_per_forward, desc=f"{count} image(s) of {shape[0]}x{shape[1]}", unit="layer",
+               file=sys.stderr, leave=False)
+
+    def show(done: int, total: int) -> None:
+        if done > bar.n:
+            bar.update(done - bar.n)  # tqdm redraws at most every 0.1 s
+        elif done < bar.n:  # the next forward of a batch in several
+            bar.reset(total)
+            bar.update(done)
+
+    inpainter.progress = show
+    return bar
+
+
 def cmd_inpaint(args: argparse.Namespace) -> int:
     jobs = _inpaint_jobs(args)
     _check_device(args)
@@ -733,7 +755,13 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         if shape not in checked:  # refuse what would not fit before it runs (the CPU would be killed)
             inpainter.check_memory(*shape, option="--max-side")
             checked.add(shape)
-        result = inpainter(small_image, small_mask)
+        inner = _image_progress(inpainter, shape, len(pending), not args.no_progress)
+        try:
+            result = inpainter(small_image, small_mask)
+        finally:
+            inpainter.progress = None
+            if inner is not None:
+                inner.close()
         if result.shape != image.shape:  # scaled back up into the holes; known pixels are the input's
             up = torch.nn.functional.interpolate(result, size=image.shape[-2:], mode="bilinear", align_corners=False)
             result = torch.where(mask.bool(), up.clamp(-1, 1), image)

@@ -212,3 +212,16 @@ def test_inpaint_mask_hole_auto_the_inverted_mask_flag_and_what_was_written(caps
     assert code == 0, err
     assert out.startswith(f"wrote 2 image(s) under {tmp_path / 'out'}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+
+
+def test_inpaint_shows_progress_within_a_slow_image(capsys, tmp_path, monkeypatch):
+    import kdinpaint.cli as cli
+
+    monkeypatch.setattr(cli, "QUICK_SECONDS", -1.0)  # every image counts as slow: the bar within the forward shows
+    _photo_and_mask(tmp_path)
+    code, out, err = run(capsys, "inpaint", tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "out.png",
+                         "--baseline", "biharmonic")
+    assert code == 0 and "layer" not in err  # a weight-free baseline has no layers to count
+    code, out, err = run(capsys, "inpaint", tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "out2.png",
+                         "--adapter", "tiny-unet")
+    assert code == 0 and "1 image(s) of 32x40" in err and "layer" in err

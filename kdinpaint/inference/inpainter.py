@@ -19,6 +19,7 @@ mirrored hole stays a hole; the padded area is cropped away before compositing a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -34,7 +35,8 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.evaluation.baselines import get_baseline
 from kdinpaint.export import CompletedModel, load_checkpoint_adapter
 from kdinpaint.inference.device import model_device, model_dtype, resolve_device
-from kdinpaint.inference.memory import InferenceOutOfMemory, MemoryModel, check_fits, probe_memory, warn_if_slow
+from kdinpaint.inference.memory import (InferenceOutOfMemory, MemoryModel, check_fits, count_leaf_calls, probe_memory,
+                                        warn_if_slow)
 from kdinpaint.masking import check_image_range, check_mask, check_rgb_image, masked, warn_if_inverted
 from kdinpaint.padding import pad_to_multiple, unpad
 from kdinpaint.plugins import get_adapter
@@ -102,6 +104,9 @@ class Inpainter:
         self.spec = spec
         self.batch_size = batch_size
         self.inverted_mask_fix = "pass 1 - mask"  # the warning's advice; the command line names its --mask-hole
+        # progress within one forward: progress(done, total) after each leaf module's call, the total counted by the
+        # memory probe (memory_model().calls_per_forward); the command line shows it as a bar for slow images
+        self.progress: Callable[[int, int], None] | None = None
         self.name = name or getattr(spec, "name", None) or getattr(model, "__name__", type(model).__name__)
         self._call = None
         if spec is not None and isinstance(model, nn.Module):
@@ -191,8 +196,13 @@ class Inpainter:
         was_training = module.training if module is not None else False
         if module is not None:
             module.eval()
+        watch = contextlib.nullcontext()
+        memory = self.memory_model() if self.progress is not None and module is not None else None
+        if memory is not None and memory.calls_per_forward > 0:
+            total, report = memory.calls_per_forward, self.progress
+            watch = count_leaf_calls(module, lambda done: report(min(done % total or total, total), total))
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), watch:
                 for s in range(0, image.shape[0], self.batch_size):
                     x = image[s : s + self.batch_size].to(self.device)
                     m = mask[s : s + self.batch_size].to(self.device)

@@ -150,6 +150,7 @@ class MemoryModel:
     slope: float
     extra: float = 0.0
     seconds_per_pixel: float = 0.0
+    calls_per_forward: int = 0  # forward calls of leaf modules in one forward (progress within one image)
 
     def seconds(self, pixels: int) -> float:
         return self.seconds_per_pixel * pixels
@@ -205,7 +206,8 @@ def probe_memory(module: nn.Module, call: Any, batch_size: int, stride: int, dev
                 mask[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
                 args, kwargs = call.build(image, mask) if call is not None else ((image, mask), {})
                 start = time.perf_counter()
-                peak = peak_bytes(lambda: module(*args, **kwargs), device)
+                with count_leaf_calls(module) as calls:
+                    peak = peak_bytes(lambda: module(*args, **kwargs), device)
                 seconds = time.perf_counter() - start
                 if peak is None:
                     return None
@@ -215,7 +217,32 @@ def probe_memory(module: nn.Module, call: Any, batch_size: int, stride: int, dev
     has_attention = any(isinstance(m, PixelAttention) for m in module.modules())
     # one forward block of the attention at its full size (the probes ran the smallest): its scores and output
     extra = 2 * attention.FORWARD_BLOCK_ELEMENTS * torch.finfo(dtype).bits // 8 if has_attention else 0
-    return dataclasses.replace(fit_linear(points, extra), seconds_per_pixel=seconds / points[-1][0])
+    return dataclasses.replace(fit_linear(points, extra), seconds_per_pixel=seconds / points[-1][0],
+                               calls_per_forward=calls.count)
+
+
+class _LeafCalls:
+    count = 0
+
+
+@contextlib.contextmanager
+def count_leaf_calls(module: nn.Module, on_call: Callable[[int], None] | None = None) -> Iterator[_LeafCalls]:
+    """Count the forward calls of ``module``'s leaf modules (those without children) while the block runs; the
+    count is the same at every image size (the layers do not depend on it), so a probe's count at a small size is
+    the total of a large forward, and ``on_call(count)`` after each call shows how far that forward is."""
+    calls = _LeafCalls()
+
+    def hook(*_: Any) -> None:
+        calls.count += 1
+        if on_call is not None:
+            on_call(calls.count)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if next(m.children(), None) is None]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
 
 
 SLOW_SECONDS = 30.0  # a forward estimated longer than this is warned about, with the side that makes it quick

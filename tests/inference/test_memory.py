@@ -58,3 +58,37 @@ def test_a_slow_forward_is_warned_with_the_side_that_makes_it_quick():
     inpainter._memory = model
     with pytest.warns(UserWarning, match="--size 312 runs it"):
         inpainter.check_memory(1000, 1000, option="--size")
+
+
+class _Three(torch.nn.Module):
+    """Leaf calls per forward, by hand: conv, act, act again (the same module twice), conv = 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, image, mask):
+        return self.b(self.act(self.act(self.a(torch.cat([image, mask], 1)))))
+
+
+def test_leaf_calls_are_counted_and_reported_within_one_forward():
+    from kdinpaint.inference import Inpainter
+    from kdinpaint.inference.memory import count_leaf_calls
+
+    net = _Three()
+    seen = []
+    with count_leaf_calls(net, seen.append) as calls:
+        net(torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 8, 8))
+    assert calls.count == 4 and seen == [1, 2, 3, 4]
+    net(torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 8, 8))  # the hooks are gone
+    assert calls.count == 4 and not net.a._forward_hooks
+
+    inpainter = Inpainter(net, batch_size=2)
+    assert inpainter.memory_model().calls_per_forward == 4  # the probe's count, at another size
+    progress = []
+    inpainter.progress = lambda done, total: progress.append((done, total))
+    image, mask = torch.zeros(3, 3, 40, 24), torch.zeros(3, 1, 40, 24)
+    mask[..., 5:20, 5:15] = 1
+    inpainter(image, mask)  # two forwards: 2 images, then 1
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)] * 2
+    assert not net.a._forward_hooks

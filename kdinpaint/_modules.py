@@ -1,4 +1,8 @@
-"""Finding modules by dotted path, through DDP / torch.compile wrappers, with helpful errors."""
+"""Finding modules by dotted path, through DDP / torch.compile wrappers, with helpful errors.
+
+A tap is a module path, optionally followed by the index of one element of the module's output when its forward
+returns a tuple or list: ``down1[0]`` is element 0 of what ``down1`` returns (:func:`split_index`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import difflib
 import functools
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -35,7 +40,36 @@ def normalise_path(path: str) -> str:
 
 
 def is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
+    return any(c in split_index(pattern)[0] for c in "*?[")
+
+
+_INDEX = re.compile(r"\[(-?\d+)\]\Z")
+
+
+def split_index(path: str) -> tuple[str, int | None]:
+    """``("down1", 0)`` for the tap ``down1[0]``, ``("down1", None)`` for ``down1``: a trailing ``[N]`` (digits only)
+    names element N of the module's tuple output; any other bracket is a glob character class."""
+    m = _INDEX.search(path)
+    if m is None:
+        return path, None
+    return path[: m.start()], int(m.group(1))
+
+
+def element(output: Any, index: int | None) -> Any:
+    """Element ``index`` of a module's tuple or list output (``output`` itself for ``None``)."""
+    return output if index is None else output[index]
+
+
+def replace_element(output: Any, index: int | None, value: Any) -> Any:
+    """``output`` with element ``index`` replaced by ``value``, the other elements the same objects, in a container of
+    the same type (a named tuple stays one); ``value`` itself for ``None``."""
+    if index is None:
+        return value
+    items = list(output)
+    items[index] = value
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a named tuple
+        return type(output)(*items)
+    return type(output)(items)
 
 
 def _segment_regex(segment: str) -> str:
@@ -94,13 +128,15 @@ def resolve(model: nn.Module, patterns: list[str], *, what: str) -> list[str]:
     """Expand paths and globs against ``model.named_modules()`` (in module order), or raise ``ValueError``.
 
     Globs follow :func:`glob_regex`: ``*`` stays within one path segment, ``**`` spans segments. A path that
-    matches nothing is reported with the closest module names; duplicates are dropped.
+    matches nothing is reported with the closest module names; duplicates are dropped. A trailing element index
+    (``down*[0]``) is kept on every module the path matches.
     """
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
     out: list[str] = []
     for raw in patterns:
-        pattern = normalise_path(raw)
+        pattern, index = split_index(normalise_path(raw))
+        suffix = "" if index is None else f"[{index}]"
         if is_glob(pattern):
             hits = [n for n in names if glob_match(n, pattern)]
             if not hits:
@@ -115,12 +151,13 @@ def resolve(model: nn.Module, patterns: list[str], *, what: str) -> list[str]:
                 f"{what}: {type(model).__name__} has no module {raw!r}; closest names: {_closest(pattern, names)} "
                 "(print(dict(model.named_modules()).keys()) lists them all)"
             )
-        out.extend(h for h in hits if h not in out)
+        out.extend(h + suffix for h in hits if h + suffix not in out)
     return out
 
 
 def get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
+    """The module of a path or tap (``down1`` for ``down1[0]``)."""
+    return model.get_submodule(split_index(path)[0])
 
 
 def _closest(pattern: str, names: list[str], n: int = 5) -> list[str]:

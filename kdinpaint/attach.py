@@ -198,9 +198,10 @@ class Distiller(nn.Module):
             what = f"spec {self.spec.name!r} attention_sites"
             for path in _modules.resolve(self._root, [site.module], what=what):
                 capture, from_qk = None, False
+                module_path = _modules.split_index(path)[0]  # the affinity is a submodule of the module itself
                 if site.transfer:
                     if site.affinity is None:
-                        capture, from_qk = f"{path}.qk", True
+                        capture, from_qk = f"{module_path}.qk", True
                         if not isinstance(getattr(_modules.get(self._root, path), "qk", None), nn.Module):
                             raise ValueError(
                                 f"{what}: {path!r} is not a kdinpaint PixelAttention (it has no 'qk' submodule); "
@@ -208,7 +209,10 @@ class Distiller(nn.Module):
                                 "is the affinity, and its `layout`"
                             )
                     else:
-                        capture = _modules.resolve(self._root, [f"{path}.{site.affinity}"], what=f"{what} affinity")[0]
+                        # an element of the module's own output ("[1]": (out, weights) as nn.MultiheadAttention returns)
+                        own = site.affinity.startswith("[")
+                        joined = module_path + site.affinity if own else f"{module_path}.{site.affinity}"
+                        capture = _modules.resolve(self._root, [joined], what=f"{what} affinity")[0]
                     if self.teacher is not None:
                         _modules.resolve(self._teacher_root, [path, capture], what=f"{what} (in the teacher)")
                 sites.append(_AttentionSite(path, capture, from_qk, site.layout, site.transfer, site.fusion))
@@ -234,22 +238,30 @@ class Distiller(nn.Module):
         image = self._call.get(args, kwargs, "image")
         mask = check_mask(self._call.get(args, kwargs, "mask"), image)
 
-        def run(root: nn.Module, paths: list[str], a: tuple, kw: dict, who: str, loose: tuple[str, ...] = ()) -> dict:
+        def run(root: nn.Module, taps: list[str], a: tuple, kw: dict, who: str, loose: tuple[str, ...] = ()) -> dict:
+            paths = list(dict.fromkeys([*taps, *loose]))  # a module may be both (a level and an affinity)
             shapes: dict[Any, Any] = {}
             counts: dict[str, int] = {p: 0 for p in paths}
             handles = []
             for path in paths:
                 def hook(module, inputs, output, path=path):
                     counts[path] += 1
+                    output = _tapped_element(output, path, who)
                     if path in loose:  # attention modules and captures: checked by _check_attention
-                        shapes[path] = output
+                        shapes[("out", path)] = output
                         shapes[("in", path)] = inputs[0] if inputs else None
-                        return
+                        if path not in taps:
+                            return
+                    if isinstance(output, (tuple, list)):
+                        raise TypeError(_untapped_tuple(output, path, who, "a (B, C, H, W) feature map"))
                     if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                        module_path, index = _modules.split_index(path)
+                        what = (f"{who} module {path!r} returns" if index is None else
+                                f"element [{index}] of {who} module {module_path!r} is")
                         raise TypeError(
-                            f"{who} module {path!r} returns {type(output).__name__}"
+                            f"{what} {type(output).__name__}"
                             f"{'' if not isinstance(output, torch.Tensor) else f' of shape {tuple(output.shape)}'}; "
-                            "tap a module whose output is a (B, C, H, W) feature map"
+                            "tap a module (or an element of its tuple output) that is a (B, C, H, W) feature map"
                         )
                     shapes[path] = output.shape
 
@@ -282,18 +294,14 @@ class Distiller(nn.Module):
             return shapes
 
         att_paths = [p for site in self.attention for p in (site.module, site.capture) if p]
-        shapes = run(
-            self._root, list(dict.fromkeys(self.levels + self.sites + att_paths)), args, kwargs, "student", tuple(att_paths)
-        )
+        shapes = run(self._root, list(dict.fromkeys(self.levels + self.sites)), args, kwargs, "student", tuple(att_paths))
         teacher_shapes: dict[Any, Any] = {}
         teacher_att = [p for site in self.attention if site.transfer for p in (site.module, site.capture)]
         # a black box is first called on the first batch (it may serve only the training size); it checks itself there
         probe_teacher = self.teacher_levels or teacher_att or self.spec.output_distillation > 0
         if self.teacher is not None and probe_teacher and not self._blackbox:
             ta, tkw = self._teacher_args(args, kwargs, image, mask)
-            teacher_shapes = run(
-                self._teacher_root, list(dict.fromkeys(self.teacher_levels + teacher_att)), ta, tkw, "teacher", tuple(teacher_att)
-            )
+            teacher_shapes = run(self._teacher_root, list(self.teacher_levels), ta, tkw, "teacher", tuple(teacher_att))
         self._check_pairs(shapes, teacher_shapes)
         for a, b in zip(self.levels, self.levels[1:]):
             (ha, wa), (hb, wb) = shapes[a][-2:], shapes[b][-2:]
@@ -397,18 +405,21 @@ class Distiller(nn.Module):
         """Affinity layouts as the spec says, teacher and student alike; record each site's widths."""
         self._att_info: list[dict[str, Any]] = []
         for site in self.attention:
-            d, out = shapes[("in", site.module)], shapes[site.module]
+            d, out = shapes[("in", site.module)], shapes[("out", site.module)]
             where = f"attention site {site.module!r}"
             if not isinstance(d, torch.Tensor) or d.dim() != 4:
                 raise ValueError(f"{where}: its first positional input must be a (B, C, H, W) feature map")
             info: dict[str, Any] = {"channels": d.shape[1], "teacher_channels": None}
+            if site.fusion and isinstance(out, (tuple, list)):
+                raise ValueError(_untapped_tuple(out, site.module, f"{where}: the attention", "att(D), of D's shape "
+                                                 f"{tuple(d.shape)}, for global-local fusion", key="attention_sites[].module"))
             if site.fusion and (not isinstance(out, torch.Tensor) or out.shape != d.shape):
                 raise ValueError(
                     f"{where}: global-local fusion needs an output of the input's shape {tuple(d.shape)}, got "
                     f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
                 )
             if site.transfer:
-                cap, t_cap = shapes[site.capture], teacher_shapes[site.capture]
+                cap, t_cap = shapes[("out", site.capture)], teacher_shapes[("out", site.capture)]
                 n_query = d.shape[-2] * d.shape[-1]
                 if site.from_qk:
                     ok = isinstance(cap, tuple) and len(cap) == 2 and cap[0].dim() == 3 and cap[0].shape[1] == n_query
@@ -418,6 +429,9 @@ class Distiller(nn.Module):
                     if not t_ok:
                         raise ValueError(f"{where}: teacher and student queries differ in shape; feed the teacher the same size")
                 else:
+                    if isinstance(cap, (tuple, list)):
+                        raise ValueError(_untapped_tuple(cap, site.capture, f"{where}: the affinity", "the affinity",
+                                                         key="attention_sites[].affinity"))
                     if not isinstance(cap, torch.Tensor):
                         raise ValueError(f"{where}: affinity {site.capture!r} returns {type(cap).__name__}, not a tensor")
                     if site.layout == "queries_keys" and (cap.dim() != 3 or cap.shape[1] != n_query):
@@ -536,6 +550,7 @@ class Distiller(nn.Module):
 
     def _make_student_hook(self, path: str, block: CompletionBlock | None, record: bool):
         clone = self.spec.clone_taps
+        index = _modules.split_index(path)[1]  # an element of a tuple output: read, and replaced at a completion site
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             s = self._session
@@ -561,15 +576,18 @@ class Distiller(nn.Module):
                     f"module {path!r} ran {n} times in one forward; a tapped module must run once per forward "
                     "(tap a per-level module instead of a shared one)"
                 )
+            value = _modules.element(output, index)
             if block is not None:
-                output = block(output, s.mask)
+                value = block(value, s.mask)
             if record:
-                s.student[path] = output.clone() if clone else output
-            return output if block is not None else None
+                s.student[path] = value.clone() if clone else value
+            return _modules.replace_element(output, index, value) if block is not None else None
 
         return hook
 
     def _make_attention_hook(self, path: str, fusion: GlobalLocalFusion | None):
+        index = _modules.split_index(path)[1]  # fusion replaces that element of a tuple output
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             s = self._session
             if s.active:
@@ -577,29 +595,35 @@ class Distiller(nn.Module):
                 s.calls[path] = n
                 if n > 1:
                     raise RuntimeError(f"attention module {path!r} ran {n} times in one forward; name a module called once")
-            return fusion(inputs[0], output) if fusion is not None else None
+            if fusion is None:
+                return None
+            return _modules.replace_element(output, index, fusion(inputs[0], _modules.element(output, index)))
 
         return hook
 
     def _make_capture_hook(self, key: tuple, student: bool, take_input: bool = False):
+        index = None if take_input else _modules.split_index(self.attention[key[1]].capture)[1]
+
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             s = self._session
             if s.active and student:
                 _check_gradients(s, self.attention[key[1]].module, False)  # key: ("att", site index)
             if (s.active and student) or (s.teacher_running and not student):
-                (s.student if student else s.teacher)[key] = inputs[0] if take_input else output
+                (s.student if student else s.teacher)[key] = inputs[0] if take_input else _modules.element(output, index)
 
         return hook
 
     def _make_teacher_hook(self, path: str):
         clone = self.spec.clone_taps
+        index = _modules.split_index(path)[1]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             s = self._session
             if s.teacher_running:
                 if path in s.teacher:
                     raise RuntimeError(f"teacher module {path!r} ran twice in one forward; tap a module called once")
-                s.teacher[path] = output.clone() if clone else output
+                value = _modules.element(output, index)
+                s.teacher[path] = value.clone() if clone else value
 
         return hook
 
@@ -901,6 +925,49 @@ def _check_gradients(s: _Session, path: str, completion: bool) -> None:
             "captured once, correctly; completion sites must stay outside it), or tap a module outside the "
             "checkpointed block"
         )
+
+
+def _describe_value(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor {tuple(v.shape)}"
+    if isinstance(v, (tuple, list)):
+        return f"{type(v).__name__} of {len(v)}"
+    return type(v).__name__
+
+
+def _describe_elements(output: tuple | list) -> str:
+    """``[0] tensor (1, 8, 16, 16), [1] tensor (1, 3)``: the elements of a tuple output by index and shape."""
+    return ", ".join(f"[{i}] {_describe_value(v)}" for i, v in enumerate(output))
+
+
+def _tapped_element(output: Any, path: str, who: str) -> Any:
+    """The element of ``output`` that the tap ``path`` names (``output`` itself without an index); a ``TypeError`` /
+    ``IndexError`` naming the elements when the module's output has no such element."""
+    module_path, index = _modules.split_index(path)
+    if index is None:
+        return output
+    if not isinstance(output, (tuple, list)):
+        raise TypeError(
+            f"{who} tap {path!r} names element [{index}], but module {module_path!r} returns {_describe_value(output)}, "
+            f"not a tuple or list; name the module alone: {module_path!r}"
+        )
+    if index >= len(output):
+        raise IndexError(
+            f"{who} tap {path!r} names element [{index}], but module {module_path!r} returns a {type(output).__name__} "
+            f"of {len(output)}: {_describe_elements(output)}; index one of them, counting from 0"
+        )
+    return output[index]
+
+
+def _untapped_tuple(output: tuple | list, path: str, who: str, wanted: str, key: str = "") -> str:
+    """The refusal of a tap on a module returning a tuple or list without an element index: its elements with their
+    shapes (from the attach-time probe) and the ``path[N]`` syntax, with the first element that fits as example."""
+    maps = [i for i, v in enumerate(output) if isinstance(v, torch.Tensor) and v.dim() == 4]
+    where = key or "encoder_levels, teacher_levels or completion_sites"
+    fix = (f"name the element that is {wanted} by its index, e.g. '{path}[{maps[0]}]' in {where}" if maps else
+           "none of them is a (B, C, H, W) feature map: tap another module")
+    note = "" if key else " (a completion site on an element replaces that element only)"
+    return f"{who} module {path!r} returns a {type(output).__name__} of {len(output)}: {_describe_elements(output)}; {fix}{note}"
 
 
 def _describe_args(args: tuple, kwargs: dict) -> str:

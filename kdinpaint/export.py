@@ -2,7 +2,8 @@
 
 :meth:`Distiller.export` returns a :class:`CompletedModel`: a deep copy of the student in which every
 completion site is wrapped by a :class:`CompletedSite` (``inner`` = the original module, ``block`` = its
-completion block) and every fusion site by a :class:`FusedSite` (``inner`` = the attention module). It needs no hook and no Distiller; the forward binds the mask from the call (the spec's
+completion block; a site ``path[N]`` completes element N of the module's tuple output) and every fusion site by a
+:class:`FusedSite` (``inner`` = the attention module). It needs no hook and no Distiller; the forward binds the mask from the call (the spec's
 ``mask_arg``) and the sites read it. In eval it is bit-identical to the attached student.
 
 Saving and loading go through safetensors; the file's metadata carries the spec and the block widths, so
@@ -58,30 +59,33 @@ class _Wrapper(nn.Module):
 class CompletedSite(_Wrapper):
     """``inner`` followed by its completion block (Eq. 5). Attribute lookups fall through to ``inner``."""
 
-    def __init__(self, inner: nn.Module, block: CompletionBlock, context: _MaskContext):
+    def __init__(self, inner: nn.Module, block: CompletionBlock, context: _MaskContext, index: int | None = None):
         super().__init__()
         self.inner = inner
         self.block = block
         self._context = context
+        self.index = index  # the completed element of a tuple output (None: the output itself)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
         mask = self._context.mask
         if mask is None:
             raise RuntimeError("a completion site ran outside a call of its CompletedModel; call the whole model with (image, mask)")
-        return self.block(out, mask)
+        return _modules.replace_element(out, self.index, self.block(_modules.element(out, self.index), mask))
 
 
 class FusedSite(_Wrapper):
     """An attention module ``inner`` with global-local fusion (Eq. 10) around it: ``fusion(D, inner(D))``."""
 
-    def __init__(self, inner: nn.Module, fusion: GlobalLocalFusion):
+    def __init__(self, inner: nn.Module, fusion: GlobalLocalFusion, index: int | None = None):
         super().__init__()
         self.inner = inner
         self.fusion = fusion
+        self.index = index  # the fused element of a tuple output (None: the output itself)
 
-    def forward(self, d: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.fusion(d, self.inner(d, *args, **kwargs))
+    def forward(self, d: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(d, *args, **kwargs)
+        return _modules.replace_element(out, self.index, self.fusion(d, _modules.element(out, self.index)))
 
 
 class CompletedModel(nn.Module):
@@ -107,13 +111,15 @@ class CompletedModel(nn.Module):
         self.fusion_channels = [fusions[str(i)].channels for i in range(len(fusion_sites))]
         self._context = _MaskContext()
         self._call = convention(model, spec)
-        wraps = [(p, lambda inner, i=i: CompletedSite(inner, blocks[str(i)], self._context)) for i, p in enumerate(sites)]
-        wraps += [(p, lambda inner, i=i: FusedSite(inner, fusions[str(i)])) for i, p in enumerate(fusion_sites)]
-        # wrap deeper paths first so a site inside another site keeps its path
-        for path, wrap in sorted(wraps, key=lambda t: -t[0].count(".")):
+        split = _modules.split_index
+        wraps = [(*split(p), lambda inner, x, i=i: CompletedSite(inner, blocks[str(i)], self._context, x))
+                 for i, p in enumerate(sites)]
+        wraps += [(*split(p), lambda inner, x, i=i: FusedSite(inner, fusions[str(i)], x)) for i, p in enumerate(fusion_sites)]
+        # wrap deeper paths first so a site inside another site keeps its path (two elements of one module: nested)
+        for path, index, wrap in sorted(wraps, key=lambda t: -t[0].count(".")):
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, name, wrap(getattr(parent, name)))
+            setattr(parent, name, wrap(getattr(parent, name), index))
         self.model = model
 
     @classmethod
@@ -272,7 +278,7 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     origin = f" (exported from {meta['kdinpaint.adapter']!r})" if "kdinpaint.adapter" in meta else ""
     fix = "pass a fresh instance of the exported model's class, built with the same arguments"
     modules = dict(_modules.unwrap(model).named_modules())
-    absent = [p for p in [*sites, *fusion_sites] if p not in modules]
+    absent = [p for p in [*sites, *fusion_sites] if _modules.split_index(p)[0] not in modules]
     if absent:  # another architecture: its completion sites are not modules of this one
         raise ValueError(
             f"{path}{origin} does not fit {type(model).__name__}: its completion sites {absent[:5]} are not modules of "

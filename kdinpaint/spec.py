@@ -3,7 +3,10 @@
 A spec names modules by dotted path (as in ``model.named_modules()``) and says how the model is called.
 Globs: ``*`` matches within one path segment (``encoder.layer*`` is ``encoder.layer1`` … ``encoder.layer4``,
 not their submodules), ``?`` one character of a segment, ``[...]`` a character class, and a whole segment
-``**`` any number of segments (``encoder.**.conv2``: every ``conv2`` below ``encoder``). A plain dict ``{"encoder_levels": [...]}`` is
+``**`` any number of segments (``encoder.**.conv2``: every ``conv2`` below ``encoder``). A module whose forward returns a
+tuple or list is tapped at one element by its index: ``down1[0]`` (a trailing ``[N]`` of digits is an index, not a
+glob class): an encoder level reads that element, a completion site replaces it (the other elements pass unchanged),
+an attention ``module`` fuses into it and an ``affinity`` reads it. A plain dict ``{"encoder_levels": [...]}`` is
 a complete spec; every other field has a default. Specs round-trip through YAML (``yaml.safe_load`` only),
 unknown keys are rejected with the list of valid ones, and named variants (the paper's ``*``, ``#``, ``†``
 of Table 4) are overrides applied with :meth:`AdapterSpec.variant`.
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from kdinpaint._modules import split_index
 
 __all__ = ["AdapterSpec", "AttentionSite", "CompletionOptions", "MetaOptions", "TeacherCall", "load_spec"]
 
@@ -55,7 +60,19 @@ def _path_list(value: Any, key: str, where: str) -> list[str]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise TypeError(f"{where}.{key} must be a list of dotted module paths (strings), got {value!r}")
+    for path in value:
+        _check_index(path, f"{where}.{key}")
     return list(value)
+
+
+def _check_index(path: str, where: str) -> None:
+    """Refuse a negative element index (``down1[-1]``): taps name an element by its position from the start."""
+    module, index = split_index(path)
+    if index is not None and index < 0:
+        raise ValueError(
+            f"{where}: {path!r} has a negative element index; count from 0 (the attach-time refusal of an un-indexed "
+            f"tuple lists its elements), e.g. '{module}[0]'"
+        )
 
 
 @dataclass
@@ -156,7 +173,9 @@ class AttentionSite:
     """A decoder attention whose affinity is transferred (Eq. 9) and/or fused with PGL (Eq. 10).
 
     ``module``: the attention module (PGL wraps it: input D, output att(D)).
-    ``affinity``: the submodule whose forward output is the affinity, as a path relative to ``module``
+    ``affinity``: the submodule whose forward output is the affinity, as a path relative to ``module``, or an
+    element of the attention module's own tuple output (``"[1]"``: ``(output, weights)`` as ``nn.MultiheadAttention``
+    returns); ``module`` itself may end in an index for fusion (``attn[0]``: the element that is ``att(D)``)
     (``None``: the attention module is a :class:`kdinpaint.pixel_attention.PixelAttention`; its ``qk`` output is
     captured and only the hole rows of the affinity are ever computed).
     ``layout``: ``queries_keys`` (B × N_q × N_k, pixel attention) or ``keys_hw`` (B × N_k × H × W, the
@@ -172,6 +191,10 @@ class AttentionSite:
 
     def __post_init__(self) -> None:
         _check_type(self.module, (str,), "module", "attention_sites[]", "a dotted module path")
+        _check_index(self.module, "attention_sites[].module")
+        if self.affinity is not None:
+            _check_type(self.affinity, (str,), "affinity", "attention_sites[]", "a dotted module path or null")
+            _check_index(self.affinity, "attention_sites[].affinity")
         if self.layout not in AFFINITY_LAYOUTS:
             raise ValueError(f"attention_sites[].layout {self.layout!r} is not one of {list(AFFINITY_LAYOUTS)}")
 

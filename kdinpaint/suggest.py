@@ -10,12 +10,18 @@
   decoder, e.g. the reference network's ``dec3``/``att3``); the level is the
   outermost module that ends there and produces only maps of that resolution (``down1``, not the
   ``encoder`` container around all levels). Levels at the input resolution are left out by default
-  (``min_reduction=2``); global ``1×1`` maps (squeeze-excitation, pooling) are ignored. A model of several
-  encoder-decoder stages (e.g. coarse and refinement networks) gets the stage with the most levels (the
-  last one on a tie); the others are reported in the notes.
+  (``min_reduction=2``); global ``1×1`` maps (squeeze-excitation, pooling), softmax outputs (affinities) and maps
+  not shrunk alike in height and width (a Fourier unit's half spectrum, ``W // 2 + 1`` wide) are ignored. A
+  module returning a tuple or list is proposed at its first element that is a feature map (``down1[0]``); one
+  with no such element is not proposed. Every proposed level is one :func:`kdinpaint.attach` accepts: called once
+  per forward, each shrinking the one before by one integer factor in height and width (self-distillation); a
+  candidate that is not is left out, with a note saying why. A model of several encoder-decoder stages (e.g.
+  coarse and refinement networks) gets the stage with the most levels (the last one on a tie); the others are
+  reported in the notes.
 - **Attention candidates** (Eq. 7-10): modules in whose forward a softmax runs over as many entries as a
   feature map of the forward has spatial positions. When the softmax is an ``nn.Softmax`` submodule, the
-  spec gets an :class:`~kdinpaint.spec.AttentionSite` with that submodule as its affinity; a functional
+  spec gets an :class:`~kdinpaint.spec.AttentionSite` with that submodule as its affinity (when the module's input
+  is a feature map and the affinity has the layout attach reads; otherwise a note says why not); a functional
   softmax or a fused ``scaled_dot_product_attention`` (which never materialises the affinity) is only
   reported in the notes, since kdinpaint cannot tap it as it is.
 
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _FUSED = {F.scaled_dot_product_attention}
+_NORMALISERS = (nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin)  # their outputs are distributions, not features
 
 
 @dataclass
@@ -59,6 +66,15 @@ class _Call:
     start: int
     end: int = -1
     size: tuple[int, int] | None = None
+    index: int | None = None  # the element of a tuple / list output that is the feature map
+    elements: str | None = None  # a tuple / list output described by index (for the notes)
+    maps: list[int] = field(default_factory=list)  # the indices of its elements that are feature maps
+    input_shape: tuple[int, ...] | None = None  # of the first positional argument, when a tensor
+
+    @property
+    def tap(self) -> str:
+        """The path as a spec names it: ``down1``, or ``down1[0]`` for an element of a tuple output."""
+        return self.path if self.index is None else f"{self.path}[{self.index}]"
 
 
 @dataclass
@@ -75,6 +91,7 @@ class SoftmaxSite:
     length: int
     layout: str
     fused: bool = False
+    shape: tuple[int, ...] = ()  # of the softmax's output
 
 
 @dataclass
@@ -111,6 +128,8 @@ def _traced(model: nn.Module) -> Iterator[tuple[list[_Call], list[tuple[Any, tup
         def hook(module: nn.Module, args: tuple) -> None:
             clock[0] += 1
             stack.append(_Call(path, clock[0]))
+            if args and isinstance(args[0], torch.Tensor):
+                stack[-1].input_shape = tuple(args[0].shape)
             calls.append(stack[-1])
         return hook
 
@@ -118,7 +137,16 @@ def _traced(model: nn.Module) -> Iterator[tuple[list[_Call], list[tuple[Any, tup
         clock[0] += 1
         call = stack.pop()
         call.end = clock[0]
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+        if isinstance(output, (tuple, list)):  # tapped by index: the first element that is a feature map
+            call.maps = [i for i, v in enumerate(output) if _is_map(v)]
+            call.elements = ", ".join(
+                f"[{i}] {f'tensor {tuple(v.shape)}' if isinstance(v, torch.Tensor) else type(v).__name__}"
+                for i, v in enumerate(output)
+            )
+            if call.maps:
+                call.index = call.maps[0]
+                output = output[call.index]
+        if _is_map(output):
             call.size = (int(output.shape[-2]), int(output.shape[-1]))
 
     handles = []
@@ -132,6 +160,23 @@ def _traced(model: nn.Module) -> Iterator[tuple[list[_Call], list[tuple[Any, tup
     finally:
         for h in handles:
             h.remove()
+
+
+def _is_map(v: Any) -> bool:
+    """A ``(B, C, H, W)`` tensor with more than one position (global ``1×1`` maps are not resolutions)."""
+    return isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-2:].numel() > 1
+
+
+def _alike(size: tuple[int, int], input_size: tuple[int, int]) -> bool:
+    """Whether ``size`` is ``input_size`` shrunk about alike in H and W (within 25 %, which rounding and padding
+    stay within): a Fourier unit's half spectrum (H, W // 2 + 1) is not; its smallest case, 4 -> 3, is a third off."""
+    fh, fw = input_size[0] / size[0], input_size[1] / size[1]
+    return max(fh, fw) <= 1.25 * min(fh, fw)
+
+
+def _shrinks(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether ``b`` is ``a`` divided by one integer factor in H and W: what attach's self-distillation needs."""
+    return a[0] % b[0] == 0 and a[1] % b[1] == 0 and a[0] // b[0] == a[1] // b[1]
 
 
 def _stages(events: list[_Call]) -> list[list[_Call]]:
@@ -154,7 +199,8 @@ def _stages(events: list[_Call]) -> list[list[_Call]]:
     return [s for s in stages if s]
 
 
-def _levels(stage: list[_Call], calls: list[_Call], once: set[str], input_size: tuple[int, int], min_reduction: int) -> list[_Call]:
+def _levels(stage: list[_Call], calls: list[_Call], once: set[str], input_size: tuple[int, int], min_reduction: int,
+            notes: list[str]) -> list[_Call]:
     sizes = list(dict.fromkeys(e.size for e in stage))
     levels = []
     for i, size in enumerate(sizes):
@@ -171,8 +217,37 @@ def _levels(stage: list[_Call], calls: list[_Call], once: set[str], input_size: 
             if c.path and c.path in once and c.size == size and c.start <= b.start and c.end >= b.end
             and all(d.size == size for d in calls if d.size and c.start <= d.start and d.end <= c.end)
         ]
-        levels.append(min(outer, key=lambda c: c.start) if outer else b)
+        level = min(outer, key=lambda c: c.start) if outer else b
+        for c in calls:  # a wrapper that would be the level but returns a tuple with no feature map in it
+            if (c.path and c.path in once and c.elements is not None and not c.maps and c.start < level.start
+                    and c.end >= level.end
+                    and all(d.size == size for d in calls if d.size and c.start <= d.start and d.end <= c.end)):
+                notes.append(f"{c.path!r} returns a tuple with no (B, C, H, W) element ({c.elements}), so attach cannot "
+                             f"tap it; proposed {level.tap!r} inside it")
+        levels.append(level)
     return levels
+
+
+def _attachable(levels: list[_Call], counts: dict[str, int], notes: list[str]) -> list[_Call]:
+    """The levels that attach accepts as a chain (called once, each shrinking the one before by one integer factor
+    in H and W); a note for each one left out, saying why."""
+    kept: list[_Call] = []
+    for c in levels:
+        if counts.get(c.path, 0) != 1:
+            notes.append(f"level candidate {c.tap!r} is called {counts.get(c.path, 0)} times per forward; left out (attach "
+                         "taps a module called once): name a per-level module there yourself")
+        elif kept and not _shrinks(kept[-1].size, c.size):
+            notes.append(f"level candidate {c.tap!r} ({c.size[0]}x{c.size[1]}) is not {kept[-1].tap!r} "
+                         f"({kept[-1].size[0]}x{kept[-1].size[1]}) shrunk by one integer factor in H and W, as "
+                         "self-distillation needs; left out")
+        else:
+            kept.append(c)
+    for c in kept:
+        if c.index is not None:
+            others = [i for i in c.maps if i != c.index]
+            notes.append(f"level {c.tap!r}: {c.path!r} returns a tuple ({c.elements}); element [{c.index}] is tapped"
+                         + (f" (element(s) {others} are feature maps too: name another with {c.path}[N])" if others else ""))
+    return kept
 
 
 def _bind(model: nn.Module, example_inputs: tuple | dict) -> tuple[tuple, dict, list[str]]:
@@ -286,6 +361,20 @@ def _output_key(output: Any, image: torch.Tensor) -> tuple[Any, str | None]:
     return None, f"output: could not find an image-shaped tensor in the model's {type(output).__name__}; set `output`"
 
 
+def _attention_problem(site: SoftmaxSite, d_shape: tuple[int, ...] | None) -> str | None:
+    """Why attach would refuse ``site`` as an attention site (its input D is not a feature map, or the affinity does
+    not have the layout attach reads), or ``None``."""
+    if d_shape is None or len(d_shape) != 4:
+        return f"its first input is {'not a tensor' if d_shape is None else f'of shape {d_shape}'}, not a (B, C, H, W) feature map"
+    shape = site.shape
+    if site.layout == "queries_keys" and (len(shape) != 3 or shape[1] != d_shape[-2] * d_shape[-1]):
+        return (f"its affinity {shape} is not (B, queries, keys) with one query per position of its input "
+                f"{tuple(d_shape[-2:])}")
+    if site.layout == "keys_hw" and len(shape) != 4:
+        return f"its affinity {shape} is not (B, keys, H, W)"
+    return None
+
+
 def _softmax_site(func: Any, args: tuple, kwargs: dict, stack: list[_Call], modules: dict[str, nn.Module]) -> SoftmaxSite | None:
     frames = [c for c in stack if c.path]  # the root's own forward is not a candidate module
     if not frames:
@@ -302,8 +391,8 @@ def _softmax_site(func: Any, args: tuple, kwargs: dict, stack: list[_Call], modu
     if isinstance(modules[frames[-1].path], nn.Softmax):
         if len(frames) < 2:
             return None
-        return SoftmaxSite(frames[-2].path, frames[-1].path, int(x.shape[dim]), layout)
-    return SoftmaxSite(frames[-1].path, None, int(x.shape[dim]), layout)
+        return SoftmaxSite(frames[-2].path, frames[-1].path, int(x.shape[dim]), layout, shape=tuple(x.shape))
+    return SoftmaxSite(frames[-1].path, None, int(x.shape[dim]), layout, shape=tuple(x.shape))
 
 
 def analyse(
@@ -348,22 +437,26 @@ def analyse(
     for c in calls:
         counts[c.path] = counts.get(c.path, 0) + 1
     once = {p for p, n in counts.items() if n == 1}
-    events = sorted((c for c in calls if c.size is not None), key=lambda c: c.end)
-    stages = _stages(events)
     input_size = (int(image.shape[-2]), int(image.shape[-1]))
-    found = [_levels(s, calls, once, input_size, min_reduction) for s in stages]
+    modules = dict(model.named_modules())
+    features = [c for c in calls if c.size is not None and _alike(c.size, input_size)
+                and not isinstance(modules[c.path], _NORMALISERS)]  # a (B, keys, H, W) affinity is no feature map
+    events = sorted(features, key=lambda c: c.end)
+    stages = _stages(events)
+    level_notes: list[list[str]] = [[] for _ in stages]
+    found = [_levels(s, calls, once, input_size, min_reduction, n) for s, n in zip(stages, level_notes)]
     best = max(range(len(found)), key=lambda i: (len(found[i]), i)) if found else None
     levels = found[best] if best is not None else []
     for i, other in enumerate(found):
         if i != best and other:
-            notes.append(f"another encoder stage: {[c.path for c in other]}")
+            notes.append(f"another encoder stage: {[c.tap for c in other]}")
+    if best is not None:
+        notes.extend(level_notes[best])
+    levels = _attachable(levels, counts, notes)
     if not levels:
         notes.append("no down-sampling found: encoder_levels is empty; name the last module of each level yourself")
-    for c in levels:
-        if c.path not in once:
-            notes.append(f"level {c.path!r} is called {counts[c.path]} times per forward; tap a module called once")
 
-    modules = dict(model.named_modules())
+    inputs = {c.path: c.input_shape for c in calls}
     areas = {c.size[0] * c.size[1] for c in events}
     sites: list[SoftmaxSite] = []
     for func, a, kw, stack in softmaxes:
@@ -372,8 +465,15 @@ def analyse(
             sites.append(site)
     attention: list[AttentionSite] = []
     for s in sites:
-        if s.affinity is not None and s.affinity in once:
-            attention.append(AttentionSite(module=s.module, affinity=s.affinity, layout=s.layout))
+        problem = _attention_problem(s, inputs.get(s.module)) if s.affinity is not None else None
+        if s.affinity is not None and (s.affinity not in once or s.module not in once):
+            twice = s.affinity if s.affinity not in once else s.module
+            notes.append(f"attention {s.module!r} is not proposed: {twice!r} runs {counts.get(twice, 0)} times per "
+                         "forward; attach taps an attention module and its affinity that run once")
+        elif problem is not None:
+            notes.append(f"attention {s.module!r} is not proposed: {problem}")
+        elif s.affinity is not None:  # the spec names the affinity relative to the attention module
+            attention.append(AttentionSite(module=s.module, affinity=s.affinity[len(s.module) + 1 :], layout=s.layout))
         elif s.fused:
             notes.append(f"attention {s.module!r} uses fused scaled_dot_product_attention (no affinity to tap); "
                          "disable fusion (timm: TIMM_FUSED_ATTN=0) or expose the softmax as an nn.Softmax submodule")
@@ -386,7 +486,7 @@ def analyse(
     spec = AdapterSpec(
         name=name,
         description=f"draft from kdinpaint.suggest_spec ({type(model).__name__}); review before use",
-        encoder_levels=[c.path for c in levels],
+        encoder_levels=[c.tap for c in levels],
         attention_sites=attention,
         input=input,
         image_arg=image_arg,

@@ -102,7 +102,11 @@ def load_program(path: str | Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"exported program {str(path)!r} does not exist")
     check_program_archive(path)
-    return torch.export.load(str(path)).module()
+    try:
+        return torch.export.load(str(path)).module()
+    except (RuntimeError, KeyError, ValueError) as e:  # a zip of another kind (torch.save's .pt), truncated, another torch
+        raise ValueError(f"{str(path)!r} cannot be read as a torch.export program ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); write it with kdinpaint export (or torch.export.save)") from None
 
 
 def check_program_archive(path: str | Path) -> None:

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import reprlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from kdinpaint.masking import check_image_range, check_mask
 from kdinpaint.adapter import Adapter
 from kdinpaint.plugins import adapter_from_target, get_adapter
 from kdinpaint.spec import AdapterSpec, SpecLike, load_spec
-from kdinpaint.weights import load_weights
+from kdinpaint.weights import check_file_values, load_weights
 
 __all__ = ["CompletedModel", "CompletedSite", "FusedSite", "save_exported", "load_exported", "load_checkpoint",
            "is_exported", "load_network", "as_completed"]
@@ -237,12 +238,15 @@ def load_checkpoint_adapter(path: str | Path, expected: str | None = None,
         if expected is not None and expected != target:
             raise ValueError(f"{path} is a checkpoint of {target!r}, but {expected!r} was expected")
         stride = _meta_json(meta, "kdinpaint.stride", path, "1", int)
+        if target.partition(":")[0].split(".")[0] in sys.stdlib_module_names:  # importing runs a module's code
+            raise ValueError(f"{path} names {target!r} as its network, a module of Python's standard library, which "
+                             "holds no network (and some act when imported); the file is damaged or crafted")
         adapter = adapter_from_target(target, _meta_spec(meta, path), stride)
         if not (isinstance(adapter.build_student, type) and issubclass(adapter.build_student, nn.Module)):
             # a file names what is called with its builder kwargs: only a network class, never any function
             raise ValueError(f"{path} names {target!r} as its network, which is not a torch.nn.Module class; a file may "
                              "only name a network class. Build the network yourself and use load_exported(path, model)")
-        return load_exported(path, adapter.student(None, **kwargs), device), target, adapter
+        return load_exported(path, _build(adapter, None, kwargs, path), device), target, adapter
     which = meta.get("kdinpaint.adapter")
     if which is None:
         raise ValueError(f"{path} does not say which adapter it belongs to; use load_exported(path, fresh_model)")
@@ -253,7 +257,17 @@ def load_checkpoint_adapter(path: str | Path, expected: str | None = None,
             raise ValueError(f"{path} is a checkpoint of {which!r}, but {expected!r} was expected")
     name, _, variant = which.partition(":")
     adapter = get_adapter(name)
-    return load_exported(path, adapter.student(variant or None, **kwargs), device), which, adapter
+    return load_exported(path, _build(adapter, variant or None, kwargs, path), device), which, adapter
+
+
+def _build(adapter: Adapter, variant: str | None, kwargs: dict, path: Path) -> nn.Module:
+    """The fresh student a file's ``kdinpaint.builder_kwargs`` describe; a builder that refuses them names the file."""
+    try:
+        return adapter.student(variant, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the builder of {adapter.name!r} refuses the file's kdinpaint.builder_kwargs "
+                         f"{reprlib.repr(kwargs)} ({type(e).__name__}: {e}); the file was written by another version "
+                         "of the network, or is damaged: export it again") from None
 
 
 def load_exported(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> CompletedModel:
@@ -285,6 +299,7 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
             f"{type(model).__name__}; {fix}"
         )
     completed = CompletedModel(_modules.unwrap(model), spec, blocks, sites, fusions, fusion_sites)
+    check_file_values(path, completed)  # integer / bool weights, NaN/inf parameters: named, never loaded
     try:
         missing, unexpected = load_model(completed, str(path), strict=False, device=str(device))
     except RuntimeError:  # shape mismatches: named one by one below

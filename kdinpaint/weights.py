@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ from torch import nn
 # a state_dict key without DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes, in any order
 from kdinpaint._modules import normalise_path as strip_wrapper_prefixes
 
-__all__ = ["read_weights", "load_weights", "key_mismatches", "key_report", "load_reported", "strip_wrapper_prefixes"]
+__all__ = ["read_weights", "load_weights", "key_mismatches", "key_report", "load_reported", "strip_wrapper_prefixes",
+           "check_values", "check_file_values"]
 
 
 def read_weights(path: str | os.PathLike[str], what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
@@ -62,6 +63,43 @@ def key_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, shown: 
     return problems
 
 
+def _kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
+def check_values(tensors: Iterable[tuple[str, torch.Tensor]], model: nn.Module, where: object) -> None:
+    """``ValueError`` naming ``where`` and the key for a stored tensor that ``load_state_dict`` would silently turn
+    into garbage: of another kind than the model's (integer, e.g. quantised, or bool weights into float ones: copied
+    as numbers) or, for a parameter, holding NaN/inf (every output NaN). Float widths (float16 into float32) are
+    cast, as torch does. Keys the model lacks are left to :func:`key_report`."""
+    own = model.state_dict()
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    for key, value in tensors:
+        mine = own.get(key)
+        if mine is None:
+            continue
+        if _kind(value.dtype) != _kind(mine.dtype):
+            raise ValueError(
+                f"{where}: tensor {key!r} is {str(value.dtype).replace('torch.', '')} ({_kind(value.dtype)}) but the "
+                f"network's is {str(mine.dtype).replace('torch.', '')}: loading would copy its numbers as weights. It is "
+                "a quantised file or another program's; pass the float weights of this network"
+            )
+        if key in params and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"{where}: parameter {key!r} holds {bad} NaN/inf value(s): every output would be NaN. The weights were "
+                "saved from a run that diverged or the file is damaged; use an earlier checkpoint"
+            )
+
+
+def check_file_values(path: str | os.PathLike[str], model: nn.Module) -> None:
+    """:func:`check_values` for the tensors of the safetensors file ``path``, read one at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        check_values(((k, f.get_tensor(k)) for k in f.keys()), model, path)
+
+
 def load_reported(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: object, what: str, strict: bool, logger: logging.Logger
 ) -> None:
@@ -72,6 +110,7 @@ def load_reported(
         raise ValueError(f"{where} does not match the {what}: " + "; ".join(problems))
     for p in problems:
         logger.warning("%s: %s", where, p)
+    check_values(state_dict.items(), model, where)
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=strict)
 
@@ -98,4 +137,5 @@ def load_weights(
     problems = key_report(state, model)
     if problems:
         raise ValueError(f"{path} is not a {what}: " + "; ".join(problems) + "; pass a file written for this network")
+    check_values(state.items(), model, path)
     model.load_state_dict(state)

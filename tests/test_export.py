@@ -234,6 +234,12 @@ def test_a_file_naming_a_function_as_its_network_is_refused_before_calling_it(tm
     argv = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
     path = _crafted(tmp_path / "run.safetensors", **{"kdinpaint.spec": "{}", "kdinpaint.target": "subprocess:run",
                                                      "kdinpaint.builder_kwargs": json.dumps({"args": argv})})
-    with pytest.raises(ValueError, match=r"run.safetensors names 'subprocess:run' as its network, which is not a torch.nn.Module class"):
+    with pytest.raises(ValueError, match=r"run.safetensors names 'subprocess:run' as its network, a module of Python's "
+                                         r"standard library"):  # refused before it is even imported
         load_checkpoint(path)
     assert not marker.exists()
+    path = _crafted(tmp_path / "main.safetensors", **{"kdinpaint.spec": "{}", "kdinpaint.target": "kdinpaint.cli:main",
+                                                      "kdinpaint.builder_kwargs": json.dumps({"argv": ["--help"]})})
+    with pytest.raises(ValueError, match=r"main.safetensors names 'kdinpaint.cli:main' as its network, which is not a "
+                                         r"torch.nn.Module class"):
+        load_checkpoint(path)

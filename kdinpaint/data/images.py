@@ -11,8 +11,9 @@
   is scaled by 1/65535 and kept in float until the end (PIL's own conversion would clip it to white);
   16-bit RGB PNGs are decoded by PIL to their high byte (8-bit precision). Float images (PIL mode ``F``,
   e.g. a 32-bit float TIFF) are read on the scale their values show: a maximum up to 1.5 is [0, 1], up to
-  257.55 (255 + 1 %) is [0, 255], up to 66190 (65535 + 1 %) is [0, 65535]; anything larger, or NaN/inf, is
-  refused naming the file (:func:`float_scale`).
+  257.55 (255 + 1 %) is [0, 255], up to 66190 (65535 + 1 %) is [0, 65535]; anything larger, a negative value
+  (an image on [-1, 1]) or NaN/inf is refused naming the file (:func:`float_scale`); 32-bit integer TIFFs alike.
+  Of an animated GIF or a multi-page TIFF the first frame is read, with a warning.
 * Orientation: a photo whose EXIF Orientation tag says it is stored sideways (phones write such JPEGs) is
   turned upright as every viewer shows it (:func:`upright`); masks are turned alike, so a mask drawn over
   the photo as seen matches it.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -38,7 +40,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageFolder", "list_images", "open_image", "read_image", "fit_image", "to_tensor", "upright",
-    "float_scale",
+    "float_scale", "is_wide_integer", "warn_frames",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     """
     if not isinstance(source, (str, os.PathLike)):
         return _check_listed([os.fspath(p) for p in source], "the given paths")
+    if not os.fspath(source).strip():  # Path("") is the working directory: every image below it would be read
+        raise ValueError("the image source is an empty path (an unset variable?); give a folder of images or a "
+                         ".flist (write '.' for the current folder)")
     path = Path(source)
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.is_file())
@@ -163,24 +168,44 @@ def upright(im: Image.Image) -> Image.Image:
         return im
 
 
+def is_wide_integer(im: Image.Image) -> bool:
+    """Whether ``im`` is a 32-bit integer image (PIL mode ``I`` of a TIFF, not a 16-bit PNG that PIL opens as ``I``):
+    its full scale is not 65535 by its format, so it is read on the scale its values show (:func:`float_scale`)."""
+    return im.mode == "I" and im.format != "PNG"
+
+
+def warn_frames(im: Image.Image, path: str | os.PathLike[str]) -> None:
+    """Warn that only the first frame of an animation or a multi-page file (GIF, TIFF, WEBP) is read."""
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        warnings.warn(f"{os.fspath(path)!r} holds {frames} frames (an animation or several pages); only the first is "
+                      "read: save the frame you mean as a PNG", UserWarning, stacklevel=3)
+
+
 def float_scale(values: np.ndarray, path: str | os.PathLike[str]) -> float:
-    """The full scale of a float image's ``values``: 1, 255 or 65535, whichever range the largest value fits
-    (with 1.5 and 1 % of slack); ``ValueError`` naming ``path`` for NaN/inf values or a larger maximum."""
+    """The full scale of a float (or 32-bit integer) image's ``values``: 1, 255 or 65535, whichever range the largest
+    value fits (with 1.5 and 1 % of slack); ``ValueError`` naming ``path`` for NaN/inf values, a negative value
+    (an image on [-1, 1] would lose its dark half) or a larger maximum."""
     finite = np.isfinite(values)
     if not finite.all():
-        raise ValueError(f"float image {os.fspath(path)!r} has {int((~finite).sum())} NaN/inf value(s); "
+        raise ValueError(f"image {os.fspath(path)!r} has {int((~finite).sum())} NaN/inf value(s); "
                          "replace them and save it again")
+    lo = float(values.min()) if values.size else 0.0
+    if lo < 0:  # clipped to 0, the dark half would turn black: it is on another scale, such as [-1, 1]
+        raise ValueError(f"image {os.fspath(path)!r} has values down to {lo:g}; kdinpaint reads files on [0, 1], [0, 255] "
+                         "or [0, 65535] (a tensor in [-1, 1] is saved as (x + 1) / 2): scale it and save it again")
     hi = float(values.max()) if values.size else 0.0
     for limit, full in ((1.5, 1.0), (255 * 1.01, 255.0), (65535 * 1.01, 65535.0)):
         if hi <= limit:
             return full
-    raise ValueError(f"float image {os.fspath(path)!r} has values up to {hi:g}, beyond the [0, 1], [0, 255] and "
+    raise ValueError(f"image {os.fspath(path)!r} has values up to {hi:g}, beyond the [0, 1], [0, 255] and "
                      "[0, 65535] scales kdinpaint reads; scale it to [0, 1] and save it again")
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit or float gray scaled to
-    [0, 1]), turned upright by its EXIF orientation (:func:`upright`).
+    """Decode ``path`` into a PIL image in mode ``"RGB"`` (8-bit) or ``"F"`` (16-bit, 32-bit integer or float gray
+    scaled to [0, 1]), turned upright by its EXIF orientation (:func:`upright`); of an animation or a multi-page
+    file, the first frame (with a warning naming the file).
 
     Raises the decoder's error (``OSError``, ``UnidentifiedImageError``, ...) for unreadable files and a
     ``ValueError`` naming the file for one over PIL's pixel limit (:func:`open_image`) or a float image
@@ -188,12 +213,13 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
     """
     with open_image(path) as im:
         im.load()
+        warn_frames(im, path)
         im = upright(im)
         mode = im.mode
-        if mode in _SIXTEEN_BIT_MODES:
+        if mode in _SIXTEEN_BIT_MODES and not is_wide_integer(im):
             arr = np.asarray(im, dtype=np.float32) / 65535.0
             return Image.fromarray(np.clip(arr, 0, 1), mode="F")
-        if mode == "F":
+        if mode in ("F", "I"):  # float, or 32-bit integer (a TIFF): on the scale its values show
             arr = np.asarray(im, dtype=np.float32)
             return Image.fromarray(np.clip(arr / float_scale(arr, path), 0, 1), mode="F")
         if mode == "RGB":

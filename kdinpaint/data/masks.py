@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdinpaint.data.images import (_DECODE_ERRORS, _SIXTEEN_BIT_MODES, _size2, float_scale, list_images, open_image,
-                                   upright)
+from kdinpaint.data.images import (_DECODE_ERRORS, _SIXTEEN_BIT_MODES, _size2, float_scale, is_wide_integer, list_images,
+                                   open_image, upright, warn_frames)
 
 __all__ = ["MaskFolder", "read_mask", "binarize", "soft_share", "detect_hole_colour", "mask_to_tensor", "ratio_in"]
 
@@ -50,23 +50,38 @@ HoleColour = Literal["auto", "white", "black"]
 def _read_luminance(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """Decode a mask image to its luminance ``(H, W)`` and the value of full white.
 
-    16-bit and integer modes keep their stored values (``uint16`` / ``int32``, full scale 65535), ``F``
-    its floats (full scale 1, 255 or 65535 by their range: :func:`~kdinpaint.data.images.float_scale`); every
-    other mode is flattened onto black (alpha and transparency dropped) and reduced to 8-bit ``L`` (``uint8``,
-    full scale 255). The mask is turned upright by its EXIF orientation, as its photo is. Raises the decoder's
+    16-bit modes keep their stored values (``uint16``, full scale 65535), ``F`` and 32-bit integer TIFFs theirs
+    (full scale 1, 255 or 65535 by their range: :func:`~kdinpaint.data.images.float_scale`); every other mode is
+    flattened onto black (alpha and transparency dropped) and reduced to 8-bit ``L`` (``uint8``, full scale 255).
+    A mask drawn only in its alpha channel is refused naming the file. The mask is turned upright by its EXIF orientation, as its photo is. Raises the decoder's
     error for unreadable files.
     """
     with open_image(path) as im:
         im.load()
+        warn_frames(im, path)
         im = upright(im)
-        if im.mode == "F":
+        if im.mode == "F" or is_wide_integer(im):
             values = np.asarray(im)
-            return values, float_scale(values, path)
+            return values, float_scale(values.astype(np.float32), path)
         if im.mode in _SIXTEEN_BIT_MODES:
             return np.asarray(im), 65535.0
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA").convert("RGB")
+            im = im.convert("RGBA")
+            _refuse_alpha_only(np.asarray(im), path)
+            im = im.convert("RGB")
         return np.asarray(im.convert("L"), dtype=np.uint8), 255.0
+
+
+def _refuse_alpha_only(rgba: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """``ValueError`` naming ``path`` for a mask drawn only in its alpha channel (one colour everywhere, the hole
+    transparent or opaque): read as luminance it would have no hole, or be all hole."""
+    colour, alpha = rgba[..., :3], rgba[..., 3]
+    if colour.size and (colour == colour.flat[0]).all() and alpha.min() != alpha.max():
+        raise ValueError(
+            f"mask {os.fspath(path)!r} is one colour everywhere and draws its hole only in its alpha channel "
+            "(transparency); kdinpaint reads a mask's brightness: save it with the hole white on black, e.g. "
+            "Image.open(path).getchannel('A').save('mask.png') if the hole is the opaque part"
+        )
 
 
 def _resize_nearest(bool_map: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

@@ -383,6 +383,9 @@ def _check_ranges(recipe: Recipe) -> None:
             key, value = f"{section.name}.{f.name}", getattr(values, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{key} must be a finite number, got {value!r}")
+            if isinstance(value, str) and not value.strip():  # a path "" is the working directory: not what anyone means
+                raise ValueError(f"{key} is an empty string (an unset variable on the command line?); give a value "
+                                 f"or leave the key out (default: {f.default!r})")
             rule = _RANGES.get((section.name, f.name))
             if rule is None or (value is None and _optional(type(values), f.name)):
                 continue
@@ -431,12 +434,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping with a key twice (plain YAML keeps the last one silently: a
-    repeated ``optim:`` section would reset the first one's keys to their defaults)."""
+    repeated ``optim:`` section would reset the first one's keys to their defaults). Merge keys (``<<: *anchor``)
+    work as in YAML: the mapping's own keys override the merged ones."""
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by construct_mapping, own keys win
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(

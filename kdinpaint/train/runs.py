@@ -195,7 +195,8 @@ def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_chang
 
     ``ValueError`` when the folder holds checkpoints and ``checkpoint.resume`` is false (they would collide
     with the new run's), and when it holds checkpoints and a ``recipe.yaml`` that differs from ``recipe`` in a
-    key outside :data:`RESUME_MAY_CHANGE`, unless ``allow_changed``; the message lists the differences.
+    key outside :data:`RESUME_MAY_CHANGE` or no ``recipe.yaml``, unless ``allow_changed``; the message lists the
+    differences.
     """
     run = Path(run)
     done = checkpoints_in(run)
@@ -210,7 +211,13 @@ def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_chang
         )
     saved = run / "recipe.yaml"
     if not saved.is_file():
-        return []
+        if allow_changed:
+            return []
+        raise ValueError(
+            f"run folder {str(run)!r} holds checkpoints (up to {done[-1].name}) but no recipe.yaml: nothing tells whether "
+            "they are of this recipe, and resuming another run's would mix two runs. Restore its recipe.yaml, use "
+            "another checkpoint.dir, or pass --resume-changed to resume them with this recipe"
+        )
     try:
         old = yaml.safe_load(saved.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:

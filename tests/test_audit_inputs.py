@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -198,3 +199,16 @@ def test_checkpoints_without_their_recipe_are_not_resumed_silently(tmp_path):
     with pytest.raises(ValueError, match=r"holds checkpoints \(up to step_0000004\) but no recipe.yaml.*--resume-changed"):
         check_run_folder(run, recipe)  # before: resumed with whatever recipe was given
     assert check_run_folder(run, recipe, allow_changed=True) == []
+
+
+def test_a_run_folders_recipe_with_a_key_twice_is_refused_on_resume(tmp_path):
+    # a hand-edited recipe.yaml is read as recipes are: plain YAML would keep the second `size` silently
+    from kdinpaint.train.runs import check_run_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000004").mkdir(parents=True)
+    recipe = load_recipe(None, ["data.size=32"])
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()).replace("  size: 32\n", "  size: 32\n  size: 48\n"))
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["size"] == 48  # what plain YAML would resume
+    with pytest.raises(ValueError, match=r"recipe.yaml \(the recipe of the run to resume\) cannot be read .*'size' appears twice"):
+        check_run_folder(run, recipe)

@@ -455,6 +455,11 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def load_yaml(text: str) -> object:
+    """YAML as recipes are read: safe loading, a key given twice refused (``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (safe loading; a key given twice is refused), apply overrides, validate."""
     data: dict = {}
@@ -463,7 +468,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = load_yaml(path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

@@ -45,7 +45,7 @@ from kdinpaint.data.protocols import is_protocol, protocol_masks
 from kdinpaint.data.training import images_from, mask_source
 from kdinpaint.evaluation import metrics
 from kdinpaint.plugins import adapter_from_target, get_adapter
-from kdinpaint.train.recipe import Recipe
+from kdinpaint.train.recipe import Recipe, load_yaml
 from kdinpaint.weights import load_weights
 
 __all__ = [
@@ -219,7 +219,7 @@ def check_run_folder(run: str | os.PathLike[str], recipe: Recipe, *, allow_chang
             "another checkpoint.dir, or pass --resume-changed to resume them with this recipe"
         )
     try:
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = load_yaml(saved.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{saved} (the recipe of the run to resume) cannot be read ({e}); restore it or use another checkpoint.dir") from None
     if not isinstance(old, dict):
@@ -247,7 +247,7 @@ def _check_finished_folder(run: Path, recipe: Recipe) -> None:
     if not saved.is_file() or not outputs:
         return
     try:
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = load_yaml(saved.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
         old = {}
     before, now = _flat(old) if isinstance(old, dict) else {}, _flat(recipe.to_dict())

@@ -445,6 +445,9 @@ def _evaluation_images(args: argparse.Namespace) -> tuple[Sequence[torch.Tensor]
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[:3]}", file=sys.stderr)
     paths = folder.paths[: args.count] if args.count else folder.paths
+    if args.count and len(paths) < args.count:
+        print(f"warning: --count {args.count} asked for more images than {args.images} has; scoring its "
+              f"{len(paths)}", file=sys.stderr)
 
     class _Lazy(Sequence):  # loads image i on demand: a 12,000-image folder never sits in memory
         def __len__(self) -> int:

@@ -229,6 +229,10 @@ def test_evaluate_image_folder_with_a_mask_folder(capsys, tmp_path):
     assert "skipped 1 mask" in err
     # p -> m1 (25 %), q -> m2 (45 % of 64 rows = 29 rows, at 32: 14.5 -> 45.3 %), r -> m1 again (cycling)
     assert _table(out)["images"] == ["0", "2", "0", "1", "3"]
+    code, out, err = run(capsys, "evaluate", "--baseline", "mean", "--images", tmp_path / "img", "--masks",
+                         tmp_path / "masks", "--mask-hole", "white", "--size", 32, "--no-progress", "--count", 5)
+    assert code == 0 and "--count 5 asked for more images" in err and "scoring its 3" in err
+    assert _table(out)["images"][-1] == "3"
 
 
 def test_evaluate_against_a_control_gives_the_paired_gap(capsys, tmp_path, tiny_checkpoint):

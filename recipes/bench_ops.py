@@ -665,7 +665,9 @@ def bench_main_model(device: torch.device, repeats: int, baseline: str | None = 
 
 
 # ---- CPU threads on a shared machine --------------------------------------------------------------------
-THREAD_SETTINGS = (("1", None), ("2", None), ("2", "passive"), ("1", "passive"))  # (threads, OMP_WAIT_POLICY)
+THREAD_SETTINGS = (("1", None), ("2", None), ("2", "passive"), ("2", "spin10k"), ("1", "passive"))  # (threads, policy)
+WAIT_POLICIES = {"passive": {"OMP_WAIT_POLICY": "passive"},  # sleep at once after a parallel region
+                 "spin10k": {"GOMP_SPINCOUNT": "10000"}}  # spin briefly (libgomp's default: 300,000 spins), then sleep
 
 
 def _threads_worker(repeats: int) -> None:
@@ -689,21 +691,30 @@ def _threads_worker(repeats: int) -> None:
     print(1e3 * median_seconds(step, torch.device("cpu"), repeats, warmup=2))
 
 
-def bench_threads(device: torch.device, repeats: int, rounds: int = 3) -> dict:
-    """The bare demo network's forward+backward on the CPU with 1 or 2 threads, OpenMP's default (spinning) or
-    passive wait policy, each setting in fresh processes taken in turns over ``rounds`` (what else runs on the
-    machine is whatever runs: say the load)."""
+def bench_threads(device: torch.device, repeats: int, rounds: int = 3, busy: int = 0) -> dict:
+    """The bare demo network's forward+backward on the CPU with 1 or 2 threads, OpenMP's default (spinning), passive
+    or briefly spinning wait (:data:`WAIT_POLICIES`), each setting in fresh processes taken in turns over ``rounds``.
+    ``busy``: that many processes spinning on a core each for the whole measurement (a shared machine, made
+    repeatable); whatever else runs on the machine runs too (the load is printed)."""
+    import signal
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     times: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        for threads, policy in THREAD_SETTINGS:
-            env = {**os.environ, "KDINPAINT_BENCH_THREADS": threads, "OMP_NUM_THREADS": threads}
-            env.pop("OMP_WAIT_POLICY", None)
-            if policy:
-                env["OMP_WAIT_POLICY"] = policy
-            cmd = [sys.executable, __file__, "--worker", "threads", "--repeats", str(repeats)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            times.setdefault(f"threads_{threads}_{policy or 'default'}_ms", []).append(float(out))
-    print(f"threads ({_load()})", flush=True)
+    try:
+        for _ in range(rounds):
+            for threads, policy in THREAD_SETTINGS:
+                env = {**os.environ, "KDINPAINT_BENCH_THREADS": threads, "OMP_NUM_THREADS": threads}
+                for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                    env.pop(key, None)
+                env.update(WAIT_POLICIES.get(policy or "", {}))
+                cmd = [sys.executable, __file__, "--worker", "threads", "--repeats", str(repeats)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                times.setdefault(f"threads_{threads}_{policy or 'default'}_ms", []).append(float(out))
+    finally:
+        for p in spinners:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    print(f"threads, {busy} busy process(es) beside ({_load()})", flush=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -727,6 +738,8 @@ def main(argv: list[str] | None = None) -> None:
                         "commit (git show), e.g. the one before the fused kernels")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: time this process's CPU time instead of the wall clock (a busy shared machine)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="threads: this many processes spinning beside the measurement (a shared machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global CLOCK
@@ -744,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
         options = {"autocast": args.autocast, "model": args.model} if name == "meta_step" else {}
         if name in ("attention", "adaptive_conv", "fill", "train_step", "main_model", "deployed"):
             options = {"baseline": args.baseline}
+        if name == "threads":
+            options = {"busy": args.busy}
         result = BENCHES[name](device, args.repeats, **options)
         if result is not None:
             print(name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -27,7 +27,7 @@ from kdinpaint.calling import convention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.masking import masked
 
-__all__ = ["Deployable", "example_inputs", "compile_model", "export_program", "save_program", "load_program", "export_onnx", "run_onnx"]
+__all__ = ["Deployable", "example_inputs", "compile_model", "export_program", "save_program", "load_program", "export_onnx", "fold_onnx", "run_onnx"]
 
 
 class Deployable(nn.Module):
@@ -162,10 +162,31 @@ def export_onnx(model: CompletedModel, path: str | Path, height: int, width: int
     program = export_program(model.float().cpu(), height, width, stride, batch)
     tmp = path.with_name(path.name + ".tmp")
     onnx_program = torch.onnx.export(program, f=None, input_names=["image", "mask"], output_names=["prediction"],
-                                     opset_version=opset, dynamo=True, external_data=False)
+                                     opset_version=opset, dynamo=True, external_data=False, optimize=False)
+    fold_onnx(onnx_program.model)
     onnx_program.save(str(tmp))
     tmp.replace(path)
     return path
+
+
+def fold_onnx(model: Any) -> None:
+    """Simplify an ONNX graph (``onnx_ir.Model``) in place: constants folded (the traced shapes and index
+    arithmetic), then lifted, deduplicated, common subexpressions merged and unused nodes removed; onnxscript's
+    pattern rewrites, the rest of what ``torch.onnx.export(optimize=True)`` runs, are left out. On the main job's
+    network at 64×64 (22,375 nodes unfolded) this took 27 s against 434 s for the full optimisation, and gave
+    4,198 nodes against 4,155 with the same output and onnxruntime time (242 against 245 ms)."""
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants_ir
+
+    for _ in range(2):
+        folded = fold_constants_ir(model, onnx_shape_inference=True)
+        common.RemoveUnusedNodesPass()(model)
+        if not folded.modified:
+            break
+    for step in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                 common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+                 common.RemoveUnusedNodesPass()):
+        step(model)
 
 
 def run_onnx(path: str | Path, image: torch.Tensor, mask: torch.Tensor, threads: int | None = None) -> torch.Tensor:

@@ -101,6 +101,26 @@ def test_onnx_matches_eager_under_onnxruntime(net8, tmp_path, size):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_ONNX, reason="needs the onnx extra: pip install 'kdinpaint[onnx]'")
+def test_folding_keeps_the_unfolded_graphs_output(net8, tmp_path):
+    # the reference: the same exported graph without any optimisation, under onnxruntime
+    import onnx
+
+    model, stride = net8
+    program = deploy.export_program(model, 32, 24, stride)
+    unfolded = torch.onnx.export(program, f=None, input_names=["image", "mask"], output_names=["prediction"],
+                                 opset_version=18, dynamo=True, external_data=False, optimize=False)
+    unfolded.save(str(tmp_path / "unfolded.onnx"))
+    deploy.fold_onnx(unfolded.model)
+    unfolded.save(str(tmp_path / "folded.onnx"))
+    image, mask = deploy.example_inputs(32, 24, seed=4)
+    want = deploy.run_onnx(tmp_path / "unfolded.onnx", image, mask)
+    torch.testing.assert_close(deploy.run_onnx(tmp_path / "folded.onnx", image, mask), want, rtol=1e-6, atol=1e-6)
+    nodes = [len(onnx.load(str(tmp_path / f"{n}.onnx")).graph.node) for n in ("unfolded", "folded")]
+    assert nodes[1] < nodes[0] / 2, nodes
+
+
+@pytest.mark.slow
 def test_export_command(tmp_path, capsys):
     code = main(["export", str(tmp_path / "tiny.pt2"), "--adapter", "tiny-unet", "--size", "32", "24"])
     out, err = capsys.readouterr()

@@ -308,19 +308,18 @@ def _pcg(levels: list[_Level], b: torch.Tensor, tol: float, max_iterations: int)
     dot = lambda a, c: (a * c).sum((2, 3), keepdim=True)  # noqa: E731 — per sample and channel
     target = (tol * tol) * dot(b, b)
     e = torch.zeros_like(b)
-    z = _v_cycle(levels, b)
-    state = (e, b, z, dot(b, z))
+    # the preconditioner is applied at the top of each step (p starts at zero, rz at zero: the first direction is
+    # M b), so a traced graph holds the V-cycle once, inside the loop; the iterates are those of the textbook order
+    state = (e, b, torch.zeros_like(b), torch.zeros_like(dot(b, b)))
 
     def step(e: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        Ap = A(p)
-        pAp = dot(p, Ap)
-        alpha = torch.where(pAp > tiny, rz / pAp.clamp_min(tiny), torch.zeros_like(pAp))
-        e = e + alpha * p
-        r = r - alpha * Ap
         z = _v_cycle(levels, r)
         rz_next = dot(r, z)
         p = z + torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz)) * p
-        return e, r, p, rz_next
+        Ap = A(p)
+        pAp = dot(p, Ap)
+        alpha = torch.where(pAp > tiny, rz_next / pAp.clamp_min(tiny), torch.zeros_like(pAp))
+        return e + alpha * p, r - alpha * Ap, p, rz_next
 
     def unconverged(r: torch.Tensor) -> torch.Tensor:
         return (dot(r, r) > target).any()
@@ -340,4 +339,4 @@ def _pcg(levels: list[_Level], b: torch.Tensor, tol: float, max_iterations: int)
         return (i + 1, *step(*rest))
 
     counter = torch.zeros((), dtype=torch.int64, device=b.device)
-    return while_loop(cond, body, (counter, e, b.clone(), z, state[3]))[1]
+    return while_loop(cond, body, (counter, e, b.clone(), state[2], state[3]))[1]

@@ -5,16 +5,7 @@
     loss = recon(pred, gt) + 20 * kd.losses(target=gt)["total"]
 """
 
-import os as _os
-import sys as _sys
-
-# OpenMP threads that wait for work by spinning make every step 10x slower as soon as another process wants a core;
-# a short spin, then sleep, costs little on an idle machine (recipes/decisions.md, "Threads on a shared machine").
-# libgomp reads this once, when torch loads: only when torch is not loaded yet and the user set neither variable.
-if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
-    _os.environ["GOMP_SPINCOUNT"] = "10000"
-
-from kdinpaint import _moved  # noqa: E402
+from kdinpaint import _moved
 
 _moved.install()  # old import paths of moved modules (kdinpaint.objective, ...) warn and keep working
 

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -446,18 +447,37 @@ def no_accelerator() -> bool:
     return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
-def cpu_threads(setting: int | None, local_processes: int, cores: int | None = None) -> int | None:
+def cpu_threads(setting: int | None, local_processes: int, cores: int | None = None,
+                runnable: Callable[[], int] | None = None) -> int | None:
     """torch's CPU threads per process for ``train.threads``: ``None`` leaves the launcher's setting (``accelerate
     launch`` exports ``OMP_NUM_THREADS=1`` unless given ``--num_cpu_threads_per_process``), a positive number is
-    taken as it is, ``0`` shares the cores this process may run on (``cores``, default its CPU affinity) among the
-    ``local_processes`` of this machine, at least one each."""
+    taken as it is, ``0`` shares the cores that are free among the ``local_processes`` of this machine, at least one
+    each: the cores this process may run on (``cores``, default its CPU affinity) less those that other work keeps
+    busy when the run starts (``runnable``: tasks ready to run now, this machine's processes of the run included,
+    default :func:`runnable_tasks`). OpenMP threads that wait for a core another process holds make every step
+    several times slower (recipes/decisions.md, "Threads on a shared machine")."""
     if setting is None:
         return None
     if setting > 0:
         return setting
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_processes))
+    others = max(0, (runnable or runnable_tasks)() - max(1, local_processes))
+    return max(1, (cores - others) // max(1, local_processes))
+
+
+def runnable_tasks(samples: int = 5, interval: float = 0.05) -> int:
+    """Tasks ready to run on this machine now (``/proc/loadavg``'s running count, the median of a few samples;
+    the caller's own included); 1 where it cannot be read."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return 1
+        if i < samples - 1:
+            time.sleep(interval)
+    return sorted(counts)[len(counts) // 2]
 
 
 def user_threads(environ: dict[str, str] | None = None) -> int | None:

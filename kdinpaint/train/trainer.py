@@ -236,7 +236,8 @@ class Trainer:
     def _set_threads(self) -> None:
         accelerator = self.accelerator
         threads = cpu_threads(self.recipe.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-        why = "train.threads" if threads is not None else "the launcher's setting"
+        why = ("train.threads: 0, the cores free at the start" if self.recipe.train.threads == 0 else "train.threads") \
+            if threads is not None else "the launcher's setting"
         if self.recipe.train.threads == 0 and (mine := user_threads()) is not None:  # the user's setting wins over "all"
             threads, why = mine, f"OMP_NUM_THREADS={mine} in the environment, over train.threads: 0"
         if threads is not None and accelerator.device.type == "cpu":

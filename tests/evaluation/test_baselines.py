@@ -94,3 +94,19 @@ def test_pyramid_baseline_is_the_prefill_of_the_reference_network():
         fresh = ReferenceNet(width=4, prefill=True)(image * (1 - mask), mask)
     inside = (out.abs() < 0.999) & (mask > 0).expand_as(out)
     assert inside.any() and torch.allclose(fresh[inside], out[inside], atol=1e-5)
+
+
+def test_biharmonic_solves_in_float64():
+    # a quarter hole of a 128x128 image: scikit-image in float32 is off by about 6e-3 here, in float64 it is not
+    from kdinpaint.evaluation.baselines import biharmonic
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 32:96, 32:96] = 1
+    x = ((image[0].double() + 1) / 2).permute(1, 2, 0).numpy()
+    expected = inpaint_biharmonic(x, mask[0, 0].numpy() > 0.5, channel_axis=-1)  # float64 reference
+    got = ((biharmonic(image, mask)[0].double() + 1) / 2).permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).max() < 1e-6  # float32 rounding of the result only
+    f32 = inpaint_biharmonic(x.astype(np.float32), mask[0, 0].numpy() > 0.5, channel_axis=-1)
+    assert np.abs(f32 - expected).max() > 1e-3  # what float32 gave

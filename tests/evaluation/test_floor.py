@@ -43,10 +43,10 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _skimage_biharmonic(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """skimage's fill on [0, 1] float32 images, back to [-1, 1], composited: without kdinpaint.evaluation.baselines."""
+    """skimage's fill on [0, 1] images solved in float64, back to [-1, 1], composited: without kdinpaint.evaluation.baselines."""
     out = []
     for img, m in zip(image, mask):
-        x = ((img.float() + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3)
+        x = ((img.float() + 1) / 2).permute(1, 2, 0).numpy().astype(np.float64)  # (H, W, 3)
         filled = inpaint_biharmonic(x, m[0].numpy() > 0.5, channel_axis=-1).astype(np.float32)
         out.append(torch.from_numpy(filled).permute(2, 0, 1).clamp(0, 1) * 2 - 1)
     pred = torch.stack(out)

@@ -100,7 +100,7 @@ def test_biharmonic_prefill_starts_from_scikit_image_biharmonic_fill():
     assert net.prefill and net.prefill_mode == "biharmonic"
     with torch.no_grad():
         out = net(image * (1 - mask), mask)
-    rgb = ((image[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    rgb = ((image[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy().astype("float64")  # the fill is solved in float64
     ref = torch.from_numpy(inpaint_biharmonic(rgb, mask[0, 0].numpy() > 0.5, channel_axis=-1)).permute(2, 0, 1)
     ref = (ref.float().clamp(0, 1) * 2 - 1) * mask[0] + image[0] * (1 - mask[0])
     torch.testing.assert_close(out[0], ref.clamp(-0.999, 0.999), atol=1e-5, rtol=0)

@@ -44,11 +44,16 @@ def test_deployable_is_the_completed_model(net8):
     torch.testing.assert_close(_eager(model, image, mask), expected, rtol=0, atol=0)
 
 
-def test_a_network_with_a_numpy_prefill_refuses_to_be_traced():
-    model, _ = deployed_model("reference", {"width": 4, "prefill": "biharmonic"})
-    with pytest.raises(ValueError, match="cannot be compiled or exported as a graph: its prefill is scikit-image"):
-        deploy.Deployable(model)
-    deploy.Deployable(deployed_model("reference", {"width": 4, "prefill": True})[0])  # the torch fill traces
+@pytest.mark.slow
+def test_a_biharmonic_prefill_is_traced_as_the_torch_solve_of_the_same_system():
+    # eager, the prefill is scikit-image's fill (NumPy, float64); traced, kdinpaint.ops.fill.biharmonic_fill solves
+    # the same system in torch, so the main job's network exports and the program matches the eager network
+    model, stride = deployed_model("reference", {"width": 4, "prefill": "biharmonic", "prefill_ramp": 2})
+    image, mask = deploy.example_inputs(24, 32, seed=2)
+    program = deploy.export_program(model.eval(), 24, 32, stride)
+    with torch.no_grad():
+        traced = program.module()(image, mask)
+    assert (traced - _eager(model, image, mask)).abs().max() < 1e-3
 
 
 @pytest.mark.slow

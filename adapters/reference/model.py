@@ -39,7 +39,7 @@ from kdinpaint.evaluation.baselines import biharmonic
 from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
-from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, harmonic_fill
+from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, biharmonic_fill, harmonic_fill, is_tracing
 
 __all__ = ["ReferenceNet", "Compensation", "reference_net", "reference_teacher", "border_ramp", "exact_biharmonic_fill"]
 
@@ -153,15 +153,6 @@ class ReferenceNet(nn.Module):
         """Whether the holes start from a weight-free fill (``prefill_mode`` is ``"pyramid"`` or ``"biharmonic"``)."""
         return self.prefill_mode is not None
 
-    @property
-    def untraceable_reason(self) -> str | None:
-        """Why :mod:`kdinpaint.deploy` cannot trace this network, or None."""
-        if self.prefill_mode == "biharmonic":
-            return ("its prefill is scikit-image's biharmonic fill (prefill='biharmonic'), computed in NumPy outside the "
-                    "torch graph; run it in Python (kdinpaint inpaint / evaluate), or train a prefill=true network "
-                    "(the pyramid fill, pure torch) to deploy as a graph")
-        return None
-
     def _fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill of ``image`` and the guide ``harmonic - prefill`` (both clamped to [-1, 1] first: the
         biharmonic part may overshoot slightly). Algorithm 1 calls the network four times per batch on the
@@ -178,8 +169,8 @@ class ReferenceNet(nn.Module):
         return fills
 
     def _compute_fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prefill_mode == "biharmonic":
-            start = exact_biharmonic_fill(image, mask)
+        if self.prefill_mode == "biharmonic":  # traced (torch.export, ONNX): the same system solved in torch
+            start = (biharmonic_fill(image, mask) if is_tracing() else exact_biharmonic_fill(image, mask)).clamp(-1, 1)
         else:
             start = harmonic_fill(image, mask, self.prefill_iterations, self.prefill_biharmonic).clamp(-1, 1)
         smooth = harmonic_fill(image, mask, self.prefill_iterations).clamp(-1, 1)

@@ -712,7 +712,7 @@ def _scaled_to(image: torch.Tensor, mask: torch.Tensor, max_side: int | None) ->
 def _image_progress(inpainter: Any, shape: tuple[int, int], count: int, enabled: bool) -> Any:
     """A second bar, within one forward, for images whose forward is estimated above 10 s (the layers run so far
     of the forward's total, counted by the memory probe); ``None`` for quick ones or without an estimate."""
-    model = inpainter.memory_model() if enabled and hasattr(inpainter, "memory_model") else None
+    model = inpainter.memory_model() if enabled else None
     if model is None or model.calls_per_forward <= 0 or model.seconds(shape[0] * shape[1]) <= QUICK_SECONDS:
         return None
     from tqdm.auto import tqdm

@@ -200,7 +200,7 @@ class Inpainter:
         memory = self.memory_model() if self.progress is not None and module is not None else None
         if memory is not None and memory.calls_per_forward > 0:
             total, report = memory.calls_per_forward, self.progress
-            watch = count_leaf_calls(module, lambda done: report(min(done % total or total, total), total))
+            watch = count_leaf_calls(module, lambda done: report(done % total or total, total))
         try:
             with torch.inference_mode(), watch:
                 for s in range(0, image.shape[0], self.batch_size):

@@ -53,8 +53,8 @@ def _read_luminance(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     16-bit modes keep their stored values (``uint16``, full scale 65535), ``F`` and 32-bit integer TIFFs theirs
     (full scale 1, 255 or 65535 by their range: :func:`~kdinpaint.data.images.float_scale`); every other mode is
     flattened onto black (alpha and transparency dropped) and reduced to 8-bit ``L`` (``uint8``, full scale 255).
-    A mask drawn only in its alpha channel is refused naming the file. The mask is turned upright by its EXIF orientation, as its photo is. Raises the decoder's
-    error for unreadable files.
+    A mask drawn only in its alpha channel is refused naming the file. The mask is turned upright by its EXIF
+    orientation, as its photo is. Raises the decoder's error for unreadable files.
     """
     with open_image(path) as im:
         im.load()

@@ -198,3 +198,23 @@ def test_default_path_creates_no_affinity_for_strided_values(grad):
                 assert _largest_created(lambda *a: softmax_attention(*a), q, k, v) <= N * N // 8
         else:
             assert _largest_created(lambda *a: softmax_attention(*a), q, k, v) < N * N // 8
+
+
+@pytest.mark.parametrize("rows", [64, 70])  # whole blocks only, and a remainder block
+def test_exported_forward_blocks_are_one_scan_and_equal_the_full_matrix(rows):
+    # torch.export (and ONNX, which converts its programs): the blocks are one scan over them, not one copy of
+    # the block's graph per block; the result is the full matrix's
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, rows, 8, generator=g), torch.randn(2, 50, 8, generator=g), torch.randn(2, 50, 12, generator=g)
+    expected = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return softmax_attention(q, k, v, forward_rows=16)
+
+    program = torch.export.export(Attend(), (q, k, v))
+    calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("scan" in c for c in calls) == 1
+    bmms = [c for c in calls if "bmm" in c]
+    assert len(bmms) == (2 if rows % 16 else 0), calls  # outside the scan: only the remainder block's two products
+    torch.testing.assert_close(program.module()(q, k, v), expected, atol=1e-5, rtol=1e-5)

@@ -89,7 +89,32 @@ def _blockwise(fn: RowFn, tensors: Sequence[torch.Tensor], n_rows: int, block_ro
     rows = tensors[0].shape[1]
     if isinstance(rows, torch.SymInt) or rows <= block_rows:  # a traced dynamic size cannot be split into blocks
         return fn(*tensors)
+    if torch.compiler.is_exporting():
+        return _scanned(fn, tensors, n_rows, block_rows)
     return torch.cat([fn(*_slices(tensors, n_rows, slice(i, i + block_rows))) for i in range(0, rows, block_rows)], 1)
+
+
+def _scanned(fn: RowFn, tensors: Sequence[torch.Tensor], n_rows: int, block_rows: int) -> torch.Tensor:
+    """:func:`_blockwise` for ``torch.export`` (and ONNX, which converts its programs): the whole blocks as one
+    ``scan`` over them (a graph holds ``fn`` once, not once per block: at 512×512 the decoder attention's 256
+    blocks had tripled the ONNX graph), the remainder as one more call."""
+    from torch._higher_order_ops.scan import scan
+
+    rows = tensors[0].shape[1]
+    count, rest = divmod(rows, block_rows)
+    whole = count * block_rows
+    # (B, count * block, ...) -> (count, B, block, ...): scan walks the leading dimension
+    xs = [t[:, :whole].unflatten(1, (count, block_rows)).transpose(0, 1) for t in tensors[:n_rows]]
+    shared = list(tensors[n_rows:])
+
+    def step(carry: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return carry + 1, fn(*blocks, *shared)  # the carry is a counter (scan's body may not return an input)
+
+    ys = scan(lambda carry, block: step(carry, *block), torch.zeros((), device=tensors[0].device), xs)[1]
+    out = ys.transpose(0, 1).flatten(1, 2)  # (B, whole, ...)
+    if rest:
+        out = torch.cat([out, fn(*_slices(tensors, n_rows, slice(whole, rows)))], 1)
+    return out
 
 
 class _Rowwise(torch.autograd.Function):

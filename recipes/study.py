@@ -223,11 +223,21 @@ STUDIES: dict[str, Study] = {
         title="Table 3's core rows in the paper's regime (zero-filled holes) at 32x32, each against its twin",
         config="recipes/demo.yaml",
         common=_paper(PAPER_STEPS, PAPER_TEACHER, PAPER_EVAL),
-        arms=_table3_arms(),
+        arms=(
+            *_table3_arms(),
+            # net2 at the paper's lambda_d 20 stopped as diverged on every seed (its self-distillation term grew
+            # 100-fold within 140 steps): the same row a decade lower, and on the feature scale
+            _arm("net2-lambda2", "model.adapter=reference:net2", "teacher.weights={teacher}/teacher.safetensors",
+                 "losses.lambda_d=2", control=True),
+            _arm("net2-feature", "model.adapter=study-feature:net2", "teacher.weights={teacher}/teacher.safetensors",
+                 "losses.lambda_d=1", control=True),
+        ),
         versus="baseline",
         note="The twin of a distilled variant is the same network trained without its distillation terms (net4's "
              "and net8's keep their completion blocks, attention and PGL untaught); baseline is Table 3's "
-             "parameter-matched backbone, trained once per seed.",
+             "parameter-matched backbone, trained once per seed. net2 (self-distillation alone) at lambda_d 20 "
+             "stopped as diverged on every seed; net2-lambda2 is it at lambda_d 2, net2-feature on the feature "
+             "scale (each level's term a relative error) at lambda_d 1.",
     ),
     "paper32-long": Study(
         title="net3 against its twin in the paper's regime at 32x32 with the schedule on which the baseline's curve flattens",

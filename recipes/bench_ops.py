@@ -628,8 +628,8 @@ def bench_deployed(device: torch.device, repeats: int, baseline: str | None = No
 def bench_main_model(device: torch.device, repeats: int, baseline: str | None = None, size: int = 256) -> None:
     """The main job's model (``recipes/demo.yaml``'s network with its completion blocks and PGL, random weights:
     the time does not depend on them) inpainting a ``size``×``size`` photograph with a centre hole of a quarter,
-    against ``skimage.restoration.inpaint_biharmonic`` on the same image (float32, one call, as the model's prefill
-    makes it); both single-threaded here if the process is."""
+    against ``skimage.restoration.inpaint_biharmonic`` on the same image (float64, one call, as the model's prefill
+    and the biharmonic baseline make it; float32 too, printed apart); both single-threaded here if the process is."""
     import numpy as np
     from skimage.data import chelsea
     from skimage.restoration import inpaint_biharmonic
@@ -657,8 +657,9 @@ def bench_main_model(device: torch.device, repeats: int, baseline: str | None = 
         model(inputs.clone(), mask)  # a new tensor each call: the fills are computed, not taken from the cache
 
     with torch.inference_mode():
-        ms = interleaved({"skimage biharmonic": lambda: inpaint_biharmonic(photo, hole, channel_axis=-1), "model": run_model},
-                         device, repeats)
+        photo64 = photo.astype(np.float64)
+        ms = interleaved({"skimage biharmonic": lambda: inpaint_biharmonic(photo64, hole, channel_axis=-1), "model": run_model,
+                          "skimage float32": lambda: inpaint_biharmonic(photo, hole, channel_axis=-1)}, device, repeats)
         parts = interleaved({"fills": lambda: model.model._compute_fills(inputs, mask)}, device, repeats)
     print(f"main job's model at {size}x{size} ({_load()})", flush=True)
     _line(f"{size}x{size}, a centre hole of a quarter", ms, "skimage biharmonic", f"its fills (prefill and guide) {1e3 * parts['fills']:.0f} ms")

@@ -26,6 +26,7 @@ from torch import nn
 from kdinpaint.calling import convention, select_output
 from kdinpaint.export import CompletedModel
 from kdinpaint.masking import masked
+from kdinpaint.ops.attention import blocked_export
 
 __all__ = ["Deployable", "example_inputs", "compile_model", "export_program", "save_program", "load_program", "export_onnx", "fold_onnx", "run_onnx"]
 
@@ -159,7 +160,8 @@ def export_onnx(model: CompletedModel, path: str | Path, height: int, width: int
     except ImportError:
         raise ImportError("ONNX export needs the onnx extra (onnx, onnxscript, onnxruntime): pip install 'kdinpaint[onnx]'") from None
     path = Path(path)
-    program = export_program(model.float().cpu(), height, width, stride, batch)
+    with blocked_export():  # attention block by block: onnxruntime would store the fused node's N×N product
+        program = export_program(model.float().cpu(), height, width, stride, batch)
     tmp = path.with_name(path.name + ".tmp")
     onnx_program = torch.onnx.export(program, f=None, input_names=["image", "mask"], output_names=["prediction"],
                                      opset_version=opset, dynamo=True, external_data=False, optimize=False)

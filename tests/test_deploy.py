@@ -66,11 +66,36 @@ def test_torch_compile_matches_eager(net8):
 
 
 @pytest.mark.slow
-def test_torch_export_reloads_in_a_fresh_process(net8, tmp_path, monkeypatch):
+def test_torch_export_records_fused_attention_and_onnx_blocks(net8, monkeypatch):
+    # a program torch runs keeps scaled_dot_product_attention (torch picks its memory-bounded kernel when it runs);
+    # for ONNX (blocked_export) the attention is the blocked product, its blocks one scan, never a fused node that
+    # onnxruntime would turn into an N×N product
     model, stride = net8
-    monkeypatch.setattr(attention, "FORWARD_BLOCK_ELEMENTS", 0)  # 32-row attention blocks, unrolled in the graph
+
+    def targets(program):
+        return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+
+    fused = targets(deploy.export_program(model, 32, 32, stride))
+    assert sum("scaled_dot_product_attention" in t for t in fused) >= 1 and not any("bmm" in t for t in fused)
+    monkeypatch.setattr(attention, "FORWARD_BLOCK_ELEMENTS", 0)  # 32-row blocks
+    with attention.blocked_export():
+        blocked = targets(deploy.export_program(model, 32, 32, stride))
+    assert not any("scaled_dot_product_attention" in t or "sdp" in t for t in blocked)
+    assert any("scan" in t for t in blocked)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [False, True])
+def test_torch_export_reloads_in_a_fresh_process(net8, tmp_path, monkeypatch, blocked):
+    model, stride = net8
+    monkeypatch.setattr(attention, "FORWARD_BLOCK_ELEMENTS", 0)  # 32-row attention blocks (a scan) when blocked
     image, mask = deploy.example_inputs(40, 32, seed=3)
-    deploy.save_program(deploy.export_program(model, 40, 32, stride), tmp_path / "net8.pt2")
+    if blocked:
+        with attention.blocked_export():
+            program = deploy.export_program(model, 40, 32, stride)
+    else:
+        program = deploy.export_program(model, 40, 32, stride)
+    deploy.save_program(program, tmp_path / "net8.pt2")
     torch.save({"image": image, "mask": mask, "eager": _eager(model, image, mask)}, tmp_path / "io.pt")
     code = (
         "import sys, torch\n"
@@ -89,9 +114,11 @@ def test_torch_export_reloads_in_a_fresh_process(net8, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_ONNX, reason="needs the onnx extra: pip install 'kdinpaint[onnx]'")
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])
-def test_onnx_matches_eager_under_onnxruntime(net8, tmp_path, size):
+def test_onnx_matches_eager_under_onnxruntime(net8, tmp_path, monkeypatch, size):
     model, stride = net8
     H, W = size
+    if size == (48, 40):
+        monkeypatch.setattr(attention, "FORWARD_BLOCK_ELEMENTS", 0)  # 32-row attention blocks: a Scan in the graph
     path = deploy.export_onnx(model, tmp_path / "net8.onnx", H, W, stride)
     image, mask = deploy.example_inputs(H, W, seed=5)
     mask[..., : H // 3, :] = 1  # another mask than the traced one

@@ -21,13 +21,17 @@ float rounding; ``python recipes/bench_ops.py attention`` times them against the
   forward blocks hold :data:`FORWARD_BLOCK_ELEMENTS` affinity entries (one intermediate alive), the
   differentiated ones :data:`BLOCK_ELEMENTS` (about ten alive).
 
-Traced (``torch.compile``, ``torch.export``, ONNX), the blocked forward runs with functional operators, so an
-exported graph has the same bounded memory under any runtime.
+Traced, the blocked forward runs with functional operators (``torch.compile``, and ``torch.export`` within
+:func:`blocked_export`, as the ONNX export does: its blocks one ``scan``), so an exported graph has the same bounded
+memory under any runtime; a plain ``torch.export`` without gradients records the fused node, which torch runs
+with the same memory-bounded kernel as eager (the main job's network at 256×256: its program 3× eager instead of 7×).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ from kdinpaint.ops.rowwise import rowwise
 
 __all__ = [
     "affinity", "softmax_attention", "row_index", "gather_rows", "scatter_rows", "BLOCK_ELEMENTS", "FORWARD_BLOCK_ELEMENTS",
-    "DENSE_ELEMENTS", "CHUNK_ELEMENTS", "FUSED_MAX_WIDTH", "block_rows", "chunked",
+    "DENSE_ELEMENTS", "CHUNK_ELEMENTS", "FUSED_MAX_WIDTH", "block_rows", "chunked", "blocked_export",
 ]
 
 #: affinity entries of one block of rows, whole batch: 2**20 floats = 4 MiB (a block keeps about ten such
@@ -155,11 +159,37 @@ def _flash_available(device: torch.device, dtype: torch.dtype, width: int, grad:
         return False
 
 
+_BLOCKED_EXPORT = False  # set by :func:`blocked_export` (ONNX): an exported graph computes attention block by block
+
+
+@contextlib.contextmanager
+def blocked_export() -> Iterator[None]:
+    """Within it, ``torch.export`` records attention as the blocked product (:func:`_rows_traced` in a ``scan``),
+    not as ``scaled_dot_product_attention``: for graphs another runtime will run (ONNX), where the fused node
+    would become a dense ``N×N`` product."""
+    global _BLOCKED_EXPORT
+    before, _BLOCKED_EXPORT = _BLOCKED_EXPORT, True
+    try:
+        yield
+    finally:
+        _BLOCKED_EXPORT = before
+
+
 def _can_fuse(q: torch.Tensor, v: torch.Tensor, grad: bool) -> bool:
-    """The fused kernel is used: not traced, a memory-bounded kernel exists, and it is the faster one here."""
+    """The fused kernel is used: a memory-bounded kernel exists and it is the faster one here; traced, only by
+    ``torch.export`` without gradients outside :func:`blocked_export` (the program runs it with torch, which picks
+    the same memory-bounded kernel), never by ``torch.compile`` or the ONNX exporter."""
     width = max(q.shape[-1], v.shape[-1])
-    if _tracing() or (q.device.type == "cpu" and width > FUSED_MAX_WIDTH):
+    if q.device.type == "cpu" and width > FUSED_MAX_WIDTH:
         return False
+    if _tracing():
+        if grad or _BLOCKED_EXPORT or not torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            return False
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+        with unset_fake_temporarily(), disable_proxy_modes_tracing():  # asked on real tiny tensors, not recorded
+            return _flash_available(torch.device(q.device.type, q.device.index), q.dtype, width, grad)
     return _flash_available(q.device, q.dtype, width, grad)
 
 

@@ -75,6 +75,9 @@ from kdinpaint.train.runs import (
     restart_metrics, save_checkpoint, tensorboard_installed,
 )
 
+RETHREAD_EVERY = 50
+"""Blocks between two counts of the free cores under ``train.threads: 0`` (one process on the CPU)."""
+
 __all__ = ["Trainer", "Callback", "main", "DIVERGED_EXIT"]
 
 log = logging.getLogger("kdinpaint.train")
@@ -242,12 +245,23 @@ class Trainer:
             threads, why = mine, f"OMP_NUM_THREADS={mine} in the environment, over train.threads: 0"
         if threads is not None and accelerator.device.type == "cpu":
             torch.set_num_threads(threads)
+        # the cores free at the start may be taken or freed later: re-counted every RETHREAD_EVERY blocks (one process)
+        self._rethread = (self.recipe.train.threads == 0 and "OMP_NUM_THREADS=" not in why
+                          and accelerator.device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) == 1)
         n = torch.get_num_threads()
         on_cpu = f" ({n} thread{'s' * (n != 1)}: {why})" if accelerator.device.type == "cpu" else ""
         accelerator.print(
             f"{self.recipe.model.name}: world size {accelerator.num_processes}, device {accelerator.device}{on_cpu}, "
             f"mixed precision {self.recipe.train.mixed_precision}, run folder {self.run}"
         )
+
+    def _retune_threads(self, progress: tqdm) -> None:
+        """``train.threads: 0`` on one process: the threads follow the cores free now (other work started or ended
+        since the start), sampled between two blocks, when this process's own OpenMP threads wait asleep."""
+        now, threads = torch.get_num_threads(), cpu_threads(0, 1)
+        if threads is not None and threads != now:
+            torch.set_num_threads(threads)
+            progress.write(f"threads: {now} -> {threads} (train.threads: 0, the cores free now)")
 
     # ---- a trained teacher: teacher.file (black box) or teacher.adapter (white box) ----------------------
     def trained_teacher(self, parts: tuple) -> tuple:
@@ -452,6 +466,8 @@ class Trainer:
                     arm_logs.update(self._discriminator_step(a, image, mask))
                 logs.update({f"{prefix}{k}": v for k, v in arm_logs.items()})
             progress.update(1)
+            if getattr(self, "_rethread", False) and block % RETHREAD_EVERY == 0:
+                self._retune_threads(progress)
             if step % recipe.log.every == 0 or block == total or bad:  # skipped batches since the last record
                 guarded = {}
                 for a in arms:

@@ -116,6 +116,38 @@ def test_runnable_tasks_reads_the_running_count(tmp_path, monkeypatch):
     assert runs.runnable_tasks(samples=3, interval=0) == 2  # the median of 3, 1, 2
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to change the thread count")
+def test_free_cores_are_counted_again_during_the_run(tmp_path, monkeypatch, capsys):
+    # train.threads: 0 on one process: every RETHREAD_EVERY blocks the threads follow the cores free then
+    from training_helpers import train_here
+
+    from kdinpaint.train import runs, trainer
+
+    cores = len(os.sched_getaffinity(0))
+    counts = iter([1, cores + 1, 1])  # alone at the start, then `cores` other tasks, then alone again
+    seen = []
+
+    def runnable() -> int:
+        value = next(counts, 1)
+        seen.append(value)
+        return value
+
+    monkeypatch.setattr(runs, "runnable_tasks", runnable)
+    monkeypatch.setattr(trainer, "RETHREAD_EVERY", 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        code = train_here(*TINY, "train.steps=6", "meta.steps=2", "train.threads=0", f"checkpoint.dir={tmp_path / 'r'}")
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr()
+    assert code == 0
+    assert seen[:3] == [1, cores + 1, 1]
+    assert f"{cores} threads: train.threads: 0, the cores free at the start" in out.out + out.err
+    assert f"threads: {cores} -> 1 (train.threads: 0, the cores free now)" in out.out + out.err
+    assert f"threads: 1 -> {cores} (train.threads: 0, the cores free now)" in out.out + out.err
+
+
 def test_an_omp_num_threads_of_the_user_wins_over_all_cores():
     assert user_threads({"OMP_NUM_THREADS": "3"}) == 3
     assert user_threads({"OMP_NUM_THREADS": "1"}) == 1  # set by the user: a process that must stay on one core

@@ -30,6 +30,8 @@ completion blocks or PGL (attach adds those to the student only) and never the p
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,10 @@ from kdinpaint.blocks import AdaptiveConv, GlobalLocalFusion
 from kdinpaint.layers import ConvAct, LayerLike
 from kdinpaint.masking import masked
 from kdinpaint.ops.fill import PREFILL_BIHARMONIC, PREFILL_SWEEPS, biharmonic_fill, harmonic_fill, is_tracing
+
+_FILL_CACHE: collections.deque = collections.deque(maxlen=4)
+"""The last fills of :meth:`ReferenceNet._fills`, shared by every network (a student, its teacher and its twin
+call the network on a batch's tensors in turns)."""
 
 __all__ = ["ReferenceNet", "Compensation", "reference_net", "reference_teacher", "border_ramp", "exact_biharmonic_fill"]
 
@@ -156,16 +162,18 @@ class ReferenceNet(nn.Module):
     def _fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill of ``image`` and the guide ``harmonic - prefill`` (both clamped to [-1, 1] first: the
         biharmonic part may overshoot slightly). Algorithm 1 calls the network four times per batch on the
-        same tensors, so the last fills are kept and reused while the same (unmodified) image and mask come
-        back; the fills take no gradient."""
+        same tensors, and the control twin (``train.control``) four times more, so the last fills are kept and
+        reused, by any network with the same fill settings, while the same (unmodified) image and mask come back;
+        the fills take no gradient."""
         if torch.compiler.is_compiling() or image.is_inference() or mask.is_inference():  # no version counter
             return self._compute_fills(image, mask)
+        settings = (self.prefill_mode, self.prefill_iterations, self.prefill_biharmonic)
         # the cache holds the tensors themselves: identity, not an address that a new tensor could reuse
-        cached = getattr(self, "_fill_cache", None)
-        if cached is not None and cached[0] is image and cached[1] is mask and cached[2] == (image._version, mask._version):
-            return cached[3]
+        for entry in _FILL_CACHE:
+            if entry[0] is image and entry[1] is mask and entry[2] == (image._version, mask._version) and entry[3] == settings:
+                return entry[4]
         fills = self._compute_fills(image, mask)
-        self._fill_cache = (image, mask, (image._version, mask._version), fills)
+        _FILL_CACHE.append((image, mask, (image._version, mask._version), settings, fills))
         return fills
 
     def _compute_fills(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,6 +227,19 @@ def test_prefill_is_reused_for_the_same_tensors_only():
         image.mul_(0.5)  # modified in place: its version changes
         changed = net(image, mask)
         assert fill.call_count == 6
+        # another network with the same fill settings (the control twin, the teacher) reuses them; other settings not
+        twin = ref.ReferenceNet(width=4, prefill=True)
+        twin(image, mask)
+        assert fill.call_count == 6
+        other = ref.ReferenceNet(width=4, prefill=True, prefill_iterations=8)
+        other(image, mask)
+        assert fill.call_count == 8
+        start, guide = net._compute_fills(image, mask)
+        assert fill.call_count == 10
+        seen = []
+        twin.stem.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        twin(image, mask)  # the shared fills are the ones it would compute
+        torch.testing.assert_close(seen[0], torch.cat([start, guide, mask], 1), rtol=0, atol=0)
     with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
         assert torch.equal(net(image.clone(), mask.clone()), changed)
     expected = ref.harmonic_fill(image, mask, 64, 100).clamp(-0.999, 0.999)

@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from kdinpaint.ops.rowwise import rowwise
+from kdinpaint.ops.rowwise import exporting, rowwise
 
 __all__ = [
     "affinity", "softmax_attention", "row_index", "gather_rows", "scatter_rows", "BLOCK_ELEMENTS", "FORWARD_BLOCK_ELEMENTS",
@@ -183,7 +183,7 @@ def _can_fuse(q: torch.Tensor, v: torch.Tensor, grad: bool) -> bool:
     if q.device.type == "cpu" and width > FUSED_MAX_WIDTH:
         return False
     if _tracing():
-        if grad or _BLOCKED_EXPORT or not torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        if grad or _BLOCKED_EXPORT or not exporting() or torch.onnx.is_in_onnx_export():
             return False
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing

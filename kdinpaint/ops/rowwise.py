@@ -84,12 +84,18 @@ class _RowwiseBackward(torch.autograd.Function):
         return (None, None, None, grad_grad_out, *grads)
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing the caller (``False`` on a torch without ``torch.compiler.is_exporting``)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(getattr(compiler, "is_exporting", lambda: False)())
+
+
 def _blockwise(fn: RowFn, tensors: Sequence[torch.Tensor], n_rows: int, block_rows: int) -> torch.Tensor:
     """``fn`` over the whole rows, one block of ``block_rows`` rows at a time (one call when they all fit)."""
     rows = tensors[0].shape[1]
     if isinstance(rows, torch.SymInt) or rows <= block_rows:  # a traced dynamic size cannot be split into blocks
         return fn(*tensors)
-    if torch.compiler.is_exporting():
+    if exporting():
         return _scanned(fn, tensors, n_rows, block_rows)
     return torch.cat([fn(*_slices(tensors, n_rows, slice(i, i + block_rows))) for i in range(0, rows, block_rows)], 1)
 

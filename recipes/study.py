@@ -319,19 +319,20 @@ STUDIES: dict[str, Study] = {
         note="compress32's teacher; enc1-3 and outfeat-1 are compress32's feat and outfeat runs.",
     ),
     "teacher32": Study(
-        title="The autoencoder teacher's quality against the student's gain: net3 taught by teachers of 0-3000 L1 steps",
+        title="The autoencoder teacher's quality against the student's gain: net3 taught by teachers of 1-3000 L1 steps",
         config="recipes/demo.yaml",
         common=_paper(PAPER_STEPS, PAPER_TEACHER, PAPER_EVAL),
         arms=tuple(
-            arm for t in (0, 100, 1000, 3000) for arm in (
+            arm for t in (1, 100, 1000, 3000) for arm in (
                 _arm(f"teacher-{t}", "model.adapter=reference:net3", f"teacher.steps={t}", stage="teacher",
                      same_as="paper32/teacher" if t == PAPER_TEACHER else None),
                 _arm(f"net3-teacher-{t}", "model.adapter=reference:net3", f"teacher.weights={{teacher-{t}}}/teacher.safetensors",
                      control=True, same_as="paper32/net3" if t == PAPER_TEACHER else None),
             )
         ),
-        note="teacher.steps 0 is the untrained teacher (random weights); the 1000-step teacher and its students are "
-             "paper32's. Teacher L1: its reconstruction error on the held-out images (ground truth in, empty mask).",
+        note="teacher.steps 1 is the teacher one L1 step from its random weights (a run refuses a teacher of 0 steps "
+             "without weights); the 1000-step teacher and its students are paper32's. Teacher L1: its reconstruction "
+             "error on the held-out images (ground truth in, empty mask).",
     ),
     "paper128": Study(
         title="Table 3's core rows in the paper's regime at 128x128 (GPU), each against its twin",

@@ -238,16 +238,18 @@ class Trainer:
 
     def _set_threads(self) -> None:
         accelerator = self.accelerator
-        threads = cpu_threads(self.recipe.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = cpu_threads(self.recipe.train.threads, local)
         why = ("train.threads: 0, the cores free at the start" if self.recipe.train.threads == 0 else "train.threads") \
             if threads is not None else "the launcher's setting"
-        if self.recipe.train.threads == 0 and (mine := user_threads()) is not None:  # the user's setting wins over "all"
+        mine = user_threads() if self.recipe.train.threads == 0 else None
+        if mine is not None:  # the user's setting wins over "all"
             threads, why = mine, f"OMP_NUM_THREADS={mine} in the environment, over train.threads: 0"
         if threads is not None and accelerator.device.type == "cpu":
             torch.set_num_threads(threads)
         # the cores free at the start may be taken or freed later: re-counted every RETHREAD_EVERY blocks (one process)
-        self._rethread = (self.recipe.train.threads == 0 and "OMP_NUM_THREADS=" not in why
-                          and accelerator.device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) == 1)
+        self._rethread = (self.recipe.train.threads == 0 and mine is None and accelerator.device.type == "cpu"
+                          and local == 1)
         n = torch.get_num_threads()
         on_cpu = f" ({n} thread{'s' * (n != 1)}: {why})" if accelerator.device.type == "cpu" else ""
         accelerator.print(

@@ -113,10 +113,10 @@ def _scanned(fn: RowFn, tensors: Sequence[torch.Tensor], n_rows: int, block_rows
     xs = [t[:, :whole].unflatten(1, (count, block_rows)).transpose(0, 1) for t in tensors[:n_rows]]
     shared = list(tensors[n_rows:])
 
-    def step(carry: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(carry: torch.Tensor, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return carry + 1, fn(*blocks, *shared)  # the carry is a counter (scan's body may not return an input)
 
-    ys = scan(lambda carry, block: step(carry, *block), torch.zeros((), device=tensors[0].device), xs)[1]
+    ys = scan(step, torch.zeros((), device=tensors[0].device), xs)[1]
     out = ys.transpose(0, 1).flatten(1, 2)  # (B, whole, ...)
     if rest:
         out = torch.cat([out, fn(*_slices(tensors, n_rows, slice(whole, rows)))], 1)
